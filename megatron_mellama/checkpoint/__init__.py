@@ -1,0 +1,1 @@
+"""Checkpoints: DCP save/load and Hugging Face / Meta conversion maps."""

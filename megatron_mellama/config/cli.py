@@ -1,0 +1,183 @@
+"""Command line and YAML -> Config.
+
+Precedence, lowest first: dataclass defaults, the `--model` preset, the `--config` YAML file,
+flags on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+from typing import Callable, Optional
+
+from . import compat
+from .errors import ConfigError
+from .presets import PRESETS
+from .sections import SECTIONS, Config, DataConfig
+from .validate import validate
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump, no SystemExit from inside a library
+        raise ConfigError(message)
+
+
+def _fields():
+    """(section, dataclasses.Field, python type) for every configurable field."""
+    for section in SECTIONS:
+        cls = Config.__dataclass_fields__[section].default_factory
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if "help" not in f.metadata:
+                continue
+            kind = hints[f.name]
+            if typing.get_origin(kind) is typing.Union:  # Optional[X]
+                kind = next(a for a in typing.get_args(kind) if a is not type(None))
+            if typing.get_origin(kind) is list:
+                kind = list
+            yield section, f, kind
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def build_parser(prog: str = "pretrain", description: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file setting any of the flags below; flags win")
+    parser.add_argument("--model", dest="preset", choices=sorted(PRESETS), help="start from a preset model shape")
+    groups = {}
+    for section, f, kind in _fields():
+        if section not in groups:
+            groups[section] = parser.add_argument_group(section)
+        kwargs = dict(dest=f"{section}.{f.name}", help=f.metadata["help"])
+        if kind is bool:
+            kwargs.update(action="store_true")
+        elif kind is list:
+            kwargs.update(nargs="+", metavar=f.metadata.get("metavar"))
+        else:
+            kwargs.update(type=kind, choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"))
+        if f.default is not None and kind is not bool:
+            kwargs["help"] += f" (default: {f.default})"
+        groups[section].add_argument(flag_of(f), **kwargs)
+    compat.add_compat_flags(parser.add_argument_group("accepted for Megatron-LM launch scripts"))
+    return parser
+
+
+def _index():
+    return {f.name: (section, f, kind) for section, f, kind in _fields()}
+
+
+def _coerce_yaml(path: str, key: str, value, kind, choices):
+    where = f"{path}: key '{key}'"
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} expects true or false, got {value!r}")
+        return value
+    if kind is list:
+        if isinstance(value, str):
+            return value.split()
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+        raise ConfigError(f"{where} expects a list, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} expects an integer, got {value!r}")
+    elif kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} expects a number, got {value!r}")
+        try:  # YAML reads 1e-5 (no dot) as a string
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} expects a number, got {value!r}") from None
+    elif kind is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where} expects a string, got {value!r}")
+        value = str(value)
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def load_yaml(path: str) -> dict:
+    """The YAML file as {'section.field' or 'compat.name' or 'preset': value}."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}:" if mark else ""
+        raise ConfigError(f"--config {path}:{line} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    index, extra = _index(), compat.compat_names()
+    out = {}
+    for key, value in raw.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name == "model":
+            if value not in PRESETS:
+                raise ConfigError(f"{path}: key 'model': {value!r} is not one of {', '.join(sorted(PRESETS))}")
+            out["preset"] = value
+        elif name in index:
+            section, f, kind = index[name]
+            out[f"{section}.{name}"] = _coerce_yaml(path, key, value, kind, f.metadata.get("choices"))
+        elif name in extra:
+            out[f"compat.{name}"] = value
+        else:
+            close = difflib.get_close_matches(name, list(index) + ["model"], n=1)
+            hint = f" (did you mean '{close[0].replace('_', '-')}'?)" if close else ""
+            raise ConfigError(f"{path}: unknown key '{key}'{hint}")
+    return out
+
+
+def parse_config(argv=None, *, world_size: int = 1,
+                 vocab_size_of: Optional[Callable[[DataConfig], int]] = None,
+                 parser: Optional[argparse.ArgumentParser] = None) -> Config:
+    """Flags (and their YAML file) -> a validated Config for a run of `world_size` processes.
+
+    `vocab_size_of(data_config)` gives the tokenizer's vocabulary size; it is used unless the
+    vocabulary size was set explicitly.
+    """
+    parser = parser or build_parser()
+    given = vars(parser.parse_args(argv))
+    explicit = load_yaml(given.pop("config")) if "config" in given else {}
+    explicit.update(given)
+
+    cfg = Config()
+    cfg.preset = explicit.pop("preset", None)
+    if cfg.preset:
+        for name, value in PRESETS[cfg.preset].items():
+            section = _index()[name][0]
+            setattr(getattr(cfg, section), name, value)
+    for key, value in explicit.items():
+        section, name = key.split(".")
+        if section == "compat":
+            compat.check_compat_value(name, value)
+        else:
+            setattr(getattr(cfg, section), name, value)
+
+    if cfg.parallel.use_distributed_optimizer and "parallel.data_parallel_sharding" not in explicit:
+        cfg.parallel.data_parallel_sharding = "optimizer"
+    if cfg.data.seq_length is None:
+        cfg.data.seq_length = cfg.model.max_position_embeddings
+    if cfg.model.max_position_embeddings is None:
+        cfg.model.max_position_embeddings = cfg.data.seq_length
+    if cfg.parallel.tensor_model_parallel_size == 1:
+        cfg.parallel.sequence_parallel = False  # as Megatron-LM: nothing to shard
+    if cfg.parallel.num_layers_per_virtual_pipeline_stage and "parallel.pipeline_schedule" not in explicit:
+        cfg.parallel.pipeline_schedule = "interleaved-1f1b"
+    if cfg.data.tokenizer_model and vocab_size_of and "model.vocab_size" not in explicit:
+        try:
+            cfg.model.vocab_size = vocab_size_of(cfg.data)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--tokenizer-model {cfg.data.tokenizer_model}: {e}") from None
+    validate(cfg, world_size)
+    return cfg

@@ -1,0 +1,2 @@
+class ConfigError(ValueError):
+    """A configuration the run cannot use; the message is one line that names the flag or file."""

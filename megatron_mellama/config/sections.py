@@ -1,0 +1,180 @@
+"""The configuration dataclasses, one per concern.
+
+Every field is a command-line flag with Megatron-LM's name (the field name with dashes, unless
+`flag` says otherwise) and a key of the same name in a `--config` YAML file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD", "inverse-square-root")
+TOKENIZER_TYPES = ("Llama2Tokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+DP_SHARDING = ("none", "optimizer", "full")
+PIPELINE_SCHEDULES = ("1f1b", "interleaved-1f1b", "zero-bubble")
+
+
+def opt(default, help, *, flag=None, choices=None, metavar=None):
+    """A configuration field: its default, its --help text and, if not derived from the name, its flag."""
+    return field(default=default, metadata=dict(help=help, flag=flag, choices=choices, metavar=metavar))
+
+
+@dataclass
+class ModelConfig:
+    num_layers: Optional[int] = opt(None, "number of transformer blocks")
+    hidden_size: Optional[int] = opt(None, "model width")
+    num_attention_heads: Optional[int] = opt(None, "number of query heads")
+    group_query_attention: bool = opt(False, "use grouped-query attention (set --num-query-groups)")
+    num_query_groups: Optional[int] = opt(None, "number of key/value heads when --group-query-attention is set")
+    ffn_hidden_size: Optional[int] = opt(
+        None, "SwiGLU inner width; default LLaMA's rule: 8/3 x hidden rounded up to a multiple of 256")
+    max_position_embeddings: Optional[int] = opt(None, "longest sequence the rotary tables cover")
+    norm_epsilon: float = opt(1e-5, "RMSNorm epsilon")
+    rotary_base: float = opt(10000.0, "RoPE base (theta)")
+    vocab_size: Optional[int] = opt(None, "vocabulary size; default: the tokenizer's, else the preset's")
+    make_vocab_size_divisible_by: int = opt(
+        1, "pad the embedding rows to a multiple of this (must leave the padded size divisible by TP)")
+    init_method_std: float = opt(0.02, "standard deviation of the normal weight initialisation")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups if self.group_query_attention else self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return 256 * math.ceil(8 * self.hidden_size / 3 / 256)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        multiple = self.make_vocab_size_divisible_by
+        return multiple * math.ceil(self.vocab_size / multiple)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = opt(1, "tensor-parallel size (TP)")
+    pipeline_model_parallel_size: int = opt(1, "pipeline-parallel size (PP)")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = opt(
+        None, "layers per virtual stage (interleaved 1F1B); default: one stage per PP rank")
+    sequence_parallel: bool = opt(False, "shard norms and activations along the sequence under TP (ignored at TP 1)")
+    pipeline_schedule: str = opt(
+        "1f1b", "pipeline schedule; interleaved-1f1b is chosen when virtual stages are set",
+        choices=PIPELINE_SCHEDULES)
+    data_parallel_sharding: str = opt(
+        "none", "data-parallel sharding: none (DDP), optimizer (ZeRO-1 like), full (FSDP2)", choices=DP_SHARDING)
+    data_parallel_replicate_size: int = opt(1, "HSDP: replicas across which fully sharded groups are copied")
+    use_distributed_optimizer: bool = opt(False, "Megatron's name for --data-parallel-sharding optimizer")
+    recompute_granularity: Optional[str] = opt(
+        None, "activation checkpointing: full (whole blocks) or selective (attention core)",
+        choices=("full", "selective"))
+    distributed_backend: Optional[str] = opt(None, "nccl or gloo; default nccl on GPU, gloo on CPU",
+                                             choices=("nccl", "gloo"))
+    # Filled by validation: the world size this run was started with, and what follows from it.
+    world_size: int = 1
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // self.model_parallel_size
+
+
+@dataclass
+class DataConfig:
+    data_path: Optional[list] = opt(
+        None, "a prefix, or weights and prefixes: 15 bio 1 clin 4 gen", metavar="[WEIGHT] PREFIX")
+    split: str = opt("969,30,1", "train,valid,test proportions of each dataset")
+    data_cache_path: Optional[str] = opt(None, "where the sample index caches are written")
+    mock_data: bool = opt(False, "train on random tokens (no --data-path needed)")
+    seq_length: Optional[int] = opt(None, "training sequence length; default: --max-position-embeddings")
+    tokenizer_type: str = opt("Llama2Tokenizer", "tokenizer kind", choices=TOKENIZER_TYPES)
+    tokenizer_model: Optional[str] = opt(None, "SentencePiece .model file, or a Hugging Face tokenizer directory")
+    num_workers: int = opt(2, "data-loader worker processes")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = opt(3e-4, "peak learning rate")
+    min_lr: float = opt(0.0, "learning rate at the end of decay")
+    lr_decay_style: str = opt("cosine", "learning-rate decay shape", choices=LR_DECAY_STYLES)
+    lr_decay_iters: Optional[int] = opt(None, "iterations to decay over; default --train-iters")
+    lr_decay_samples: Optional[int] = opt(None, "samples to decay over; default --train-samples")
+    lr_warmup_fraction: Optional[float] = opt(None, "warmup as a fraction of the decay span (e.g. 0.05)")
+    lr_warmup_iters: int = opt(0, "warmup iterations")
+    lr_warmup_samples: int = opt(0, "warmup samples")
+    lr_wsd_decay_iters: Optional[int] = opt(None, "WSD: iterations of the final decay phase")
+    weight_decay: float = opt(0.01, "AdamW weight decay (never applied to norms)")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    clip_grad: float = opt(1.0, "clip the global gradient norm to this (0 disables)")
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = opt(1, "sequences per micro-batch on one DP rank")
+    global_batch_size: Optional[int] = opt(None, "sequences per optimizer step; default micro-batch x DP")
+    train_iters: Optional[int] = opt(None, "optimizer steps to train for")
+    train_samples: Optional[int] = opt(None, "sequences to train on (instead of --train-iters)")
+    bf16: bool = opt(False, "bf16 compute, fp32 master weights")
+    fp16: bool = opt(False, "fp16 compute with dynamic loss scaling")
+    loss_scale: Optional[float] = opt(None, "fp16: a static loss scale instead of the dynamic one")
+    initial_loss_scale: float = opt(2.0 ** 32, "fp16: first dynamic loss scale")
+    seed: int = opt(1234, "random seed for initialisation and data order")
+    exit_interval: Optional[int] = opt(None, "stop after an iteration divisible by this")
+    exit_duration_in_mins: Optional[float] = opt(None, "stop after this many minutes")
+    max_skipped_steps: Optional[int] = opt(None, "stop after this many consecutive inf/NaN steps")
+    eval_interval: int = opt(1000, "evaluate every this many iterations")
+    eval_iters: int = opt(100, "validation batches per evaluation")
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = opt(None, "directory to save checkpoints to")
+    load: Optional[str] = opt(None, "directory to resume (or, with --finetune, start) from")
+    save_interval: Optional[int] = opt(None, "save every this many iterations")
+    finetune: bool = opt(False, "load weights only and start at iteration 0")
+    keep_last: Optional[int] = opt(None, "keep only the newest N checkpoints")
+    no_load_optim: bool = opt(False, "do not load the optimizer state")
+    no_load_rng: bool = opt(False, "do not load the random-number-generator state")
+    async_save: bool = opt(False, "write checkpoints in the background")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = opt(100, "log every this many iterations")
+    tensorboard_dir: Optional[str] = opt(None, "write TensorBoard events here")
+    log_file: Optional[str] = opt(None, "append one JSON object per logged iteration and evaluation")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    preset: Optional[str] = None
+
+    @property
+    def seq_length(self) -> int:
+        return self.data.seq_length
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.parallel.data_parallel_size)
+
+
+SECTIONS = ("model", "parallel", "data", "optim", "train", "checkpoint", "logging")

@@ -1,0 +1,174 @@
+"""Checks a Config before any work starts; each failure is one line naming the flag."""
+
+from __future__ import annotations
+
+from .errors import ConfigError
+from .sections import Config
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(value, flag: str, *, allow_none: bool = False) -> None:
+    if value is None:
+        _require(allow_none, f"{flag} is required (or choose a preset with --model)")
+        return
+    _require(value > 0, f"{flag} must be positive, got {value}")
+
+
+def validate_model(cfg: Config) -> None:
+    m = cfg.model
+    for flag, value in (("--num-layers", m.num_layers), ("--hidden-size", m.hidden_size),
+                        ("--num-attention-heads", m.num_attention_heads)):
+        _positive(value, flag)
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"--hidden-size {m.hidden_size} must be divisible by --num-attention-heads {m.num_attention_heads}")
+    _require(m.head_dim % 2 == 0, f"--hidden-size / --num-attention-heads = {m.head_dim}: rotary embeddings "
+                                  "need an even head dimension")
+    if m.group_query_attention:
+        _require(m.num_query_groups is not None, "--group-query-attention needs --num-query-groups")
+        _positive(m.num_query_groups, "--num-query-groups")
+        _require(m.num_attention_heads % m.num_query_groups == 0,
+                 f"--num-attention-heads {m.num_attention_heads} must be divisible by "
+                 f"--num-query-groups {m.num_query_groups}")
+    else:
+        _require(m.num_query_groups is None or m.num_query_groups == m.num_attention_heads,
+                 "--num-query-groups needs --group-query-attention")
+    _positive(m.ffn_hidden_size, "--ffn-hidden-size", allow_none=True)
+    _positive(m.max_position_embeddings, "--max-position-embeddings (or --seq-length)")
+    _positive(m.vocab_size, "--vocab-size (or --tokenizer-model)")
+    _positive(m.make_vocab_size_divisible_by, "--make-vocab-size-divisible-by")
+    _require(m.norm_epsilon > 0, f"--norm-epsilon must be positive, got {m.norm_epsilon}")
+    _require(m.rotary_base > 0, f"--rotary-base must be positive, got {m.rotary_base}")
+    _require(m.init_method_std > 0, f"--init-method-std must be positive, got {m.init_method_std}")
+
+
+def validate_parallel(cfg: Config, world_size: int) -> None:
+    p, m = cfg.parallel, cfg.model
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    _positive(tp, "--tensor-model-parallel-size")
+    _positive(pp, "--pipeline-model-parallel-size")
+    _require(m.num_attention_heads % tp == 0,
+             f"--tensor-model-parallel-size {tp} must divide --num-attention-heads {m.num_attention_heads}")
+    _require(m.kv_heads % tp == 0,
+             f"--tensor-model-parallel-size {tp} must divide the {m.kv_heads} key/value heads "
+             "(--num-query-groups)")
+    _require(m.padded_vocab_size % tp == 0,
+             f"--tensor-model-parallel-size {tp} must divide the vocabulary size {m.padded_vocab_size} "
+             "(pad it with --make-vocab-size-divisible-by)")
+    _require(m.num_layers % pp == 0,
+             f"--pipeline-model-parallel-size {pp} must divide --num-layers {m.num_layers}")
+    if p.num_layers_per_virtual_pipeline_stage is not None:
+        v = p.num_layers_per_virtual_pipeline_stage
+        _positive(v, "--num-layers-per-virtual-pipeline-stage")
+        _require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        _require(m.num_layers % (pp * v) == 0,
+                 f"--num-layers {m.num_layers} must be divisible by --pipeline-model-parallel-size {pp} x "
+                 f"--num-layers-per-virtual-pipeline-stage {v}")
+    if p.pipeline_schedule == "interleaved-1f1b":
+        _require(p.num_layers_per_virtual_pipeline_stage is not None,
+                 "--pipeline-schedule interleaved-1f1b needs --num-layers-per-virtual-pipeline-stage")
+    if p.sequence_parallel:
+        _require(cfg.data.seq_length % tp == 0,
+                 f"--sequence-parallel: --seq-length {cfg.data.seq_length} must be divisible by "
+                 f"--tensor-model-parallel-size {tp}")
+    _require(world_size % (tp * pp) == 0,
+             f"the world size {world_size} (WORLD_SIZE / --nproc-per-node) must be a multiple of "
+             f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}")
+    p.world_size = world_size
+    dp = p.data_parallel_size
+    _positive(p.data_parallel_replicate_size, "--data-parallel-replicate-size")
+    _require(dp % p.data_parallel_replicate_size == 0,
+             f"--data-parallel-replicate-size {p.data_parallel_replicate_size} must divide the "
+             f"data-parallel size {dp}")
+    if p.data_parallel_replicate_size > 1:
+        _require(p.data_parallel_sharding == "full",
+                 "--data-parallel-replicate-size > 1 (HSDP) needs --data-parallel-sharding full")
+
+
+def validate_training(cfg: Config) -> None:
+    t, d, o = cfg.train, cfg.data, cfg.optim
+    _positive(d.seq_length, "--seq-length")
+    _require(d.seq_length <= cfg.model.max_position_embeddings,
+             f"--seq-length {d.seq_length} exceeds --max-position-embeddings {cfg.model.max_position_embeddings}")
+    _positive(t.micro_batch_size, "--micro-batch-size")
+    dp = cfg.parallel.data_parallel_size
+    if t.global_batch_size is None:
+        t.global_batch_size = t.micro_batch_size * dp
+    _positive(t.global_batch_size, "--global-batch-size")
+    _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+             f"--global-batch-size {t.global_batch_size} must be a multiple of --micro-batch-size "
+             f"{t.micro_batch_size} x data-parallel size {dp}")
+    _require(not (t.bf16 and t.fp16), "--bf16 and --fp16 exclude each other")
+    _require(not (t.train_iters is not None and t.train_samples is not None),
+             "give --train-iters or --train-samples, not both")
+    _positive(t.train_iters, "--train-iters", allow_none=True)
+    _positive(t.train_samples, "--train-samples", allow_none=True)
+    _positive(t.eval_interval, "--eval-interval")
+    _require(t.eval_iters >= 0, f"--eval-iters must not be negative, got {t.eval_iters}")
+    _positive(t.exit_interval, "--exit-interval", allow_none=True)
+    _positive(t.max_skipped_steps, "--max-skipped-steps", allow_none=True)
+    _positive(cfg.logging.log_interval, "--log-interval")
+
+    _require(o.lr > 0, f"--lr must be positive, got {o.lr}")
+    _require(0 <= o.min_lr <= o.lr, f"--min-lr {o.min_lr} must lie between 0 and --lr {o.lr}")
+    if o.lr_warmup_fraction is not None:
+        _require(0 <= o.lr_warmup_fraction <= 1,
+                 f"--lr-warmup-fraction must lie between 0 and 1, got {o.lr_warmup_fraction}")
+        _require(o.lr_warmup_iters == 0 and o.lr_warmup_samples == 0,
+                 "--lr-warmup-fraction excludes --lr-warmup-iters and --lr-warmup-samples")
+    _require(o.lr_warmup_iters >= 0, f"--lr-warmup-iters must not be negative, got {o.lr_warmup_iters}")
+    _require(o.weight_decay >= 0, f"--weight-decay must not be negative, got {o.weight_decay}")
+    for flag, beta in (("--adam-beta1", o.adam_beta1), ("--adam-beta2", o.adam_beta2)):
+        _require(0 <= beta < 1, f"{flag} must lie in [0, 1), got {beta}")
+    _require(o.adam_eps > 0, f"--adam-eps must be positive, got {o.adam_eps}")
+    _require(o.clip_grad >= 0, f"--clip-grad must not be negative, got {o.clip_grad}")
+
+
+def validate_data(cfg: Config) -> None:
+    d = cfg.data
+    if d.data_path:
+        parse_data_path(d.data_path)
+    parse_split(d.split)
+    if d.tokenizer_type != "NullTokenizer" and d.data_path and not d.mock_data:
+        _require(d.tokenizer_model is not None, f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
+
+
+def parse_data_path(tokens: list) -> list:
+    """`--data-path` as [(weight, prefix)]: one prefix alone, or weight/prefix pairs."""
+    if len(tokens) == 1:
+        return [(1.0, tokens[0])]
+    _require(len(tokens) % 2 == 0, f"--data-path {' '.join(tokens)}: expected WEIGHT PREFIX pairs "
+                                   "(e.g. 15 bio 1 clin 4 gen) or a single PREFIX")
+    pairs = []
+    for weight, prefix in zip(tokens[::2], tokens[1::2]):
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ConfigError(f"--data-path: '{weight}' (before '{prefix}') is not a weight") from None
+        _require(w >= 0, f"--data-path: weight {weight} of '{prefix}' is negative")
+        pairs.append((w, prefix))
+    _require(sum(w for w, _ in pairs) > 0, "--data-path: the weights add up to zero")
+    return pairs
+
+
+def parse_split(split: str) -> list:
+    """`--split 949,50,1` (or 949/50/1, or fewer parts) as three non-negative numbers."""
+    parts = split.replace("/", ",").split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--split {split}: expected up to three comma-separated numbers, e.g. 949,50,1") from None
+    _require(len(values) <= 3 and all(v >= 0 for v in values) and sum(values) > 0,
+             f"--split {split}: expected up to three non-negative numbers with a positive sum")
+    return values + [0.0] * (3 - len(values))
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    validate_model(cfg)
+    _positive(cfg.data.seq_length, "--seq-length (or --max-position-embeddings)")
+    validate_parallel(cfg, world_size)
+    validate_training(cfg)
+    validate_data(cfg)
