@@ -45,7 +45,8 @@ def flag_of(f: dataclasses.Field) -> str:
 
 
 def build_parser(prog: str = "pretrain", description: Optional[str] = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False, argument_default=argparse.SUPPRESS,
+                     usage="%(prog)s [--model PRESET] [--config FILE.yaml] [flags]")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file setting any of the flags below; flags win")
     parser.add_argument("--model", dest="preset", choices=sorted(PRESETS), help="start from a preset model shape")
     groups = {}
@@ -58,7 +59,8 @@ def build_parser(prog: str = "pretrain", description: Optional[str] = None) -> a
         elif kind is list:
             kwargs.update(nargs="+", metavar=f.metadata.get("metavar"))
         else:
-            kwargs.update(type=kind, choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"))
+            choices = f.metadata.get("choices")
+            kwargs.update(type=kind, choices=choices, metavar=None if choices else f.name.upper())
         if f.default is not None and kind is not bool:
             kwargs["help"] += f" (default: {f.default})"
         groups[section].add_argument(flag_of(f), **kwargs)

@@ -132,7 +132,7 @@ def validate_data(cfg: Config) -> None:
     if d.data_path:
         parse_data_path(d.data_path)
     parse_split(d.split)
-    if d.tokenizer_type != "NullTokenizer" and d.data_path and not d.mock_data:
+    if d.data_path and not d.mock_data:
         _require(d.tokenizer_model is not None, f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
 
 

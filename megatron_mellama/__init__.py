@@ -1,0 +1,1 @@
+"""Megatron-style LLaMA2 continual pretraining (Me-LLaMA)."""

@@ -1,0 +1,1 @@
+"""Data: tokenizers, indexed datasets and blends, the resumable loader."""

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_mellama",
+    version="0.1.0",
+    description="Megatron-style 3D-parallel continual pretraining of LLaMA2 (Me-LLaMA)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_mellama", "megatron_mellama.*"]),
+    install_requires=[
+        # a range the local CPU build 2.13.0 satisfies, so nothing pulls a CUDA build over it
+        "torch>=2.6,<3",
+        "numpy",
+        "pyyaml",
+        "sentencepiece>=0.2",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "transformers>=4.45", "tokenizers"],
+        "te": ["transformer_engine[pytorch]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mellama-pretrain=megatron_mellama.pretrain:main",
+        ],
+    },
+)
