@@ -16,6 +16,10 @@ setup(
         "sentencepiece>=0.2",
         "safetensors",
         "tqdm",
+        # megatron-core's datasets: the .bin/.idx format, GPTDataset, blending, compiled helpers
+        "megatron-core>=0.16,<0.17",
+        "nltk",
+        "packaging",
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.45", "tokenizers"],
@@ -24,6 +28,9 @@ setup(
     entry_points={
         "console_scripts": [
             "mellama-pretrain=megatron_mellama.pretrain:main",
+            "mellama-preprocess-data=megatron_mellama.tools.preprocess_data:main",
+            "mellama-merge-datasets=megatron_mellama.tools.merge_datasets:main",
+            "mellama-inspect-dataset=megatron_mellama.tools.inspect_dataset:main",
         ],
     },
 )
