@@ -1,0 +1,267 @@
+"""`--data-path` blend -> train/valid/test datasets through megatron-core, plus one validation set per domain.
+
+The datasets are megatron-core's own `GPTDataset`s blended by its `BlendedMegatronDatasetBuilder`, so a
+corpus, seed and split give the same samples as in Megatron-LM. Each sample is a dict of `tokens`,
+`labels` (int64, `seq_length` long) and `loss_mask` (float); no attention mask is built, the model is
+causal by construction.
+
+Domain names (keys of `DataSets.valid_per_domain`, reported as `lm loss validation/<name>`): the last
+component of the prefix without the `_text_document` / `_document` suffix that `preprocess_data.py`
+appends (`data/pubmed_text_document` -> `pubmed`). Prefixes that would share a name take as many parent
+directories as tell them apart, joined by `-` (`a/train_text_document`, `b/train_text_document` ->
+`a-train`, `b-train`). A prefix listed twice is one domain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional
+from unittest import mock
+
+import numpy
+import torch
+
+from ..config import Config, ConfigError, parse_data_path, parse_split
+from .tokenizer import Tokenizer, build_tokenizer
+
+with warnings.catch_warnings():
+    # Importing megatron.core runs its package __init__, whose optimizer, inference and jit code warns
+    # (Transformer Engine and apex missing, deprecations); none of that code is used here.
+    warnings.simplefilter("ignore")
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                        parse_and_normalize_split)
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.utils import Split
+    from megatron.core.tokenizers import MegatronTokenizerBase
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+class MegatronTokenizerAdapter(MegatronTokenizerBase):
+    """What megatron-core's datasets read from a tokenizer: `vocab_size` (chooses the token dtype),
+    `eod`, `pad` (masked out of the loss; -1 when there is none) and `unique_identifiers` (part of the
+    index-cache key). The key holds the special ids, not the tokenizer's path: they are all a sample
+    depends on, so moving the tokenizer file keeps the caches valid."""
+
+    def __init__(self, vocab_size: int, eod: int, pad: int = -1, name: str = "tokenizer"):
+        super().__init__(path="", config={})
+        self._vocab_size, self._eod, self._pad, self._name = int(vocab_size), int(eod), int(pad), name
+
+    @classmethod
+    def wrap(cls, tokenizer: Tokenizer) -> "MegatronTokenizerAdapter":
+        return cls(tokenizer.vocab_size, tokenizer.eod, tokenizer.pad, tokenizer.name)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def eos(self) -> int:
+        return self._eod
+
+    @property
+    def pad(self) -> int:
+        return self._pad
+
+    @property
+    def unique_identifiers(self) -> OrderedDict:
+        return OrderedDict(tokenizer=self._name, vocab_size=self._vocab_size, eod=self._eod, pad=self._pad)
+
+    @property
+    def vocab(self):
+        raise NotImplementedError("the dataset adapter carries no vocabulary")
+
+    def tokenize(self, text):
+        raise NotImplementedError("the dataset adapter does not tokenize; use data.tokenizer")
+
+    def detokenize(self, ids):
+        raise NotImplementedError("the dataset adapter does not detokenize; use data.tokenizer")
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+@dataclass
+class DataSets:
+    """The datasets of a run. A split whose `--split` share is 0 is None. `valid_per_domain` maps each
+    domain name to the validation split of that prefix alone (in `--data-path` order); it is empty
+    when there is only one prefix, whose validation set is `valid`."""
+
+    train: Optional[torch.utils.data.Dataset]
+    valid: Optional[torch.utils.data.Dataset]
+    test: Optional[torch.utils.data.Dataset]
+    valid_per_domain: dict = field(default_factory=dict)
+
+
+def dataset_sizes(cfg: Config) -> tuple:
+    """Samples to draw per split, as Megatron-LM computes them."""
+    t = cfg.train
+    gbs = t.global_batch_size
+    if t.train_samples is not None:
+        train, iters = t.train_samples, t.train_samples // gbs
+    elif t.train_iters is not None:
+        train, iters = t.train_iters * gbs, t.train_iters
+    else:
+        raise ConfigError("--train-iters or --train-samples is needed to size the training set")
+    valid = (iters // t.eval_interval + 1) * t.eval_iters * gbs
+    return train, valid, t.eval_iters * gbs
+
+
+def domain_names(prefixes: list) -> list:
+    """A distinct, readable name per (distinct) prefix; see the module docstring for the rule."""
+    def parts(prefix):
+        comps = [c for c in os.path.normpath(prefix).split(os.sep) if c not in ("", ".")]
+        last = comps[-1]
+        for suffix in ("_text_document", "_document"):
+            if last.endswith(suffix) and len(last) > len(suffix):
+                last = last[: -len(suffix)]
+                break
+        return comps[:-1] + [last]
+
+    comps = [parts(p) for p in prefixes]
+    depth = [1] * len(prefixes)
+    while True:
+        names = ["-".join(c[-d:]) for c, d in zip(comps, depth)]
+        clashes = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(comps[i])]
+        if not clashes:
+            break
+        for i in clashes:
+            depth[i] += 1
+    seen = {}
+    for i, n in enumerate(names):  # only paths that differ in ways normpath hides (e.g. a/b vs a//b/)
+        seen[n] = seen.get(n, 0) + 1
+        if seen[n] > 1:
+            names[i] = f"{n}-{seen[n]}"
+    return names
+
+
+def _check_prefix(prefix: str, split_matrix: list, cfg: Config, splits=SPLIT_NAMES) -> None:
+    """Fail with one line, on every rank, before megatron-core would fail deep down (or, for a split
+    shorter than one sample, loop forever counting epochs)."""
+    for ext in (".idx", ".bin"):
+        if not os.path.isfile(prefix + ext):
+            raise ConfigError(f"--data-path {prefix}: {prefix}{ext} does not exist "
+                              "(expected the .bin/.idx pair written by tools/preprocess_data.py)")
+    indexed = IndexedDataset(prefix)
+    lengths = numpy.array(indexed.sequence_lengths)  # a copy: the mmap closes with `indexed`
+    del indexed
+    need = cfg.data.seq_length + 1
+    for name, bounds in zip(SPLIT_NAMES, split_matrix):
+        if bounds is None or name not in splits:
+            continue
+        beg, end = (int(round(b * float(len(lengths)))) for b in bounds)
+        tokens = int(lengths[beg:end].sum())
+        if tokens < need:
+            raise ConfigError(
+                f"--data-path {prefix}: its {name} split (--split {cfg.data.split}) holds {end - beg} of "
+                f"{len(lengths)} documents, {tokens} tokens, fewer than one sample of --seq-length "
+                f"{cfg.data.seq_length} + 1; the {name} set is too small")
+
+
+def _gpt_config(cfg: Config, tokenizer: MegatronTokenizerAdapter, blend) -> GPTDatasetConfig:
+    return GPTDatasetConfig(
+        random_seed=cfg.train.seed, sequence_length=cfg.data.seq_length, blend=blend,
+        split=cfg.data.split if blend else None, path_to_cache=cfg.data.data_cache_path, tokenizer=tokenizer,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
+
+
+def _domain_valid_set(prefix: str, config: GPTDatasetConfig, num_samples: int) -> GPTDataset:
+    """The prefix's validation documents, chosen exactly as the blend's builder chooses them."""
+    low_level = GPTDataset.build_low_level_dataset(prefix, config)
+    n = GPTDataset.numel_low_level_dataset(low_level)
+    beg, end = config.split_matrix[Split.valid.value]
+    indices = numpy.arange(int(round(beg * float(n))), int(round(end * float(n))), dtype=numpy.int32)
+    return GPTDataset(low_level, prefix, indices, num_samples, Split.valid, config)
+
+
+@contextlib.contextmanager
+def _megatron_sees_one_process():
+    """megatron-core 0.16 builds index caches on global rank 0 and has every other rank load them
+    (failing where nodes do not share the cache directory), and calls get_rank() without a process
+    group when it caches a blend in a single process. `build_once_per_node` coordinates the ranks
+    itself, so within this block megatron-core sees one process that builds or loads as needed."""
+    with mock.patch.object(torch.distributed, "is_initialized", return_value=False), \
+            mock.patch.object(torch.distributed, "get_rank", return_value=0):
+        yield
+
+
+def build_once_per_node(build):
+    """Run `build()` on every rank so that index caches are written once per node: first global
+    rank 0 (on a shared filesystem it fills the cache for everyone), then local rank 0 of every
+    other node (fills its node's cache, or finds the shared one), then all other ranks, which load.
+    A barrier separates the waves. Without torch.distributed, just `build()`."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        with _megatron_sees_one_process():
+            return build()
+    rank = torch.distributed.get_rank()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    waves = (rank == 0, rank != 0 and local_rank == 0, local_rank != 0)
+    result = None
+    for mine in waves:
+        if mine:
+            with _megatron_sees_one_process():
+                result = build()
+        torch.distributed.barrier()
+    return result
+
+
+def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSets:
+    """Train/valid/test (and per-domain validation) datasets for `cfg`; call on every rank.
+
+    `tokenizer` defaults to the one `--tokenizer-type/--tokenizer-model` name. With `--mock-data`,
+    megatron-core's MockGPTDataset (no tokenizer needed: the vocabulary comes from the model config).
+    """
+    sizes = list(dataset_sizes(cfg))
+    d = cfg.data
+    if d.mock_data:
+        vocab = tokenizer.vocab_size if tokenizer else cfg.model.vocab_size
+        adapter = (MegatronTokenizerAdapter.wrap(tokenizer) if tokenizer
+                   else MegatronTokenizerAdapter(vocab, eod=vocab - 1, name="mock"))
+        config = _gpt_config(cfg, adapter, None)
+        return build_once_per_node(lambda: DataSets(
+            *BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, lambda: True, config).build()))
+    if not d.data_path:
+        raise ConfigError("--data-path is required (or --mock-data)")
+
+    pairs = parse_data_path(d.data_path)
+    prefixes = list(dict.fromkeys(p for _, p in pairs))
+    parse_split(d.split)
+    split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(d.split))
+    # A weight of 0 keeps a prefix out of the blend; it is still validated on as its own domain.
+    blended = [(w, p) for w, p in pairs if w > 0]
+    for prefix in prefixes:
+        in_blend = any(p == prefix for _, p in blended)
+        _check_prefix(prefix, split_matrix, cfg, SPLIT_NAMES if in_blend else ("valid",))
+    weights = None if len(blended) == 1 else [w for w, _ in blended]
+    if tokenizer is None:
+        if d.tokenizer_model is None:
+            raise ConfigError(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
+        tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
+    config = _gpt_config(cfg, MegatronTokenizerAdapter.wrap(tokenizer), ([p for _, p in blended], weights))
+    # Every evaluation reads the same first eval_iters global batches, so that many samples suffice.
+    domain_size = cfg.train.eval_iters * cfg.train.global_batch_size
+
+    def build():
+        try:
+            train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+            per_domain = {}
+            if len(prefixes) > 1 and split_matrix[Split.valid.value] is not None:
+                per_domain = {name: _domain_valid_set(prefix, config, domain_size)
+                              for name, prefix in zip(domain_names(prefixes), prefixes)}
+        except OSError as err:  # the prefixes were readable above: this is the index cache
+            where = d.data_cache_path or "next to the data, as --data-cache-path is not set"
+            raise ConfigError(f"--data-cache-path: cannot write the dataset index cache ({where}): "
+                              f"{err.strerror or err}: {err.filename}") from err
+        return DataSets(train, valid, test, per_domain)
+
+    return build_once_per_node(build)
