@@ -1,0 +1,1 @@
+"""Parallelism applied to the single-device model: mesh, tensor, pipeline and data parallel."""

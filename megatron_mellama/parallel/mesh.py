@@ -1,0 +1,91 @@
+"""ParallelDims: how the world splits into pipeline x data x tensor parallel groups, and its DeviceMesh.
+
+Rank layout follows Megatron-LM: tensor parallel innermost (neighbouring ranks, one node's fast
+links), then data parallel, then pipeline outermost. Data parallel may itself split into
+replicate x shard (HSDP: shard within a node, replicate across nodes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from ..config import Config, ConfigError
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+
+    @classmethod
+    def from_config(cls, cfg: Config, world_size: int) -> "ParallelDims":
+        p = cfg.parallel
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        if world_size % (tp * pp):
+            raise ConfigError(f"the world size {world_size} must be a multiple of --tensor-model-parallel-size {tp} "
+                              f"x --pipeline-model-parallel-size {pp}")
+        dp = world_size // (tp * pp)
+        if p.data_parallel_sharding == "none":
+            replicate, shard = dp, 1
+        else:
+            replicate = p.data_parallel_replicate_size
+            if dp % replicate:
+                raise ConfigError(f"--data-parallel-replicate-size {replicate} must divide the data-parallel size {dp}")
+            shard = dp // replicate
+        return cls(pp=pp, dp_replicate=replicate, dp_shard=shard, tp=tp)
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    def build_mesh(self, device_type: str) -> "Meshes":
+        world = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp),
+                                 mesh_dim_names=MESH_DIMS)
+        return Meshes(world=world, pp=world["pp"], tp=world["tp"], dp_2d=world["dp_replicate", "dp_shard"],
+                      dp=world["dp_replicate", "dp_shard"]._flatten("dp"))
+
+    def coordinates(self, rank: int) -> dict:
+        """pp / dp / tp index of a global rank, from the layout alone (no process group needed)."""
+        tp = rank % self.tp
+        dp = (rank // self.tp) % self.dp
+        pp = rank // (self.tp * self.dp)
+        return dict(pp=pp, dp=dp, tp=tp)
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The world mesh and the sub-meshes each kind of parallelism works on."""
+
+    world: DeviceMesh
+    pp: DeviceMesh
+    tp: DeviceMesh
+    dp: DeviceMesh  # replicate x shard flattened: all ranks holding the same model part
+    dp_2d: DeviceMesh  # (dp_replicate, dp_shard), for FSDP2 / HSDP
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Start the default process group from torchrun's environment, once."""
+    if dist.is_initialized():
+        return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        import os
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
