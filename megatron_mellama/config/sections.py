@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD", "inverse-square-root")
-TOKENIZER_TYPES = ("Llama2Tokenizer", "HuggingFaceTokenizer")
+TOKENIZER_TYPES = ("Llama2Tokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer")
 DP_SHARDING = ("none", "optimizer", "full")
 PIPELINE_SCHEDULES = ("1f1b", "interleaved-1f1b", "zero-bubble")
 

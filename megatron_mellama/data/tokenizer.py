@@ -7,7 +7,7 @@ here match the ones Megatron's `preprocess_data.py` writes for the same tokenize
 import os
 from abc import ABC, abstractmethod
 
-TOKENIZER_TYPES = ("Llama2Tokenizer", "HuggingFaceTokenizer")
+TOKENIZER_TYPES = ("Llama2Tokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer")
 
 
 class TokenizerError(ValueError):
@@ -144,9 +144,113 @@ class HuggingFaceTokenizer(Tokenizer):
         return _int_or_missing(self._tok.pad_token_id)
 
 
+class SentencePieceTokenizer(Tokenizer):
+    """Megatron-LM's `_SentencePieceTokenizer`: the model's vocabulary plus Megatron's special tokens.
+
+    <CLS> <SEP> <EOD> <MASK> (and <PAD>/<BOS>/<EOS> when the model has no such piece) get ids after the
+    model's vocabulary, in Megatron's order, so ids match files Megatron wrote with this tokenizer type.
+    Special-token text inside a document maps to its id; no BOS is added.
+    """
+
+    name = "SentencePieceTokenizer"
+
+    def __init__(self, model_path: str, vocab_extra_ids: int = 0):
+        # Reuses Llama2Tokenizer's checks so a bad path fails with the same one-line message.
+        self._sp = Llama2Tokenizer(model_path)._sp
+        self._vocab = {self._sp.id_to_piece(i): i for i in range(self._sp.vocab_size())}
+        self._inv_vocab = {i: t for t, i in self._vocab.items()}
+        self._special_tokens = {}
+        for token in ("<CLS>", "<SEP>", "<EOD>", "<MASK>"):
+            self._add_special_token(token)
+        self._cls_id, self._sep_id, self._eod_id, self._mask_id = (
+            self._vocab[t] for t in ("<CLS>", "<SEP>", "<EOD>", "<MASK>"))
+        self._pad_id = self._add_special_token(self._piece_or(self._sp.pad_id(), "<PAD>"))
+        self._bos_id = self._add_special_token(self._piece_or(self._sp.bos_id(), "<BOS>"))
+        self._eos_id = self._add_special_token(self._piece_or(self._sp.eos_id(), "<EOS>"))
+        for i in range(vocab_extra_ids):
+            self._add_special_token(f"<extra_id_{i}>")
+        self._inv_special_tokens = {i: t for t, i in self._special_tokens.items()}
+
+    def _piece_or(self, piece_id: int, fallback: str) -> str:
+        try:
+            return self._sp.id_to_piece(piece_id)
+        except IndexError:  # the model has no such token (id -1)
+            return fallback
+
+    def _add_special_token(self, token: str) -> int:
+        if token not in self._vocab:
+            next_id = len(self._vocab)
+            self._vocab[token] = next_id
+            self._inv_vocab[next_id] = token
+        self._special_tokens[token] = self._vocab[token]
+        return self._vocab[token]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    def tokenize(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"tokenize expects a str, got {type(text).__name__}")
+        ids, start = [], 0
+        while True:
+            # The earliest special token wins; ties go to the first added, as in Megatron.
+            best, best_at = None, -1
+            for token in self._special_tokens:
+                at = text.find(token, start)
+                if at >= 0 and (best is None or at < best_at):
+                    best, best_at = token, at
+            if best is None:
+                break
+            ids.extend(self._sp.encode(text[start:best_at]))
+            ids.append(self._special_tokens[best])
+            start = best_at + len(best)
+        ids.extend(self._sp.encode(text[start:] if start else text))
+        return ids
+
+    def detokenize(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        text, last = "", 0
+        for i, token_id in enumerate(ids):
+            if token_id in self._inv_special_tokens:
+                text += self._sp.decode_ids(ids[last:i]) + " " + self._inv_special_tokens[token_id]
+                last = i + 1
+        return text + self._sp.decode_ids(ids[last:])
+
+    @property
+    def bos(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos(self) -> int:
+        return self._eos_id
+
+    @property
+    def eod(self) -> int:
+        return self._eod_id
+
+    @property
+    def pad(self) -> int:
+        return self._pad_id
+
+    @property
+    def cls(self) -> int:
+        return self._cls_id
+
+    @property
+    def sep(self) -> int:
+        return self._sep_id
+
+    @property
+    def mask(self) -> int:
+        return self._mask_id
+
+
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str) -> Tokenizer:
     if tokenizer_type == "Llama2Tokenizer":
         return Llama2Tokenizer(tokenizer_model)
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
+    if tokenizer_type == "SentencePieceTokenizer":
+        return SentencePieceTokenizer(tokenizer_model)
     raise TokenizerError(f"unknown tokenizer type {tokenizer_type!r} (expected one of {', '.join(TOKENIZER_TYPES)})")

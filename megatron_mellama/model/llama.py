@@ -45,8 +45,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim)."""
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+    """x: (batch, heads, seq, head_dim); cos/sin: tables of at least seq rows, (rows, head_dim)."""
+    seq = x.shape[2]
+    return x * cos[:seq].to(x.dtype) + rotate_half(x) * sin[:seq].to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -114,37 +115,39 @@ class Llama(nn.Module):
         # A pipeline stage replaces the parts it does not own with None; on the first stage the
         # input is token ids, on the others the previous stage's hidden states.
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
-        seq = h.shape[1]
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            # whole tables: with sequence parallelism h holds only a slice of the sequence here
+            h = layer(h, self.rope_cos, self.rope_sin)
         h = self.norm(h) if self.norm is not None else h
         return self.lm_head(h) if self.lm_head is not None else h
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Fill every parameter and buffer, e.g. after `to_empty()` from the meta device.
-
-        Normal(0, std) for matrices, with the output projections of each block scaled by
-        1/sqrt(2 * layers) as Megatron-LM does; ones for norms. Each tensor draws from a generator
-        seeded by the seed and the tensor's name, so the values do not depend on which tensors
-        this process holds or in which order it initialises them.
-        """
+        """Fill every parameter and buffer, e.g. after `to_empty()` from the meta device."""
         cfg = self.cfg
-        device = next(self.parameters()).device
+        device = self.rope_cos.device
         cos, sin = rotary_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rotary_base, device=device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        base_seed = 0 if seed is None else seed
-        scaled_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
         for name, param in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "norm.weight":
-                param.fill_(1.0)
-                continue
-            std = scaled_std if name.endswith(("o_proj.weight", "down_proj.weight")) else cfg.init_method_std
-            generator = torch.Generator(device="cpu").manual_seed(_name_seed(base_seed, name))
-            values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-            param.copy_(values)
+            param.copy_(initial_value(cfg, name, tuple(param.shape), seed))
+
+
+def initial_value(cfg: ModelConfig, name: str, shape: tuple, seed: int | None = None) -> torch.Tensor:
+    """The fp32 initial value of parameter `name`, on the CPU.
+
+    Normal(0, std) for matrices, with the output projections of each block scaled by
+    1/sqrt(2 * layers) as Megatron-LM does; ones for norms. Each tensor draws from a generator
+    seeded by the seed and the tensor's name, so the values do not depend on which tensors a
+    process holds or in which order it initialises them: any parallel layout starts identical.
+    """
+    if name.endswith("layernorm.weight") or name == "norm.weight":
+        return torch.ones(shape)
+    std = cfg.init_method_std
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        std /= math.sqrt(2.0 * cfg.num_layers)
+    generator = torch.Generator(device="cpu").manual_seed(_name_seed(0 if seed is None else seed, name))
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
 
 
 def _name_seed(seed: int, name: str) -> int:

@@ -1,0 +1,138 @@
+"""A writer for megatron-core's IndexedDataset (.bin/.idx) whose memory does not grow with the corpus.
+
+megatron-core's `IndexedDatasetBuilder` keeps every sequence length and document boundary in Python
+lists until `finalize`, about 40 bytes per sequence: billions of sentences do not fit. This writer
+spills them as int32/int64 to temporary files beside the output and composes the .idx from them in
+fixed-size chunks. The bytes written are the builder's, byte for byte (a test holds it to that).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+
+import numpy as np
+
+# megatron.core.datasets.indexed_dataset: header, version and DType codes of the .idx format.
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_INDEX_VERSION = 1
+_DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6, np.float32: 7,
+                np.uint16: 8}
+_CHUNK = 1 << 20  # elements per read when composing the index
+
+
+def optimal_dtype(vocab_size: int | None) -> type:
+    """`DType.optimal_dtype`: uint16 when every id fits below 65500, else int32."""
+    return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
+
+
+def temp_path(directory: str, final_name: str, suffix: str) -> str:
+    """A new empty file beside the final one, with the permissions a plain open() would give it."""
+    fd, path = tempfile.mkstemp(dir=directory, prefix=f".{final_name}.", suffix=suffix)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # mkstemp makes 0600; outputs are shared data
+    return path
+
+
+class IndexedWriter:
+    """Writes `bin_path` and `idx_path` as `IndexedDatasetBuilder` would, without multimodal modes.
+
+    Data goes to temporary files in the target directory; `finalize` composes the index and renames
+    both into place only when `commit` is called, so a failed run leaves existing outputs alone.
+    """
+
+    def __init__(self, bin_path: str, idx_path: str, dtype=np.int32):
+        self.dtype = np.dtype(dtype).type
+        if self.dtype not in _DTYPE_CODES:
+            raise ValueError(f"unsupported token dtype {np.dtype(dtype).name}")
+        self.bin_path, self.idx_path = os.fspath(bin_path), os.fspath(idx_path)
+        directory = os.path.dirname(os.path.abspath(self.bin_path))
+        name = os.path.basename(self.bin_path)
+        self._tmp_bin = temp_path(directory, name, ".tmp")
+        self._tmp_idx = temp_path(directory, os.path.basename(self.idx_path), ".tmp")
+        self._tmp_lengths = temp_path(directory, name, ".lengths.tmp")
+        self._tmp_docs = temp_path(directory, name, ".documents.tmp")
+        self._bin = open(self._tmp_bin, "wb")
+        self._lengths = open(self._tmp_lengths, "wb")
+        self._docs = open(self._tmp_docs, "wb")
+        self.sequence_count = 0
+        self.document_count = 0  # boundaries after the leading 0
+        self.token_count = 0
+        self._finalized = False
+
+    def add_batch(self, tokens: np.ndarray, sequence_lengths: np.ndarray, document_sequence_counts: np.ndarray):
+        """Append many documents: all their tokens, each sequence's length, each document's sequence count."""
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        lengths = np.ascontiguousarray(sequence_lengths, dtype=np.int32)
+        counts = np.asarray(document_sequence_counts, dtype=np.int64)
+        self._bin.write(memoryview(tokens).cast("B"))
+        self._lengths.write(memoryview(lengths).cast("B"))
+        ends = np.cumsum(counts, dtype=np.int64)
+        ends += self.sequence_count
+        self._docs.write(memoryview(ends).cast("B"))
+        self.sequence_count += len(lengths)
+        self.document_count += len(counts)
+        self.token_count += len(tokens)
+
+    def add_document(self, tokens, lengths):
+        """`IndexedDatasetBuilder.add_document`: one document made of sequences of the given lengths."""
+        self.add_batch(np.asarray(tokens), np.asarray(lengths), np.array([len(lengths)]))
+
+    def finalize(self) -> None:
+        """Close the data file and write the index to its temporary name."""
+        for f in (self._bin, self._lengths, self._docs):
+            f.close()
+        itemsize = np.dtype(self.dtype).itemsize
+        with open(self._tmp_idx, "wb") as idx:
+            idx.write(_INDEX_HEADER)
+            idx.write(struct.pack("<Q", _INDEX_VERSION))
+            idx.write(struct.pack("<B", _DTYPE_CODES[self.dtype]))
+            idx.write(struct.pack("<Q", self.sequence_count))
+            idx.write(struct.pack("<Q", self.document_count + 1))
+            for chunk in _chunks(self._tmp_lengths, np.int32):
+                idx.write(memoryview(chunk).cast("B"))
+            offset = 0
+            for chunk in _chunks(self._tmp_lengths, np.int32):
+                # byte offset of each sequence: exclusive running sum of length * itemsize
+                ends = np.cumsum(chunk, dtype=np.int64) * itemsize + offset
+                starts = np.empty_like(ends)
+                starts[0] = offset
+                starts[1:] = ends[:-1]
+                offset = int(ends[-1])
+                idx.write(memoryview(starts).cast("B"))
+            idx.write(struct.pack("<q", 0))
+            for chunk in _chunks(self._tmp_docs, np.int64):
+                idx.write(memoryview(chunk).cast("B"))
+        for path in (self._tmp_lengths, self._tmp_docs):
+            os.remove(path)
+        self._finalized = True
+
+    def commit(self) -> None:
+        """Move the finished files to their final names (data first, index last)."""
+        if not self._finalized:
+            self.finalize()
+        os.replace(self._tmp_bin, self.bin_path)
+        os.replace(self._tmp_idx, self.idx_path)
+
+    def abort(self) -> None:
+        """Close and delete every temporary file; the final names are never touched."""
+        for f in (self._bin, self._lengths, self._docs):
+            f.close()
+        for path in (self._tmp_bin, self._tmp_idx, self._tmp_lengths, self._tmp_docs):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
+
+def _chunks(path: str, dtype):
+    itemsize = np.dtype(dtype).itemsize
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(_CHUNK * itemsize)
+            if not data:
+                return
+            yield np.frombuffer(data, dtype=dtype)
