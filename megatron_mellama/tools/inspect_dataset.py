@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from megatron_mellama.data.tokenizer import TOKENIZER_TYPES
+
 PROG = "mellama-inspect-dataset"
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 _HEADER = struct.Struct("<9sQBQQ")
@@ -212,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prefix", help="dataset path prefix, without .bin/.idx")
     p.add_argument("--document", type=int, metavar="N", help="print the tokens of document N (from 0)")
     p.add_argument("--top-k", type=int, default=20, metavar="K", help="most frequent tokens to list (default 20)")
-    p.add_argument("--tokenizer-type", choices=("Llama2Tokenizer", "HuggingFaceTokenizer"),
+    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES,
                    help="decode tokens with this tokenizer (needs --tokenizer-model)")
     p.add_argument("--tokenizer-model", metavar="PATH",
                    help="SentencePiece .model file, or Hugging Face tokenizer directory")
