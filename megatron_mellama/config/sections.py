@@ -131,6 +131,7 @@ class TrainingConfig:
     loss_scale: Optional[float] = opt(None, "fp16: a static loss scale instead of the dynamic one")
     initial_loss_scale: float = opt(2.0 ** 32, "fp16: first dynamic loss scale")
     seed: int = opt(1234, "random seed for initialisation and data order")
+    compile: bool = opt(False, "torch.compile each transformer block")
     exit_interval: Optional[int] = opt(None, "stop after an iteration divisible by this")
     exit_duration_in_mins: Optional[float] = opt(None, "stop after this many minutes")
     max_skipped_steps: Optional[int] = opt(None, "stop after this many consecutive inf/NaN steps")

@@ -1,0 +1,99 @@
+"""Global gradient-norm clipping over every gradient of the model, however it is laid out.
+
+A gradient may be a plain tensor (replicated: DDP, or one process), or a DTensor sharded over
+tensor- and/or data-parallel mesh dimensions (TP, FSDP2). Pipeline stages hold disjoint
+parameters. The norm is the L2 norm of the full, unsharded gradient of the whole model, so every
+layout computes the same number as one process.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate
+
+
+def _local_grads(parameters) -> list[torch.Tensor]:
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    return [p.grad for p in parameters if p.grad is not None]
+
+
+def _materialize_partial(grad: DTensor) -> DTensor:
+    # A Partial placement holds summands, whose squares do not add up to the square of the sum.
+    if not any(p.is_partial() for p in grad.placements):
+        return grad
+    return grad.redistribute(placements=[Replicate() if p.is_partial() else p for p in grad.placements])
+
+
+def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of squares of this pipeline stage's full gradients, identical on all its ranks."""
+    plain = torch.zeros((), dtype=torch.float32, device=device)
+    # Local sums of sharded gradients, keyed by (mesh, sharded mesh dims): each key needs one
+    # all-reduce per sharded dim. Replicated dims are not reduced, so replicas count once.
+    sharded: dict[tuple, torch.Tensor] = {}
+    for g in grads:
+        if isinstance(g, DTensor):
+            g = _materialize_partial(g)
+            dims = tuple(i for i, p in enumerate(g.placements) if p.is_shard())
+            local = g.to_local().float().square().sum()
+            if dims:
+                key = (g.device_mesh, dims)
+                sharded[key] = sharded[key] + local if key in sharded else local
+            else:
+                plain = plain + local
+        else:
+            plain = plain + g.float().square().sum()
+    total = plain
+    for (mesh, dims), local in sharded.items():
+        for d in dims:
+            dist.all_reduce(local, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
+        total = total + local
+    return total
+
+
+def _device(grads: list[torch.Tensor], pp_group) -> torch.device:
+    if grads:
+        g = grads[0]
+        return g.to_local().device if isinstance(g, DTensor) else g.device
+    # A rank without gradients still joins the pipeline all-reduce, on its backend's device.
+    if pp_group is not None and dist.get_backend(pp_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def get_grad_norm(parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
+                  pp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """The global L2 norm (fp32 scalar tensor) of the gradients of `parameters` across all stages.
+
+    Every rank of the model must call this (it runs collectives on the gradients' meshes and on
+    `pp_group`), with its parameters in the same order as the other ranks of its stage.
+    """
+    grads = _local_grads(parameters)
+    squared = _squared_norm(grads, _device(grads, pp_group))
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=pp_group)
+    return squared.sqrt()
+
+
+def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float,
+                    pp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Scale all gradients by max_norm / (norm + 1e-6) when the global norm exceeds `max_norm`.
+
+    Returns the norm before clipping. `max_norm` 0 only measures. A non-finite norm (inf/NaN
+    gradients anywhere in the model, on every rank alike) leaves the gradients untouched: the
+    caller sees `not torch.isfinite(norm)` and skips the step.
+    """
+    parameters = list(parameters) if not isinstance(parameters, torch.Tensor) else [parameters]
+    total_norm = get_grad_norm(parameters, pp_group)
+    if max_norm <= 0 or not torch.isfinite(total_norm):
+        return total_norm
+    # Same arithmetic as torch.nn.utils.clip_grad_norm_, so one process matches it bit for bit.
+    coef = max_norm / (total_norm + 1e-6)
+    if coef < 1.0:
+        for g in _local_grads(parameters):
+            local = g.to_local() if isinstance(g, DTensor) else g
+            local.mul_(coef.to(local.device))
+    return total_norm
