@@ -1,0 +1,120 @@
+"""Pipeline parallelism: split the single-device model into stages and run a torch pipelining schedule.
+
+Each stage is the whole `Llama` with the parts it does not own removed, so every parameter it keeps
+has its full-model name (`layers.17.mlp.up_proj.weight`) and checkpoints do not depend on the
+layout. Layers are split evenly and contiguously over `pp * v` stages (v stages per rank).
+
+Stages are placed in a loop: rank r owns stages r, r + pp, r + 2pp, ... (one stage per rank for
+``1f1b``, v for ``interleaved-1f1b`` and ``zero-bubble``).
+
+``zero-bubble`` is torch's `ScheduleInterleavedZeroBubble` (ZB1P: the backward split into input and
+weight gradients, the weight half filling the bubble), not the V-shaped `ScheduleZBVZeroBubble`.
+ZB-V would put two adjacent stages on one rank, and in torch 2.13 `schedule.eval()` then fails (it
+still hands input gradients between those stages), so validation could not run through it; ZB-V
+also accepts exactly two stages per rank, while ZB1P takes any number, with the same placement and
+the same `--num-layers-per-virtual-pipeline-stage` meaning as interleaved 1F1B.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B,
+                                          ScheduleInterleavedZeroBubble)
+
+from ..model.llama import Llama
+
+_SCHEDULES = {"1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B,
+              "zero-bubble": ScheduleInterleavedZeroBubble}
+
+
+def stages_per_rank(num_layers: int, pp_size: int, num_layers_per_virtual_stage: int | None, schedule: str) -> int:
+    """v: how many (virtual) stages each PP rank runs."""
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose from {', '.join(_SCHEDULES)}")
+    per_stage = num_layers_per_virtual_stage or max(num_layers // pp_size, 1)
+    if num_layers % (pp_size * per_stage):
+        raise ValueError(f"{num_layers} layers do not split evenly into {pp_size} pipeline ranks"
+                         + (f" x {per_stage} layers per virtual stage" if num_layers_per_virtual_stage else ""))
+    v = num_layers // (pp_size * per_stage)
+    if schedule == "1f1b" and v != 1:
+        raise ValueError(f"the 1f1b schedule runs one stage per rank, not {v}; use interleaved-1f1b")
+    return v
+
+
+def stage_indices(pp_rank: int, pp_size: int, v: int) -> list[int]:
+    """The stages rank `pp_rank` owns, in the loop placement all three schedules expect."""
+    return [pp_rank + k * pp_size for k in range(v)]
+
+
+def split_into_stages(model: Llama, pp_rank: int, pp_size: int, num_layers_per_virtual_stage: int | None,
+                      schedule: str) -> list[tuple[int, Llama]]:
+    """The (stage index, module) parts this PP rank owns; each keeps the full model's parameter names."""
+    num_layers = len(model.layers)
+    v = stages_per_rank(num_layers, pp_size, num_layers_per_virtual_stage, schedule)
+    num_stages = pp_size * v
+    per_stage = num_layers // num_stages
+    parts = []
+    for stage in stage_indices(pp_rank, pp_size, v):
+        part = copy.deepcopy(model)
+        keep = {str(i) for i in range(stage * per_stage, (stage + 1) * per_stage)}
+        for name in [n for n in part.layers if n not in keep]:
+            del part.layers[name]
+        if stage != 0:
+            part.embed_tokens = None
+        if stage != num_stages - 1:
+            part.norm = None
+            part.lm_head = None
+        parts.append((stage, part))
+    return parts
+
+
+def has_first_stage(parts: list[tuple[int, nn.Module]]) -> bool:
+    return any(stage == 0 for stage, _ in parts)
+
+
+def has_last_stage(parts: list[tuple[int, nn.Module]]) -> bool:
+    # the last stage is the only one split_into_stages leaves an output layer
+    return any(getattr(part, "lm_head", None) is not None for _, part in parts)
+
+
+def build_schedule(parts: list[tuple[int, nn.Module]], pp_group_or_mesh: dist.ProcessGroup | DeviceMesh,
+                   device: torch.device | str, n_microbatches: int, loss_fn, schedule: str):
+    """The torch pipelining schedule running this rank's parts.
+
+    `loss_fn(output, target)` must already be normalised for the global batch (summed token loss over
+    the global token count): the schedule sums it over microbatches and does not rescale gradients.
+    Activation shapes are inferred from the first microbatch, so nothing needs to know them here.
+    """
+    group = pp_group_or_mesh.get_group() if isinstance(pp_group_or_mesh, DeviceMesh) else pp_group_or_mesh
+    num_stages = dist.get_world_size(group) * len(parts)
+    device = torch.device(device)
+    stages = [PipelineStage(part, stage, num_stages, device, group=group) for stage, part in parts]
+    cls = _SCHEDULES[schedule]
+    if cls is Schedule1F1B:
+        if len(stages) != 1:
+            raise ValueError(f"the 1f1b schedule runs one stage per rank, not {len(stages)}")
+        return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+def run_pipeline_step(schedule, parts: list[tuple[int, nn.Module]], tokens: torch.Tensor,
+                      labels: torch.Tensor, *, train: bool = True) -> list[torch.Tensor] | None:
+    """Forward (and, when training, backward) over one batch, split into microbatches along dim 0.
+
+    Returns the per-microbatch losses on the rank holding the last stage, None elsewhere. Every rank
+    of the pipeline group must call it with the same `train`.
+    """
+    args = (tokens,) if has_first_stage(parts) else ()
+    losses: list[torch.Tensor] | None = [] if has_last_stage(parts) else None
+    target = labels if losses is not None else None
+    if train:
+        schedule.step(*args, target=target, losses=losses, return_outputs=False)
+    else:
+        with torch.no_grad():
+            schedule.eval(*args, target=target, losses=losses, return_outputs=False)
+    return losses

@@ -1,0 +1,174 @@
+"""Pipeline parallelism: stage splitting, and each schedule against one process on the same model and batch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_mellama.config import parse_config
+from megatron_mellama.model.llama import Llama, build_model
+from megatron_mellama.parallel.pipeline import build_schedule, run_pipeline_step, split_into_stages
+
+SEED = 1234
+N_MICROBATCHES = 4
+MICRO_BATCH = 2
+
+
+def _model_config(num_layers=4):
+    return parse_config(["--model", "tiny", "--vocab-size", "128", "--seq-length", "16",
+                         "--num-layers", str(num_layers)]).model
+
+
+def _meta_model(cfg) -> Llama:
+    with torch.device("meta"):
+        return Llama(cfg)
+
+
+# ---- splitting ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pp,layers_per_vstage,schedule,expected", [
+    (2, None, "1f1b", [[0], [1]]),
+    (4, None, "1f1b", [[0], [1], [2], [3]]),
+    (2, 2, "interleaved-1f1b", [[0, 2], [1, 3]]),
+    (4, 1, "interleaved-1f1b", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+    (2, 1, "interleaved-1f1b", [[0, 2, 4, 6], [1, 3, 5, 7]]),
+    (2, None, "zero-bubble", [[0], [1]]),
+    (4, 1, "zero-bubble", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+])
+def test_split_partitions_layers_and_keeps_names(pp, layers_per_vstage, schedule, expected):
+    model = _meta_model(_model_config(num_layers=8))
+    full_names = {name for name, _ in model.named_parameters()}
+    num_stages = sum(len(s) for s in expected)
+    seen_names, seen_layers = [], []
+    for rank in range(pp):
+        parts = split_into_stages(model, rank, pp, layers_per_vstage, schedule)
+        assert [stage for stage, _ in parts] == expected[rank]
+        for stage, part in parts:
+            assert (part.embed_tokens is not None) == (stage == 0)
+            assert (part.norm is not None) == (part.lm_head is not None) == (stage == num_stages - 1)
+            layers = [int(i) for i in part.layers]
+            per_stage = 8 // num_stages
+            assert layers == list(range(stage * per_stage, (stage + 1) * per_stage))
+            seen_layers += layers
+            seen_names += [name for name, _ in part.named_parameters()]
+    assert sorted(seen_layers) == list(range(8))
+    assert len(seen_names) == len(set(seen_names)) and set(seen_names) == full_names
+    assert len(model.layers) == 8 and model.embed_tokens is not None  # the original is untouched
+
+
+@pytest.mark.parametrize("pp,layers_per_vstage,schedule", [
+    (2, None, "gpipe"),
+    (2, 2, "1f1b"),  # two stages per rank need an interleaved schedule
+    (4, 3, "interleaved-1f1b"),  # 8 layers do not split into stages of 3
+    (3, None, "1f1b"),  # 8 layers do not split into 3 stages
+])
+def test_split_rejects_impossible_layouts(pp, layers_per_vstage, schedule):
+    with pytest.raises(ValueError):
+        split_into_stages(_meta_model(_model_config(num_layers=8)), 0, pp, layers_per_vstage, schedule)
+
+
+# ---- schedules against one process -------------------------------------------------------------
+
+def _batch(cfg):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.padded_vocab_size, (N_MICROBATCHES * MICRO_BATCH, 16), generator=g)
+    labels = torch.randint(0, cfg.padded_vocab_size, tokens.shape, generator=g)
+    return tokens, labels
+
+
+def _loss_fn(num_tokens):
+    def loss_fn(logits, target):
+        # summed over the microbatch, over the global token count: the microbatch losses add up to the mean
+        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum") / num_tokens
+    return loss_fn
+
+
+def _reference(cfg):
+    model = build_model(cfg, seed=SEED)
+    tokens, labels = _batch(cfg)
+    loss_fn = _loss_fn(labels.numel())
+    total = 0.0
+    for t, l in zip(tokens.chunk(N_MICROBATCHES), labels.chunk(N_MICROBATCHES)):
+        loss = loss_fn(model(t), l)
+        loss.backward()
+        total += loss.item()
+    return total, {name: p.grad for name, p in model.named_parameters()}
+
+
+CASES = [
+    ("1f1b", None),
+    ("interleaved-1f1b", 1),  # 4 layers, 2 ranks: 2 virtual stages per rank
+    ("zero-bubble", None),
+    ("zero-bubble", 1),
+]
+
+
+def _run_case(rank, world_size, schedule, layers_per_vstage, path):
+    cfg = _model_config()
+    parts = split_into_stages(_meta_model(cfg), rank, world_size, layers_per_vstage, schedule)
+    for _, part in parts:
+        part.to_empty(device="cpu")
+        part.init_weights(SEED)
+    tokens, labels = _batch(cfg)
+    pipe = build_schedule(parts, torch.distributed.group.WORLD, "cpu", N_MICROBATCHES,
+                          _loss_fn(labels.numel()), schedule)
+    losses = run_pipeline_step(pipe, parts, tokens, labels)
+    grads = {name: p.grad.clone() for _, part in parts for name, p in part.named_parameters()}
+    # validation through the same schedule object: forward only, gradients untouched
+    eval_losses = run_pipeline_step(pipe, parts, tokens, labels, train=False)
+    for _, part in parts:
+        for name, p in part.named_parameters():
+            assert torch.equal(p.grad, grads[name]), name
+    torch.save(dict(losses=losses, eval_losses=eval_losses, grads=grads), path)
+
+
+def _worker(rank, world_size, port, out_dir):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=rank, world_size=world_size)
+    try:
+        # one pair of processes runs every case: starting processes costs more than the cases
+        for schedule, layers_per_vstage in CASES:
+            _run_case(rank, world_size, schedule, layers_per_vstage,
+                      os.path.join(out_dir, f"{schedule}-{layers_per_vstage}-rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pipeline_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _reference(_model_config())
+
+
+@pytest.mark.parametrize("schedule,layers_per_vstage", CASES)
+def test_schedule_matches_single_process(schedule, layers_per_vstage, pipeline_results, reference):
+    results = [torch.load(pipeline_results / f"{schedule}-{layers_per_vstage}-rank{r}.pt") for r in range(2)]
+    ref_loss, ref_grads = reference
+
+    # only the rank holding the last stage (rank 1 in the loop placement) sees the losses
+    assert results[0]["losses"] is None and results[0]["eval_losses"] is None
+    assert len(results[1]["losses"]) == N_MICROBATCHES
+    assert sum(l.item() for l in results[1]["losses"]) == pytest.approx(ref_loss, rel=1e-5)
+    assert sum(l.item() for l in results[1]["eval_losses"]) == pytest.approx(ref_loss, rel=1e-5)
+
+    names = [name for r in results for name in r["grads"]]
+    assert sorted(names) == sorted(ref_grads)
+    for r in results:
+        for name, grad in r["grads"].items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
