@@ -1,0 +1,197 @@
+"""One optimizer step over one global batch, for any TP x PP x DP layout.
+
+The model is built on the meta device, cut into pipeline stages, tensor-parallelised,
+checkpointed/compiled, initialised (every parameter from its name, so all layouts start equal),
+and wrapped for data parallelism. `step()` runs the micro-batches through the pipeline schedule
+(or a plain accumulation loop when PP = 1), reduces gradients, clips and steps AdamW.
+
+The loss is the token mean over the whole global batch: every micro-batch contributes its summed
+token loss divided by the token count of the global batch (all DP ranks together). Data-parallel
+reduction averages gradients, so the backward loss is multiplied by the DP size to make it a sum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from ..config import Config
+from ..model.llama import Llama, initial_value, rotary_tables
+from ..parallel.mesh import Meshes, ParallelDims
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class StepResult:
+    loss: float  # token mean over the global batch
+    grad_norm: float  # before clipping, over every shard of every stage
+    skipped: bool  # inf/NaN loss or gradients: no update was applied
+    lr: float
+
+
+def _local_value(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class Engine:
+    def __init__(self, cfg: Config, meshes: Meshes | None = None, device: str | torch.device = "cpu"):
+        from ..parallel.data import apply_data_parallel
+        from ..parallel.recompute import apply_activation_checkpointing, apply_compile
+        from ..parallel.pipeline import build_schedule, split_into_stages
+        from ..parallel.tensor import apply_tensor_parallel
+        from .optim import LossScaler, build_lr_scheduler, build_optimizer
+
+        self.cfg, self.meshes, self.device = cfg, meshes, torch.device(device)
+        p = cfg.parallel
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.dims = ParallelDims.from_config(cfg, world)
+        if self.dims.world_size > 1 and meshes is None:
+            raise ValueError("a multi-process layout needs the meshes (ParallelDims.build_mesh)")
+        self.pp_rank = meshes.pp.get_local_rank() if meshes else 0
+
+        with torch.device("meta"):
+            model = Llama(cfg.model)
+        if self.dims.pp > 1:
+            self.parts = split_into_stages(model, self.pp_rank, self.dims.pp, p.num_layers_per_virtual_pipeline_stage,
+                                           p.pipeline_schedule)
+        else:
+            self.parts = [(0, model)]
+        for _, part in self.parts:
+            if self.dims.tp > 1:
+                apply_tensor_parallel(part, meshes.tp, p.sequence_parallel)
+            if p.recompute_granularity:
+                apply_activation_checkpointing(part, p.recompute_granularity)
+            part.to_empty(device=self.device)
+            self._initialise(part)
+            if cfg.train.compile:
+                apply_compile(part)
+            if self.dims.dp > 1:
+                apply_data_parallel(part, meshes, p.data_parallel_sharding, param_dtype=None)
+        self.modules = [part for _, part in self.parts]
+
+        self.optimizer = build_optimizer(self.modules, cfg)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg)
+        self.scaler = LossScaler.from_config(cfg)
+        self.autocast_dtype = torch.bfloat16 if cfg.train.bf16 else torch.float16 if cfg.train.fp16 else None
+        self.schedule = None
+        if self.dims.pp > 1:
+            self.schedule = build_schedule(self.parts, meshes.pp, self.device, cfg.num_microbatches,
+                                           self._pipeline_loss, p.pipeline_schedule)
+        self._global_tokens = None
+
+    @torch.no_grad()
+    def _initialise(self, part: Llama) -> None:
+        m = self.cfg.model
+        cos, sin = rotary_tables(m.head_dim, m.max_position_embeddings, m.rotary_base, device=self.device)
+        part.rope_cos.copy_(cos)
+        part.rope_sin.copy_(sin)
+        seed = self.cfg.train.seed
+        for name, param in part.named_parameters():
+            if isinstance(param, DTensor):
+                full = initial_value(m, name, tuple(param.shape), seed).to(self.device)
+                # every rank computes the same full value: no communication needed
+                param.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None))
+            else:
+                param.copy_(initial_value(m, name, tuple(param.shape), seed))
+
+    # -- loss ---------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _loss_context(self):
+        return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
+
+    def _summed_loss(self, logits, labels):
+        """Summed token loss of a micro-batch over the global token count, times DP (see module doc)."""
+        total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="sum")
+        return total * (self.dims.dp / self._global_tokens)
+
+    def _pipeline_loss(self, logits, labels):
+        with self._loss_context():
+            return self.scaler.scale(self._summed_loss(logits, labels))
+
+    # -- one step -----------------------------------------------------------------------------
+    def step(self, micro_batches: list[dict]) -> StepResult:
+        """One optimizer step over this DP rank's micro-batches of one global batch."""
+        labels = [mb["labels"].masked_fill(mb["loss_mask"] == 0, IGNORE_INDEX) for mb in micro_batches]
+        tokens = [mb["tokens"] for mb in micro_batches]
+        local_tokens = torch.tensor(float(sum((l != IGNORE_INDEX).sum().item() for l in labels)))
+        self._global_tokens = self._dp_sum(local_tokens).item()
+
+        if self.schedule is None:
+            loss = self._accumulate(tokens, labels)
+        else:
+            loss = self._pipeline(tokens, labels)
+        loss = self._dp_sum(torch.tensor(loss)).item()
+
+        from .optim import clip_grad_norm_
+
+        params = [q for m in self.modules for q in m.parameters()]
+        self.scaler.unscale_(params)
+        pp_group = self.meshes.pp.get_group() if self.dims.pp > 1 else None
+        grad_norm = clip_grad_norm_(params, self.cfg.optim.clip_grad, pp_group=pp_group)
+        grad_norm = float(grad_norm)
+        skipped = not (torch.isfinite(torch.tensor(grad_norm)) and torch.isfinite(torch.tensor(loss)))
+        self.scaler.update(found_inf=skipped)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not skipped:
+            self.optimizer.step()
+            self.scheduler.step(self.cfg.train.global_batch_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped, lr=lr)
+
+    def _accumulate(self, tokens, labels) -> float:
+        from ..parallel.data import set_gradient_sync
+
+        model = self.modules[0]
+        total = 0.0
+        for i, (t, l) in enumerate(zip(tokens, labels)):
+            if self.dims.dp > 1:
+                set_gradient_sync(model, i == len(tokens) - 1)
+            with self._autocast():
+                logits = model(t.to(self.device))
+            with self._loss_context():
+                loss = self._summed_loss(logits, l.to(self.device))
+                self.scaler.scale(loss).backward()
+            total += _local_value(loss).item()
+        return total / self.dims.dp  # back from the DP-scaled backward loss to this rank's share
+
+    def _pipeline(self, tokens, labels) -> float:
+        from ..parallel.pipeline import run_pipeline_step
+
+        with self._autocast():
+            losses = run_pipeline_step(self.schedule, self.parts, torch.cat(tokens).to(self.device),
+                                       torch.cat(labels).to(self.device))
+        last_stage_total = torch.zeros(())
+        if losses is not None:
+            unscaled = sum(_local_value(x).item() for x in losses) / self.scaler.loss_scale
+            last_stage_total = torch.tensor(unscaled / self.dims.dp)
+        # the loss lives on the last stage; every rank reports it
+        dist.all_reduce(last_stage_total, group=self.meshes.pp.get_group())
+        return last_stage_total.item()
+
+    def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.dims.dp > 1:
+            value = value.clone()
+            dist.all_reduce(value, group=self.meshes.dp.get_group())
+        return value
+
+    # -- inspection -----------------------------------------------------------------------------
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter of this rank's parts as full (unsharded) CPU tensors, by full-model name."""
+        out = {}
+        for m in self.modules:
+            for name, param in m.named_parameters():
+                out[name] = _local_value(param.detach()).cpu().clone()
+        return out
