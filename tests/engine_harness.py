@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -80,9 +81,13 @@ def _worker(rank: int, world: int, port: int, argv: list, steps: int, out_dir: s
         result = run_steps(cfg, engine, steps, coords["dp"], dims.dp)
         result["coords"] = coords
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    except BaseException:
+        # a failed rank would leave the others waiting in a collective: say why and end them all
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_distributed(argv: list, world: int, steps: int, out_dir: str) -> list[dict]:

@@ -118,8 +118,7 @@ class Engine:
         return total * (self.dims.dp / self._global_tokens)
 
     def _pipeline_loss(self, logits, labels):
-        with self._loss_context():
-            return self.scaler.scale(self._summed_loss(logits, labels))
+        return self.scaler.scale(self._summed_loss(logits, labels))
 
     # -- one step -----------------------------------------------------------------------------
     def step(self, micro_batches: list[dict]) -> StepResult:
@@ -170,7 +169,9 @@ class Engine:
     def _pipeline(self, tokens, labels) -> float:
         from ..parallel.pipeline import run_pipeline_step
 
-        with self._autocast():
+        # the schedule runs the loss's backward itself: the vocabulary-parallel loss context must
+        # cover the whole step, not only the loss function
+        with self._autocast(), self._loss_context():
             losses = run_pipeline_step(self.schedule, self.parts, torch.cat(tokens).to(self.device),
                                        torch.cat(labels).to(self.device))
         last_stage_total = torch.zeros(())

@@ -37,7 +37,8 @@ def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tens
     for g in grads:
         if isinstance(g, DTensor):
             g = _materialize_partial(g)
-            dims = tuple(i for i, p in enumerate(g.placements) if p.is_shard())
+            # not `is_shard()`: FSDP2 over a tensor-parallel dim uses _StridedShard, which says False
+            dims = tuple(i for i, p in enumerate(g.placements) if not p.is_replicate())
             local = g.to_local().float().square().sum()
             if dims:
                 key = (g.device_mesh, dims)
