@@ -69,7 +69,8 @@ class ParallelConfig:
         "1f1b", "pipeline schedule; interleaved-1f1b is chosen when virtual stages are set",
         choices=PIPELINE_SCHEDULES)
     data_parallel_sharding: str = opt(
-        "none", "data-parallel sharding: none (DDP), optimizer (ZeRO-2: grads and optimizer state sharded), full (ZeRO-3 / FSDP2)", choices=DP_SHARDING)
+        "none", "data-parallel sharding: none (DDP), optimizer (ZeRO-2: grads and optimizer state "
+        "sharded), full (ZeRO-3: parameters too)", choices=DP_SHARDING)
     data_parallel_replicate_size: int = opt(1, "HSDP: replicas across which fully sharded groups are copied")
     use_distributed_optimizer: bool = opt(False, "Megatron's name for --data-parallel-sharding optimizer")
     recompute_granularity: Optional[str] = opt(

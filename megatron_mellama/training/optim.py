@@ -7,6 +7,7 @@ gradient clipping and loss scaling live in their own modules and are re-exported
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch import nn
 
 from ..config import Config
@@ -51,8 +52,12 @@ def build_optimizer(model_parts: list[nn.Module], cfg: Config) -> torch.optim.Ad
     groups = param_groups(model_parts, o.weight_decay)
     if not any(g["params"] for g in groups):
         raise ValueError("build_optimizer: the model parts have no trainable parameters")
+    params = [p for g in groups for p in g["params"]]
+    # the fused kernel (one pass over all tensors, CPU and GPU) where it applies; DTensors take the
+    # multi-tensor path, which handles their placements
+    fused = not any(isinstance(p, DTensor) for p in params)
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-                             weight_decay=o.weight_decay)
+                             weight_decay=o.weight_decay, fused=fused or None, foreach=None if fused else True)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> LRScheduler:
