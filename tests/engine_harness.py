@@ -42,12 +42,14 @@ def micro_batches_of(batch: dict, cfg, dp_rank: int, dp_size: int) -> list[dict]
 
 def run_steps(cfg, engine, steps: int, dp_rank: int = 0, dp_size: int = 1) -> dict:
     losses, norms, skipped = [], [], []
-    for batch in global_batches(cfg, steps):
+    batches = global_batches(cfg, steps)
+    for batch in batches:
         result = engine.step(micro_batches_of(batch, cfg, dp_rank, dp_size))
         losses.append(result.loss)
         norms.append(result.grad_norm)
         skipped.append(result.skipped)
-    return dict(losses=losses, grad_norms=norms, skipped=skipped, params=engine.full_state())
+    eval_loss = engine.evaluate(micro_batches_of(batches[0], cfg, dp_rank, dp_size))
+    return dict(losses=losses, grad_norms=norms, skipped=skipped, eval_loss=eval_loss, params=engine.full_state())
 
 
 def reference(argv: list, steps: int) -> dict:

@@ -40,6 +40,7 @@ def assert_matches(results, ref, rtol):
         for got, want in zip(r["grad_norms"], ref["grad_norms"]):
             assert _rel(got, want) <= rtol, (r["coords"], r["grad_norms"], ref["grad_norms"])
         assert not any(r["skipped"])
+        assert _rel(r["eval_loss"], ref["eval_loss"]) <= rtol
     params = merged_params(results)
     assert set(params) == set(ref["params"])
     for name, want in ref["params"].items():

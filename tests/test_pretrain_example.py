@@ -1,55 +1,70 @@
-"""The built-in example of `megatron_mellama.pretrain` and its command line."""
+"""`megatron_mellama.pretrain`: the training run on mock and blended data, the built-in example,
+and its command line."""
 
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from indexed_corpus import write_domains
-from megatron_mellama.pretrain import load_run_config, main, run_example
+from megatron_mellama.pretrain import load_run_config, main
+from megatron_mellama.training.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def test_example_runs_forward_and_backward(capsys):
+def test_mock_data_training_lowers_the_loss(capsys):
     cfg = load_run_config(["--model", "tiny", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
-                           "--seq-length", "32", "--vocab-size", "1000"])
-    result = run_example(cfg)
+                           "--seq-length", "32", "--vocab-size", "256", "--train-iters", "12", "--lr", "3e-3",
+                           "--eval-iters", "1", "--eval-interval", "6", "--log-interval", "4"])
+    history = train(cfg)
     out = capsys.readouterr().out
-    assert result["num_microbatches"] == 2
-    # random tokens, untrained model: the loss is near ln(vocab)
-    assert abs(result["lm_loss"] - math.log(1000)) < 0.5
-    assert result["grad_norm"] > 0 and math.isfinite(result["grad_norm"])
-    assert "lm loss" in out and "parameters" in out
+    assert len(history["losses"]) == 12
+    # untrained on 256 tokens: the first loss is near ln(256); megatron-core's mock data is learnable
+    assert abs(history["losses"][0] - math.log(256)) < 0.5
+    assert history["losses"][-1] < history["losses"][0] - 0.5
+    assert [v["iteration"] for v in history["validation"]] == [6, 12]
+    assert "consumed samples        48" in out and "lm loss validation" in out
 
 
-def test_example_bf16(capsys):
-    assert main(["--model", "tiny", "--mock-data", "--bf16", "--seq-length", "16", "--vocab-size", "100"]) == 0
-    assert "lm loss" in capsys.readouterr().out
-
-
-def test_example_on_the_15_1_4_blend_reports_each_domain(tmp_path, sentencepiece_model, capsys):
+def test_blended_training_reports_each_domain(tmp_path, sentencepiece_model, capsys):
     prefixes = write_domains(tmp_path, num_docs=300)
     argv = ["--model", "tiny", "--tokenizer-model", sentencepiece_model, "--seq-length", "32",
-            "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-iters", "1",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-iters", "1", "--train-iters", "2",
             "--data-path", "15", prefixes["bio"], "1", prefixes["clin"], "4", prefixes["gen"],
             "--split", "90,8,2", "--data-cache-path", str(tmp_path / "cache")]
-    result = run_example(load_run_config(argv))
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert set(result["validation"]) == {"bio", "clin", "gen"}
-    # vocabulary from the tokenizer (400), untrained model: every loss near ln(400)
-    for loss in [result["lm_loss"], *result["validation"].values()]:
-        assert abs(loss - math.log(400)) < 0.5
-    assert "lm loss validation/clin" in out and "vocab 400" in out
+    for name in ("bio", "clin", "gen"):
+        assert f"lm loss validation/{name}" in out
+    assert "lm loss validation " in out  # the blended validation set as well
+    assert "vocab 400" in out  # from the tokenizer
 
 
-def test_missing_data_and_multi_process_are_refused_clearly(tmp_path, sentencepiece_model, capsys, monkeypatch):
+def test_missing_inputs_are_refused_clearly(tmp_path, sentencepiece_model, capsys):
     missing = str(tmp_path / "nothing_text_document")
-    assert main(["--model", "tiny", "--data-path", missing, "--tokenizer-model", sentencepiece_model]) == 2
+    assert main(["--model", "tiny", "--data-path", missing, "--tokenizer-model", sentencepiece_model,
+                 "--train-iters", "1"]) == 2
     err = capsys.readouterr().err
     assert "--data-path" in err and missing in err and err.count("\n") == 1
-    assert main(["--model", "tiny"]) == 2
+    assert main(["--model", "tiny", "--train-iters", "1"]) == 2
     assert "--mock-data" in capsys.readouterr().err
-    monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["--model", "tiny", "--mock-data"]) == 2
-    assert "WORLD_SIZE=2" in capsys.readouterr().err
+    assert "--train-iters" in capsys.readouterr().err
+    assert main(["--model", "tiny", "--mock-data", "--train-iters", "1", "--save", "ckpt"]) == 2
+    assert "--save" in capsys.readouterr().err
+
+
+def test_quickstart_trains_with_tp2_pp2_on_four_processes():
+    env = dict(os.environ, NPROC="4")
+    proc = subprocess.run(["bash", str(REPO / "examples" / "quickstart.sh"), "--train-iters", "10",
+                           "--eval-interval", "10"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("iteration")]
+    losses = [float(line.split("lm loss ")[1].split()[0]) for line in lines]
+    assert len(lines) >= 3 and losses[-1] < losses[0]
+    assert "TP 2 x PP 2 x DP 1" in proc.stdout and "lm loss validation" in proc.stdout
 
 
 def test_help():

@@ -121,18 +121,31 @@ class Engine:
         return self.scaler.scale(self._summed_loss(logits, labels))
 
     # -- one step -----------------------------------------------------------------------------
-    def step(self, micro_batches: list[dict]) -> StepResult:
-        """One optimizer step over this DP rank's micro-batches of one global batch."""
+    def _global_batch_loss(self, micro_batches: list[dict], train: bool) -> float:
+        """Forward (and backward when training) over one global batch; its token-mean loss."""
         labels = [mb["labels"].masked_fill(mb["loss_mask"] == 0, IGNORE_INDEX) for mb in micro_batches]
         tokens = [mb["tokens"] for mb in micro_batches]
-        local_tokens = torch.tensor(float(sum((l != IGNORE_INDEX).sum().item() for l in labels)))
+        local_tokens = torch.tensor(float(sum((lab != IGNORE_INDEX).sum().item() for lab in labels)))
         self._global_tokens = self._dp_sum(local_tokens).item()
-
         if self.schedule is None:
-            loss = self._accumulate(tokens, labels)
+            loss = self._accumulate(tokens, labels, train)
         else:
-            loss = self._pipeline(tokens, labels)
-        loss = self._dp_sum(torch.tensor(loss)).item()
+            loss = self._pipeline(tokens, labels, train)
+        return self._dp_sum(torch.tensor(loss)).item()
+
+    def evaluate(self, micro_batches: list[dict]) -> float:
+        """The token-mean loss of one global batch, without gradients or an update."""
+        for m in self.modules:
+            m.eval()
+        try:
+            return self._global_batch_loss(micro_batches, train=False)
+        finally:
+            for m in self.modules:
+                m.train()
+
+    def step(self, micro_batches: list[dict]) -> StepResult:
+        """One optimizer step over this DP rank's micro-batches of one global batch."""
+        loss = self._global_batch_loss(micro_batches, train=True)
 
         from .optim import clip_grad_norm_
 
@@ -150,30 +163,31 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped, lr=lr)
 
-    def _accumulate(self, tokens, labels) -> float:
+    def _accumulate(self, tokens, labels, train: bool) -> float:
         from ..parallel.data import set_gradient_sync
 
         model = self.modules[0]
         total = 0.0
-        for i, (t, l) in enumerate(zip(tokens, labels)):
-            if self.dims.dp > 1:
+        for i, (t, lab) in enumerate(zip(tokens, labels)):
+            if self.dims.dp > 1 and train:
                 set_gradient_sync(model, i == len(tokens) - 1)
-            with self._autocast():
+            with torch.set_grad_enabled(train), self._autocast():
                 logits = model(t.to(self.device))
-            with self._loss_context():
-                loss = self._summed_loss(logits, l.to(self.device))
-                self.scaler.scale(loss).backward()
+            with torch.set_grad_enabled(train), self._loss_context():
+                loss = self._summed_loss(logits, lab.to(self.device))
+                if train:
+                    self.scaler.scale(loss).backward()
             total += _local_value(loss).item()
         return total / self.dims.dp  # back from the DP-scaled backward loss to this rank's share
 
-    def _pipeline(self, tokens, labels) -> float:
+    def _pipeline(self, tokens, labels, train: bool) -> float:
         from ..parallel.pipeline import run_pipeline_step
 
         # the schedule runs the loss's backward itself: the vocabulary-parallel loss context must
         # cover the whole step, not only the loss function
         with self._autocast(), self._loss_context():
             losses = run_pipeline_step(self.schedule, self.parts, torch.cat(tokens).to(self.device),
-                                       torch.cat(labels).to(self.device))
+                                       torch.cat(labels).to(self.device), train=train)
         last_stage_total = torch.zeros(())
         if losses is not None:
             unscaled = sum(_local_value(x).item() for x in losses) / self.scaler.loss_scale
