@@ -128,6 +128,9 @@ INVALID = [
      "--sequence-parallel"),
     (["--model", "tiny", "--data-parallel-replicate-size", "2"], "--data-parallel-replicate-size"),
     (["--model", "tiny", "--config", "/nonexistent/run.yaml"], "--config"),
+    (["--model", "tiny", "--lr-decay-style", "WSD"], "--lr-wsd-decay-iters"),
+    (["--model", "tiny", "--train-iters", "10", "--lr-warmup-samples", "5"], "--lr-warmup-samples"),
+    (["--model", "tiny", "--train-samples", "100", "--lr-decay-iters", "5"], "--lr-decay-iters"),
 ]
 
 
@@ -140,6 +143,19 @@ def test_invalid_configuration_is_one_line_naming_the_flag(argv, flag, capsys):
     assert pretrain_main(argv) == 2
     err_text = capsys.readouterr().err
     assert err_text.count("\n") == 1 and flag in err_text and "Traceback" not in err_text
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--pipeline-model-parallel-size", "2", "--global-batch-size", "1"], "--global-batch-size"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+      "--global-batch-size", "3"], "--global-batch-size"),
+    (["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "zero-bubble", "--global-batch-size", "2",
+      "--compile"], "--compile"),
+])
+def test_pipeline_batch_checks(argv, flag):
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--model", "tiny"] + argv, world_size=2)
+    assert flag in str(err.value) and "\n" not in str(err.value)
 
 
 def test_world_size_must_be_a_multiple_of_model_parallel_size():

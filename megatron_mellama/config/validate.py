@@ -101,6 +101,18 @@ def validate_training(cfg: Config) -> None:
     _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
              f"--global-batch-size {t.global_batch_size} must be a multiple of --micro-batch-size "
              f"{t.micro_batch_size} x data-parallel size {dp}")
+    p = cfg.parallel
+    micro = t.global_batch_size // (t.micro_batch_size * dp)
+    if p.pipeline_model_parallel_size > 1:
+        pp = p.pipeline_model_parallel_size
+        _require(micro >= pp, f"--global-batch-size {t.global_batch_size} gives {micro} micro-batches per pipeline, "
+                              f"fewer than --pipeline-model-parallel-size {pp}: the pipeline could never fill")
+        if p.pipeline_schedule != "1f1b":
+            _require(micro % pp == 0, f"--pipeline-schedule {p.pipeline_schedule}: the {micro} micro-batches per "
+                                      f"step (--global-batch-size) must be a multiple of "
+                                      f"--pipeline-model-parallel-size {pp}")
+        _require(not (t.compile and p.pipeline_schedule == "zero-bubble"),
+                 "--compile does not work with --pipeline-schedule zero-bubble (torch refuses compiled stages)")
     _require(not (t.bf16 and t.fp16), "--bf16 and --fp16 exclude each other")
     _require(not (t.train_iters is not None and t.train_samples is not None),
              "give --train-iters or --train-samples, not both")
@@ -120,6 +132,18 @@ def validate_training(cfg: Config) -> None:
         _require(o.lr_warmup_iters == 0 and o.lr_warmup_samples == 0,
                  "--lr-warmup-fraction excludes --lr-warmup-iters and --lr-warmup-samples")
     _require(o.lr_warmup_iters >= 0, f"--lr-warmup-iters must not be negative, got {o.lr_warmup_iters}")
+    if o.lr_decay_style == "WSD":
+        _require(o.lr_wsd_decay_iters is not None, "--lr-decay-style WSD needs --lr-wsd-decay-iters")
+    # Megatron-LM's rule: the schedule counts in the unit the run length is given in
+    if t.train_samples is not None:
+        for flag, given in (("--lr-decay-iters", o.lr_decay_iters is not None), ("--lr-warmup-iters", o.lr_warmup_iters)):
+            _require(not given, f"{flag} with --train-samples: the schedule counts samples here "
+                                f"(use {flag.replace('iters', 'samples')})")
+    elif t.train_iters is not None:
+        for flag, given in (("--lr-decay-samples", o.lr_decay_samples is not None),
+                            ("--lr-warmup-samples", o.lr_warmup_samples)):
+            _require(not given, f"{flag} with --train-iters: the schedule counts iterations here "
+                                f"(use {flag.replace('samples', 'iters')})")
     _require(o.weight_decay >= 0, f"--weight-decay must not be negative, got {o.weight_decay}")
     for flag, beta in (("--adam-beta1", o.adam_beta1), ("--adam-beta2", o.adam_beta2)):
         _require(0 <= beta < 1, f"{flag} must lie in [0, 1), got {beta}")
