@@ -19,6 +19,7 @@ setup(
         # megatron-core's datasets: the .bin/.idx format, GPTDataset, blending, compiled helpers
         "megatron-core>=0.16,<0.17",
         "nltk",
+        "tensorboard",
         "packaging",
     ],
     extras_require={
