@@ -1,0 +1,207 @@
+"""Training metrics: a Megatron-style console line, TensorBoard scalars and a JSONL file.
+
+Only global rank 0 writes anything. TensorBoard tags are Megatron-LM's (`lm loss`, `learning-rate`,
+`grad-norm`, `throughput`, `lm loss validation`, ... and their `... vs samples` twins stepped by
+consumed samples), so existing dashboards and comparison scripts keep working.
+
+Throughput follows Megatron: `throughput` is model TFLOP/s per device (FLOPs from the shape, see
+`model/flops.py`), MFU divides it by the device's dense bf16 peak. MFU is logged in percent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import torch
+
+from ..model.flops import training_flops_per_token
+
+GIB = 2 ** 30
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched as substrings of the CUDA device
+# name in this order, so the more specific names come first.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("H800", 989.0),
+    ("H20", 148.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+)
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, or None where it is unknown (CPU, unlisted GPUs)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def memory_gib(device: torch.device) -> dict[str, float]:
+    """Peak memory so far: CUDA max allocated/reserved, or the process's peak RSS on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"max_allocated": torch.cuda.max_memory_allocated(device) / GIB,
+                "max_reserved": torch.cuda.max_memory_reserved(device) / GIB}
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return {}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in KiB on Linux but in bytes on macOS
+    return {"max_rss": peak / GIB if sys.platform == "darwin" else peak / 2 ** 20}
+
+
+def perplexity(loss: float) -> float:
+    # capped so an early or diverged loss does not overflow to inf
+    return math.exp(min(loss, 20.0))
+
+
+def _finite_or_none(value):
+    # strict JSON has no NaN/Infinity; a skipped step's loss is recorded as null
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLogger:
+    def __init__(self, cfg, rank: int, world_size: int, device):
+        self.cfg, self.rank, self.world_size = cfg, rank, max(world_size, 1)
+        self.device = torch.device(device)
+        self.flops_per_token = training_flops_per_token(cfg.model, cfg.seq_length)
+        self.peak = peak_tflops(self.device)
+        t = cfg.train
+        self.total_iters = t.train_iters if t.train_iters is not None else t.train_samples // t.global_batch_size
+        self._writer = None
+        self._log_file = None
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    # -- sinks ----------------------------------------------------------------------------------
+    def _tensorboard(self):
+        if self._writer is None and self.cfg.logging.tensorboard_dir:
+            # imported lazily: tensorboard is slow to import and only rank 0 needs it
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.cfg.logging.tensorboard_dir)
+        return self._writer
+
+    def _scalars(self, values: dict[str, float], iteration: int, consumed_samples: int,
+                 vs_samples: tuple[str, ...] = ()) -> None:
+        writer = self._tensorboard()
+        if writer is None:
+            return
+        for tag, value in values.items():
+            writer.add_scalar(tag, value, iteration)
+            if tag in vs_samples:
+                writer.add_scalar(f"{tag} vs samples", value, consumed_samples)
+        # flushed at every log so a preempted run keeps its curves up to the last log
+        writer.flush()
+
+    def _json(self, record: dict) -> None:
+        path = self.cfg.logging.log_file
+        if not path:
+            return
+        if self._log_file is None:
+            self._log_file = open(path, "a", encoding="utf-8")
+        record = {k: _finite_or_none(v) for k, v in record.items()}
+        self._log_file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._log_file.flush()
+
+    # -- training -------------------------------------------------------------------------------
+    def log_train(self, iteration: int, consumed_samples: int, result, elapsed_seconds_since_last_log: float,
+                  steps_since_last_log: int, skipped_total: int, loss_scale: float | None = None) -> dict:
+        """Log one training iteration; returns the computed metrics (on every rank)."""
+        steps = max(steps_since_last_log, 1)
+        elapsed = max(elapsed_seconds_since_last_log, 1e-9)
+        batch = self.cfg.train.global_batch_size
+        tokens_per_sec = batch * self.cfg.seq_length * steps / elapsed
+        tflops = tokens_per_sec * self.flops_per_token / self.world_size / 1e12
+        mfu = 100.0 * tflops / self.peak if self.peak else None
+        memory = memory_gib(self.device)
+        metrics = dict(iteration=iteration, consumed_samples=consumed_samples, lm_loss=float(result.loss),
+                       lr=float(result.lr), grad_norm=float(result.grad_norm), skipped=bool(result.skipped),
+                       skipped_total=skipped_total, tokens_per_sec=tokens_per_sec, tflops_per_device=tflops,
+                       mfu=mfu, memory_gib=next(iter(memory.values()), None), iteration_time_s=elapsed / steps,
+                       time=time.time())
+        if not self.is_writer:
+            return metrics
+
+        print(self._train_line(metrics, batch, memory, loss_scale), flush=True)
+        scalars = {"lm loss": metrics["lm_loss"], "learning-rate": metrics["lr"],
+                   "grad-norm": metrics["grad_norm"], "batch-size": batch,
+                   "iteration-time": metrics["iteration_time_s"], "throughput": tflops,
+                   "tokens-per-sec": tokens_per_sec}
+        if loss_scale is not None:
+            scalars["loss-scale"] = loss_scale
+        if mfu is not None:
+            scalars["mfu"] = mfu
+        if metrics["memory_gib"] is not None:
+            scalars["memory"] = metrics["memory_gib"]
+        self._scalars(scalars, iteration, consumed_samples, vs_samples=("lm loss", "learning-rate"))
+        self._json(metrics)
+        return metrics
+
+    def _train_line(self, m: dict, batch: int, memory: dict, loss_scale) -> str:
+        width = len(str(self.total_iters))
+        parts = [f" iteration {m['iteration']:>{max(width, 8)}}/{self.total_iters:>{max(width, 8)}}",
+                 f"consumed samples: {m['consumed_samples']:>12}",
+                 f"elapsed time per iteration (ms): {m['iteration_time_s'] * 1000:.1f}",
+                 f"learning rate: {m['lr']:.6E}",
+                 f"global batch size: {batch:>5}",
+                 f"lm loss: {m['lm_loss']:.6E}"]
+        if loss_scale is not None:
+            parts.append(f"loss scale: {loss_scale:.1f}")
+        parts += [f"grad norm: {m['grad_norm']:.3f}",
+                  f"number of skipped iterations: {m['skipped_total']:>3}",
+                  f"tokens/s: {m['tokens_per_sec']:,.0f}",
+                  f"TFLOP/s per device: {m['tflops_per_device']:.2f}",
+                  "MFU: n/a" if m["mfu"] is None else f"MFU: {m['mfu']:.1f}%",
+                  "memory (GiB): " + (", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in memory.items())
+                                      or "n/a")]
+        return " | ".join(parts) + " |"
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def log_eval(self, iteration: int, consumed_samples: int, losses: dict[str, float]) -> None:
+        """Log validation losses: "all" is the blended set, other keys are domain names."""
+        if not self.is_writer:
+            return
+        evals = {name: {"lm_loss": float(loss), "ppl": perplexity(loss)} for name, loss in losses.items()}
+        parts = []
+        for name, e in evals.items():
+            prefix = "lm loss" if name == "all" else f"{name} lm loss"
+            parts.append(f"{prefix} value: {e['lm_loss']:.6E} | {prefix} PPL: {e['ppl']:.6E}")
+        line = f" validation loss at iteration {iteration} | " + " | ".join(parts) + " |"
+        rule = "-" * len(line)
+        print(f"{rule}\n{line}\n{rule}", flush=True)
+
+        scalars = {}
+        for name, e in evals.items():
+            suffix = "" if name == "all" else f"/{name}"
+            scalars[f"lm loss validation{suffix}"] = e["lm_loss"]
+            scalars[f"lm loss validation ppl{suffix}"] = e["ppl"]
+        self._scalars(scalars, iteration, consumed_samples, vs_samples=tuple(scalars))
+        self._json({"iteration": iteration, "consumed_samples": consumed_samples,
+                    "eval": {name: {k: _finite_or_none(v) for k, v in e.items()} for name, e in evals.items()},
+                    "time": time.time()})
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None

@@ -1,0 +1,107 @@
+"""When to stop: preemption signals, `--exit-interval`, `--exit-duration-in-mins`, and runs of
+skipped (inf/NaN) steps.
+
+SLURM (and most schedulers) send SIGTERM, or SIGUSR1 with `--signal=USR1@<secs>`, some time before
+killing a job. The handler only raises a flag; the loop asks `should_stop(iteration)` at each step
+boundary, where a checkpoint can be written safely. Any rank may see a signal or the time limit
+first, so the decision is a MAX all-reduce: every rank stops, and saves, at the same iteration.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+# SIGUSR1 does not exist on Windows
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+_SIGNAL, _INTERVAL, _DURATION = range(3)
+
+
+class RunControl:
+    def __init__(self, cfg, install_handlers: bool = True):
+        self.exit_interval = cfg.train.exit_interval
+        self.exit_duration_in_mins = cfg.train.exit_duration_in_mins
+        self.max_skipped_steps = cfg.train.max_skipped_steps
+        self.start = time.monotonic()
+        self.received_signal: int | None = None
+        self.consecutive_skipped = 0
+        self._previous_handlers = {}
+        if install_handlers:
+            self.install_handlers()
+
+    # -- signals --------------------------------------------------------------------------------
+    def _handle(self, signum, frame) -> None:
+        # Only a flag: raising here would unwind from an arbitrary point of the step (possibly
+        # inside a collective, leaving other ranks hanging), and printing can fail with a
+        # reentrant-call error if the signal lands while the main thread writes to stdout.
+        self.received_signal = signum
+
+    def install_handlers(self) -> None:
+        # Python only lets the main thread install handlers; elsewhere (a test runner's worker
+        # thread, say) the run simply cannot be preempted gracefully.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in STOP_SIGNALS:
+            if sig not in self._previous_handlers:
+                self._previous_handlers[sig] = signal.signal(sig, self._handle)
+
+    def restore_handlers(self) -> None:
+        for sig, previous in self._previous_handlers.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
+
+    def __enter__(self) -> "RunControl":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore_handlers()
+
+    # -- exit conditions ------------------------------------------------------------------------
+    def _local_flags(self, iteration: int) -> list[int]:
+        flags = [0, 0, 0]
+        flags[_SIGNAL] = int(self.received_signal is not None)
+        flags[_INTERVAL] = int(bool(self.exit_interval) and iteration % self.exit_interval == 0)
+        if self.exit_duration_in_mins is not None:
+            flags[_DURATION] = int((time.monotonic() - self.start) / 60.0 > self.exit_duration_in_mins)
+        return flags
+
+    def should_stop(self, iteration: int) -> tuple[bool, str, bool]:
+        """(stop, reason, save) after `iteration`; the same answer on every rank.
+
+        A collective when torch.distributed is initialised: every rank must call it at every
+        iteration.
+        """
+        flags = torch.tensor(self._local_flags(iteration), dtype=torch.int32)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # NCCL reduces only CUDA tensors; gloo (and mixed cpu:gloo,cuda:nccl) reduces CPU ones
+            if dist.get_backend() == "nccl":
+                flags = flags.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags = flags.cpu()
+        if flags[_SIGNAL]:
+            name = signal.Signals(self.received_signal).name if self.received_signal else "a signal on another rank"
+            return True, f"received {name}: saving and exiting at iteration {iteration}", True
+        if flags[_INTERVAL]:
+            return True, f"exit interval {self.exit_interval} reached at iteration {iteration}", True
+        if flags[_DURATION]:
+            return True, (f"exit duration of {self.exit_duration_in_mins} minutes reached at "
+                          f"iteration {iteration}"), True
+        return False, "", False
+
+    # -- skipped steps --------------------------------------------------------------------------
+    def record_step(self, skipped: bool) -> None:
+        # The engine decides `skipped` from the global loss and gradient norm, so every rank
+        # counts the same run and no reduction is needed.
+        self.consecutive_skipped = self.consecutive_skipped + 1 if skipped else 0
+
+    def too_many_skipped(self) -> str | None:
+        k = self.max_skipped_steps
+        if k and self.consecutive_skipped >= k:
+            return (f"{self.consecutive_skipped} consecutive iterations were skipped (inf/NaN loss or gradients); "
+                    f"--max-skipped-steps is {k}")
+        return None

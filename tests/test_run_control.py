@@ -1,0 +1,120 @@
+"""RunControl: preemption signals, exit interval and duration, consecutive skipped steps, and the
+cross-rank agreement on when to stop."""
+
+import os
+import signal
+import socket
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megatron_mellama.config import parse_config
+from megatron_mellama.training import run_control
+from megatron_mellama.training.run_control import RunControl
+
+
+def _cfg(*flags):
+    return parse_config(["--model", "tiny", "--vocab-size", "128", "--seq-length", "16", "--train-iters", "100",
+                         *flags])
+
+
+@pytest.fixture
+def control():
+    made = []
+
+    def make(*flags):
+        made.append(RunControl(_cfg(*flags)))
+        return made[-1]
+
+    yield make
+    for rc in made:
+        rc.restore_handlers()
+
+
+def test_nothing_set_never_stops(control):
+    rc = control()
+    assert all(rc.should_stop(i) == (False, "", False) for i in range(1, 50))
+    assert rc.too_many_skipped() is None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_sets_flag_without_killing(control, sig):
+    rc = control()
+    assert rc.should_stop(1)[0] is False
+    os.kill(os.getpid(), sig)  # the handler runs before the next bytecode of the main thread
+    stop, reason, save = rc.should_stop(2)
+    assert (stop, save) == (True, True)
+    assert sig.name in reason
+
+
+def test_restore_handlers_puts_back_the_previous_ones():
+    before = signal.getsignal(signal.SIGTERM)
+    with RunControl(_cfg()) as rc:
+        assert signal.getsignal(signal.SIGTERM) == rc._handle
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_exit_interval(control):
+    rc = control("--exit-interval", "5")
+    stops = [i for i in range(1, 16) if rc.should_stop(i)[0]]
+    assert stops == [5, 10, 15]
+    stop, reason, save = rc.should_stop(5)
+    assert save and "exit interval" in reason
+
+
+def test_exit_duration(control, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(run_control.time, "monotonic", lambda: now[0])
+    rc = control("--exit-duration-in-mins", "2")
+    now[0] += 119.0
+    assert rc.should_stop(1)[0] is False
+    now[0] += 2.0
+    stop, reason, save = rc.should_stop(2)
+    assert (stop, save) == (True, True) and "duration" in reason
+
+
+def test_consecutive_skipped_steps_reset_on_a_good_step(control):
+    rc = control("--max-skipped-steps", "3")
+    for skipped in (True, True, False, True, True):
+        rc.record_step(skipped)
+        assert rc.too_many_skipped() is None
+    rc.record_step(True)
+    message = rc.too_many_skipped()
+    assert message is not None and "3 consecutive" in message
+    rc.record_step(False)
+    assert rc.too_many_skipped() is None
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rc = RunControl(_cfg())
+    try:
+        stopped_at = None
+        for iteration in range(1, 20):
+            if rank == 1 and iteration == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            stop, reason, save = rc.should_stop(iteration)
+            if stop:
+                stopped_at = (iteration, save, reason)
+                break
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(f"{stopped_at[0]} {stopped_at[1]} {stopped_at[2]}")
+    finally:
+        rc.restore_handlers()
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_signal_on_one_rank_stops_all_ranks_at_the_same_iteration(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0 = (tmp_path / "rank0.txt").read_text().split(" ", 2)
+    rank1 = (tmp_path / "rank1.txt").read_text().split(" ", 2)
+    assert rank0[:2] == rank1[:2] == ["4", "True"]
+    assert "SIGTERM" in rank1[2] and "another rank" in rank0[2]
