@@ -3,8 +3,9 @@
 Validates the whole configuration before any work, builds the blended datasets
 (`--data-path 15 bio 1 clin 4 gen`, or `--mock-data`), builds the model for the TP x PP x DP layout
 of the processes torchrun started, and trains for `--train-iters`, logging every
-`--log-interval` and evaluating each domain every `--eval-interval`. Checkpoints, TensorBoard
-and resuming are not available in this version.
+`--log-interval` (console, TensorBoard, `--log-file`), evaluating each domain every
+`--eval-interval`, saving every `--save-interval`, resuming from `--load`, and stopping cleanly
+(checkpoint, exit 0) on SIGTERM/SIGUSR1, `--exit-interval` or `--exit-duration-in-mins`.
 """
 
 from __future__ import annotations
@@ -32,10 +33,6 @@ def load_run_config(argv=None) -> Config:
         raise ConfigError("--data-path is required (or --mock-data)")
     if cfg.train.train_iters is None and cfg.train.train_samples is None:
         raise ConfigError("--train-iters or --train-samples is required")
-    for flag, value in (("--save", cfg.checkpoint.save), ("--load", cfg.checkpoint.load),
-                        ("--tensorboard-dir", cfg.logging.tensorboard_dir), ("--log-file", cfg.logging.log_file)):
-        if value:
-            raise ConfigError(f"{flag}: not available in this version (checkpoints and metrics files come later)")
     return cfg
 
 
@@ -60,15 +57,19 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    from .training.loop import train
+    from .checkpoint.manager import CheckpointError
+    from .training.loop import TrainingStopped, train
 
     if os.environ.get("RANK", "0") == "0":
         print(describe(cfg), flush=True)
     try:
         train(cfg)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"{PROG}: stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -129,6 +129,7 @@ INVALID = [
     (["--model", "tiny", "--data-parallel-replicate-size", "2"], "--data-parallel-replicate-size"),
     (["--model", "tiny", "--config", "/nonexistent/run.yaml"], "--config"),
     (["--model", "tiny", "--lr-decay-style", "WSD"], "--lr-wsd-decay-iters"),
+    (["--model", "tiny", "--train-iters", "5", "--lr-warmup-iters", "5"], "--lr-warmup-iters"),
     (["--model", "tiny", "--train-iters", "10", "--lr-warmup-samples", "5"], "--lr-warmup-samples"),
     (["--model", "tiny", "--train-samples", "100", "--lr-decay-iters", "5"], "--lr-decay-iters"),
 ]

@@ -117,7 +117,7 @@ def test_console_line_has_megatron_fields(tmp_path, capsys):
                   "TFLOP/s per device:", "MFU: n/a", "memory (GiB): max rss"):
         assert field in first, field
     assert "validation loss at iteration 30" in out
-    assert "lm loss value: 2.000000E+00" in out and "bio lm loss value: 1.500000E+00" in out
+    assert "lm loss validation: 2.000000E+00" in out and "lm loss validation/bio: 1.500000E+00" in out
 
 
 def test_loss_scale_is_logged_when_given(tmp_path):

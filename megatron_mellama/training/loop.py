@@ -1,5 +1,8 @@
-"""The pretraining loop: the engine over the blended data, with console logging and per-domain
-evaluation. Checkpoints, TensorBoard and run control (signals, exit limits) are not part of it yet.
+"""The pretraining loop: the engine over the blended data, with logging, per-domain evaluation,
+checkpoints that resume exactly, and run control (signals, exit limits, skipped steps).
+
+The data position is `consumed_samples` alone: a resumed run reads exactly the samples an
+uninterrupted run would have read next.
 """
 
 from __future__ import annotations
@@ -10,12 +13,18 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.manager import CheckpointManager
 from ..config import Config
 from ..data.datasets import build_datasets
 from ..data.loader import eval_batches, train_batches
-from ..model.flops import training_flops_per_token
 from ..parallel.mesh import ParallelDims, init_distributed
 from .engine import Engine
+from .metrics import MetricsLogger
+from .run_control import RunControl
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many consecutive inf/NaN steps); the message says why."""
 
 
 def _device() -> torch.device:
@@ -44,49 +53,90 @@ def evaluate(cfg: Config, engine: Engine, datasets: dict, dp_rank: int, dp_size:
     return results
 
 
+def _validation_sets(data) -> dict:
+    """'all' (the blend) and one per domain; a single-prefix run has only 'all'."""
+    sets = {"all": data.valid} if data.valid is not None else {}
+    sets.update(data.valid_per_domain)
+    return sets
+
+
 def train(cfg: Config) -> dict:
-    """Run `--train-iters` steps on this process's share of the layout; returns the history."""
+    """Run (or resume) the job on this process's share of the layout; returns its history."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = _device()
     if world > 1:
         init_distributed(cfg.parallel.distributed_backend)
+    try:
+        return _train(cfg, world, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, world: int, device: torch.device) -> dict:
     dims = ParallelDims.from_config(cfg, world)
     meshes = dims.build_mesh(device.type) if world > 1 else None
-    coords = dims.coordinates(dist.get_rank() if world > 1 else 0)
+    rank = dist.get_rank() if world > 1 else 0
+    coords = dims.coordinates(rank)
 
     data = build_datasets(cfg)
     engine = Engine(cfg, meshes, device)
-    batches = train_batches(cfg, data.train, consumed_samples=0, dp_rank=coords["dp"], dp_size=dims.dp)
-    validation = dict(data.valid_per_domain) or ({"all": data.valid} if data.valid is not None else {})
-    if len(data.valid_per_domain) > 1 and data.valid is not None:
-        validation = {"all": data.valid, **validation}
+    checkpoints = CheckpointManager(cfg, engine)
+    state = checkpoints.load() or {}
+    iteration = state.get("iteration", 0)
+    consumed = state.get("consumed_samples", 0)
+    skipped_total = state.get("skipped_total", 0)
+    if iteration:
+        _print0(f"resumed from {cfg.checkpoint.load} at iteration {iteration}, consumed samples {consumed}")
 
-    tokens_per_step = cfg.train.global_batch_size * cfg.seq_length
-    flops_per_token = training_flops_per_token(cfg.model, cfg.seq_length)
-    history = dict(losses=[], validation=[])
+    batches = train_batches(cfg, data.train, consumed_samples=consumed, dp_rank=coords["dp"], dp_size=dims.dp)
+    validation = _validation_sets(data)
+    metrics = MetricsLogger(cfg, rank, world, device)
+    control = RunControl(cfg)
+    history = dict(losses=[], validation=[], stopped=None, start_iteration=iteration)
     iterations = train_iterations(cfg)
+    last_saved = iteration
     window_start, window_steps = time.perf_counter(), 0
-    for iteration in range(1, iterations + 1):
-        result = engine.step(next(batches))
-        history["losses"].append(result.loss)
-        window_steps += 1
-        if iteration % cfg.logging.log_interval == 0 or iteration in (1, iterations):
-            elapsed = time.perf_counter() - window_start
-            rate = window_steps * tokens_per_step / elapsed
-            _print0(f"iteration {iteration:>6}/{iterations} | consumed samples {batches.consumed_samples:>9} | "
-                    f"lr {result.lr:.3e} | lm loss {result.loss:.4f} | grad norm {result.grad_norm:.3f} | "
-                    f"skipped {int(result.skipped)} | {rate:,.0f} tokens/s | "
-                    f"{rate * flops_per_token / 1e12 / max(world, 1):.3g} TFLOP/s per process")
-            window_start, window_steps = time.perf_counter(), 0
-        if validation and cfg.train.eval_iters > 0 and (iteration % cfg.train.eval_interval == 0
-                                                        or iteration == iterations):
-            losses = evaluate(cfg, engine, validation, coords["dp"], dims.dp)
-            history["validation"].append(dict(iteration=iteration, **losses))
-            _print0(f"validation at iteration {iteration}: " +
-                    " | ".join(f"lm loss validation{'' if k == 'all' else '/' + k} {v:.4f}"
-                               for k, v in losses.items()))
-            window_start = time.perf_counter()
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    try:
+        while iteration < iterations:
+            result = engine.step(next(batches))
+            iteration += 1
+            consumed = batches.consumed_samples
+            skipped_total += int(result.skipped)
+            control.record_step(result.skipped)
+            history["losses"].append(result.loss)
+            window_steps += 1
+            if iteration % cfg.logging.log_interval == 0 or iteration in (1, iterations):
+                metrics.log_train(iteration, consumed, result, time.perf_counter() - window_start, window_steps,
+                                  skipped_total, loss_scale=engine.scaler.loss_scale if cfg.train.fp16 else None)
+                window_start, window_steps = time.perf_counter(), 0
+            if validation and cfg.train.eval_iters > 0 and (iteration % cfg.train.eval_interval == 0
+                                                            or iteration == iterations):
+                losses = evaluate(cfg, engine, validation, coords["dp"], dims.dp)
+                history["validation"].append(dict(iteration=iteration, **losses))
+                metrics.log_eval(iteration, consumed, losses)
+                window_start = time.perf_counter()
+            too_many = control.too_many_skipped()
+            if too_many:
+                raise TrainingStopped(too_many)
+            extra = dict(skipped_total=skipped_total)
+            if cfg.checkpoint.save and cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
+                checkpoints.save(iteration, consumed, extra)
+                last_saved = iteration
+            stop, reason, save = control.should_stop(iteration)
+            if stop:
+                if save and cfg.checkpoint.save and last_saved != iteration:
+                    checkpoints.save(iteration, consumed, extra)
+                    last_saved = iteration
+                history["stopped"] = reason
+                _print0(f"stopping at iteration {iteration}: {reason}")
+                break
+        else:
+            if cfg.checkpoint.save and last_saved != iteration:
+                checkpoints.save(iteration, consumed, dict(skipped_total=skipped_total))
+    finally:
+        checkpoints.close()
+        metrics.close()
+        control.restore_handlers()
+    history["iteration"], history["consumed_samples"] = iteration, consumed
     return history

@@ -181,8 +181,9 @@ class MetricsLogger:
         evals = {name: {"lm_loss": float(loss), "ppl": perplexity(loss)} for name, loss in losses.items()}
         parts = []
         for name, e in evals.items():
-            prefix = "lm loss" if name == "all" else f"{name} lm loss"
-            parts.append(f"{prefix} value: {e['lm_loss']:.6E} | {prefix} PPL: {e['ppl']:.6E}")
+            # the TensorBoard tag's name, so the console and the dashboards read alike
+            prefix = "lm loss validation" if name == "all" else f"lm loss validation/{name}"
+            parts.append(f"{prefix}: {e['lm_loss']:.6E} | ppl: {e['ppl']:.6E}")
         line = f" validation loss at iteration {iteration} | " + " | ".join(parts) + " |"
         rule = "-" * len(line)
         print(f"{rule}\n{line}\n{rule}", flush=True)

@@ -1,0 +1,373 @@
+"""Checkpoints: one DCP directory per iteration, keyed by the full model's parameter names.
+
+    SAVE/latest                       the iteration of the newest complete checkpoint (text)
+    SAVE/iter_0000100/.metadata       DCP: model (top-level keys, e.g. `layers.3.mlp.up_proj.weight`)
+    SAVE/iter_0000100/__*_*.distcp         and optimizer state (`optimizer.state.<name>.exp_avg`, ...)
+    SAVE/iter_0000100/train_state.json     iteration, consumed samples, extras, LR schedule, loss
+                                           scaler, world size and layout, the whole config
+    SAVE/iter_0000100/rng/rank_00000.pt    each rank's python / numpy / torch (/ CUDA) RNG state
+
+Keys never mention the layout, so a checkpoint saved with one TP x PP x DP layout loads into any
+other (DCP reshards). Optimizer state is keyed by parameter name
+(`flatten_optimizer_state_dict`), not by the optimizer's integer ids, which differ per layout.
+
+A save writes `iter_N.partial/`, and only after every rank finished does rank 0 rename it to
+`iter_N/` and then replace `latest`: a run killed mid-save leaves `latest` naming the previous
+complete checkpoint and no incomplete directory under a final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from ..config import Config, ModelConfig
+
+LATEST = "latest"
+TRAIN_STATE = "train_state.json"
+PARTIAL_SUFFIX = ".partial"
+FORMAT_VERSION = 1
+# DCP warns on every call without a process group (also from its async thread) that it assumes a
+# single process: that is what a single-process run means
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+_OPTIONS = StateDictOptions(full_state_dict=False, flatten_optimizer_state_dict=True, strict=True)
+# What the model's tensor shapes follow from: (flag, value of a ModelConfig).
+_SHAPE_FLAGS = (
+    ("--num-layers", lambda m: m.num_layers),
+    ("--hidden-size", lambda m: m.hidden_size),
+    ("--num-attention-heads", lambda m: m.num_attention_heads),
+    ("--num-query-groups", lambda m: m.kv_heads),
+    ("--ffn-hidden-size", lambda m: m.ffn_size),
+    ("--vocab-size (padded)", lambda m: m.padded_vocab_size),
+)
+# Optimizer settings that depend on the layout (DTensors cannot take the fused kernel): the
+# running optimizer's own values are kept, whatever the checkpoint's layout was.
+_KEEP_GROUP_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names the path and what is wrong."""
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> int | None:
+    """The iteration `root/latest` names, or None when there is no `latest`."""
+    path = os.path.join(root, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        text = fh.read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+class FullModelView(nn.Module):
+    """The union of one rank's pipeline parts as one module with the full model's names.
+
+    A rank running several (virtual) stages holds several `Llama` parts; DCP's state-dict helpers
+    need one module whose parameters cover everything the (single) optimizer steps. The view only
+    references the parts' submodules: no copies, and FSDP/TP wrapping stays as it is.
+    """
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        first = [p.embed_tokens for p in parts if getattr(p, "embed_tokens", None) is not None]
+        if first:
+            self.embed_tokens = first[0]
+        layers = {name: layer for p in parts for name, layer in p.layers.items()}
+        self.layers = nn.ModuleDict({k: layers[k] for k in sorted(layers, key=int)})
+        for attr in ("norm", "lm_head"):
+            owned = [getattr(p, attr) for p in parts if getattr(p, attr, None) is not None]
+            if owned:
+                setattr(self, attr, owned[0])
+
+
+def _fsync_write(path: str, text: str) -> None:
+    """Write `text` to `path` atomically: a reader sees the old file or the whole new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _fsync_dir(path: str) -> None:
+    # makes renames inside `path` durable across a machine crash, not only a process crash
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first rank's original exception inside DCP's CheckpointException."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        first = exc.failures[min(exc.failures)]
+        return first[0] if isinstance(first, tuple) else first
+    return exc
+
+
+class CheckpointManager:
+    """Saves and resumes the engine's whole training state. Every rank calls every method."""
+
+    def __init__(self, cfg: Config, engine):
+        self.cfg, self.engine = cfg, engine
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        modules = list(engine.modules)
+        self.model = modules[0] if len(modules) == 1 else FullModelView(modules)
+        self._pending = None  # (future, iteration, partial dir) of an async save not yet finalised
+        # DCP's background thread runs collectives while training runs its own: they must not
+        # share a process group. gloo, because async DCP stages on the CPU.
+        self._async_group = None
+        if cfg.checkpoint.async_save and self.distributed:
+            self._async_group = dist.new_group(backend="gloo")
+
+    # -- save --------------------------------------------------------------------------------------
+    def save(self, iteration: int, consumed_samples: int, extra: dict | None = None) -> None:
+        """Write checkpoint `iteration`; returns once it is complete, or staged when saving async."""
+        root = self.cfg.checkpoint.save
+        if not root:
+            raise CheckpointError("save() needs --save")
+        self.wait()
+        final = checkpoint_dir(root, iteration)
+        partial = final + PARTIAL_SUFFIX
+        if self.rank == 0:
+            os.makedirs(root, exist_ok=True)
+            # nothing is being written now (wait() finalised any async save): partial
+            # directories are leftovers of a crashed run
+            for name in os.listdir(root):
+                if name.endswith(PARTIAL_SUFFIX):
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            os.makedirs(os.path.join(partial, "rng"))
+            _fsync_write(os.path.join(partial, TRAIN_STATE),
+                         json.dumps(self._train_state(iteration, consumed_samples, extra), indent=1))
+        self._barrier()
+        torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{self.rank:05d}.pt"))
+        writer = dcp.FileSystemWriter(partial, sync_files=True)
+        state = self._state_dict(optimizer=True)
+        if self.cfg.checkpoint.async_save:
+            future = dcp.async_save(state, storage_writer=writer, process_group=self._async_group,
+                                    no_dist=not self.distributed)
+            self._pending = (getattr(future, "upload_completion", future), iteration, partial)
+        else:
+            dcp.save(state, storage_writer=writer, no_dist=not self.distributed)
+            self._finalise(iteration, partial)
+
+    def wait(self) -> None:
+        """Block until a pending async save is written, then finalise it (rename, `latest`)."""
+        if self._pending is None:
+            return
+        future, iteration, partial = self._pending
+        self._pending = None
+        try:
+            future.result()
+        except BaseException as exc:
+            raise CheckpointError(f"{partial}: the background save failed: {_root_cause(exc)}") from exc
+        self._finalise(iteration, partial)
+
+    def close(self) -> None:
+        self.wait()
+
+    def _finalise(self, iteration: int, partial: str) -> None:
+        self._barrier()  # every rank's files are written
+        if self.rank == 0:
+            root = os.path.dirname(partial)
+            final = checkpoint_dir(root, iteration)
+            if os.path.exists(final):  # saving an iteration again (e.g. after a resume): keep it until replaced
+                stale = final + ".old"
+                shutil.rmtree(stale, ignore_errors=True)
+                os.rename(final, stale)
+                os.rename(partial, final)
+                shutil.rmtree(stale)
+            else:
+                os.rename(partial, final)
+            _fsync_dir(root)
+            _fsync_write(os.path.join(root, LATEST), f"{iteration}\n")
+            self._prune(root, iteration)
+        self._barrier()
+
+    def _prune(self, root: str, latest: int) -> None:
+        keep = self.cfg.checkpoint.keep_last
+        if not keep:
+            return
+        iterations = sorted(int(m.group(1)) for m in map(_ITER_DIR.match, os.listdir(root)) if m)
+        for it in iterations[:-keep]:
+            if it != latest:
+                shutil.rmtree(checkpoint_dir(root, it), ignore_errors=True)
+
+    def _train_state(self, iteration: int, consumed_samples: int, extra: dict | None) -> dict:
+        d = self.engine.dims
+        return dict(format=FORMAT_VERSION, iteration=iteration, consumed_samples=consumed_samples,
+                    extra=dict(extra or {}), world_size=self.world, layout=dict(tp=d.tp, pp=d.pp, dp=d.dp),
+                    scheduler=self.engine.scheduler.state_dict(), scaler=self.engine.scaler.state_dict(),
+                    config=dataclasses.asdict(self.cfg))
+
+    def _state_dict(self, optimizer: bool) -> dict:
+        state = get_model_state_dict(self.model, options=_OPTIONS)
+        if optimizer:
+            state["optimizer"] = get_optimizer_state_dict(self.model, self.engine.optimizer, options=_OPTIONS)
+        return state
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    # -- load --------------------------------------------------------------------------------------
+    def load(self, path: str | None = None) -> dict | None:
+        """Resume from `path` (default --load); returns the train state, or None when there is nothing.
+
+        With --finetune only the weights are read and the state starts at iteration 0.
+        """
+        c = self.cfg.checkpoint
+        root = path or c.load
+        if not root:
+            return None
+        if not os.path.isdir(root):
+            raise CheckpointError(f"--load {root}: no such directory")
+        iteration = latest_iteration(root)
+        if iteration is not None:
+            ckpt = checkpoint_dir(root, iteration)
+            if not os.path.isdir(ckpt):
+                raise CheckpointError(f"{os.path.join(root, LATEST)} names iteration {iteration} but {ckpt} "
+                                      "does not exist")
+        elif os.path.isfile(os.path.join(root, ".metadata")):
+            ckpt = root  # an iteration directory given directly
+        else:
+            self._print(f"no checkpoint in {root} (no '{LATEST}' file): starting from scratch")
+            return None
+        missing = [f for f in (".metadata", TRAIN_STATE) if not os.path.isfile(os.path.join(ckpt, f))]
+        if missing:
+            raise CheckpointError(f"{ckpt}: incomplete checkpoint (missing {', '.join(missing)})")
+        saved = self._read_train_state(ckpt)
+        self._check_model_shapes(saved, ckpt)
+
+        weights_only = c.finetune
+        load_optim = not weights_only and not c.no_load_optim
+        self._load_tensors(ckpt, load_optim)
+        if load_optim:
+            try:
+                self.engine.scheduler.load_state_dict(saved["scheduler"])
+            except ValueError as exc:
+                raise CheckpointError(f"{ckpt}: {exc} (--no-load-optim starts a fresh schedule)") from None
+            self.engine.scaler.load_state_dict(saved["scaler"])
+        if not weights_only and not c.no_load_rng:
+            self._load_rng(ckpt, saved)
+        if weights_only:
+            return dict(iteration=0, consumed_samples=0, loaded_from=ckpt)
+        return dict(saved.get("extra", {}), iteration=saved["iteration"],
+                    consumed_samples=saved["consumed_samples"], loaded_from=ckpt)
+
+    def _read_train_state(self, ckpt: str) -> dict:
+        path = os.path.join(ckpt, TRAIN_STATE)
+        try:
+            with open(path) as fh:
+                saved = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: unreadable train state ({type(exc).__name__}: {exc})") from None
+        missing = [k for k in ("iteration", "consumed_samples", "scheduler", "scaler", "config")
+                   if not isinstance(saved, dict) or k not in saved]
+        if missing or "model" not in saved["config"]:
+            raise CheckpointError(f"{path}: unreadable train state (missing {', '.join(missing) or 'config.model'})")
+        return saved
+
+    def _check_model_shapes(self, saved: dict, ckpt: str) -> None:
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        theirs = ModelConfig(**{k: v for k, v in saved["config"]["model"].items() if k in names})
+        ours = self.cfg.model
+        diffs = [f"{flag} {get(ours)} but the checkpoint has {get(theirs)}"
+                 for flag, get in _SHAPE_FLAGS if get(ours) != get(theirs)]
+        if diffs:
+            raise CheckpointError(f"{ckpt}: the model flags do not match the checkpoint: {'; '.join(diffs)}")
+
+    def _load_tensors(self, ckpt: str, load_optim: bool) -> None:
+        state = self._state_dict(optimizer=load_optim)
+        try:
+            dcp.load(state, storage_reader=dcp.FileSystemReader(ckpt), no_dist=not self.distributed)
+        except (Exception, CheckpointException) as exc:
+            raise self._explain(exc, ckpt) from None
+        optim_state = state.pop("optimizer", None)
+        set_model_state_dict(self.model, state, options=_OPTIONS)
+        if optim_state is not None:
+            optimizer = self.engine.optimizer
+            # the flags decide the hyperparameters (and the scheduler the lr): only the
+            # per-parameter state (step, moments) comes from the checkpoint
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            set_optimizer_state_dict(self.model, optimizer, optim_state, options=_OPTIONS)
+            for group, kept in zip(optimizer.param_groups, groups):
+                group.update(kept)
+
+    def _explain(self, exc: BaseException, ckpt: str) -> CheckpointError:
+        cause = _root_cause(exc)
+        text = str(cause)
+        size = re.search(r"Size mismatch between saved (.+?) and current: (.+?) for (\S+)", text)
+        if size:
+            saved, current, key = size.groups()
+            return CheckpointError(f"{ckpt}: tensor {key} has shape {list(_shape_of(saved))} in the checkpoint "
+                                   f"but {list(_shape_of(current))} in this model")
+        key = re.search(r"Missing key in checkpoint state_dict: (\S+?)\.?$", text, re.M)
+        if key:
+            hint = " (a weights-only checkpoint? use --finetune or --no-load-optim)" if key.group(1).startswith(
+                "optimizer.") else ""
+            return CheckpointError(f"{ckpt}: the checkpoint has no {key.group(1)}{hint}")
+        first = text.strip().splitlines()[-1] if text.strip() else ""
+        return CheckpointError(f"{ckpt}: unreadable or corrupt checkpoint ({type(cause).__name__}: {first})")
+
+    def _load_rng(self, ckpt: str, saved: dict) -> None:
+        path = os.path.join(ckpt, "rng", f"rank_{self.rank:05d}.pt")
+        if saved.get("world_size") != self.world or not os.path.isfile(path):
+            self._print(f"{ckpt}: saved with {saved.get('world_size')} processes, running {self.world}: "
+                        "random-number-generator states not restored")
+            return
+        try:
+            _set_rng_state(torch.load(path, weights_only=False))
+        except Exception as exc:
+            raise CheckpointError(f"{path}: unreadable RNG state ({type(exc).__name__}: {exc})") from None
+
+    def _print(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+
+def _shape_of(text: str) -> tuple:
+    """`torch.Size([64, 32])` (as DCP prints it) -> (64, 32)."""
+    return tuple(int(x) for x in re.findall(r"\d+", text))

@@ -1,0 +1,87 @@
+"""The whole pretraining run: resume is exact, SIGTERM saves and exits 0, metrics land in
+TensorBoard and the JSON-lines file, too many skipped steps stop the run."""
+
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_mellama.pretrain import load_run_config, main
+from megatron_mellama.training.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = ["--model", "tiny", "--mock-data", "--vocab-size", "256", "--seq-length", "32", "--micro-batch-size", "2",
+       "--global-batch-size", "4", "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
+       "--lr-warmup-iters", "2", "--eval-iters", "1", "--eval-interval", "3", "--log-interval", "1",
+       "--num-workers", "0"]
+
+
+def test_three_plus_resume_plus_three_equals_six_bitwise(tmp_path):
+    whole = train(load_run_config(RUN + ["--train-iters", "6"]))
+    save = str(tmp_path / "ckpt")
+    first = train(load_run_config(RUN + ["--train-iters", "6", "--save", save, "--save-interval", "100",
+                                         "--exit-interval", "3"]))
+    assert first["iteration"] == 3 and (tmp_path / "ckpt" / "latest").read_text().strip() == "3"
+    second = train(load_run_config(RUN + ["--train-iters", "6", "--save", save, "--load", save]))
+    assert second["start_iteration"] == 3 and second["consumed_samples"] == 24
+    assert first["losses"] + second["losses"] == whole["losses"]  # bitwise: same floats
+    assert whole["losses"][-1] < whole["losses"][0]
+
+
+def test_finetune_starts_at_iteration_zero(tmp_path):
+    save = str(tmp_path / "ckpt")
+    train(load_run_config(RUN + ["--train-iters", "4", "--save", save]))
+    run = train(load_run_config(RUN + ["--train-iters", "3", "--load", save, "--finetune"]))
+    assert run["start_iteration"] == 0 and len(run["losses"]) == 3
+    fresh = train(load_run_config(RUN + ["--train-iters", "3"]))
+    assert run["losses"][0] < fresh["losses"][0]  # it started from the trained weights
+
+
+def test_metrics_reach_tensorboard_and_the_log_file(tmp_path):
+    tb, log = tmp_path / "tb", tmp_path / "metrics.jsonl"
+    train(load_run_config(RUN + ["--train-iters", "3", "--tensorboard-dir", str(tb), "--log-file", str(log)]))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"lm loss", "learning-rate", "grad-norm", "throughput", "lm loss validation"} <= tags
+    assert [e.step for e in events.Scalars("lm loss")] == [1, 2, 3]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    train_records = [r for r in records if "lm_loss" in r]
+    assert [r["iteration"] for r in train_records] == [1, 2, 3]
+    assert train_records[-1]["consumed_samples"] == 12 and any("eval" in r for r in records)
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    save = tmp_path / "ckpt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_mellama.pretrain", *RUN, "--train-iters", "100000",
+                             "--save", str(save), "--eval-interval", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    deadline = time.time() + 120
+    for line in proc.stdout:  # wait until training is under way
+        logged = re.match(r"\s*iteration\s+(\d+)/", line)
+        if (logged and int(logged.group(1)) >= 5) or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    saved = int((save / "latest").read_text())
+    assert saved >= 5 and (save / f"iter_{saved:07d}").is_dir()
+    assert "SIGTERM" in out
+
+
+def test_too_many_skipped_steps_stop_the_run(capsys):
+    # an absurd learning rate blows the weights up; inf/NaN steps are skipped, then the run stops
+    argv = RUN + ["--train-iters", "50", "--lr", "1e30", "--min-lr", "0", "--max-skipped-steps", "2",
+                  "--clip-grad", "0"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--max-skipped-steps" in err and err.count("\n") == 1
