@@ -85,3 +85,25 @@ def test_too_many_skipped_steps_stop_the_run(capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "--max-skipped-steps" in err and err.count("\n") == 1
+
+
+def _torchrun(args, nproc, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "megatron_mellama.pretrain", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [float(m) for m in re.findall(r"lm loss: ([0-9.E+-]+)", proc.stdout)]
+
+
+def test_resume_under_another_layout_continues_the_same_run(tmp_path):
+    """TP2 for 3 iterations, then DP2 (FSDP) from its checkpoint: the losses of an uninterrupted
+    single-process run, within fp32 rounding."""
+    save = str(tmp_path / "ckpt")
+    whole = train(load_run_config(RUN + ["--train-iters", "6"]))["losses"]
+    first = _torchrun(RUN + ["--train-iters", "6", "--save", save, "--exit-interval", "3",
+                             "--tensor-model-parallel-size", "2"], 2, tmp_path)
+    second = _torchrun(RUN + ["--train-iters", "6", "--load", save, "--data-parallel-sharding", "full"], 2, tmp_path)
+    assert len(first) == 3 and len(second) == 3
+    for got, want in zip(first + second, whole):
+        assert abs(got - want) <= 1e-5 * abs(want)
