@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from megatron_mellama.pretrain import load_run_config, main
 from megatron_mellama.training.loop import train

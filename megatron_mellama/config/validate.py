@@ -134,20 +134,23 @@ def validate_training(cfg: Config) -> None:
     _require(o.lr_warmup_iters >= 0, f"--lr-warmup-iters must not be negative, got {o.lr_warmup_iters}")
     decay_iters = o.lr_decay_iters or t.train_iters
     if o.lr_warmup_iters and decay_iters:
-        _require(o.lr_warmup_iters < decay_iters, f"--lr-warmup-iters {o.lr_warmup_iters} must be shorter than the "
-                                                  f"decay span of {decay_iters} iterations (--lr-decay-iters or --train-iters)")
+        _require(o.lr_warmup_iters < decay_iters,
+                 f"--lr-warmup-iters {o.lr_warmup_iters} must be shorter than the decay span of {decay_iters} "
+                 "iterations (--lr-decay-iters or --train-iters)")
     decay_samples = o.lr_decay_samples or t.train_samples
     if o.lr_warmup_samples and decay_samples:
         _require(o.lr_warmup_samples < decay_samples,
                  f"--lr-warmup-samples {o.lr_warmup_samples} must be shorter than the decay span of {decay_samples} "
                  "samples (--lr-decay-samples or --train-samples)")
     if o.lr_warmup_fraction is not None:
-        _require(o.lr_warmup_fraction < 1, "--lr-warmup-fraction must be below 1: warmup must end before the decay span")
+        _require(o.lr_warmup_fraction < 1,
+                 "--lr-warmup-fraction must be below 1: warmup must end before the decay span")
     if o.lr_decay_style == "WSD":
         _require(o.lr_wsd_decay_iters is not None, "--lr-decay-style WSD needs --lr-wsd-decay-iters")
     # Megatron-LM's rule: the schedule counts in the unit the run length is given in
     if t.train_samples is not None:
-        for flag, given in (("--lr-decay-iters", o.lr_decay_iters is not None), ("--lr-warmup-iters", o.lr_warmup_iters)):
+        for flag, given in (("--lr-decay-iters", o.lr_decay_iters is not None),
+                            ("--lr-warmup-iters", o.lr_warmup_iters)):
             _require(not given, f"{flag} with --train-samples: the schedule counts samples here "
                                 f"(use {flag.replace('iters', 'samples')})")
     elif t.train_iters is not None:

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from megatron_mellama.data.tokenizer import TOKENIZER_TYPES
+from megatron_mellama.tools.cli import OneLineParser, UsageError
 
 PROG = "mellama-inspect-dataset"
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
@@ -209,7 +210,7 @@ def _print_summary(s: dict, tokenizer) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Summarise a Megatron indexed dataset (PREFIX.bin + PREFIX.idx): "
+    p = OneLineParser(prog=PROG, description="Summarise a Megatron indexed dataset (PREFIX.bin + PREFIX.idx): "
                 "counts, sequence-length histogram, most frequent tokens; or print one document.")
     p.add_argument("prefix", help="dataset path prefix, without .bin/.idx")
     p.add_argument("--document", type=int, metavar="N", help="print the tokens of document N (from 0)")
@@ -222,20 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    # One line, no usage block: the message names the flag, and --help is there for the rest.
-    def error(self, message):
-        raise _UsageError(message)
-
-
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-    except _UsageError as e:
+    except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help

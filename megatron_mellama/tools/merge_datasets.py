@@ -16,6 +16,7 @@ import sys
 import warnings
 
 from megatron_mellama.tools.inspect_dataset import DatasetError, read_index
+from megatron_mellama.tools.cli import OneLineParser, UsageError
 
 PROG = "mellama-merge-datasets"
 
@@ -78,7 +79,7 @@ def merge(prefixes: list[str], output_prefix: str, multimodal: bool = False, log
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Concatenate Megatron indexed datasets (PREFIX.bin + PREFIX.idx) "
+    p = OneLineParser(prog=PROG, description="Concatenate Megatron indexed datasets (PREFIX.bin + PREFIX.idx) "
                 "into one, byte-identical to Megatron-LM's tools/merge_datasets.py.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", metavar="DIR", help="merge every prefix in this folder, in sorted order")
@@ -90,20 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    # One line, no usage block: the message names the flag, and --help is there for the rest.
-    def error(self, message):
-        raise _UsageError(message)
-
-
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-    except _UsageError as e:
+    except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help

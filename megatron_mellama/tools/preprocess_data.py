@@ -23,18 +23,10 @@ from megatron_mellama.data.indexed_writer import IndexedWriter, optimal_dtype, t
 from megatron_mellama.data.jsonl_reader import expand_inputs, read_blocks, sample_texts
 from megatron_mellama.data.record_encoder import RecordEncoder
 from megatron_mellama.data.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer
+from megatron_mellama.tools.cli import OneLineParser, UsageError
 
 PROG = "mellama-preprocess-data"
 BLOCKS_IN_FLIGHT_PER_WORKER = 4  # bounds memory: the reader never runs ahead of the workers by more
-
-
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the flag, not a usage dump
-        raise UsageError(message)
 
 
 class Terminated(Exception):
@@ -42,7 +34,7 @@ class Terminated(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, allow_abbrev=False, description=__doc__.split("\n")[0],
+    p = OneLineParser(prog=PROG, allow_abbrev=False, description=__doc__.split("\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input data")
     g.add_argument("--input", required=True,
