@@ -32,6 +32,8 @@ setup(
             "mellama-preprocess-data=megatron_mellama.tools.preprocess_data:main",
             "mellama-merge-datasets=megatron_mellama.tools.merge_datasets:main",
             "mellama-inspect-dataset=megatron_mellama.tools.inspect_dataset:main",
+            "mellama-hf-to-mellama=megatron_mellama.tools.hf_to_mellama:main",
+            "mellama-to-hf=megatron_mellama.tools.mellama_to_hf:main",
         ],
     },
 )

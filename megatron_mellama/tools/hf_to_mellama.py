@@ -1,0 +1,50 @@
+"""Import a Hugging Face (or Meta original) LLaMA2 checkpoint as iteration 0 of a megatron_mellama checkpoint.
+
+    hf_to_mellama.py --hf-dir Llama-2-13b-hf --save ckpt/13b [--dtype keep|bf16|fp16|fp32] [--source-format hf|meta]
+
+Then `pretrain --load ckpt/13b --finetune <model flags>` starts from it under any parallel layout.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from .cli import OneLineParser, UsageError
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="hf_to_mellama", description=__doc__.split("\n\n")[0])
+    p.add_argument("--hf-dir", required=True, help="Hugging Face folder (config.json + weights), or Meta's "
+                   "folder (params.json + consolidated.*.pth) with --source-format meta")
+    p.add_argument("--save", required=True, help="checkpoint root to write (iter_0000000/ and latest)")
+    p.add_argument("--dtype", default="keep", choices=("keep", "bf16", "fp16", "fp32"),
+                   help="dtype of the stored tensors; keep: the source's")
+    p.add_argument("--source-format", default="hf", choices=("hf", "meta"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    from ..checkpoint.sources import ConvertError
+
+    try:
+        args = build_parser().parse_args(argv)
+        if not os.path.isdir(args.hf_dir):
+            raise UsageError(f"--hf-dir {args.hf_dir}: no such directory")
+        from ..checkpoint.convert import import_checkpoint
+        from ..checkpoint.sources import HFSource, MetaSource
+
+        start = time.time()
+        source = (MetaSource if args.source_format == "meta" else HFSource)(args.hf_dir)
+        path = import_checkpoint(source, args.save, args.dtype, progress=not args.no_progress)
+    except (UsageError, ConvertError) as exc:
+        print(f"hf_to_mellama: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({len(source.names)} tensors) in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Export a megatron_mellama checkpoint (any parallel layout) as a Hugging Face LLaMA folder.
+
+    mellama_to_hf.py --load ckpt/13b --hf-dir out/13b-hf [--max-shard-size 5GB] [--dtype keep|bf16|fp16|fp32]
+                     [--tokenizer-model tokenizer.model]
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+
+from .cli import OneLineParser, UsageError
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.I)
+    if not m or float(m.group(1)) <= 0:
+        raise UsageError(f"--max-shard-size {text}: expected a size such as 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="mellama_to_hf", description=__doc__.split("\n\n")[0])
+    p.add_argument("--load", required=True, help="checkpoint root (its latest iteration) or an iter_* directory")
+    p.add_argument("--hf-dir", required=True, help="folder to write the Hugging Face model to")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    p.add_argument("--dtype", default="keep", choices=("keep", "bf16", "fp16", "fp32"),
+                   help="dtype of the written tensors; keep: the checkpoint's")
+    p.add_argument("--tokenizer-model", help="LLaMA2 SentencePiece tokenizer.model to ship with the model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    from ..checkpoint.manager import CheckpointError
+    from ..checkpoint.sources import ConvertError
+
+    try:
+        args = build_parser().parse_args(argv)
+        limit = parse_size(args.max_shard_size)
+        from ..checkpoint.convert import export_checkpoint
+
+        start = time.time()
+        files = export_checkpoint(args.load, args.hf_dir, limit, args.dtype, args.tokenizer_model,
+                                  progress=not args.no_progress)
+    except (UsageError, ConvertError, CheckpointError) as exc:
+        print(f"mellama_to_hf: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(files)} files to {args.hf_dir} in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
