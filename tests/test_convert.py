@@ -295,3 +295,16 @@ def test_tokenizer_model_ships_with_the_export(tmp_path, sentencepiece_model):
         pytest.skip(f"AutoTokenizer cannot read a tokenizer.model here: {type(exc).__name__}")
     text = "The patient was given 25 mg of aspirin."
     assert tok(text)["input_ids"] == [1] + spm.SentencePieceProcessor(model_file=sentencepiece_model).encode(text)
+
+
+def test_imported_checkpoint_without_finetune_says_so(tmp_path):
+    from megatron_mellama.checkpoint.manager import CheckpointError, CheckpointManager
+    from megatron_mellama.config import parse_config
+    from megatron_mellama.training.engine import Engine
+
+    make_hf(tmp_path / "hf", MHA)
+    save = str(tmp_path / "ours")
+    assert hf_to_mellama(["--hf-dir", str(tmp_path / "hf"), "--save", save, "--no-progress"]) == 0
+    cfg = parse_config([a for a in _cfg_argv(MHA, save) if a != "--finetune"])
+    with pytest.raises(CheckpointError, match="--finetune"):
+        CheckpointManager(cfg, Engine(cfg)).load()

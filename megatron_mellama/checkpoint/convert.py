@@ -99,7 +99,8 @@ def import_checkpoint(source, save: str, dtype: str = "keep", progress: bool = T
 
     state = {n: torch.empty(source.shapes[n], dtype=out_dtype[n], device="meta") for n in source.names}
     try:
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(partial, sync_files=True),
+        # one file per tensor: DCP keeps every tensor of a file alive until the file is complete
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(partial, sync_files=True, single_file_per_rank=False),
                  planner=_StreamingPlanner(load), no_dist=True)
     except Exception as exc:
         raise _unwrap(exc) from None

@@ -282,6 +282,9 @@ class CheckpointManager:
         self._check_model_shapes(saved, ckpt)
 
         weights_only = c.finetune
+        if not weights_only and not saved.get("scheduler"):
+            raise CheckpointError(f"{ckpt} holds weights only (imported from Hugging Face or Meta): "
+                                  "start from it with --finetune")
         load_optim = not weights_only and not c.no_load_optim
         self._load_tensors(ckpt, load_optim)
         if load_optim:
