@@ -34,6 +34,7 @@ setup(
             "mellama-inspect-dataset=megatron_mellama.tools.inspect_dataset:main",
             "mellama-hf-to-mellama=megatron_mellama.tools.hf_to_mellama:main",
             "mellama-to-hf=megatron_mellama.tools.mellama_to_hf:main",
+            "mellama-plan-layout=megatron_mellama.tools.plan_layout:main",
         ],
     },
 )

@@ -59,15 +59,22 @@ def test_missing_inputs_are_refused_clearly(tmp_path, sentencepiece_model, capsy
     assert missing_ckpt in err and err.count("\n") == 1
 
 
-def test_quickstart_trains_with_tp2_pp2_on_four_processes():
-    env = dict(os.environ, NPROC="4")
-    proc = subprocess.run(["bash", str(REPO / "examples" / "quickstart.sh"), "--train-iters", "10",
-                           "--eval-interval", "10"], capture_output=True, text=True, env=env, timeout=600)
+def test_quickstart_runs_the_whole_pipeline(tmp_path):
+    """examples/quickstart.sh: corpus, tokenizer, preprocessing, HF import, TP2 x PP2 training on the
+    15:1:4 blend with a stop and a resume, per-domain evaluation, HF export and a generation."""
+    env = dict(os.environ, NPROC="4", ITERS="20", OUT=str(tmp_path / "quickstart"))
+    proc = subprocess.run(["bash", str(REPO / "examples" / "quickstart.sh")], capture_output=True, text=True,
+                          env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.lstrip().startswith("iteration")]
-    losses = [float(line.split("lm loss: ")[1].split()[0]) for line in lines]
-    assert len(lines) >= 3 and losses[-1] < losses[0]
-    assert "TP 2 x PP 2 x DP 1" in proc.stdout and "lm loss validation" in proc.stdout
+    out = proc.stdout
+    losses = [float(m) for m in re.findall(r"^ iteration .*\| lm loss: ([0-9.E+-]+)", out, re.M)]
+    assert len(losses) >= 3 and losses[-1] < losses[0] - 1.0
+    assert "TP 2 x PP 2 x DP 1" in out and "resumed from" in out and "iteration 10" in out
+    for domain in ("bio", "clin", "gen"):
+        assert f"lm loss validation/{domain}" in out
+    assert "generation by the exported model" in out and "== summary" in out
+    assert (tmp_path / "quickstart" / "hf_final" / "config.json").is_file()
+    assert (tmp_path / "quickstart" / "checkpoints" / "latest").read_text().strip() == "20"
 
 
 def test_help():

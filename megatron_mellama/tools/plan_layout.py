@@ -1,0 +1,120 @@
+"""Rank every TP x PP x DP layout of a model on a cluster by estimated memory per GPU and step time.
+
+    mellama-plan-layout --model llama2-13b --seq-length 4096 --micro-batch-size 1 \\
+        --global-batch-size 1024 --gpu-memory-gb 80 --num-gpus 160 --recompute selective
+
+A layout is listed when TP is a power of two of at most 8 (one node), dividing the query and
+key/value heads, PP divides the layers, and the project's own config validation accepts it with
+the given batch sizes. Layouts that fit come first, fastest first. The estimates and their
+assumptions are in megatron_mellama/parallel/memory_model.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from megatron_mellama.config import PRESETS, ConfigError, parse_config
+from megatron_mellama.parallel.memory_model import estimate
+from megatron_mellama.tools.cli import OneLineParser, UsageError
+
+PROG = "mellama-plan-layout"
+COLUMNS = (("TP", "tp", "d"), ("PP", "pp", "d"), ("DP", "dp", "d"), ("micro", "microbatches", "d"),
+           ("weights", "weights_gb", ".1f"), ("grads", "grads_gb", ".1f"), ("optim", "optimizer_gb", ".1f"),
+           ("gathered", "gathered_gb", ".1f"), ("activ", "activations_gb", ".1f"), ("total GB", "total_gb", ".1f"),
+           ("fits", "fits", ""), ("step s", "step_s", ".2f"))
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--model", required=True, choices=sorted(PRESETS), help="model preset")
+    p.add_argument("--seq-length", type=int, required=True)
+    p.add_argument("--micro-batch-size", type=int, required=True)
+    p.add_argument("--global-batch-size", type=int, required=True)
+    p.add_argument("--num-gpus", type=int, required=True)
+    p.add_argument("--gpu-memory-gb", type=float, required=True, help="memory of one GPU, GiB")
+    p.add_argument("--peak-tflops", type=float, default=312.0, help="dense bf16 peak of one GPU (default: A100, 312)")
+    p.add_argument("--efficiency", type=float, default=0.45, help="assumed fraction of peak reached (default 0.45)")
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default="selective",
+                   help="activation recomputation (default: selective)")
+    p.add_argument("--data-parallel-sharding", choices=("none", "optimizer", "full"), default="optimizer",
+                   help="as the training flag (default: optimizer)")
+    p.add_argument("--top", type=int, default=10, help="show the best N layouts (0: all; default 10)")
+    p.add_argument("--json", action="store_true", help="print the layouts as a JSON list")
+    return p
+
+
+def _check(args) -> None:
+    for flag in ("num_gpus", "gpu_memory_gb", "peak_tflops", "micro_batch_size", "global_batch_size",
+                 "seq_length"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if not 0 < args.efficiency <= 1:
+        raise UsageError(f"--efficiency must lie in (0, 1], got {args.efficiency}")
+    if args.top < 0:
+        raise UsageError(f"--top must not be negative, got {args.top}")
+
+
+def _config(args, tp: int, pp: int, world: int):
+    argv = ["--model", args.model, "--seq-length", str(args.seq_length),
+            "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
+            "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+            "--data-parallel-sharding", args.data_parallel_sharding]
+    if tp > 1:
+        argv.append("--sequence-parallel")  # the activation figures assume it
+    if args.recompute != "none":
+        argv += ["--recompute-granularity", args.recompute]
+    return parse_config(argv, world_size=world)
+
+
+def plan(args) -> list[dict]:
+    """Every valid layout's estimate (as dicts), best first."""
+    try:  # model, sequence and batch flags on their own, so their errors are not lost among layouts
+        base = _config(args, 1, 1, 1)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    m = base.model
+    rows = []
+    for tp in (1, 2, 4, 8):
+        for pp in range(1, m.num_layers + 1):
+            if m.num_layers % pp or args.num_gpus % (tp * pp):
+                continue
+            try:
+                _config(args, tp, pp, args.num_gpus)
+            except ConfigError:
+                continue
+            rows.append(estimate(m, seq=args.seq_length, micro_batch=args.micro_batch_size,
+                                 global_batch=args.global_batch_size, gpus=args.num_gpus, tp=tp, pp=pp,
+                                 sharding=args.data_parallel_sharding, recompute=args.recompute,
+                                 gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
+                                 efficiency=args.efficiency).as_dict())
+    if not rows:
+        raise UsageError(f"--num-gpus {args.num_gpus}: no TP x PP x DP layout of {args.model} is valid with "
+                         f"--global-batch-size {args.global_batch_size} and --micro-batch-size "
+                         f"{args.micro_batch_size}")
+    rows.sort(key=lambda r: (not r["fits"], r["step_s"], r["total_gb"]))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    cells = [[h for h, _, _ in COLUMNS]]
+    for r in rows:
+        cells.append([("yes" if r[k] else "no") if k == "fits" else format(r[k], f) for _, k, f in COLUMNS])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        _check(args)
+        rows = plan(args)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return e.code or 0
+    if args.top:
+        rows = rows[:args.top]
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 0

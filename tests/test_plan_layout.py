@@ -1,0 +1,129 @@
+"""The layout planner: its model-state bytes match what the engine allocates, and its command line."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from engine_harness import TINY, _free_port, global_batches, micro_batches_of
+from megatron_mellama.config import parse_config
+from megatron_mellama.parallel.memory_model import model_state_bytes
+from megatron_mellama.tools.plan_layout import main
+from megatron_mellama.training.engine import Engine
+
+PLAN_13B = ["--model", "llama2-13b", "--seq-length", "4096", "--micro-batch-size", "1", "--global-batch-size",
+            "1024", "--gpu-memory-gb", "80", "--num-gpus", "160"]
+
+
+def _local_bytes(tensors) -> int:
+    total = 0
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+def measured_state(engine, cfg, dp_rank=0, dp_size=1) -> dict:
+    """This rank's bytes of parameters, gradients (one forward/backward) and optimizer state (one step)."""
+    params = [p for m in engine.modules for p in m.parameters()]
+    batch = global_batches(cfg, 1)[0]
+    micro = micro_batches_of(batch, cfg, dp_rank, dp_size)
+    engine._global_batch_loss(micro, train=True)
+    grads = _local_bytes(p.grad for p in params)
+    engine.optimizer.zero_grad(set_to_none=True)
+    engine.step(micro)
+    state = [t for s in engine.optimizer.state.values() for t in s.values()
+             if torch.is_tensor(t) and t.dim() > 0]  # the scalar `step` counters are negligible
+    return dict(weights=_local_bytes(params), grads=grads, optimizer=_local_bytes(state))
+
+
+def _assert_close(measured: dict, predicted: dict) -> None:
+    for key in ("weights", "grads", "optimizer"):
+        assert measured[key] == pytest.approx(predicted[key], rel=0.05), key
+
+
+def test_single_process_state_matches_engine():
+    cfg = parse_config(TINY)
+    measured = measured_state(Engine(cfg), cfg)
+    _assert_close(measured, model_state_bytes(cfg.model, 1, 1, 1, "none"))
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from megatron_mellama.parallel.mesh import ParallelDims
+
+        out = {}
+        for mode in ("optimizer", "full"):
+            cfg = parse_config(TINY + ["--data-parallel-sharding", mode], world_size=world)
+            dims = ParallelDims.from_config(cfg, world)
+            engine = Engine(cfg, dims.build_mesh("cpu"))
+            out[mode] = measured_state(engine, cfg, dims.coordinates(rank)["dp"], dims.dp)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(out, f)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)  # the other rank would wait in a collective forever
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_sharded_state_matches_engine(tmp_path):
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    model = parse_config(TINY).model
+    for rank in range(2):
+        measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for mode in ("optimizer", "full"):
+            _assert_close(measured[mode], model_state_bytes(model, 1, 1, 2, mode))
+
+
+def test_13b_plan_has_me_llama_layout(capsys):
+    assert main(PLAN_13B + ["--top", "0", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["tp"] * r["pp"] * r["dp"] == 160 for r in rows)
+    assert any(r["tp"] in (4, 8) and r["fits"] for r in rows)
+    assert all(1024 % r["dp"] == 0 and 40 % r["pp"] == 0 for r in rows)
+    fitting = [r["fits"] for r in rows]
+    assert fitting == sorted(fitting, reverse=True)  # layouts that fit come first
+
+
+def test_table_and_memory_ordering(capsys):
+    assert main(PLAN_13B + ["--top", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["TP", "PP", "DP"] and len(lines) == 4
+    # full recompute stores less than none, and full sharding less model state than none
+    args = PLAN_13B + ["--top", "0", "--json"]
+    main(args + ["--recompute", "none", "--data-parallel-sharding", "none"])
+    heavy = {(r["tp"], r["pp"]): r for r in json.loads(capsys.readouterr().out)}
+    main(args + ["--recompute", "full", "--data-parallel-sharding", "full"])
+    light = {(r["tp"], r["pp"]): r for r in json.loads(capsys.readouterr().out)}
+    for key, r in light.items():
+        assert r["activations_gb"] < heavy[key]["activations_gb"]
+        assert r["optimizer_gb"] < heavy[key]["optimizer_gb"] or r["dp"] == 1
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--num-gpus", "0"], "--num-gpus"),
+    (["--recompute", "some"], "--recompute"),
+    (["--model", "gpt9"], "--model"),
+    (["--seq-length", "8192"], "--seq-length"),
+    (["--num-gpus", "7"], "--num-gpus"),
+])
+def test_bad_flags_give_one_line_naming_the_flag(flags, named, capsys):
+    assert main(PLAN_13B + flags) == 2  # a repeated flag's last value wins
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err
+
+
+def test_help(capsys):
+    assert main(["--help"]) == 0
+    assert "--data-parallel-sharding" in capsys.readouterr().out
