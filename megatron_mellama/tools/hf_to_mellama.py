@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from .cli import OneLineParser, UsageError
+from .cli import OneLineParser, UsageError, run_tool
 
 
 def build_parser() -> OneLineParser:
@@ -29,19 +29,18 @@ def build_parser() -> OneLineParser:
 def main(argv=None) -> int:
     from ..checkpoint.sources import ConvertError
 
-    try:
-        args = build_parser().parse_args(argv)
-        if not os.path.isdir(args.hf_dir):
-            raise UsageError(f"--hf-dir {args.hf_dir}: no such directory")
-        from ..checkpoint.convert import import_checkpoint
-        from ..checkpoint.sources import HFSource, MetaSource
+    return run_tool("hf_to_mellama", lambda: build_parser().parse_args(argv), _run, errors=(ConvertError,))
 
-        start = time.time()
-        source = (MetaSource if args.source_format == "meta" else HFSource)(args.hf_dir)
-        path = import_checkpoint(source, args.save, args.dtype, progress=not args.no_progress)
-    except (UsageError, ConvertError) as exc:
-        print(f"hf_to_mellama: error: {exc}", file=sys.stderr)
-        return 2
+
+def _run(args) -> int:
+    if not os.path.isdir(args.hf_dir):
+        raise UsageError(f"--hf-dir {args.hf_dir}: no such directory")
+    from ..checkpoint.convert import import_checkpoint
+    from ..checkpoint.sources import HFSource, MetaSource
+
+    start = time.time()
+    source = (MetaSource if args.source_format == "meta" else HFSource)(args.hf_dir)
+    path = import_checkpoint(source, args.save, args.dtype, progress=not args.no_progress)
     print(f"wrote {path} ({len(source.names)} tensors) in {time.time() - start:.1f}s")
     return 0
 

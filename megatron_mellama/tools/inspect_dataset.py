@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from megatron_mellama.data.tokenizer import TOKENIZER_TYPES
-from megatron_mellama.tools.cli import OneLineParser, UsageError
+from megatron_mellama.tools.cli import OneLineParser, run_tool
 
 PROG = "mellama-inspect-dataset"
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
@@ -224,18 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help
-        return e.code or 0
-    try:
-        return _run(args)
-    except DatasetError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(PROG, lambda: build_parser().parse_args(argv), _run, errors=(DatasetError,))
 
 
 def _run(args) -> int:

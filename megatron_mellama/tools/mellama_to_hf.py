@@ -10,7 +10,7 @@ import re
 import sys
 import time
 
-from .cli import OneLineParser, UsageError
+from .cli import OneLineParser, UsageError, run_tool
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -38,17 +38,17 @@ def main(argv=None) -> int:
     from ..checkpoint.manager import CheckpointError
     from ..checkpoint.sources import ConvertError
 
-    try:
-        args = build_parser().parse_args(argv)
-        limit = parse_size(args.max_shard_size)
-        from ..checkpoint.convert import export_checkpoint
+    return run_tool("mellama_to_hf", lambda: build_parser().parse_args(argv), _run,
+                    errors=(ConvertError, CheckpointError))
 
-        start = time.time()
-        files = export_checkpoint(args.load, args.hf_dir, limit, args.dtype, args.tokenizer_model,
-                                  progress=not args.no_progress)
-    except (UsageError, ConvertError, CheckpointError) as exc:
-        print(f"mellama_to_hf: error: {exc}", file=sys.stderr)
-        return 2
+
+def _run(args) -> int:
+    limit = parse_size(args.max_shard_size)
+    from ..checkpoint.convert import export_checkpoint
+
+    start = time.time()
+    files = export_checkpoint(args.load, args.hf_dir, limit, args.dtype, args.tokenizer_model,
+                              progress=not args.no_progress)
     print(f"wrote {len(files)} files to {args.hf_dir} in {time.time() - start:.1f}s")
     return 0
 

@@ -16,7 +16,7 @@ import sys
 import warnings
 
 from megatron_mellama.tools.inspect_dataset import DatasetError, read_index
-from megatron_mellama.tools.cli import OneLineParser, UsageError
+from megatron_mellama.tools.cli import OneLineParser, run_tool
 
 PROG = "mellama-merge-datasets"
 
@@ -92,19 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help
-        return e.code or 0
-    try:
-        prefixes = prefixes_in(args.input) if args.input else args.prefixes
-        merge(prefixes, args.output_prefix, args.multimodal)
-    except (DatasetError, OSError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(PROG, lambda: build_parser().parse_args(argv), _run, errors=(DatasetError, OSError))
+
+
+def _run(args) -> int:
+    prefixes = prefixes_in(args.input) if args.input else args.prefixes
+    merge(prefixes, args.output_prefix, args.multimodal)
     print(f"wrote {args.output_prefix}.bin and {args.output_prefix}.idx from {len(prefixes)} datasets")
     return 0
 

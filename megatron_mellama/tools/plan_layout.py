@@ -12,11 +12,10 @@ assumptions are in megatron_mellama/parallel/memory_model.py.
 from __future__ import annotations
 
 import json
-import sys
 
 from megatron_mellama.config import PRESETS, ConfigError, parse_config
 from megatron_mellama.parallel.memory_model import estimate
-from megatron_mellama.tools.cli import OneLineParser, UsageError
+from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
 
 PROG = "mellama-plan-layout"
 COLUMNS = (("TP", "tp", "d"), ("PP", "pp", "d"), ("DP", "dp", "d"), ("micro", "microbatches", "d"),
@@ -105,15 +104,12 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        _check(args)
-        rows = plan(args)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help
-        return e.code or 0
+    return run_tool(PROG, lambda: build_parser().parse_args(argv), _run)
+
+
+def _run(args) -> int:
+    _check(args)
+    rows = plan(args)
     if args.top:
         rows = rows[:args.top]
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))

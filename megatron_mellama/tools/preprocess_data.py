@@ -23,7 +23,7 @@ from megatron_mellama.data.indexed_writer import IndexedWriter, optimal_dtype, t
 from megatron_mellama.data.jsonl_reader import expand_inputs, read_blocks, sample_texts
 from megatron_mellama.data.record_encoder import RecordEncoder
 from megatron_mellama.data.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer
-from megatron_mellama.tools.cli import OneLineParser, UsageError
+from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
 
 PROG = "mellama-preprocess-data"
 BLOCKS_IN_FLIGHT_PER_WORKER = 4  # bounds memory: the reader never runs ahead of the workers by more
@@ -214,13 +214,10 @@ def _raise_terminated(signum, frame):
 
 
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-    except UsageError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    except SystemExit as exit_:  # --help
-        return exit_.code if isinstance(exit_.code, int) else 0
+    return run_tool(PROG, lambda: parse_args(argv), _run_until_signalled)
+
+
+def _run_until_signalled(args) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return run(args)
