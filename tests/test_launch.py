@@ -11,7 +11,8 @@ from megatron_mellama.config import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["launch/torchrun_single_node.sh", "launch/slurm_multi_node.sbatch",
-           "examples/me_llama/run_13b.sh", "examples/me_llama/run_70b.sh", "examples/quickstart.sh"]
+           "examples/me_llama/run.sh", "examples/me_llama/run_13b.sh", "examples/me_llama/run_70b.sh",
+           "examples/quickstart.sh"]
 PASS_THROUGH = ["--config", "examples/me_llama/me_llama_13b.yaml", "--data-path", "15", "data/bio_text_document",
                 "1", "data/clin_text_document", "4", "data/gen_text_document", "--lr", "8e-6", "--bf16"]
 # the GPU count each recipe's layout is written for
