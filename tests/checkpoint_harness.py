@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from engine_harness import _free_port, global_batches, micro_batches_of
+from engine_harness import global_batches, micro_batches_of, spawn_gloo
 
 
 def train_segment(argv: list, start: int, stop: int, save: bool, meshes=None, dp_rank: int = 0,
@@ -40,31 +37,16 @@ def train_segment(argv: list, start: int, stop: int, save: bool, meshes=None, dp
     return dict(losses=losses, params=engine.full_state(), state=state)
 
 
-def _worker(rank: int, world: int, port: int, argv: list, start: int, stop: int, save: bool, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from megatron_mellama.config import parse_config
-        from megatron_mellama.parallel.mesh import ParallelDims
+def _segment_rank(rank: int, world: int, argv: list, start: int, stop: int, save: bool) -> dict:
+    from megatron_mellama.config import parse_config
+    from megatron_mellama.parallel.mesh import ParallelDims
 
-        dims = ParallelDims.from_config(parse_config(argv, world_size=world), world)
-        result = train_segment(argv, start, stop, save, dims.build_mesh("cpu"), dims.coordinates(rank)["dp"], dims.dp)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:
-        # a failed rank would leave the others waiting in a collective: say why and end them all
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    dist.barrier()
-    dist.destroy_process_group()
+    dims = ParallelDims.from_config(parse_config(argv, world_size=world), world)
+    return train_segment(argv, start, stop, save, dims.build_mesh("cpu"), dims.coordinates(rank)["dp"], dims.dp)
 
 
 def train_segment_distributed(argv: list, world: int, start: int, stop: int, save: bool, out_dir: str) -> list[dict]:
-    mp.start_processes(_worker, args=(world, _free_port(), argv, start, stop, save, out_dir), nprocs=world,
-                       join=True, start_method="spawn")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    return spawn_gloo(_segment_rank, world, (argv, start, stop, save), out_dir)
 
 
 if __name__ == "__main__":

@@ -66,23 +66,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, argv: list, steps: int, out_dir: str) -> None:
+def _gloo_rank(rank: int, world: int, port: int, out_dir: str, body, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from megatron_mellama.config import parse_config
-        from megatron_mellama.parallel.mesh import ParallelDims
-        from megatron_mellama.training.engine import Engine
-
-        cfg = parse_config(argv, world_size=world)
-        dims = ParallelDims.from_config(cfg, world)
-        engine = Engine(cfg, dims.build_mesh("cpu"))
-        coords = dims.coordinates(rank)
-        result = run_steps(cfg, engine, steps, coords["dp"], dims.dp)
-        result["coords"] = coords
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(body(rank, world, *args), os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
         # a failed rank would leave the others waiting in a collective: say why and end them all
         traceback.print_exc()
@@ -92,10 +82,31 @@ def _worker(rank: int, world: int, port: int, argv: list, steps: int, out_dir: s
     dist.destroy_process_group()
 
 
-def run_distributed(argv: list, world: int, steps: int, out_dir: str) -> list[dict]:
-    mp.start_processes(_worker, args=(world, _free_port(), argv, steps, out_dir), nprocs=world, join=True,
+def spawn_gloo(body, world: int, args: tuple, out_dir: str) -> list:
+    """`body(rank, world, *args)` in `world` gloo processes; returns each rank's result, in rank order.
+
+    `body` must be a module-level function (the processes are spawned)."""
+    mp.start_processes(_gloo_rank, args=(world, _free_port(), out_dir, body, args), nprocs=world, join=True,
                        start_method="spawn")
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+
+
+def _engine_rank(rank: int, world: int, argv: list, steps: int) -> dict:
+    from megatron_mellama.config import parse_config
+    from megatron_mellama.parallel.mesh import ParallelDims
+    from megatron_mellama.training.engine import Engine
+
+    cfg = parse_config(argv, world_size=world)
+    dims = ParallelDims.from_config(cfg, world)
+    engine = Engine(cfg, dims.build_mesh("cpu"))
+    coords = dims.coordinates(rank)
+    result = run_steps(cfg, engine, steps, coords["dp"], dims.dp)
+    result["coords"] = coords
+    return result
+
+
+def run_distributed(argv: list, world: int, steps: int, out_dir: str) -> list[dict]:
+    return spawn_gloo(_engine_rank, world, (argv, steps), out_dir)
 
 
 def merged_params(results: list[dict]) -> dict:
