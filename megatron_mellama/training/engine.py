@@ -13,6 +13,7 @@ reduction averages gradients, so the backward loss is multiplied by the DP size 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,12 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from ..config import Config
 from ..model.llama import Llama, initial_value, rotary_tables
+from ..parallel.data import apply_data_parallel, set_gradient_sync
 from ..parallel.mesh import Meshes, ParallelDims
+from ..parallel.pipeline import build_schedule, run_pipeline_step, split_into_stages
+from ..parallel.recompute import apply_activation_checkpointing, apply_compile
+from ..parallel.tensor import apply_tensor_parallel
+from .optim import LossScaler, build_lr_scheduler, build_optimizer, clip_grad_norm_
 
 IGNORE_INDEX = -100
 
@@ -42,12 +48,6 @@ def _local_value(t):
 
 class Engine:
     def __init__(self, cfg: Config, meshes: Meshes | None = None, device: str | torch.device = "cpu"):
-        from ..parallel.data import apply_data_parallel
-        from ..parallel.recompute import apply_activation_checkpointing, apply_compile
-        from ..parallel.pipeline import build_schedule, split_into_stages
-        from ..parallel.tensor import apply_tensor_parallel
-        from .optim import LossScaler, build_lr_scheduler, build_optimizer
-
         self.cfg, self.meshes, self.device = cfg, meshes, torch.device(device)
         p = cfg.parallel
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -146,14 +146,12 @@ class Engine:
         """One optimizer step over this DP rank's micro-batches of one global batch."""
         loss = self._global_batch_loss(micro_batches, train=True)
 
-        from .optim import clip_grad_norm_
-
         params = [q for m in self.modules for q in m.parameters()]
         self.scaler.unscale_(params)
         pp_group = self.meshes.pp.get_group() if self.dims.pp > 1 else None
         grad_norm = clip_grad_norm_(params, self.cfg.optim.clip_grad, pp_group=pp_group)
         grad_norm = float(grad_norm)
-        skipped = not (torch.isfinite(torch.tensor(grad_norm)) and torch.isfinite(torch.tensor(loss)))
+        skipped = not (math.isfinite(grad_norm) and math.isfinite(loss))
         self.scaler.update(found_inf=skipped)
         lr = self.optimizer.param_groups[0]["lr"]
         if not skipped:
@@ -163,8 +161,6 @@ class Engine:
         return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped, lr=lr)
 
     def _accumulate(self, tokens, labels, train: bool) -> float:
-        from ..parallel.data import set_gradient_sync
-
         model = self.modules[0]
         total = 0.0
         for i, (t, lab) in enumerate(zip(tokens, labels)):
@@ -180,8 +176,6 @@ class Engine:
         return total / self.dims.dp  # back from the DP-scaled backward loss to this rank's share
 
     def _pipeline(self, tokens, labels, train: bool) -> float:
-        from ..parallel.pipeline import run_pipeline_step
-
         # the schedule runs the loss's backward itself: the vocabulary-parallel loss context must
         # cover the whole step, not only the loss function
         with self._autocast(), self._loss_context():
