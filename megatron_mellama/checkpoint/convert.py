@@ -26,8 +26,8 @@ from tqdm import tqdm
 from ..config import Config, ModelConfig
 from ..model.llama import Llama
 from .hf import hf_config_dict, model_config_from_hf, to_hf_name
-from .manager import (FORMAT_VERSION, LATEST, PARTIAL_SUFFIX, TRAIN_STATE, _fsync_write, checkpoint_dir,
-                      latest_iteration)
+from .manager import (PARTIAL_SUFFIX, TRAIN_STATE, checkpoint_dir, latest_iteration,
+                      write_latest, write_train_state)
 from .sources import SAFETENSORS_DTYPES, ConvertError
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -106,14 +106,11 @@ def import_checkpoint(source, save: str, dtype: str = "keep", progress: bool = T
         raise _unwrap(exc) from None
     finally:
         bar.close()
-    train_state = dict(format=FORMAT_VERSION, iteration=0, consumed_samples=0, extra={}, world_size=1,
-                       layout=dict(tp=1, pp=1, dp=1), scheduler={}, scaler={},
-                       config=dataclasses.asdict(Config(model=cfg)))
-    _fsync_write(os.path.join(partial, TRAIN_STATE), json.dumps(train_state, indent=1))
+    write_train_state(partial, iteration=0, consumed_samples=0, config=Config(model=cfg))
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(partial, final)
-    _fsync_write(os.path.join(save, LATEST), "0\n")
+    write_latest(save, 0)
     return final
 
 

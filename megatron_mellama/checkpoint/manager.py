@@ -102,6 +102,23 @@ class FullModelView(nn.Module):
                 setattr(self, attr, owned[0])
 
 
+def write_train_state(ckpt_dir: str, *, iteration: int, consumed_samples: int, config: Config,
+                      extra: dict | None = None, world_size: int = 1, layout: dict | None = None,
+                      scheduler: dict | None = None, scaler: dict | None = None) -> None:
+    """`train_state.json`: everything in a checkpoint but its tensors, in the one format `load` reads.
+
+    Empty scheduler and scaler states mark a weights-only checkpoint (one imported from elsewhere)."""
+    state = dict(format=FORMAT_VERSION, iteration=iteration, consumed_samples=consumed_samples,
+                 extra=dict(extra or {}), world_size=world_size, layout=layout or dict(tp=1, pp=1, dp=1),
+                 scheduler=scheduler or {}, scaler=scaler or {}, config=dataclasses.asdict(config))
+    _fsync_write(os.path.join(ckpt_dir, TRAIN_STATE), json.dumps(state, indent=1))
+
+
+def write_latest(root: str, iteration: int) -> None:
+    """Point `root/latest` at `iteration`, atomically: the last step of every save."""
+    _fsync_write(os.path.join(root, LATEST), f"{iteration}\n")
+
+
 def _fsync_write(path: str, text: str) -> None:
     """Write `text` to `path` atomically: a reader sees the old file or the whole new one."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -179,8 +196,10 @@ class CheckpointManager:
                 if name.endswith(PARTIAL_SUFFIX):
                     shutil.rmtree(os.path.join(root, name), ignore_errors=True)
             os.makedirs(os.path.join(partial, "rng"))
-            _fsync_write(os.path.join(partial, TRAIN_STATE),
-                         json.dumps(self._train_state(iteration, consumed_samples, extra), indent=1))
+            d = self.engine.dims
+            write_train_state(partial, iteration=iteration, consumed_samples=consumed_samples, config=self.cfg,
+                              extra=extra, world_size=self.world, layout=dict(tp=d.tp, pp=d.pp, dp=d.dp),
+                              scheduler=self.engine.scheduler.state_dict(), scaler=self.engine.scaler.state_dict())
         self._barrier()
         torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{self.rank:05d}.pt"))
         writer = dcp.FileSystemWriter(partial, sync_files=True)
@@ -222,7 +241,7 @@ class CheckpointManager:
             else:
                 os.rename(partial, final)
             _fsync_dir(root)
-            _fsync_write(os.path.join(root, LATEST), f"{iteration}\n")
+            write_latest(root, iteration)
             self._prune(root, iteration)
         self._barrier()
 
@@ -234,13 +253,6 @@ class CheckpointManager:
         for it in iterations[:-keep]:
             if it != latest:
                 shutil.rmtree(checkpoint_dir(root, it), ignore_errors=True)
-
-    def _train_state(self, iteration: int, consumed_samples: int, extra: dict | None) -> dict:
-        d = self.engine.dims
-        return dict(format=FORMAT_VERSION, iteration=iteration, consumed_samples=consumed_samples,
-                    extra=dict(extra or {}), world_size=self.world, layout=dict(tp=d.tp, pp=d.pp, dp=d.dp),
-                    scheduler=self.engine.scheduler.state_dict(), scaler=self.engine.scaler.state_dict(),
-                    config=dataclasses.asdict(self.cfg))
 
     def _state_dict(self, optimizer: bool) -> dict:
         state = get_model_state_dict(self.model, options=_OPTIONS)
