@@ -1,15 +1,11 @@
 """The layout planner: its model-state bytes match what the engine allocates, and its command line."""
 
 import json
-import os
-import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from engine_harness import TINY, _free_port, global_batches, micro_batches_of
+from engine_harness import TINY, global_batches, micro_batches_of, spawn_gloo
 from megatron_mellama.config import parse_config
 from megatron_mellama.parallel.memory_model import model_state_bytes
 from megatron_mellama.tools.plan_layout import main
@@ -52,36 +48,22 @@ def test_single_process_state_matches_engine():
     _assert_close(measured, model_state_bytes(cfg.model, 1, 1, 1, "none"))
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from megatron_mellama.parallel.mesh import ParallelDims
+def _measure_rank(rank: int, world: int) -> dict:
+    from megatron_mellama.parallel.mesh import ParallelDims
 
-        out = {}
-        for mode in ("optimizer", "full"):
-            cfg = parse_config(TINY + ["--data-parallel-sharding", mode], world_size=world)
-            dims = ParallelDims.from_config(cfg, world)
-            engine = Engine(cfg, dims.build_mesh("cpu"))
-            out[mode] = measured_state(engine, cfg, dims.coordinates(rank)["dp"], dims.dp)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(out, f)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)  # the other rank would wait in a collective forever
-    dist.barrier()
-    dist.destroy_process_group()
+    out = {}
+    for mode in ("optimizer", "full"):
+        cfg = parse_config(TINY + ["--data-parallel-sharding", mode], world_size=world)
+        dims = ParallelDims.from_config(cfg, world)
+        engine = Engine(cfg, dims.build_mesh("cpu"))
+        out[mode] = measured_state(engine, cfg, dims.coordinates(rank)["dp"], dims.dp)
+    return out
 
 
 def test_sharded_state_matches_engine(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    results = spawn_gloo(_measure_rank, 2, (), str(tmp_path))
     model = parse_config(TINY).model
-    for rank in range(2):
-        measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for measured in results:
         for mode in ("optimizer", "full"):
             _assert_close(measured[mode], model_state_bytes(model, 1, 1, 2, mode))
 
