@@ -1,8 +1,13 @@
 """Shared fixtures. Nothing here touches a network: tokenizers are trained on generated text."""
 
+import os
 import random
 
-import pytest
+# Triton kernels run on the CPU through Triton's interpreter; it is read when a kernel is defined,
+# so it must be set before anything imports them (spawned ranks inherit it)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 _WORDS = ("the a of and to in is was with for on by patient patients clinical doctor nurse hospital "
           "disease treatment therapy dose trial study result results method model data language large "

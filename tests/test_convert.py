@@ -166,7 +166,8 @@ def test_meta_import_equals_hf_import(tmp_path):
 def test_meta_rope_layout_is_what_the_permutation_assumes():
     """Meta's interleaved-pair RoPE on Meta's q/k rows = rotate-half RoPE on the permuted rows."""
     from megatron_mellama.checkpoint.meta import interleaved_to_half
-    from megatron_mellama.model.llama import apply_rotary, rotary_tables
+    from megatron_mellama.kernels.reference import apply_rotary
+    from megatron_mellama.model.llama import rotary_tables
 
     heads, head_dim, dim, seq = 2, 8, 16, 5
     wq = torch.randn(heads * head_dim, dim)

@@ -14,6 +14,7 @@ LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD", "inverse-square-root")
 TOKENIZER_TYPES = ("Llama2Tokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer")
 DP_SHARDING = ("none", "optimizer", "full")
 PIPELINE_SCHEDULES = ("1f1b", "interleaved-1f1b", "zero-bubble")
+KERNEL_BACKENDS = ("auto", "torch", "triton", "te", "apex")
 
 
 def opt(default, help, *, flag=None, choices=None, metavar=None):
@@ -133,6 +134,10 @@ class TrainingConfig:
     initial_loss_scale: float = opt(2.0 ** 32, "fp16: first dynamic loss scale")
     seed: int = opt(1234, "random seed for initialisation and data order")
     compile: bool = opt(False, "torch.compile each transformer block")
+    kernel_backend: str = opt(
+        "auto", "who runs the norm, rotary, SwiGLU, attention and loss kernels: auto (the fastest available "
+        "on the device; torch on the CPU), or force one; a backend that cannot run here falls back to torch "
+        "with a warning", choices=KERNEL_BACKENDS)
     exit_interval: Optional[int] = opt(None, "stop after an iteration divisible by this")
     exit_duration_in_mins: Optional[float] = opt(None, "stop after this many minutes")
     max_skipped_steps: Optional[int] = opt(None, "stop after this many consecutive inf/NaN steps")

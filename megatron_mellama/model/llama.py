@@ -2,7 +2,9 @@
 
 The math follows Hugging Face's `LlamaForCausalLM` (rotate-half RoPE, separate q/k/v and gate/up
 projections, RMSNorm in fp32), and parameter names are Hugging Face's without the `model.` prefix,
-so a Hugging Face state dict loads with a name map only. Parallelism is applied to this module from
+so a Hugging Face state dict loads with a name map only. The norm, rotary embedding, SwiGLU,
+attention and the loss go through `megatron_mellama.kernels`, which picks a backend for each; their
+math, in plain PyTorch, is `kernels/reference.py`. Parallelism is applied to this module from
 `megatron_mellama.parallel`; nothing here knows about it.
 """
 
@@ -12,9 +14,9 @@ import hashlib
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import ModelConfig
 
 
@@ -25,10 +27,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics: bf16 loses the small variances of early layers
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # statistics in fp32: bf16 loses the small variances of early layers
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 def rotary_tables(head_dim: int, max_positions: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,17 +37,6 @@ def rotary_tables(head_dim: int, max_positions: int, base: float, device=None) -
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); cos/sin: tables of at least seq rows, (rows, head_dim)."""
-    seq = x.shape[2]
-    return x * cos[:seq].to(x.dtype) + rotate_half(x) * sin[:seq].to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -65,9 +54,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = kernels.apply_rotary_qk(q, k, cos, sin)
         # query head h reads key/value head h // (heads / kv_heads), as Hugging Face's repeat_kv
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+        out = kernels.attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -79,7 +68,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -96,7 +85,11 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """tokens (batch, seq) -> logits (batch, seq, vocab)."""
+    """tokens (batch, seq) -> logits (batch, seq, vocab); with labels, the summed token loss.
+
+    `model(tokens, labels)` returns the cross-entropy summed over the tokens whose label is not -100,
+    computed chunk by chunk without materialising the logits (`kernels.linear_cross_entropy`).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -111,7 +104,7 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         # A pipeline stage replaces the parts it does not own with None; on the first stage the
         # input is token ids, on the others the previous stage's hidden states.
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
@@ -119,7 +112,11 @@ class Llama(nn.Module):
             # whole tables: with sequence parallelism h holds only a slice of the sequence here
             h = layer(h, self.rope_cos, self.rope_sin)
         h = self.norm(h) if self.norm is not None else h
-        return self.lm_head(h) if self.lm_head is not None else h
+        if self.lm_head is None:
+            return h
+        if labels is not None:
+            return kernels.linear_cross_entropy(h, self.lm_head.weight, labels)
+        return self.lm_head(h)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

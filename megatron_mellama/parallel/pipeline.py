@@ -106,15 +106,17 @@ def run_pipeline_step(schedule, parts: list[tuple[int, nn.Module]], tokens: torc
                       labels: torch.Tensor, *, train: bool = True) -> list[torch.Tensor] | None:
     """Forward (and, when training, backward) over one batch, split into microbatches along dim 0.
 
-    Returns the per-microbatch losses on the rank holding the last stage, None elsewhere. Every rank
-    of the pipeline group must call it with the same `train`.
+    Every stage is called as `part(x, labels=labels)`: the last one returns its micro-batch's
+    summed token loss, which the schedule's `loss_fn(output, labels)` normalises. Returns the
+    per-microbatch losses on the rank holding the last stage, None elsewhere. Every rank of the
+    pipeline group must call it with the same `train`.
     """
     args = (tokens,) if has_first_stage(parts) else ()
     losses: list[torch.Tensor] | None = [] if has_last_stage(parts) else None
     target = labels if losses is not None else None
     if train:
-        schedule.step(*args, target=target, losses=losses, return_outputs=False)
+        schedule.step(*args, target=target, losses=losses, return_outputs=False, labels=labels)
     else:
         with torch.no_grad():
-            schedule.eval(*args, target=target, losses=losses, return_outputs=False)
+            schedule.eval(*args, target=target, losses=losses, return_outputs=False, labels=labels)
     return losses

@@ -8,6 +8,8 @@ and wrapped for data parallelism. `step()` runs the micro-batches through the pi
 The loss is the token mean over the whole global batch: every micro-batch contributes its summed
 token loss divided by the token count of the global batch (all DP ranks together). Data-parallel
 reduction averages gradients, so the backward loss is multiplied by the DP size to make it a sum.
+The model's last stage computes the summed token loss itself (`model(tokens, labels)`: the fused,
+chunked, vocabulary-parallel output layer and cross-entropy), so the logits never exist.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.distributed.tensor.parallel import loss_parallel
 
+from .. import kernels
 from ..config import Config
 from ..model.llama import Llama, initial_value, rotary_tables
 from ..parallel.data import apply_data_parallel, set_gradient_sync
@@ -31,7 +32,7 @@ from ..parallel.recompute import apply_activation_checkpointing, apply_compile
 from ..parallel.tensor import apply_tensor_parallel
 from .optim import LossScaler, build_lr_scheduler, build_optimizer, clip_grad_norm_
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = kernels.IGNORE_INDEX
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Engine:
             raise ValueError("a multi-process layout needs the meshes (ParallelDims.build_mesh)")
         self.pp_rank = meshes.pp.get_local_rank() if meshes else 0
 
+        kernels.configure(cfg.train.kernel_backend, self.device, timing_shapes=self._timing_shapes())
         with torch.device("meta"):
             model = Llama(cfg.model)
         if self.dims.pp > 1:
@@ -86,6 +88,15 @@ class Engine:
                                            self._pipeline_loss, p.pipeline_schedule)
         self._global_tokens = None
 
+    def _timing_shapes(self) -> dict:
+        """What `--kernel-backend auto` times the backends on: this run's per-rank shapes."""
+        m, tp = self.cfg.model, self.dims.tp
+        return dict(tokens=self.cfg.train.micro_batch_size * self.cfg.data.seq_length, hidden=m.hidden_size,
+                    heads=m.num_attention_heads // tp, kv_heads=max(m.kv_heads // tp, 1), head_dim=m.head_dim,
+                    ffn=m.ffn_size // tp, vocab=m.padded_vocab_size // tp, eps=m.norm_epsilon,
+                    dtype=torch.bfloat16 if self.cfg.train.bf16 else torch.float16 if self.cfg.train.fp16
+                    else torch.float32)
+
     @torch.no_grad()
     def _initialise(self, part: Llama) -> None:
         m = self.cfg.model
@@ -107,17 +118,12 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _loss_context(self):
-        return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
+    def _normalised(self, summed_loss):
+        """A micro-batch's summed token loss over the global token count, times DP (see module doc)."""
+        return summed_loss * (self.dims.dp / self._global_tokens)
 
-    def _summed_loss(self, logits, labels):
-        """Summed token loss of a micro-batch over the global token count, times DP (see module doc)."""
-        total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                reduction="sum")
-        return total * (self.dims.dp / self._global_tokens)
-
-    def _pipeline_loss(self, logits, labels):
-        return self.scaler.scale(self._summed_loss(logits, labels))
+    def _pipeline_loss(self, summed_loss, labels):
+        return self.scaler.scale(self._normalised(summed_loss))
 
     # -- one step -----------------------------------------------------------------------------
     def _global_batch_loss(self, micro_batches: list[dict], train: bool) -> float:
@@ -166,19 +172,16 @@ class Engine:
         for i, (t, lab) in enumerate(zip(tokens, labels)):
             if self.dims.dp > 1 and train:
                 set_gradient_sync(model, i == len(tokens) - 1)
-            with torch.set_grad_enabled(train), self._autocast():
-                logits = model(t.to(self.device))
-            with torch.set_grad_enabled(train), self._loss_context():
-                loss = self._summed_loss(logits, lab.to(self.device))
+            with torch.set_grad_enabled(train):
+                with self._autocast():
+                    loss = self._normalised(model(t.to(self.device), lab.to(self.device)))
                 if train:
                     self.scaler.scale(loss).backward()
             total += _local_value(loss).item()
         return total / self.dims.dp  # back from the DP-scaled backward loss to this rank's share
 
     def _pipeline(self, tokens, labels, train: bool) -> float:
-        # the schedule runs the loss's backward itself: the vocabulary-parallel loss context must
-        # cover the whole step, not only the loss function
-        with self._autocast(), self._loss_context():
+        with self._autocast():
             losses = run_pipeline_step(self.schedule, self.parts, torch.cat(tokens).to(self.device),
                                        torch.cat(labels).to(self.device), train=train)
         last_stage_total = torch.zeros(())

@@ -1,0 +1,36 @@
+"""The hot operations of LLaMA2, each with one entry point and several backends.
+
+The model calls these functions; `configure(--kernel-backend, device)` decides once per run which
+backend runs each of them (see `dispatch.py`). Backends: `torch` (`reference.py`, the reference),
+`triton` (`triton_ops.py`), Transformer Engine (`te_ops.py`) and apex (`apex_ops.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import KERNEL_BACKEND_CHOICES, OPERATIONS, configure, implementation, selected, use_backends
+from .fused_loss import IGNORE_INDEX, linear_cross_entropy
+
+__all__ = ["KERNEL_BACKEND_CHOICES", "OPERATIONS", "IGNORE_INDEX", "configure", "selected", "use_backends",
+           "rms_norm", "apply_rotary_qk", "swiglu", "attention", "linear_cross_entropy"]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * normalise(x), statistics in fp32; the result has weight's and x's promoted dtype."""
+    return implementation("rms_norm", x).rms_norm(x, weight, eps)
+
+
+def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate-half RoPE of q (batch, heads, seq, head_dim) and k (batch, kv_heads, seq, head_dim)."""
+    return implementation("rotary", q).apply_rotary_qk(q, k, cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up."""
+    return implementation("swiglu", gate).swiglu(gate, up)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention; k/v may have fewer heads than q (grouped-query attention)."""
+    return implementation("attention", q).attention(q, k, v)

@@ -1,0 +1,146 @@
+"""Which backend runs each operation.
+
+One process-wide table maps every operation to a backend module; the model calls the operations
+through `megatron_mellama.kernels` and never names a backend. `configure()` fills the table once per
+run from `--kernel-backend`:
+
+- `torch`: the reference for every operation.
+- `triton`, `te`, `apex`: that backend for the operations it has, the reference for the rest. A
+  backend that cannot run here (package missing, no GPU, Triton on the CPU without its interpreter)
+  is reported once and replaced by the reference; a run never stops for it.
+- `auto`: on a GPU, the fastest available backend per operation, timed at start-up on the run's
+  shapes (see `autotune.py`); on the CPU the reference (Triton's interpreter is a test tool).
+
+Meta tensors and DTensors always take the reference: the reference's ops know how to shard, the
+fused kernels see plain local tensors (with sequence parallelism the norms' inputs are DTensors,
+so the norms run the reference there).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from ..config.sections import KERNEL_BACKENDS as KERNEL_BACKEND_CHOICES
+
+log = logging.getLogger(__name__)
+
+BACKENDS = tuple(b for b in KERNEL_BACKEND_CHOICES if b != "auto")
+
+# an operation and the functions a backend module must define to provide it
+OPERATIONS = {
+    "rms_norm": ("rms_norm",),
+    "rotary": ("apply_rotary_qk",),
+    "swiglu": ("swiglu",),
+    "attention": ("attention",),
+    "cross_entropy": ("logsumexp_rows", "cross_entropy_grad"),
+}
+
+_MODULES = {"torch": "reference", "triton": "triton_ops", "te": "te_ops", "apex": "apex_ops"}
+_loaded: dict[tuple[str, str], ModuleType | None] = {}
+_reported: set[str] = set()
+_table: dict[str, str] = {op: "torch" for op in OPERATIONS}
+
+
+def _report_once(backend: str, reason: str) -> None:
+    if backend not in _reported:
+        _reported.add(backend)
+        log.warning("kernel backend %r is not available (%s); its operations use the torch reference",
+                    backend, reason)
+
+
+def backend_module(backend: str, device_type: str = "cuda") -> ModuleType | None:
+    """The module implementing `backend` on `device_type`, or None (reported once) if it cannot run."""
+    key = (backend, device_type)
+    if key not in _loaded:
+        _loaded[key] = _load(backend, device_type)
+    return _loaded[key]
+
+
+def _load(backend: str, device_type: str) -> ModuleType | None:
+    if backend not in _MODULES:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose from {', '.join(KERNEL_BACKEND_CHOICES)}")
+    if device_type == "cpu" and backend in ("te", "apex"):
+        _report_once(backend, "it needs a CUDA device")
+        return None
+    if device_type == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        _report_once(backend, "on the CPU Triton runs only under its interpreter: set TRITON_INTERPRET=1")
+        return None
+    try:
+        return importlib.import_module(f"{__package__}.{_MODULES[backend]}")
+    except ImportError as exc:
+        _report_once(backend, str(exc))
+        return None
+
+
+def provides(module: ModuleType, op: str) -> bool:
+    return all(hasattr(module, fn) for fn in OPERATIONS[op])
+
+
+def available(op: str, device_type: str) -> list[str]:
+    """The backends that can run `op` on `device_type`, the reference first."""
+    out = []
+    for backend in BACKENDS:
+        module = backend_module(backend, device_type)
+        if module is not None and provides(module, op):
+            out.append(backend)
+    return out
+
+
+def configure(choice: str, device: torch.device | str = "cpu", timing_shapes=None) -> dict[str, str]:
+    """Set the backend of every operation from a `--kernel-backend` value; returns the table."""
+    device_type = torch.device(device).type
+    if choice not in KERNEL_BACKEND_CHOICES:
+        raise ValueError(f"unknown kernel backend {choice!r}; choose from {', '.join(KERNEL_BACKEND_CHOICES)}")
+    table = {}
+    for op in OPERATIONS:
+        if choice == "auto":
+            if device_type == "cpu":
+                table[op] = "torch"
+            else:
+                from .autotune import fastest
+                table[op] = fastest(op, available(op, device_type), torch.device(device), timing_shapes)
+        else:
+            module = backend_module(choice, device_type)
+            table[op] = choice if module is not None and provides(module, op) else "torch"
+    _table.update(table)
+    log.info("kernels: %s", ", ".join(f"{op}={b}" for op, b in table.items()))
+    return dict(table)
+
+
+def selected() -> dict[str, str]:
+    return dict(_table)
+
+
+class use_backends:
+    """Run a block with another table (tests and benchmarks): `with use_backends("triton"): ...`."""
+
+    def __init__(self, choice: str | dict[str, str], device: torch.device | str = "cpu"):
+        self.choice, self.device = choice, device
+
+    def __enter__(self):
+        self.saved = dict(_table)
+        if isinstance(self.choice, dict):
+            _table.update(self.choice)
+        else:
+            configure(self.choice, self.device)
+        return selected()
+
+    def __exit__(self, *exc):
+        _table.clear()
+        _table.update(self.saved)
+
+
+def implementation(op: str, example: torch.Tensor) -> ModuleType:
+    """The module that runs `op` for tensors like `example`."""
+    backend = _table[op]
+    if backend != "torch" and example.device.type != "meta" and not isinstance(example, DTensor):
+        module = backend_module(backend, example.device.type)
+        if module is not None:
+            return module
+    return backend_module("torch", example.device.type)

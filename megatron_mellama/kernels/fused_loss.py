@@ -1,0 +1,122 @@
+"""Output layer and cross-entropy in one pass over token chunks: the full logits never exist.
+
+`linear_cross_entropy(hidden, weight, labels)` is `F.cross_entropy(hidden @ weight.T, labels,
+reduction="sum")` for hidden (..., H), weight (V, H). It computes the logits of `chunk_tokens`
+tokens at a time, keeps one logsumexp per token, and recomputes each chunk's logits in backward to
+turn them into gradients in place: peak memory is one chunk of logits instead of the full
+(tokens x vocabulary) logits, their fp32 copy and their gradient. The price is one more output-layer
+matmul in backward.
+
+Vocabulary-parallel under tensor parallelism (as Megatron-LM's cross-entropy): when `weight` is a
+DTensor sharded on the vocabulary, each rank computes logits for its rows only; the per-token
+logsumexp and target logit are combined over the TP group (three all-reduces of one float per
+token), and in backward the partial hidden-state gradients are summed over the group. With sequence
+parallelism the hidden states arrive sharded on the sequence and are gathered first.
+
+The chunk's logsumexp and gradient come from the selected kernel backend (`cross_entropy`
+operation); the matmuls are cuBLAS/torch in the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from .dispatch import implementation
+
+IGNORE_INDEX = -100
+# logits elements per chunk: 32M is 2^25 x 4 bytes = 128 MiB of fp32 per chunk (1024 tokens of a
+# 32,000-token vocabulary), small beside the weights and large enough to keep the matmul efficient
+CHUNK_ELEMENTS = 1 << 25
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         ignore_index: int = IGNORE_INDEX, chunk_tokens: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of the tokens whose label is not `ignore_index`; an fp32 scalar."""
+    group, vocab_start = None, 0
+    if isinstance(hidden, DTensor):
+        # sequence parallel: every rank needs every token against its vocabulary rows
+        hidden = hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim).to_local()
+    if isinstance(weight, DTensor):
+        weight, group, vocab_start = _vocab_shard(weight)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1).to(hidden.device)
+    if chunk_tokens is None:
+        chunk_tokens = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    device_type = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_tokens, compute_dtype,
+                                     group, vocab_start)
+
+
+def _vocab_shard(weight: DTensor) -> tuple[torch.Tensor, dist.ProcessGroup, int]:
+    mesh, placements = weight.device_mesh, weight.placements
+    dims = [i for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim == 0]
+    if len(dims) != 1 or any(not isinstance(p, (Replicate, Shard)) for p in placements):
+        raise ValueError(f"the output layer's weight must be sharded on the vocabulary over one mesh "
+                         f"dimension, not {placements}")
+    local = weight.to_local()
+    rank = mesh.get_local_rank(dims[0])
+    # DTensor's Shard(0) gives every rank the same number of rows when the padded vocabulary
+    # divides by the TP size, which the configuration checks
+    return local, mesh.get_group(dims[0]), rank * local.shape[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_tokens, compute_dtype, group, vocab_start):
+        ops = implementation("cross_entropy", hidden)
+        dtype = compute_dtype or torch.promote_types(hidden.dtype, weight.dtype)
+        w = weight.to(dtype)
+        vocab = w.shape[0]
+        local_labels = labels - vocab_start
+        inside = (local_labels >= 0) & (local_labels < vocab)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        target = torch.zeros_like(lse)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_tokens):
+                rows = slice(start, start + chunk_tokens)
+                logits = hidden[rows].to(dtype) @ w.t()
+                lse[rows] = ops.logsumexp_rows(logits)
+                picked = logits.gather(1, local_labels[rows].clamp(0, vocab - 1).unsqueeze(1)).squeeze(1)
+                target[rows] = torch.where(inside[rows], picked.float(), 0.0)
+                del logits
+        if group is not None:
+            lse = _combine_logsumexp(lse, group)
+            dist.all_reduce(target, group=group)
+        valid = labels != ignore_index
+        ctx.save_for_backward(hidden, weight, local_labels, lse, valid)
+        ctx.chunk_tokens, ctx.dtype, ctx.group = chunk_tokens, dtype, group
+        return torch.where(valid, lse - target, 0.0).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, local_labels, lse, valid = ctx.saved_tensors
+        ops = implementation("cross_entropy", hidden)
+        dtype, chunk = ctx.dtype, ctx.chunk_tokens
+        w = weight.to(dtype)
+        scale = valid.float() * grad_loss.float()
+        grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                h = hidden[rows].to(dtype)
+                grad_logits = ops.cross_entropy_grad(h @ w.t(), lse[rows], local_labels[rows], scale[rows]).to(dtype)
+                grad_hidden[rows] = grad_logits @ w
+                grad_weight += (grad_logits.t() @ h).float()
+                del grad_logits
+        if ctx.group is not None:
+            # each rank's vocabulary rows contribute a part of every token's gradient
+            dist.all_reduce(grad_hidden, group=ctx.group)
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None, None, None
+
+
+def _combine_logsumexp(lse: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """logsumexp over the whole vocabulary from each rank's logsumexp over its rows."""
+    top = lse.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    total = torch.exp(lse - top)
+    dist.all_reduce(total, group=group)
+    return top + torch.log(total)
