@@ -23,7 +23,9 @@ setup(
         "packaging",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.45", "tokenizers"],
+        # Triton runs the kernel tests on the CPU through its interpreter (CUDA builds of torch
+        # already bring it)
+        "test": ["pytest>=7", "transformers>=4.45", "tokenizers", "triton>=3.0; platform_system == 'Linux'"],
         "te": ["transformer_engine[pytorch]"],
     },
     entry_points={

@@ -1,0 +1,200 @@
+"""The kernel dispatch, the fused output layer + cross-entropy, and training with the Triton backend.
+
+The Triton kernels themselves are compared with the reference op by op in test_kernels_triton.py.
+"""
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from engine_harness import TINY, reference, run_distributed, spawn_gloo
+
+from megatron_mellama import kernels
+from megatron_mellama.kernels import autotune, dispatch, linear_cross_entropy
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel_table():
+    # the table is process-wide: what a test configures must not leak into the next test
+    with kernels.use_backends(kernels.selected()):
+        yield
+
+
+def _case(tokens=14, hidden=16, vocab=37, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(tokens, hidden, generator=g).to(dtype)
+    w = torch.randn(vocab, hidden, generator=g) * 0.5
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    labels[3] = -100
+    labels[-1] = -100
+    return h, w, labels
+
+
+def _naive(h, w, labels):
+    """The unfused output layer: full logits, their fp32 copy, torch's cross-entropy."""
+    h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = F.cross_entropy((h @ w.t()).float(), labels, ignore_index=-100, reduction="sum")
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def _fused(h, w, labels, **kw):
+    h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, labels, **kw)
+    (loss * 0.5).backward()  # a non-unit upstream gradient must scale every gradient
+    return loss.detach(), h.grad * 2, w.grad * 2
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 14, None])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_loss_equals_full_logits_loss(chunk, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    h, w, labels = _case()
+    ref = _naive(h, w, labels)
+    with kernels.use_backends(backend):
+        out = _fused(h, w, labels, chunk_tokens=chunk)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_loss_keeps_batch_shape_and_ignores_everything_ignored():
+    h, w, labels = _case(tokens=12)
+    loss3d = linear_cross_entropy(h.view(2, 6, -1), w, labels.view(2, 6), chunk_tokens=4)
+    torch.testing.assert_close(loss3d, _naive(h, w, labels)[0])
+    all_ignored = torch.full_like(labels, -100)
+    assert linear_cross_entropy(h, w, all_ignored).item() == 0.0
+
+
+def test_fused_loss_under_bf16_autocast_matches_the_autocast_naive_loss():
+    h, w, labels = _case(tokens=20, hidden=32, vocab=50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        naive = F.cross_entropy((h @ w.t()).float(), labels, reduction="sum")
+        fused = linear_cross_entropy(h, w, labels, chunk_tokens=7)
+    # both use bf16 logits: they agree to bf16's rounding of the logits, not bit for bit
+    torch.testing.assert_close(fused, naive, rtol=1e-2, atol=1e-2)
+    assert fused.dtype == torch.float32
+
+
+def _vocab_parallel_rank(rank, world, sequence_parallel):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    h, w, labels = _case(tokens=12, vocab=40)
+    h = h.view(2, 6, -1)
+    weight = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
+    # with sequence parallelism the hidden states arrive sharded on the sequence
+    hidden = (distribute_tensor(h, mesh, [Shard(1)]) if sequence_parallel else h).requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, labels.view(2, 6), chunk_tokens=5)
+    loss.backward()
+    h_grad = hidden.grad.full_tensor() if sequence_parallel else hidden.grad
+    return dict(loss=loss.detach(), h_grad=h_grad, w_grad=weight.grad.full_tensor())
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_vocab_parallel_fused_loss_equals_one_process(sequence_parallel, tmp_path):
+    h, w, labels = _case(tokens=12, vocab=40)
+    ref_loss, ref_h, ref_w = _naive(h, w, labels)
+    for r in spawn_gloo(_vocab_parallel_rank, 2, (sequence_parallel,), str(tmp_path)):
+        torch.testing.assert_close(r["loss"], ref_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r["h_grad"].view(12, -1), ref_h, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r["w_grad"], ref_w, rtol=1e-5, atol=1e-5)
+
+
+# ---- dispatch -----------------------------------------------------------------------------------
+
+def test_auto_on_cpu_is_the_reference():
+    assert set(kernels.configure("auto", "cpu").values()) == {"torch"}
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="unknown kernel backend 'cudnn'"):
+        kernels.configure("cudnn", "cpu")
+
+
+def test_unavailable_backend_falls_back_and_is_reported_once(caplog):
+    dispatch._reported.discard("te")
+    with caplog.at_level(logging.WARNING, logger="megatron_mellama.kernels.dispatch"):
+        first = kernels.configure("te", "cpu")
+        kernels.configure("te", "cpu")
+    assert set(first.values()) == {"torch"}
+    reports = [r for r in caplog.records if "'te'" in r.getMessage()]
+    assert len(reports) == 1 and "not available" in reports[0].getMessage()
+
+
+def test_triton_backend_covers_all_but_attention():
+    pytest.importorskip("triton")
+    table = kernels.configure("triton", "cpu")
+    assert table == {"rms_norm": "triton", "rotary": "triton", "swiglu": "triton", "attention": "torch",
+                     "cross_entropy": "triton"}
+
+
+def test_meta_tensors_take_the_reference():
+    pytest.importorskip("triton")
+    with kernels.use_backends("triton"):
+        x = torch.empty(3, 8, device="meta")
+        assert dispatch.implementation("rms_norm", x).__name__.endswith(".reference")
+        assert kernels.rms_norm(x, torch.empty(8, device="meta"), 1e-5).shape == (3, 8)
+
+
+def test_triton_on_cpu_without_its_interpreter_is_reported_not_fatal():
+    pytest.importorskip("triton")
+    code = ("from megatron_mellama import kernels; t = kernels.configure('triton', 'cpu'); "
+            "print(sorted(set(t.values())))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['torch']"
+    assert "TRITON_INTERPRET=1" in out.stderr
+
+
+def test_autotune_picks_the_fastest_and_skips_a_failing_backend(monkeypatch):
+    timings = {"torch": 2.0, "triton": 1.0, "te": RuntimeError("no kernel for this shape")}
+
+    def fake_time(op, backend, device, shapes, repeats=5):
+        if isinstance(timings[backend], Exception):
+            raise timings[backend]
+        return timings[backend]
+
+    monkeypatch.setattr(autotune, "time_backend", fake_time)
+    assert autotune.fastest("rms_norm", ["torch", "triton", "te"], torch.device("cpu")) == "triton"
+    timings["torch"] = 0.5
+    assert autotune.fastest("rms_norm", ["torch", "triton", "te"], torch.device("cpu")) == "torch"
+
+
+def test_autotune_times_every_operation_on_small_shapes():
+    shapes = dict(tokens=8, hidden=16, heads=2, kv_heads=1, head_dim=8, ffn=24, vocab=30, eps=1e-5,
+                  dtype=torch.float32)
+    for op in kernels.OPERATIONS:
+        assert autotune.time_backend(op, "torch", torch.device("cpu"), shapes, repeats=1) > 0
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+def test_training_with_triton_kernels_follows_the_torch_loss_curve():
+    pytest.importorskip("triton")
+    steps = 3
+    torch_run = reference(TINY + ["--kernel-backend", "torch"], steps)
+    triton_run = reference(TINY + ["--kernel-backend", "triton"], steps)
+    assert kernels.selected()["rms_norm"] == "triton"  # the run really used the Triton kernels
+    torch.testing.assert_close(torch.tensor(triton_run["losses"]), torch.tensor(torch_run["losses"]),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(triton_run["grad_norms"]), torch.tensor(torch_run["grad_norms"]),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_tensor_parallel_training_with_triton_kernels_equals_one_process(tmp_path):
+    pytest.importorskip("triton")
+    steps = 2
+    ref = reference(TINY + ["--kernel-backend", "torch"], steps)
+    ranks = run_distributed(TINY + ["--kernel-backend", "triton", "--tensor-model-parallel-size", "2",
+                                    "--sequence-parallel"], 2, steps, str(tmp_path))
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(r["eval_loss"]), torch.tensor(ref["eval_loss"]), rtol=1e-5,
+                                   atol=1e-6)
