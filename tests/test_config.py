@@ -113,6 +113,7 @@ INVALID = [
     (["--model", "tiny", "--adam-beta2", "1.0"], "--adam-beta2"),
     (["--model", "tiny", "--weight-decay", "-1"], "--weight-decay"),
     (["--model", "tiny", "--lr-decay-style", "exponential"], "--lr-decay-style"),
+    (["--model", "tiny", "--kernel-backend", "cudnn"], "--kernel-backend"),
     (["--model", "tiny", "--num-layers", "four"], "--num-layers"),
     (["--model", "llama2-8b"], "--model"),
     (["--model", "tiny", "--data-path", "15", "bio", "1"], "--data-path"),

@@ -18,43 +18,49 @@ DEFAULT_SHAPES = dict(tokens=4096, hidden=2048, heads=16, kv_heads=16, head_dim=
                       eps=1e-5, dtype=torch.bfloat16)
 
 
-def workload(op: str, device: torch.device, shapes: dict):
-    """A function running `op` forward and backward once on inputs of the run's shapes."""
+def workload(op: str, device: torch.device, shapes: dict | None, seed: int = 0):
+    """`(forward, leaves)`: a call running `op` once on inputs of the run's shapes, and the inputs
+    that take gradients. The same seed gives the same inputs (to compare backends)."""
     from . import apply_rotary_qk, attention, linear_cross_entropy, rms_norm, swiglu
 
     s = {**DEFAULT_SHAPES, **(shapes or {})}
     dtype, n = s["dtype"], s["tokens"]
     seq = min(n, 4096)
     batch = max(n // seq, 1)
+    g = torch.Generator(device=device).manual_seed(seed)
 
-    def make(*shape, dt=dtype):
-        return torch.randn(*shape, device=device, dtype=dt, requires_grad=True)
+    def make(*shape, dt=dtype, std=1.0):
+        return (torch.randn(*shape, device=device, generator=g) * std).to(dt).requires_grad_()
 
     if op == "rms_norm":
         x, w = make(n, s["hidden"]), make(s["hidden"], dt=torch.float32)
-        return lambda: rms_norm(x, w, s["eps"]).sum().backward()
+        return (lambda: rms_norm(x, w, s["eps"])), [x, w]
     if op == "swiglu":
-        g, u = make(n, s["ffn"]), make(n, s["ffn"])
-        return lambda: swiglu(g, u).sum().backward()
+        gate, up = make(n, s["ffn"]), make(n, s["ffn"])
+        return (lambda: swiglu(gate, up)), [gate, up]
     if op == "rotary":
-        q = make(batch, s["heads"], seq, s["head_dim"])
-        k = make(batch, s["kv_heads"], seq, s["head_dim"])
-        angles = torch.rand(seq, s["head_dim"], device=device)
+        q, k = make(batch, seq, s["heads"], s["head_dim"]), make(batch, seq, s["kv_heads"], s["head_dim"])
+        angles = torch.rand(seq, s["head_dim"] // 2, device=device, generator=g) * seq
+        angles = torch.cat([angles, angles], dim=-1)
         cos, sin = angles.cos(), angles.sin()
-        return lambda: sum(t.sum() for t in apply_rotary_qk(q, k, cos, sin)).backward()
+
+        def forward():
+            # the model's layout: (batch, heads, seq, head_dim) views of (batch, seq, heads, head_dim)
+            rotated = apply_rotary_qk(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            return torch.cat([t.flatten() for t in rotated])
+        return forward, [q, k]
     if op == "attention":
         q = make(batch, s["heads"], seq, s["head_dim"])
         k, v = make(batch, s["kv_heads"], seq, s["head_dim"]), make(batch, s["kv_heads"], seq, s["head_dim"])
-        return lambda: attention(q, k, v).sum().backward()
+        return (lambda: attention(q, k, v)), [q, k, v]
     if op == "cross_entropy":
-        h, w = make(n, s["hidden"]), make(s["vocab"], s["hidden"], dt=torch.float32)
-        labels = torch.randint(0, s["vocab"], (n,), device=device)
+        h, w = make(n, s["hidden"]), make(s["vocab"], s["hidden"], dt=torch.float32, std=0.02)
+        labels = torch.randint(0, s["vocab"], (n,), device=device, generator=g)
 
-        def run():
+        def forward():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = linear_cross_entropy(h, w, labels)
-            loss.backward()
-        return run
+                return linear_cross_entropy(h, w, labels)
+        return forward, [h, w]
     raise ValueError(f"unknown operation {op!r}")
 
 
@@ -63,7 +69,11 @@ def time_backend(op: str, backend: str, device: torch.device, shapes: dict | Non
     from .dispatch import use_backends
 
     with use_backends({op: backend}):
-        run = workload(op, device, shapes)
+        forward, _ = workload(op, device, shapes)
+
+        def run():
+            forward().float().sum().backward()
+
         run()  # compiles and warms up
         times = []
         for _ in range(repeats):

@@ -42,40 +42,38 @@ OPERATIONS = {
 }
 
 _MODULES = {"torch": "reference", "triton": "triton_ops", "te": "te_ops", "apex": "apex_ops"}
-_loaded: dict[tuple[str, str], ModuleType | None] = {}
-_reported: set[str] = set()
+_loaded: dict[tuple[str, str], tuple[ModuleType | None, str]] = {}
+_reported: set[tuple[str, int]] = set()
 _table: dict[str, str] = {op: "torch" for op in OPERATIONS}
 
 
-def _report_once(backend: str, reason: str) -> None:
-    if backend not in _reported:
-        _reported.add(backend)
-        log.warning("kernel backend %r is not available (%s); its operations use the torch reference",
-                    backend, reason)
+def backend_module(backend: str, device_type: str = "cuda", report: int = logging.WARNING) -> ModuleType | None:
+    """The module implementing `backend` on `device_type`, or None if it cannot run here.
 
-
-def backend_module(backend: str, device_type: str = "cuda") -> ModuleType | None:
-    """The module implementing `backend` on `device_type`, or None (reported once) if it cannot run."""
+    Why it cannot is logged once per backend at level `report`: a warning when the backend was
+    asked for, information when `auto` only looked for it."""
     key = (backend, device_type)
     if key not in _loaded:
         _loaded[key] = _load(backend, device_type)
-    return _loaded[key]
+    module, reason = _loaded[key]
+    if module is None and (backend, report) not in _reported:
+        _reported.add((backend, report))
+        log.log(report, "kernel backend %r is not available (%s); its operations use the torch reference",
+                backend, reason)
+    return module
 
 
-def _load(backend: str, device_type: str) -> ModuleType | None:
+def _load(backend: str, device_type: str) -> tuple[ModuleType | None, str]:
     if backend not in _MODULES:
         raise ValueError(f"unknown kernel backend {backend!r}; choose from {', '.join(KERNEL_BACKEND_CHOICES)}")
     if device_type == "cpu" and backend in ("te", "apex"):
-        _report_once(backend, "it needs a CUDA device")
-        return None
+        return None, "it needs a CUDA device"
     if device_type == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        _report_once(backend, "on the CPU Triton runs only under its interpreter: set TRITON_INTERPRET=1")
-        return None
+        return None, "on the CPU Triton runs only under its interpreter: set TRITON_INTERPRET=1"
     try:
-        return importlib.import_module(f"{__package__}.{_MODULES[backend]}")
+        return importlib.import_module(f"{__package__}.{_MODULES[backend]}"), ""
     except ImportError as exc:
-        _report_once(backend, str(exc))
-        return None
+        return None, str(exc)
 
 
 def provides(module: ModuleType, op: str) -> bool:
@@ -86,7 +84,7 @@ def available(op: str, device_type: str) -> list[str]:
     """The backends that can run `op` on `device_type`, the reference first."""
     out = []
     for backend in BACKENDS:
-        module = backend_module(backend, device_type)
+        module = backend_module(backend, device_type, report=logging.INFO)
         if module is not None and provides(module, op):
             out.append(backend)
     return out

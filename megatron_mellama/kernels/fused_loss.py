@@ -26,9 +26,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from .dispatch import implementation
 
 IGNORE_INDEX = -100
-# logits elements per chunk: 32M is 2^25 x 4 bytes = 128 MiB of fp32 per chunk (1024 tokens of a
-# 32,000-token vocabulary), small beside the weights and large enough to keep the matmul efficient
-CHUNK_ELEMENTS = 1 << 25
+# logits elements per chunk: 2^24 x 4 bytes = 64 MiB of fp32 (524 tokens of LLaMA2's 32,000-token
+# vocabulary), an eighth of a 4096-token sequence's logits, and still a matmul of tens of GFLOPs
+CHUNK_ELEMENTS = 1 << 24
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

@@ -58,8 +58,9 @@ def logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
 
 def cross_entropy_grad(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
                        scale: torch.Tensor) -> torch.Tensor:
-    grad = torch.exp(logits.float() - lse.unsqueeze(-1))
+    # in place where the logits are fp32 already: the chunk's logits are the largest tensor here
+    grad = logits.float().sub_(lse.unsqueeze(-1)).exp_()
     inside = (labels >= 0) & (labels < logits.shape[-1])
     rows = torch.nonzero(inside).squeeze(-1)
     grad[rows, labels[rows]] -= 1.0
-    return grad * scale.unsqueeze(-1)
+    return grad.mul_(scale.unsqueeze(-1))

@@ -22,8 +22,8 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Shard a `Llama` (or a pipeline stage of one) over `tp_mesh`, in place.
 
-    The output layer's logits are a DTensor sharded on the vocabulary: compute the loss inside
-    `torch.distributed.tensor.parallel.loss_parallel()`.
+    `model(tokens, labels)` computes the loss vocabulary-parallel; `model(tokens)` returns logits as
+    a DTensor sharded on the vocabulary (use `loss_parallel()` for a loss over those).
     """
     if tp_mesh.size() == 1:
         return

@@ -13,6 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .. import kernels
 from ..checkpoint.manager import CheckpointManager
 from ..config import Config
 from ..data.datasets import build_datasets
@@ -81,6 +82,7 @@ def _train(cfg: Config, world: int, device: torch.device) -> dict:
 
     data = build_datasets(cfg)
     engine = Engine(cfg, meshes, device)
+    _print0("kernels: " + ", ".join(f"{op} {backend}" for op, backend in kernels.selected().items()))
     checkpoints = CheckpointManager(cfg, engine)
     state = checkpoints.load() or {}
     iteration = state.get("iteration", 0)
@@ -93,7 +95,7 @@ def _train(cfg: Config, world: int, device: torch.device) -> dict:
     validation = _validation_sets(data)
     metrics = MetricsLogger(cfg, rank, world, device)
     control = RunControl(cfg)
-    history = dict(losses=[], validation=[], stopped=None, start_iteration=iteration)
+    history = dict(losses=[], validation=[], stopped=None, start_iteration=iteration, kernels=kernels.selected())
     iterations = train_iterations(cfg)
     last_saved = iteration
     window_start, window_steps = time.perf_counter(), 0
