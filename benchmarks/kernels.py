@@ -130,10 +130,14 @@ def output_layer_peak(variant, device, tokens, hidden, vocab, dtype) -> float:
         peak = torch.cuda.max_memory_allocated() - base
         torch.cuda.empty_cache()
         return peak - _inputs_bytes(tokens, hidden, vocab)
-    # CPU: a fresh process per variant, its peak RSS less that of a process holding only the inputs
+    # CPU: a fresh process per variant, its peak RSS less that of a process holding only the inputs.
+    # Every allocation above 64 KiB is its own mapping, returned when freed, so RSS follows what is
+    # live (glibc would otherwise keep freed blocks up to 32 MiB in its heap)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+
     def child(v):
         out = subprocess.run([sys.executable, __file__, "--_memory-child", v, str(tokens), str(hidden), str(vocab),
-                              str(dtype)], capture_output=True, text=True, check=True)
+                              str(dtype)], capture_output=True, text=True, check=True, env=env)
         return int(out.stdout.split()[-1])
     return child(variant) - child("inputs")
 

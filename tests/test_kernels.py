@@ -62,6 +62,16 @@ def test_fused_loss_equals_full_logits_loss(chunk, backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_loss_with_tiny_chunks_of_tokens_and_of_vocabulary_rows(monkeypatch):
+    from megatron_mellama.kernels import fused_loss
+
+    # 40 elements: one token per logits chunk, two vocabulary rows per weight-gradient block
+    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 40)
+    h, w, labels = _case()
+    for a, b in zip(_fused(h, w, labels), _naive(h, w, labels)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_loss_keeps_batch_shape_and_ignores_everything_ignored():
     h, w, labels = _case(tokens=12)
     loss3d = linear_cross_entropy(h.view(2, 6, -1), w, labels.view(2, 6), chunk_tokens=4)

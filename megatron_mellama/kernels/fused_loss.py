@@ -105,7 +105,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h = hidden[rows].to(dtype)
                 grad_logits = ops.cross_entropy_grad(h @ w.t(), lse[rows], local_labels[rows], scale[rows]).to(dtype)
                 grad_hidden[rows] = grad_logits @ w
-                grad_weight += (grad_logits.t() @ h).float()
+                # a block of vocabulary rows at a time, added into fp32 in place: the product never
+                # exists whole (it would be as large as the weight)
+                block = max(1, CHUNK_ELEMENTS // h.shape[1])
+                for v in range(0, grad_weight.shape[0], block):
+                    grad_weight[v:v + block] += grad_logits[:, v:v + block].t() @ h
                 del grad_logits
         if ctx.group is not None:
             # each rank's vocabulary rows contribute a part of every token's gradient
