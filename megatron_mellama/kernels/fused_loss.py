@@ -2,15 +2,18 @@
 
 `linear_cross_entropy(hidden, weight, labels)` is `F.cross_entropy(hidden @ weight.T, labels,
 reduction="sum")` for hidden (..., H), weight (V, H). It computes the logits of `chunk_tokens`
-tokens at a time, keeps one logsumexp per token, and recomputes each chunk's logits in backward to
-turn them into gradients in place: peak memory is one chunk of logits instead of the full
-(tokens x vocabulary) logits, their fp32 copy and their gradient. The price is one more output-layer
-matmul in backward.
+tokens at a time and, when gradients are wanted, turns each chunk's logits into their gradient in
+place right away and folds it into the hidden-state and weight gradients (as Liger-Kernel's fused
+linear cross-entropy): peak memory is one chunk of logits instead of the full (tokens x vocabulary)
+logits, their fp32 copy and their gradient, and no output-layer matmul is repeated. Backward only
+scales the two gradients by the incoming one. The weight gradient (fp32, the weight's size) is
+therefore held from the forward to the backward of the last stage, which in every schedule follow
+each other closely.
 
 Vocabulary-parallel under tensor parallelism (as Megatron-LM's cross-entropy): when `weight` is a
 DTensor sharded on the vocabulary, each rank computes logits for its rows only; the per-token
 logsumexp and target logit are combined over the TP group (three all-reduces of one float per
-token), and in backward the partial hidden-state gradients are summed over the group. With sequence
+token, per chunk), and the partial hidden-state gradients are summed over the group. With sequence
 parallelism the hidden states arrive sharded on the sequence and are gathered first.
 
 The chunk's logsumexp and gradient come from the selected kernel backend (`cross_entropy`
@@ -46,8 +49,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         chunk_tokens = max(1, CHUNK_ELEMENTS // weight.shape[0])
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_tokens, compute_dtype,
-                                     group, vocab_start)
+                                     group, vocab_start, with_grad)
 
 
 def _vocab_shard(weight: DTensor) -> tuple[torch.Tensor, dist.ProcessGroup, int]:
@@ -65,56 +69,68 @@ def _vocab_shard(weight: DTensor) -> tuple[torch.Tensor, dist.ProcessGroup, int]
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_tokens, compute_dtype, group, vocab_start):
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_tokens, compute_dtype, group, vocab_start,
+                with_grad):
         ops = implementation("cross_entropy", hidden)
         dtype = compute_dtype or torch.promote_types(hidden.dtype, weight.dtype)
         w = weight.to(dtype)
-        vocab = w.shape[0]
         local_labels = labels - vocab_start
-        inside = (local_labels >= 0) & (local_labels < vocab)
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        target = torch.zeros_like(lse)
+        valid = (labels != ignore_index).float()
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if with_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_tokens):
                 rows = slice(start, start + chunk_tokens)
-                logits = hidden[rows].to(dtype) @ w.t()
-                lse[rows] = ops.logsumexp_rows(logits)
-                picked = logits.gather(1, local_labels[rows].clamp(0, vocab - 1).unsqueeze(1)).squeeze(1)
-                target[rows] = torch.where(inside[rows], picked.float(), 0.0)
+                h = hidden[rows].to(dtype)
+                logits = h @ w.t()
+                lse, target = _logsumexp_and_target(ops, logits, local_labels[rows], group)
+                total += ((lse - target) * valid[rows]).sum()
+                if with_grad:
+                    # the gradient of the summed loss, now, while the chunk's logits exist: backward
+                    # then only scales it (no second pass over the output layer)
+                    grad_logits = ops.cross_entropy_grad(logits, lse, local_labels[rows], valid[rows]).to(dtype)
+                    grad_hidden[rows] = grad_logits @ w
+                    # a block of vocabulary rows at a time, added into fp32 in place: the product
+                    # never exists whole (it would be as large as the weight)
+                    block = max(1, CHUNK_ELEMENTS // h.shape[1])
+                    for v in range(0, grad_weight.shape[0], block):
+                        grad_weight[v:v + block] += grad_logits[:, v:v + block].t() @ h
                 del logits
-        if group is not None:
-            lse = _combine_logsumexp(lse, group)
-            dist.all_reduce(target, group=group)
-        valid = labels != ignore_index
-        ctx.save_for_backward(hidden, weight, local_labels, lse, valid)
-        ctx.chunk_tokens, ctx.dtype, ctx.group = chunk_tokens, dtype, group
-        return torch.where(valid, lse - target, 0.0).sum()
+        if with_grad and group is not None:
+            # each rank's vocabulary rows contribute a part of every token's gradient
+            dist.all_reduce(grad_hidden, group=group)
+        ctx.grads = (grad_hidden, grad_weight, hidden.dtype, weight.dtype)
+        ctx.scaled = False
+        return total
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, local_labels, lse, valid = ctx.saved_tensors
-        ops = implementation("cross_entropy", hidden)
-        dtype, chunk = ctx.dtype, ctx.chunk_tokens
-        w = weight.to(dtype)
-        scale = valid.float() * grad_loss.float()
-        grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], chunk):
-                rows = slice(start, start + chunk)
-                h = hidden[rows].to(dtype)
-                grad_logits = ops.cross_entropy_grad(h @ w.t(), lse[rows], local_labels[rows], scale[rows]).to(dtype)
-                grad_hidden[rows] = grad_logits @ w
-                # a block of vocabulary rows at a time, added into fp32 in place: the product never
-                # exists whole (it would be as large as the weight)
-                block = max(1, CHUNK_ELEMENTS // h.shape[1])
-                for v in range(0, grad_weight.shape[0], block):
-                    grad_weight[v:v + block] += grad_logits[:, v:v + block].t() @ h
-                del grad_logits
-        if ctx.group is not None:
-            # each rank's vocabulary rows contribute a part of every token's gradient
-            dist.all_reduce(grad_hidden, group=ctx.group)
-        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None, None, None
+        grad_hidden, grad_weight, hidden_dtype, weight_dtype = ctx.grads
+        if grad_hidden is None:
+            raise RuntimeError("linear_cross_entropy ran without gradients (torch.no_grad) and cannot backward")
+        # scaled in place, once: a copy would double the weight-sized buffer. The zero-bubble schedule
+        # runs this backward twice with the same incoming gradient (input, then weight gradients);
+        # the second call returns the same, already scaled, gradients
+        if not ctx.scaled:
+            grad_hidden.mul_(grad_loss)
+            grad_weight.mul_(grad_loss)
+            ctx.scaled = True
+        return (grad_hidden.to(hidden_dtype), grad_weight.to(weight_dtype), None, None, None, None, None, None,
+                None)
+
+
+def _logsumexp_and_target(ops, logits, local_labels, group):
+    """Each token's logsumexp over the whole vocabulary and its target logit (0 when ignored)."""
+    vocab = logits.shape[1]
+    lse = ops.logsumexp_rows(logits)
+    inside = (local_labels >= 0) & (local_labels < vocab)
+    picked = logits.gather(1, local_labels.clamp(0, vocab - 1).unsqueeze(1)).squeeze(1)
+    target = torch.where(inside, picked.float(), 0.0)
+    if group is not None:
+        lse = _combine_logsumexp(lse, group)
+        dist.all_reduce(target, group=group)
+    return lse, target
 
 
 def _combine_logsumexp(lse: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
