@@ -144,6 +144,13 @@ def test_triton_backend_covers_all_but_attention():
                      "cross_entropy": "triton"}
 
 
+def test_compiled_blocks_leave_the_elementwise_operations_to_inductor():
+    pytest.importorskip("triton")
+    table = kernels.configure("triton", "cpu", compiled=True)
+    assert table == {"rms_norm": "torch", "rotary": "torch", "swiglu": "torch", "attention": "torch",
+                     "cross_entropy": "triton"}
+
+
 def test_meta_tensors_take_the_reference():
     pytest.importorskip("triton")
     with kernels.use_backends("triton"):

@@ -10,6 +10,8 @@ run from `--kernel-backend`:
   is reported once and replaced by the reference; a run never stops for it.
 - `auto`: on a GPU, the fastest available backend per operation, timed at start-up on the run's
   shapes (see `autotune.py`); on the CPU the reference (Triton's interpreter is a test tool).
+- with `--compile`, the norm, rotary embedding and SwiGLU stay with the reference whatever the
+  choice: they sit inside the compiled blocks, where Inductor generates fused Triton for them.
 
 Meta tensors and DTensors always take the reference: the reference's ops know how to shard, the
 fused kernels see plain local tensors (with sequence parallelism the norms' inputs are DTensors,
@@ -90,14 +92,25 @@ def available(op: str, device_type: str) -> list[str]:
     return out
 
 
-def configure(choice: str, device: torch.device | str = "cpu", timing_shapes=None) -> dict[str, str]:
-    """Set the backend of every operation from a `--kernel-backend` value; returns the table."""
+# inside the blocks `--compile` compiles: Inductor writes its own fused Triton for these, and our
+# kernels there would only break its graph
+COMPILED_BY_INDUCTOR = ("rms_norm", "rotary", "swiglu")
+
+
+def configure(choice: str, device: torch.device | str = "cpu", timing_shapes=None,
+              compiled: bool = False) -> dict[str, str]:
+    """Set the backend of every operation from a `--kernel-backend` value; returns the table.
+
+    `compiled`: the transformer blocks run under torch.compile, so the element-wise operations in
+    them stay with the reference and Inductor fuses them."""
     device_type = torch.device(device).type
     if choice not in KERNEL_BACKEND_CHOICES:
         raise ValueError(f"unknown kernel backend {choice!r}; choose from {', '.join(KERNEL_BACKEND_CHOICES)}")
     table = {}
     for op in OPERATIONS:
-        if choice == "auto":
+        if compiled and op in COMPILED_BY_INDUCTOR:
+            table[op] = "torch"
+        elif choice == "auto":
             if device_type == "cpu":
                 table[op] = "torch"
             else:

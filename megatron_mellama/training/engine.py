@@ -57,7 +57,8 @@ class Engine:
             raise ValueError("a multi-process layout needs the meshes (ParallelDims.build_mesh)")
         self.pp_rank = meshes.pp.get_local_rank() if meshes else 0
 
-        kernels.configure(cfg.train.kernel_backend, self.device, timing_shapes=self._timing_shapes())
+        kernels.configure(cfg.train.kernel_backend, self.device, timing_shapes=self._timing_shapes(),
+                          compiled=cfg.train.compile)
         with torch.device("meta"):
             model = Llama(cfg.model)
         if self.dims.pp > 1:
