@@ -193,11 +193,12 @@ def test_autotune_times_every_operation_on_small_shapes():
 
 # ---- training ------------------------------------------------------------------------------------
 
-def test_training_with_triton_kernels_follows_the_torch_loss_curve():
+@pytest.mark.parametrize("extra", [[], ["--recompute-granularity", "selective"]], ids=["plain", "selective-recompute"])
+def test_training_with_triton_kernels_follows_the_torch_loss_curve(extra):
     pytest.importorskip("triton")
     steps = 3
-    torch_run = reference(TINY + ["--kernel-backend", "torch"], steps)
-    triton_run = reference(TINY + ["--kernel-backend", "triton"], steps)
+    torch_run = reference(TINY + extra + ["--kernel-backend", "torch"], steps)
+    triton_run = reference(TINY + extra + ["--kernel-backend", "triton"], steps)
     assert kernels.selected()["rms_norm"] == "triton"  # the run really used the Triton kernels
     torch.testing.assert_close(torch.tensor(triton_run["losses"]), torch.tensor(torch_run["losses"]),
                                rtol=1e-5, atol=1e-6)
