@@ -9,7 +9,8 @@ run from `--kernel-backend`:
   backend that cannot run here (package missing, no GPU, Triton on the CPU without its interpreter)
   is reported once and replaced by the reference; a run never stops for it.
 - `auto`: on a GPU, the fastest available backend per operation, timed at start-up on the run's
-  shapes (see `autotune.py`); on the CPU the reference (Triton's interpreter is a test tool).
+  shapes (see `autotune.py`), rank 0's choice for every rank; on the CPU the reference (Triton's
+  interpreter is a test tool).
 - with `--compile`, the norm, rotary embedding and SwiGLU stay with the reference whatever the
   choice: they sit inside the compiled blocks, where Inductor generates fused Triton for them.
 
@@ -26,6 +27,7 @@ import os
 from types import ModuleType
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..config.sections import KERNEL_BACKENDS as KERNEL_BACKEND_CHOICES
@@ -119,6 +121,11 @@ def configure(choice: str, device: torch.device | str = "cpu", timing_shapes=Non
         else:
             module = backend_module(choice, device_type)
             table[op] = choice if module is not None and provides(module, op) else "torch"
+    if choice == "auto" and device_type != "cpu" and dist.is_initialized() and dist.get_world_size() > 1:
+        # timings differ a little from rank to rank: every rank runs what rank 0 measured fastest
+        shared = [table]
+        dist.broadcast_object_list(shared, src=0)
+        table = shared[0]
     _table.update(table)
     log.info("kernels: %s", ", ".join(f"{op}={b}" for op, b in table.items()))
     return dict(table)
