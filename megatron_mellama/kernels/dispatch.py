@@ -14,9 +14,9 @@ run from `--kernel-backend`:
 - with `--compile`, the norm, rotary embedding and SwiGLU stay with the reference whatever the
   choice: they sit inside the compiled blocks, where Inductor generates fused Triton for them.
 
-Meta tensors and DTensors always take the reference: the reference's ops know how to shard, the
-fused kernels see plain local tensors (with sequence parallelism the norms' inputs are DTensors,
-so the norms run the reference there).
+Meta tensors and DTensors take the reference: the reference's ops know how to shard, the fused
+kernels see plain local tensors. (The one DTensor case worth a kernel, the sequence-parallel norm,
+is unwrapped in `kernels.rms_norm`.)
 """
 
 from __future__ import annotations
