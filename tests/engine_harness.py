@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import traceback
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -86,8 +87,14 @@ def spawn_gloo(body, world: int, args: tuple, out_dir: str) -> list:
     """`body(rank, world, *args)` in `world` gloo processes; returns each rank's result, in rank order.
 
     `body` must be a module-level function (the processes are spawned)."""
-    mp.start_processes(_gloo_rank, args=(world, _free_port(), out_dir, body, args), nprocs=world, join=True,
-                       start_method="spawn")
+    # the ranks import torch, and OpenMP reads this, before `_gloo_rank` runs: more threads than cores
+    # slow ranks that share a small machine. The ranks copy the environment as they start, so the
+    # test process gets its own back at once.
+    with mock.patch.dict(os.environ, OMP_NUM_THREADS="1"):
+        ranks = mp.start_processes(_gloo_rank, args=(world, _free_port(), out_dir, body, args), nprocs=world,
+                                   join=False, start_method="spawn")
+    while not ranks.join():
+        pass
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
 
 

@@ -6,14 +6,13 @@ must reach the same losses and parameters to fp32 rounding.
 
 import contextlib
 import os
-import socket
 from collections import Counter
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from engine_harness import spawn_gloo
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -107,45 +106,28 @@ def _count_collectives():
             setattr(dist, name, fn)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _train_layouts(rank, world, layouts):
+    from megatron_mellama.parallel.data import apply_data_parallel, set_gradient_sync
+    from megatron_mellama.parallel.mesh import ParallelDims
 
-
-def _worker(rank, world, port, layouts, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from megatron_mellama.parallel.data import apply_data_parallel, set_gradient_sync
-        from megatron_mellama.parallel.mesh import ParallelDims
-
-        cfg = _cfg()
-        for name, (sharding, replicate, recompute, param_dtype) in layouts.items():
-            dims = ParallelDims(pp=1, dp_replicate=replicate, dp_shard=world // replicate, tp=1)
-            meshes = dims.build_mesh("cpu")
-            with torch.device("meta"):
-                model = Llama(cfg)
-            if recompute:
-                apply_activation_checkpointing(model, recompute)
-            apply_data_parallel(model, meshes, sharding, param_dtype=param_dtype)
-            _init(model, cfg)
-            placements = {p.placements for p in model.parameters()}
-            assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights
-            result = _train(model, cfg, meshes.dp.get_local_rank(), dims.dp,
-                            sync=lambda enabled: set_gradient_sync(model, enabled))
-            if rank == 0:
-                torch.save(dict(result=result, placements=[str(p) for p in placements]),
-                           os.path.join(out_dir, f"{name}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(world, layouts, out_dir):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_worker, args=(world, _free_port(), layouts, str(out_dir)), nprocs=world, join=True)
-    return {name: torch.load(out_dir / f"{name}.pt") for name in layouts}
+    cfg = _cfg()
+    out = {}
+    for name, (sharding, replicate, recompute, param_dtype) in layouts.items():
+        dims = ParallelDims(pp=1, dp_replicate=replicate, dp_shard=world // replicate, tp=1)
+        meshes = dims.build_mesh("cpu")
+        with torch.device("meta"):
+            model = Llama(cfg)
+        if recompute:
+            apply_activation_checkpointing(model, recompute)
+        apply_data_parallel(model, meshes, sharding, param_dtype=param_dtype)
+        _init(model, cfg)
+        placements = {p.placements for p in model.parameters()}
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights
+        result = _train(model, cfg, meshes.dp.get_local_rank(), dims.dp,
+                        sync=lambda enabled: set_gradient_sync(model, enabled))
+        out[name] = dict(result=result, placements=[str(p) for p in placements])
+    # the tests read rank 0's copy only: the others' need not be written to disk
+    return out if rank == 0 else None
 
 
 # name: (sharding, dp_replicate, recompute, param_dtype); the 4-rank layouts are 2 replicas x 2 shards
@@ -165,12 +147,12 @@ def reference():
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return _spawn(2, LAYOUTS_2, tmp_path_factory.mktemp("dp2"))
+    return spawn_gloo(_train_layouts, 2, (LAYOUTS_2,), str(tmp_path_factory.mktemp("dp2")))[0]
 
 
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
-    return _spawn(4, LAYOUTS_4, tmp_path_factory.mktemp("dp4"))
+    return spawn_gloo(_train_layouts, 4, (LAYOUTS_4,), str(tmp_path_factory.mktemp("dp4")))[0]
 
 
 def _assert_same(got, reference):

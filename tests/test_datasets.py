@@ -2,17 +2,15 @@
 index caches built once per node across processes."""
 
 import collections
-import json
 import os
-import socket
 from unittest import mock
 
 import numpy
 import pytest
 import torch
-import torch.multiprocessing as mp
-
+from engine_harness import spawn_gloo
 from indexed_corpus import data_config, domain_of, write_corpus, write_domains
+
 from megatron_mellama.config import ConfigError
 from megatron_mellama.data.datasets import build_datasets, dataset_sizes, domain_names
 
@@ -157,17 +155,7 @@ def test_train_set_too_small(sentencepiece_model, tmp_path):
 
 # --- index caches across processes -------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cache_worker(rank, port, prefixes, tokenizer_model, out_dir):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _cache_worker(rank, world, prefixes, tokenizer_model, out_dir):
     results = {}
     # "one node": both ranks share a cache; "two nodes": each rank is local rank 0 with its own cache.
     for case, local_rank, cache in (("one node", rank, f"{out_dir}/shared"),
@@ -179,15 +167,12 @@ def _cache_worker(rank, port, prefixes, tokenizer_model, out_dir):
         results[case] = dict(saves=save.call_count,
                              train=first_tokens(ds.train, 200).tolist(),
                              valid={k: first_tokens(v, 20).tolist() for k, v in ds.valid_per_domain.items()})
-    with open(f"{out_dir}/rank{rank}.json", "w") as fh:
-        json.dump(results, fh)
-    dist.destroy_process_group()
+    return results
 
 
 def test_index_caches_are_built_once_per_node(corpus, sentencepiece_model, tmp_path):
     prefixes = blend_path(corpus)
-    mp.spawn(_cache_worker, args=(_free_port(), prefixes, sentencepiece_model, str(tmp_path)), nprocs=2)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = spawn_gloo(_cache_worker, 2, (prefixes, sentencepiece_model, str(tmp_path)), str(tmp_path))
     for case in ("one node", "two nodes"):
         assert r0[case]["train"] == r1[case]["train"], case
         assert r0[case]["valid"] == r1[case]["valid"], case

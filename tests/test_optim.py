@@ -4,13 +4,11 @@ The two-process tests compare every sharded layout with the same tensors held wh
 """
 
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from engine_harness import spawn_gloo
 from torch import nn
 
 from megatron_mellama.config import Config, parse_config
@@ -281,12 +279,6 @@ def test_clip_disabled_and_non_finite_norms_leave_gradients_alone():
 # ---------------------------------------------------------------- two processes (gloo)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _full_tensors(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     shapes = {"w_rows": (8, 6), "w_cols": (6, 8), "w_uneven": (5, 3), "w_2d": (4, 6), "w_partial": (3, 4),
@@ -387,21 +379,16 @@ def _check_sharded_optimizer_matches_one_process(rank, mesh):
         torch.testing.assert_close(p.full_tensor(), p_ref.detach(), rtol=1e-6, atol=0)
 
 
-def _worker(rank, world_size, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        for max_norm in (0.5, 1e3):
-            mesh = _check_sharded_clip(rank, max_norm)
-            _check_pipeline_clip(rank, max_norm)
-        _check_sharded_optimizer_matches_one_process(rank, mesh)
-        # A stage without gradients still joins the pipeline reduction.
-        p = nn.Parameter(torch.zeros(1))
-        p.grad = torch.ones(1)
-        assert get_grad_norm([] if rank == 0 else [p], dist.group.WORLD).item() == 1.0
-    finally:
-        dist.destroy_process_group()
+def _two_process_checks(rank, world_size):
+    for max_norm in (0.5, 1e3):
+        mesh = _check_sharded_clip(rank, max_norm)
+        _check_pipeline_clip(rank, max_norm)
+    _check_sharded_optimizer_matches_one_process(rank, mesh)
+    # A stage without gradients still joins the pipeline reduction.
+    p = nn.Parameter(torch.zeros(1))
+    p.grad = torch.ones(1)
+    assert get_grad_norm([] if rank == 0 else [p], dist.group.WORLD).item() == 1.0
 
 
-def test_two_process_clip_pipeline_and_optimizer():
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+def test_two_process_clip_pipeline_and_optimizer(tmp_path):
+    spawn_gloo(_two_process_checks, 2, (), str(tmp_path))

@@ -1,11 +1,9 @@
 """Pipeline parallelism: stage splitting, and each schedule against one process on the same model and batch."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_harness import spawn_gloo
 
 from megatron_mellama.config import parse_config
 from megatron_mellama.model.llama import Llama, build_model
@@ -106,7 +104,7 @@ CASES = [
 ]
 
 
-def _run_case(rank, world_size, schedule, layers_per_vstage, path):
+def _run_case(rank, world_size, schedule, layers_per_vstage):
     cfg = _model_config()
     parts = split_into_stages(_meta_model(cfg), rank, world_size, layers_per_vstage, schedule)
     for _, part in parts:
@@ -122,34 +120,17 @@ def _run_case(rank, world_size, schedule, layers_per_vstage, path):
     for _, part in parts:
         for name, p in part.named_parameters():
             assert torch.equal(p.grad, grads[name]), name
-    torch.save(dict(losses=losses, eval_losses=eval_losses, grads=grads), path)
+    return dict(losses=losses, eval_losses=eval_losses, grads=grads)
 
 
-def _worker(rank, world_size, port, out_dir):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                         rank=rank, world_size=world_size)
-    try:
-        # one pair of processes runs every case: starting processes costs more than the cases
-        for schedule, layers_per_vstage in CASES:
-            _run_case(rank, world_size, schedule, layers_per_vstage,
-                      os.path.join(out_dir, f"{schedule}-{layers_per_vstage}-rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _run_cases(rank, world_size):
+    # one pair of processes runs every case: starting processes costs more than the cases
+    return {case: _run_case(rank, world_size, *case) for case in CASES}
 
 
 @pytest.fixture(scope="module")
 def pipeline_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline")
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    return out
+    return spawn_gloo(_run_cases, 2, (), str(tmp_path_factory.mktemp("pipeline")))
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +140,7 @@ def reference():
 
 @pytest.mark.parametrize("schedule,layers_per_vstage", CASES)
 def test_schedule_matches_single_process(schedule, layers_per_vstage, pipeline_results, reference):
-    results = [torch.load(pipeline_results / f"{schedule}-{layers_per_vstage}-rank{r}.pt") for r in range(2)]
+    results = [r[schedule, layers_per_vstage] for r in pipeline_results]
     ref_loss, ref_grads = reference
 
     # only the rank holding the last stage (rank 1 in the loop placement) sees the losses

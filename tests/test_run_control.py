@@ -3,11 +3,9 @@ cross-rank agreement on when to stop."""
 
 import os
 import signal
-import socket
 
 import pytest
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from engine_harness import spawn_gloo
 
 from megatron_mellama.config import parse_config
 from megatron_mellama.training import run_control
@@ -86,35 +84,21 @@ def test_consecutive_skipped_steps_reset_on_a_good_step(control):
     assert rc.too_many_skipped() is None
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _stop_after_sigterm_on_rank_1(rank, world):
     rc = RunControl(_cfg())
     try:
-        stopped_at = None
         for iteration in range(1, 20):
             if rank == 1 and iteration == 4:
                 os.kill(os.getpid(), signal.SIGTERM)
             stop, reason, save = rc.should_stop(iteration)
             if stop:
-                stopped_at = (iteration, save, reason)
-                break
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(f"{stopped_at[0]} {stopped_at[1]} {stopped_at[2]}")
+                return iteration, save, reason
+        return None
     finally:
         rc.restore_handlers()
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_signal_on_one_rank_stops_all_ranks_at_the_same_iteration(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    rank0 = (tmp_path / "rank0.txt").read_text().split(" ", 2)
-    rank1 = (tmp_path / "rank1.txt").read_text().split(" ", 2)
-    assert rank0[:2] == rank1[:2] == ["4", "True"]
+    rank0, rank1 = spawn_gloo(_stop_after_sigterm_on_rank_1, 2, (), str(tmp_path))
+    assert rank0[:2] == rank1[:2] == (4, True)
     assert "SIGTERM" in rank1[2] and "another rank" in rank0[2]
