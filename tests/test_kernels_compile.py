@@ -54,7 +54,7 @@ def _launch_variants():
 
     from megatron_mellama.kernels import triton_ops as K
 
-    fp32, bf16, i64 = _Tensor("fp32"), _Tensor("bf16"), _Tensor("i64")
+    fp32, bf16, fp16, i64 = _Tensor("fp32"), _Tensor("bf16"), _Tensor("fp16"), _Tensor("i64")
     variants = []
 
     def add(kernel, label, args, constexprs, num_warps=4):
@@ -62,7 +62,8 @@ def _launch_variants():
 
     # RMSNorm: autocast feeds bf16 activations to fp32 weights, whose output is promoted to fp32;
     # 5120 (LLaMA2-13B) is not a power of two, so its block is masked
-    for hidden, x, w in [(2048, fp32, fp32), (5120, bf16, fp32), (8192, bf16, bf16)]:
+    # (--fp16 runs autocast in fp16: the fp16 variants of each kernel)
+    for hidden, x, w in [(2048, fp32, fp32), (5120, bf16, fp32), (8192, bf16, bf16), (4096, fp16, fp32)]:
         y = fp32 if fp32 in (x, w) else bf16
         block = triton.next_power_of_2(hidden)
         label = f"x {x.dtype} w {w.dtype} hidden {hidden}"
@@ -88,7 +89,7 @@ def _launch_variants():
             {"BACKWARD": backward, "BLOCK_S": min(triton.next_power_of_2(SEQ), 16),
              "BLOCK_D": triton.next_power_of_2(half)})
 
-    for x in (fp32, bf16):
+    for x in (fp32, bf16, fp16):
         for backward in (False, True):
             rotary(f"{x.dtype} 32 heads {'backward' if backward else 'forward'}", x, 32, backward)
     # LLaMA2-70B's 8 key/value heads over 8 tensor-parallel ranks: one head, specialized to a constant
@@ -96,7 +97,7 @@ def _launch_variants():
 
     # SwiGLU over (tokens, ffn): LLaMA2-7B's ffn 11008, and LLaMA2-70B's 28672 over 32 sequences,
     # past 2^31 elements, where the launcher passes n as i64
-    for x, n in [(fp32, TOKENS * 11008), (bf16, TOKENS * 11008), (bf16, 32 * SEQ * 28672)]:
+    for x, n in [(fp32, TOKENS * 11008), (bf16, TOKENS * 11008), (fp16, TOKENS * 11008), (bf16, 32 * SEQ * 28672)]:
         label = f"{x.dtype} n {'i64' if n >= 2**31 else 'i32'}"
         add(K._swiglu_fwd, label, [x, x, x, n], {"BLOCK": K._SWIGLU_BLOCK})
         add(K._swiglu_bwd, label, [x, x, x, x, x, n], {"BLOCK": K._SWIGLU_BLOCK})
@@ -106,7 +107,7 @@ def _launch_variants():
     block = K._vocab_block(VOCAB)
     rows = 2**24 // VOCAB  # the chunked loss's 2^24 logits per chunk
     for x, strides, layout in [(fp32, (VOCAB, 1), "contiguous"), (bf16, (VOCAB, 1), "contiguous"),
-                               (bf16, (1, rows), "transposed")]:
+                               (fp16, (VOCAB, 1), "contiguous"), (bf16, (1, rows), "transposed")]:
         label = f"{x.dtype} vocab {VOCAB} {layout}"
         add(K._logsumexp_rows, label, [x, fp32, *strides, VOCAB], {"BLOCK": block}, K._num_warps(block))
         add(K._cross_entropy_grad, label, [x, fp32, i64, fp32, *strides, VOCAB], {"BLOCK": block},
