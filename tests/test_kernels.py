@@ -216,3 +216,14 @@ def test_tensor_parallel_training_with_triton_kernels_equals_one_process(tmp_pat
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(torch.tensor(r["eval_loss"]), torch.tensor(ref["eval_loss"]), rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_fp16_training_with_triton_kernels_stays_within_fp16_rounding_of_fp32():
+    pytest.importorskip("triton")
+    steps = 3
+    fp32 = reference(TINY + ["--kernel-backend", "torch"], steps)
+    # a static loss scale: the dynamic one starts at 2^32 and skips steps until it has come down
+    fp16 = reference(TINY + ["--kernel-backend", "triton", "--fp16", "--loss-scale", "1024"], steps)
+    assert fp16["skipped"] == [False] * steps
+    torch.testing.assert_close(torch.tensor(fp16["losses"]), torch.tensor(fp32["losses"]), rtol=1e-3, atol=0)
+    torch.testing.assert_close(torch.tensor(fp16["grad_norms"]), torch.tensor(fp32["grad_norms"]), rtol=1e-3, atol=0)

@@ -77,7 +77,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         local_labels = labels - vocab_start
         valid = (labels != ignore_index).float()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if with_grad else None
+        # fp32: backward multiplies by the incoming gradient, which carries fp16's loss scale
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if with_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_tokens):
