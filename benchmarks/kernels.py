@@ -91,7 +91,11 @@ def time_operations(device, shapes, backends, check: bool) -> None:
             module = dispatch.backend_module(backend, device.type)
             if not dispatch.provides(module, op):
                 continue
-            seconds = autotune.time_backend(op, backend, device, shapes)
+            try:
+                seconds = autotune.time_backend(op, backend, device, shapes)
+            except Exception as exc:  # one backend failing on these shapes must not end the run
+                print(f"  {op:>13} {backend:>6}: failed ({type(exc).__name__}: {exc})", flush=True)
+                continue
             base = base or seconds
             line = f"  {op:>13} {backend:>6}: {seconds * 1e3:9.3f} ms  {base / seconds:5.2f}x torch"
             if check and backend != "torch":
