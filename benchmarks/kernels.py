@@ -48,14 +48,6 @@ _spec.loader.exec_module(engine_benchmark)
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
-def op_shapes(cfg) -> dict:
-    m = cfg.model
-    return dict(tokens=cfg.train.micro_batch_size * cfg.seq_length, hidden=m.hidden_size,
-                heads=m.num_attention_heads, kv_heads=m.kv_heads, head_dim=m.head_dim, ffn=m.ffn_size,
-                vocab=m.padded_vocab_size, eps=m.norm_epsilon,
-                dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32)
-
-
 def backends_here(device: torch.device, include_interpreter: bool) -> list[str]:
     out = ["torch"]
     for backend in ("triton", "te", "apex"):
@@ -227,7 +219,7 @@ def main(argv=None) -> int:
         "--global-batch-size", str(args.global_batch_size), "--lr", "1e-4", "--weight-decay", "0.1",
         "--clip-grad", "1.0", "--lr-decay-style", "constant"] + (["--bf16"] if args.bf16 else [])
     cfg = parse_config(flags)
-    shapes = op_shapes(cfg)
+    shapes = autotune.run_shapes(cfg)
     backends = backends_here(device, args.include_interpreter)
     name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{name}; torch {torch.__version__}; backends here: {', '.join(backends)}", flush=True)

@@ -18,6 +18,15 @@ DEFAULT_SHAPES = dict(tokens=4096, hidden=2048, heads=16, kv_heads=16, head_dim=
                       eps=1e-5, dtype=torch.bfloat16)
 
 
+def run_shapes(cfg, tp: int = 1) -> dict:
+    """The shapes one rank of a run sees (one micro-batch; heads, FFN and vocabulary split over TP)."""
+    m, t = cfg.model, cfg.train
+    return dict(tokens=t.micro_batch_size * cfg.seq_length, hidden=m.hidden_size,
+                heads=m.num_attention_heads // tp, kv_heads=max(m.kv_heads // tp, 1), head_dim=m.head_dim,
+                ffn=m.ffn_size // tp, vocab=m.padded_vocab_size // tp, eps=m.norm_epsilon,
+                dtype=torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32)
+
+
 def workload(op: str, device: torch.device, shapes: dict | None, seed: int = 0):
     """`(forward, leaves)`: a call running `op` once on inputs of the run's shapes, and the inputs
     that take gradients. The same seed gives the same inputs (to compare backends)."""

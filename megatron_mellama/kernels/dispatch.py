@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..config.sections import KERNEL_BACKENDS as KERNEL_BACKEND_CHOICES
+from .autotune import fastest
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,6 @@ def configure(choice: str, device: torch.device | str = "cpu", timing_shapes=Non
             if device_type == "cpu":
                 table[op] = "torch"
             else:
-                from .autotune import fastest
                 table[op] = fastest(op, available(op, device_type), torch.device(device), timing_shapes)
         else:
             module = backend_module(choice, device_type)

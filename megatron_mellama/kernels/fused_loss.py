@@ -80,6 +80,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # fp32: backward multiplies by the incoming gradient, which carries fp16's loss scale
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if with_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
+        # the weight gradient is accumulated a block of vocabulary rows at a time, added into fp32 in
+        # place: the product never exists whole (it would be as large as the weight)
+        block = max(1, CHUNK_ELEMENTS // hidden.shape[1])
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_tokens):
                 rows = slice(start, start + chunk_tokens)
@@ -92,9 +95,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     # then only scales it (no second pass over the output layer)
                     grad_logits = ops.cross_entropy_grad(logits, lse, local_labels[rows], valid[rows]).to(dtype)
                     grad_hidden[rows] = grad_logits @ w
-                    # a block of vocabulary rows at a time, added into fp32 in place: the product
-                    # never exists whole (it would be as large as the weight)
-                    block = max(1, CHUNK_ELEMENTS // h.shape[1])
                     for v in range(0, grad_weight.shape[0], block):
                         grad_weight[v:v + block] += grad_logits[:, v:v + block].t() @ h
                 del logits

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .. import kernels
 from ..config import Config
+from ..kernels.autotune import run_shapes
 from ..model.llama import Llama, initial_value, rotary_tables
 from ..parallel.data import apply_data_parallel, set_gradient_sync
 from ..parallel.mesh import Meshes, ParallelDims
@@ -57,7 +58,8 @@ class Engine:
             raise ValueError("a multi-process layout needs the meshes (ParallelDims.build_mesh)")
         self.pp_rank = meshes.pp.get_local_rank() if meshes else 0
 
-        kernels.configure(cfg.train.kernel_backend, self.device, timing_shapes=self._timing_shapes(),
+        # `auto` times the backends on this rank's own shapes
+        kernels.configure(cfg.train.kernel_backend, self.device, timing_shapes=run_shapes(cfg, self.dims.tp),
                           compiled=cfg.train.compile)
         with torch.device("meta"):
             model = Llama(cfg.model)
@@ -88,15 +90,6 @@ class Engine:
             self.schedule = build_schedule(self.parts, meshes.pp, self.device, cfg.num_microbatches,
                                            self._pipeline_loss, p.pipeline_schedule)
         self._global_tokens = None
-
-    def _timing_shapes(self) -> dict:
-        """What `--kernel-backend auto` times the backends on: this run's per-rank shapes."""
-        m, tp = self.cfg.model, self.dims.tp
-        return dict(tokens=self.cfg.train.micro_batch_size * self.cfg.data.seq_length, hidden=m.hidden_size,
-                    heads=m.num_attention_heads // tp, kv_heads=max(m.kv_heads // tp, 1), head_dim=m.head_dim,
-                    ffn=m.ffn_size // tp, vocab=m.padded_vocab_size // tp, eps=m.norm_epsilon,
-                    dtype=torch.bfloat16 if self.cfg.train.bf16 else torch.float16 if self.cfg.train.fp16
-                    else torch.float32)
 
     @torch.no_grad()
     def _initialise(self, part: Llama) -> None:
