@@ -77,8 +77,12 @@ class ParallelConfig:
     recompute_granularity: Optional[str] = opt(
         None, "activation checkpointing: full (whole blocks) or selective (attention core)",
         choices=("full", "selective"))
-    distributed_backend: Optional[str] = opt(None, "nccl or gloo; default nccl on GPU, gloo on CPU",
-                                             choices=("nccl", "gloo"))
+    distributed_backend: Optional[str] = opt(
+        None, "nccl or gloo; default nccl on GPU (with gloo beside it for CPU objects), gloo on CPU",
+        choices=("nccl", "gloo"))
+    distributed_timeout_minutes: float = opt(
+        30.0, "how long a collective (a barrier while rank 0 builds the data index, a checkpoint load) may "
+        "wait before the job fails")
     # Filled by validation: the world size this run was started with, and what follows from it.
     world_size: int = 1
 

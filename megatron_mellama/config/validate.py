@@ -77,6 +77,8 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     _require(world_size % (tp * pp) == 0,
              f"the world size {world_size} (WORLD_SIZE / --nproc-per-node) must be a multiple of "
              f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}")
+    _require(p.distributed_timeout_minutes > 0,
+             f"--distributed-timeout-minutes must be positive, got {p.distributed_timeout_minutes}")
     p.world_size = world_size
     dp = p.data_parallel_size
     _positive(p.data_parallel_replicate_size, "--data-parallel-replicate-size")

@@ -7,7 +7,9 @@ replicate x shard (HSDP: shard within a node, replicate across nodes).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -79,13 +81,39 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_distributed(backend: str | None = None) -> None:
-    """Start the default process group from torchrun's environment, once."""
-    if dist.is_initialized():
-        return
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
-        import os
+def local_device() -> torch.device:
+    """The device this process computes on: its GPU (torchrun's LOCAL_RANK), or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+
+def process_group_backend(device: torch.device, backend: str | None = None) -> str:
+    """The default group's backend for `device`.
+
+    On GPUs NCCL takes device tensors and gloo takes CPU ones ("cpu:gloo,cuda:nccl"), so objects
+    (`broadcast_object_list`, DCP's planning) and any CPU tensor work too; NCCL alone fails on the
+    first CPU tensor. `backend` "gloo" keeps everything on gloo."""
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("--distributed-backend nccl needs GPUs, and none is visible here")
+    if backend == "gloo" or device.type != "cuda":
+        return "gloo"
+    return "cpu:gloo,cuda:nccl"
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> torch.device:
+    """Start the default process group from torchrun's environment, once; returns this rank's device.
+
+    `timeout_minutes` bounds every collective, including barriers that wait for rank 0 to build
+    the data index or for a large checkpoint load."""
+    device = local_device()
+    if dist.is_initialized():
+        return device
+    kwargs = {}
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # binds NCCL to this GPU at once, so barriers and the first collective use it
+        kwargs["device_id"] = device
+    dist.init_process_group(process_group_backend(device, backend), timeout=timedelta(minutes=timeout_minutes),
+                            **kwargs)
+    return device

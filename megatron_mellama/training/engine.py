@@ -89,7 +89,7 @@ class Engine:
         if self.dims.pp > 1:
             self.schedule = build_schedule(self.parts, meshes.pp, self.device, cfg.num_microbatches,
                                            self._pipeline_loss, p.pipeline_schedule)
-        self._global_tokens = None
+        self._loss_weight = None  # set per global batch: DP size / global token count, on the device
 
     @torch.no_grad()
     def _initialise(self, part: Llama) -> None:
@@ -114,30 +114,38 @@ class Engine:
 
     def _normalised(self, summed_loss):
         """A micro-batch's summed token loss over the global token count, times DP (see module doc)."""
-        return summed_loss * (self.dims.dp / self._global_tokens)
+        return summed_loss * self._loss_weight
 
     def _pipeline_loss(self, summed_loss, labels):
         return self.scaler.scale(self._normalised(summed_loss))
 
     # -- one step -----------------------------------------------------------------------------
-    def _global_batch_loss(self, micro_batches: list[dict], train: bool) -> float:
-        """Forward (and backward when training) over one global batch; its token-mean loss."""
-        labels = [mb["labels"].masked_fill(mb["loss_mask"] == 0, IGNORE_INDEX) for mb in micro_batches]
-        tokens = [mb["tokens"] for mb in micro_batches]
-        local_tokens = torch.tensor(float(sum((lab != IGNORE_INDEX).sum().item() for lab in labels)))
-        self._global_tokens = self._dp_sum(local_tokens).item()
+    # Host synchronisation: the step keeps every scalar (token count, loss, gradient norm) on the
+    # run's device and reads them once, together, at its end. Nothing is read per micro-batch.
+    def _global_batch_loss(self, micro_batches: list[dict], train: bool) -> torch.Tensor:
+        """Forward (and backward when training) over one global batch; its token-mean loss as a
+        0-dim fp32 tensor on the run's device, the same on every rank."""
+        # the batch moves to the device first (from pinned memory, without waiting), so that
+        # everything computed from it stays there
+        on_device = [{k: mb[k].to(self.device, non_blocking=True) for k in ("tokens", "labels", "loss_mask")}
+                     for mb in micro_batches]
+        labels = [mb["labels"].masked_fill(mb["loss_mask"] == 0, IGNORE_INDEX) for mb in on_device]
+        tokens = [mb["tokens"] for mb in on_device]
+        global_tokens = self._dp_sum(torch.stack([(lab != IGNORE_INDEX).sum() for lab in labels]).sum())
+        # float64 keeps counts beyond 2^24 exact; a batch without targets weighs its zero loss by 1
+        self._loss_weight = (self.dims.dp / global_tokens.clamp(min=1).double()).float()
         if self.schedule is None:
             loss = self._accumulate(tokens, labels, train)
         else:
             loss = self._pipeline(tokens, labels, train)
-        return self._dp_sum(torch.tensor(loss)).item()
+        return self._dp_sum(loss)
 
     def evaluate(self, micro_batches: list[dict]) -> float:
         """The token-mean loss of one global batch, without gradients or an update."""
         for m in self.modules:
             m.eval()
         try:
-            return self._global_batch_loss(micro_batches, train=False)
+            return self._global_batch_loss(micro_batches, train=False).item()
         finally:
             for m in self.modules:
                 m.train()
@@ -147,10 +155,12 @@ class Engine:
         loss = self._global_batch_loss(micro_batches, train=True)
 
         params = [q for m in self.modules for q in m.parameters()]
-        self.scaler.unscale_(params)
+        # overflow shows in the gradient norm read below: no flag of its own to read
+        self.scaler.unscale_(params, find_inf=False)
         pp_group = self.meshes.pp.get_group() if self.dims.pp > 1 else None
-        grad_norm = clip_grad_norm_(params, self.cfg.optim.clip_grad, pp_group=pp_group)
-        grad_norm = float(grad_norm)
+        grad_norm = clip_grad_norm_(params, self.cfg.optim.clip_grad, pp_group=pp_group, device=self.device)
+        # the step's one host synchronisation
+        loss, grad_norm = torch.stack([loss, grad_norm.to(loss.device, torch.float32)]).tolist()
         skipped = not (math.isfinite(grad_norm) and math.isfinite(loss))
         self.scaler.update(found_inf=skipped)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -160,31 +170,30 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped, lr=lr)
 
-    def _accumulate(self, tokens, labels, train: bool) -> float:
+    def _accumulate(self, tokens, labels, train: bool) -> torch.Tensor:
         model = self.modules[0]
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for i, (t, lab) in enumerate(zip(tokens, labels)):
             if self.dims.dp > 1 and train:
                 set_gradient_sync(model, i == len(tokens) - 1)
             with torch.set_grad_enabled(train):
                 with self._autocast():
-                    loss = self._normalised(model(t.to(self.device), lab.to(self.device)))
+                    loss = self._normalised(model(t, lab))
                 if train:
                     self.scaler.scale(loss).backward()
-            total += _local_value(loss).item()
+            total += _local_value(loss.detach()).float()
         return total / self.dims.dp  # back from the DP-scaled backward loss to this rank's share
 
-    def _pipeline(self, tokens, labels, train: bool) -> float:
+    def _pipeline(self, tokens, labels, train: bool) -> torch.Tensor:
         with self._autocast():
-            losses = run_pipeline_step(self.schedule, self.parts, torch.cat(tokens).to(self.device),
-                                       torch.cat(labels).to(self.device), train=train)
-        last_stage_total = torch.zeros(())
+            losses = run_pipeline_step(self.schedule, self.parts, torch.cat(tokens), torch.cat(labels), train=train)
+        total = torch.zeros((), device=self.device)
         if losses is not None:
-            unscaled = sum(_local_value(x).item() for x in losses) / self.scaler.loss_scale
-            last_stage_total = torch.tensor(unscaled / self.dims.dp)
+            summed = torch.stack([_local_value(x.detach()).float() for x in losses]).sum()
+            total = summed / (self.scaler.loss_scale * self.dims.dp)
         # the loss lives on the last stage; every rank reports it
-        dist.all_reduce(last_stage_total, group=self.meshes.pp.get_group())
-        return last_stage_total.item()
+        dist.all_reduce(total, group=self.meshes.pp.get_group())
+        return total
 
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.dims.dp > 1:

@@ -55,46 +55,52 @@ def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tens
     return total
 
 
-def _device(grads: list[torch.Tensor], pp_group) -> torch.device:
+def _device(grads: list[torch.Tensor], device: Optional[torch.device]) -> torch.device:
     if grads:
         g = grads[0]
         return g.to_local().device if isinstance(g, DTensor) else g.device
-    # A rank without gradients still joins the pipeline all-reduce, on its backend's device.
-    if pp_group is not None and dist.get_backend(pp_group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    # a rank without gradients still joins the pipeline all-reduce, on the run's device
+    return torch.device(device) if device is not None else torch.device("cpu")
 
 
 def get_grad_norm(parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
-                  pp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+                  pp_group: Optional[dist.ProcessGroup] = None,
+                  device: Optional[torch.device] = None) -> torch.Tensor:
     """The global L2 norm (fp32 scalar tensor) of the gradients of `parameters` across all stages.
 
     Every rank of the model must call this (it runs collectives on the gradients' meshes and on
-    `pp_group`), with its parameters in the same order as the other ranks of its stage.
+    `pp_group`), with its parameters in the same order as the other ranks of its stage. `device`:
+    the run's device, where a rank holding no gradients puts its share. Nothing here reads the
+    result on the host.
     """
     grads = _local_grads(parameters)
-    squared = _squared_norm(grads, _device(grads, pp_group))
+    squared = _squared_norm(grads, _device(grads, device))
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=pp_group)
     return squared.sqrt()
 
 
 def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float,
-                    pp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """Scale all gradients by max_norm / (norm + 1e-6) when the global norm exceeds `max_norm`.
+                    pp_group: Optional[dist.ProcessGroup] = None,
+                    device: Optional[torch.device] = None) -> torch.Tensor:
+    """Scale all gradients by min(1, max_norm / (norm + 1e-6)); returns the norm before clipping.
 
-    Returns the norm before clipping. `max_norm` 0 only measures. A non-finite norm (inf/NaN
-    gradients anywhere in the model, on every rank alike) leaves the gradients untouched: the
-    caller sees `not torch.isfinite(norm)` and skips the step.
+    `max_norm` 0 only measures. A non-finite norm (inf/NaN gradients anywhere in the model, on
+    every rank alike) leaves the gradients untouched: the caller sees a non-finite norm and skips
+    the step. The coefficient stays on the device, so clipping costs no host synchronisation.
     """
     parameters = list(parameters) if not isinstance(parameters, torch.Tensor) else [parameters]
-    total_norm = get_grad_norm(parameters, pp_group)
-    if max_norm <= 0 or not torch.isfinite(total_norm):
+    total_norm = get_grad_norm(parameters, pp_group, device)
+    if max_norm <= 0:
         return total_norm
-    # Same arithmetic as torch.nn.utils.clip_grad_norm_, so one process matches it bit for bit.
-    coef = max_norm / (total_norm + 1e-6)
-    if coef < 1.0:
-        for g in _local_grads(parameters):
-            local = g.to_local() if isinstance(g, DTensor) else g
-            local.mul_(coef.to(local.device))
+    # torch.nn.utils.clip_grad_norm_'s arithmetic (a coefficient clamped at 1 multiplies every
+    # gradient), so one process matches it bit for bit
+    coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    coef = torch.where(torch.isfinite(total_norm), coef, torch.ones_like(coef))
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in _local_grads(parameters)]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for g in local:
+        by_device.setdefault(g.device, []).append(g)
+    for dev, grads in by_device.items():
+        torch._foreach_mul_(grads, coef.to(dev))
     return total_norm

@@ -61,28 +61,32 @@ class LossScaler:
         """The loss to call backward on."""
         return loss * self.loss_scale if self.enabled else loss
 
-    def unscale_(self, tensors: Iterable[torch.Tensor], group: Optional[dist.ProcessGroup] = None) -> bool:
+    def unscale_(self, tensors: Iterable[torch.Tensor], group: Optional[dist.ProcessGroup] = None,
+                 find_inf: bool = True, device: torch.device | str | None = None) -> bool | None:
         """Divide the gradients by the scale in place; True when any gradient on any rank is inf/NaN.
 
         `tensors` are parameters (their `.grad` is unscaled) or gradients themselves. The overflow
         flag is max-reduced over `group` (default: every rank, when distributed) so that all ranks
-        skip the same steps. Disabled scalers return False without looking.
+        skip the same steps; reading it is a host synchronisation. `find_inf=False` only unscales
+        and returns None (the engine judges overflow from the gradient norm it reads anyway).
+        `device`: where a rank without gradients puts its flag for the reduction (the run's
+        device). Disabled scalers return False without looking.
         """
         if not self.enabled:
             return False
         inv = 1.0 / self.loss_scale  # exact: scales are powers of two unless set otherwise
+        grads = [g.to_local() if isinstance(g, DTensor) else g for g in _gradients(tensors)]
+        if grads:
+            torch._foreach_mul_(grads, inv)
+        if not find_inf:
+            return None
         found = None
-        for g in _gradients(tensors):
-            local = g.to_local() if isinstance(g, DTensor) else g
-            local.mul_(inv)
+        for local in grads:
             bad = (~torch.isfinite(local)).any().float()
             found = bad if found is None else torch.maximum(found, bad)
-        distributed = dist.is_available() and dist.is_initialized()
         if found is None:
-            # A rank without gradients still joins the all-reduce, on its backend's device.
-            on_gpu = distributed and dist.get_backend(group) == "nccl"
-            found = torch.zeros((), device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
-        if distributed:
+            found = torch.zeros((), device=device if device is not None else "cpu")
+        if dist.is_available() and dist.is_initialized():
             dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
         return bool(found.item())
 
