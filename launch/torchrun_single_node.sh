@@ -33,4 +33,9 @@ if [[ "$DRY_RUN" == 1 ]]; then
     echo "${line% }"
     exit 0
 fi
+# Under srun (and with scancel --signal=USR1), SIGUSR1 reaches every process of the step, torchrun
+# included, whose default action is to die and take its trainers down mid-save. The ignore is
+# inherited by the trainers, which install their own handler; SIGTERM keeps its default, so
+# torchrun still passes it on to them.
+trap "" USR1
 exec "${CMD[@]}"

@@ -2,6 +2,7 @@
 
 import os
 import shlex
+import socket
 import subprocess
 from pathlib import Path
 
@@ -116,3 +117,117 @@ def test_me_llama_recipes_load_and_match_the_paper(path):
     for value in (cfg.checkpoint.save_interval, t.eval_interval, t.eval_iters, cfg.logging.log_interval):
         assert value and value > 0
     assert cfg.logging.tensorboard_dir and cfg.logging.log_file
+
+
+# --- signals and exit codes, with stand-ins for SLURM's commands --------------------------------
+# The real thing runs in tests/test_slurm.py where SLURM is installed; these run everywhere.
+
+SIGUSR1, SIGTERM = 10, 15
+
+
+def _ignored(status_line: str) -> set[int]:
+    """The signals a `SigIgn:` line of /proc/<pid>/status marks as ignored."""
+    mask = int(status_line.split()[1], 16)
+    return {sig for sig in range(1, 65) if mask >> (sig - 1) & 1}
+
+
+def _stub(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+
+
+@needs_proc
+def test_torchrun_single_node_ignores_usr1_and_keeps_sigterm(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # a torchrun that reports what it inherited
+    _stub(bin_dir, "torchrun", 'grep SigIgn /proc/$$/status\necho "args $*"\n')
+    result = _run("launch/torchrun_single_node.sh", "--mock-data", GPUS_PER_NODE="1",
+                  PATH=f"{bin_dir}:/usr/bin:/bin")
+    assert result.returncode == 0, result.stderr
+    ignored = _ignored(result.stdout.splitlines()[0])
+    assert SIGUSR1 in ignored and SIGTERM not in ignored
+    assert "-m megatron_mellama.pretrain --mock-data" in result.stdout
+
+
+def _fake_slurm(tmp_path, nodes=("n1", "n2")):
+    """scontrol, srun and python stand-ins: srun runs its command once per node, in parallel, and
+    like `srun --kill-on-bad-exit` reports 143 when any task failed; the per-node `python` records
+    its arguments and inherited ignored signals, waits FAKE_DELAY_<node> s and exits FAKE_EXIT_<node>."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    _stub(bin_dir, "scontrol", 'echo "$FAKE_NODES" | tr " " "\\n"\n')
+    _stub(bin_dir, "srun", f'''printf '%s\\n' "$@" > {log}/srun_args
+env > {log}/srun_env
+while [[ "$1" != bash ]]; do shift; done
+pids=()
+for node in $FAKE_NODES; do SLURMD_NODENAME=$node "$@" & pids+=($!); done
+code=0
+for pid in "${{pids[@]}}"; do wait "$pid" || code=143; done
+exit $code
+''')
+    _stub(bin_dir, "python", f'''node=$SLURMD_NODENAME
+grep SigIgn /proc/$$/status > {log}/sigign_$node
+printf '%s\\0' "$@" > {log}/argv_$node
+delay=FAKE_DELAY_$node; sleep "${{!delay:-0}}"
+code=FAKE_EXIT_$node; exit "${{!code:-0}}"
+''')
+    env = dict(PATH=f"{bin_dir}:/usr/bin:/bin", FAKE_NODES=" ".join(nodes), SLURM_JOB_NODELIST="n[1-2]",
+               SLURM_JOB_ID="77", SLURM_NNODES=str(len(nodes)), SLURM_CPUS_PER_TASK="16", GPUS_PER_NODE="2",
+               REPO_DIR=str(REPO), EXIT_CODE_DIR=str(tmp_path / "exit-codes"))
+    return log, env
+
+
+@needs_proc
+def test_sbatch_node_command_signals_and_srun_options(tmp_path):
+    log, env = _fake_slurm(tmp_path)
+    result = _run("launch/slurm_multi_node.sbatch", *PASS_THROUGH, **env)
+    assert result.returncode == 0, result.stderr
+    srun_args = (log / "srun_args").read_text().splitlines()
+    assert "--kill-on-bad-exit=1" in srun_args
+    srun_env = dict(line.split("=", 1) for line in (log / "srun_env").read_text().splitlines() if "=" in line)
+    assert srun_env["SRUN_CPUS_PER_TASK"] == "16" and srun_env["OMP_NUM_THREADS"] == "8"
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in srun_env
+    for node in ("n1", "n2"):
+        ignored = _ignored((log / f"sigign_{node}").read_text())
+        assert SIGUSR1 in ignored and SIGTERM not in ignored
+        # python -c <launcher> <torchrun's arguments>: the same arguments the dry run prints
+        argv = (log / f"argv_{node}").read_text().split("\0")[:-1]
+        assert argv[0] == "-c" and "torch.distributed.run" in argv[1]
+        assert argv[2:4] == ["--nnodes", "2"] and argv[-len(PASS_THROUGH):] == PASS_THROUGH
+        assert f"exit code 0 on {node}" in result.stdout
+    assert not (tmp_path / "exit-codes").exists()
+
+
+@pytest.mark.parametrize("first,code", [("n1", 2), ("n2", 1)])
+def test_sbatch_exits_with_the_first_failing_nodes_code(tmp_path, first, code):
+    log, env = _fake_slurm(tmp_path)
+    other = "n2" if first == "n1" else "n1"
+    # the other node is then stopped by srun --kill-on-bad-exit: 143, and srun itself says 143
+    env.update({f"FAKE_EXIT_{first}": str(code), f"FAKE_EXIT_{other}": "143", f"FAKE_DELAY_{other}": "0.5"})
+    result = _run("launch/slurm_multi_node.sbatch", "--bf16", **env)
+    assert result.returncode == code, result.stdout + result.stderr
+    assert f"exit code {code} on {first}" in result.stdout and f"exit code 143 on {other}" in result.stdout
+    assert f"job exit code {code}, from {first}" in result.stderr
+
+
+def test_sbatch_launcher_returns_the_trainers_exit_code(tmp_path):
+    """The real launcher (torchrun's entry point) on one node: a configuration error exits 2, where
+    torchrun itself would exit 1."""
+    log, env = _fake_slurm(tmp_path, nodes=("n1",))
+    (tmp_path / "bin" / "python").unlink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.update(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", GPUS_PER_NODE="1", SLURM_JOB_NODELIST="n1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SLURM_CPUS_PER_TASK="1")
+    result = subprocess.run(["bash", str(REPO / "launch/slurm_multi_node.sbatch"), "--model", "tiny", "--mock-data",
+                             "--train-iters", "1", "--micro-batch-size", "3", "--global-batch-size", "4"],
+                            env=_env(**env), cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "exit code 2 on n1" in result.stdout
