@@ -32,7 +32,7 @@ def control():
 
 def test_nothing_set_never_stops(control):
     rc = control()
-    assert all(rc.should_stop(i) == (False, "", False) for i in range(1, 50))
+    assert all(rc.should_stop(i) == (False, "", False, False) for i in range(1, 50))
     assert rc.too_many_skipped() is None
 
 
@@ -41,8 +41,8 @@ def test_signal_sets_flag_without_killing(control, sig):
     rc = control()
     assert rc.should_stop(1)[0] is False
     os.kill(os.getpid(), sig)  # the handler runs before the next bytecode of the main thread
-    stop, reason, save = rc.should_stop(2)
-    assert (stop, save) == (True, True)
+    stop, reason, save, preempted = rc.should_stop(2)
+    assert (stop, save, preempted) == (True, True, True)
     assert sig.name in reason
 
 
@@ -57,8 +57,8 @@ def test_exit_interval(control):
     rc = control("--exit-interval", "5")
     stops = [i for i in range(1, 16) if rc.should_stop(i)[0]]
     assert stops == [5, 10, 15]
-    stop, reason, save = rc.should_stop(5)
-    assert save and "exit interval" in reason
+    stop, reason, save, preempted = rc.should_stop(5)
+    assert save and not preempted and "exit interval" in reason
 
 
 def test_exit_duration(control, monkeypatch):
@@ -68,8 +68,8 @@ def test_exit_duration(control, monkeypatch):
     now[0] += 119.0
     assert rc.should_stop(1)[0] is False
     now[0] += 2.0
-    stop, reason, save = rc.should_stop(2)
-    assert (stop, save) == (True, True) and "duration" in reason
+    stop, reason, save, preempted = rc.should_stop(2)
+    assert (stop, save, preempted) == (True, True, False) and "duration" in reason
 
 
 def test_consecutive_skipped_steps_reset_on_a_good_step(control):
@@ -90,7 +90,7 @@ def _stop_after_sigterm_on_rank_1(rank, world):
         for iteration in range(1, 20):
             if rank == 1 and iteration == 4:
                 os.kill(os.getpid(), signal.SIGTERM)
-            stop, reason, save = rc.should_stop(iteration)
+            stop, reason, save, _ = rc.should_stop(iteration)
             if stop:
                 return iteration, save, reason
         return None

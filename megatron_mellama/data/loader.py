@@ -12,6 +12,7 @@ of a validation dataset, so that losses of successive evaluations are comparable
 
 from __future__ import annotations
 
+import signal
 from typing import Optional
 
 import torch
@@ -60,9 +61,25 @@ def collate(samples: list) -> dict:
     return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in KEYS}
 
 
+# what schedulers send before a preemption or time limit (SIGUSR1 does not exist on Windows)
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """Data-loader workers ignore SIGTERM and SIGUSR1.
+
+    SLURM and torchrun signal every process of the job, workers included. A worker that died of
+    the signal would make the DataLoader raise in the trainer ("worker ... is killed by signal")
+    before the trainer reached the step boundary where it saves. The trainer alone decides; its
+    workers end with it (the DataLoader shuts them down, or they see their parent gone)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def make_loader(dataset, sampler: GlobalBatchSampler, num_workers: int = 0) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       collate_fn=collate, pin_memory=torch.cuda.is_available())
+                                       collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                                       worker_init_fn=ignore_stop_signals if num_workers else None)
 
 
 class TrainBatches:
@@ -82,6 +99,14 @@ class TrainBatches:
 
     def __iter__(self):
         return self
+
+    def close(self) -> None:
+        """Stop the worker processes now. They ignore SIGTERM (see `ignore_stop_signals`), so they
+        must be shut down through the DataLoader, not left to the interpreter's exit, which
+        terminates daemon processes with SIGTERM and then waits for them."""
+        shutdown = getattr(self._micro_batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def __next__(self) -> list:
         # A short global batch would change the loss normalisation; the sampler yields whole ones only.

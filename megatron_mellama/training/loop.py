@@ -18,7 +18,7 @@ from ..checkpoint.manager import CheckpointManager
 from ..config import Config
 from ..data.datasets import build_datasets
 from ..data.loader import eval_batches, train_batches
-from ..parallel.mesh import ParallelDims, init_distributed
+from ..parallel.mesh import ParallelDims, init_distributed, local_device
 from .engine import Engine
 from .metrics import MetricsLogger
 from .run_control import RunControl
@@ -26,12 +26,6 @@ from .run_control import RunControl
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. too many consecutive inf/NaN steps); the message says why."""
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def _print0(*args) -> None:
@@ -63,18 +57,25 @@ def _validation_sets(data) -> dict:
 
 def train(cfg: Config) -> dict:
     """Run (or resume) the job on this process's share of the layout; returns its history."""
+    # First, before minutes of start-up (process group, data index, a 70B checkpoint load): a
+    # preemption signal that arrives meanwhile is kept, and acted on as soon as training could
+    # save, instead of killing the process.
+    control = RunControl(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = _device()
-    if world > 1:
-        init_distributed(cfg.parallel.distributed_backend)
     try:
-        return _train(cfg, world, device)
+        if world > 1:
+            device = init_distributed(cfg.parallel.distributed_backend, cfg.parallel.distributed_timeout_minutes)
+        else:
+            device = local_device()
+        control.device = device
+        return _train(cfg, world, device, control)
     finally:
+        control.restore_handlers()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, world: int, device: torch.device) -> dict:
+def _train(cfg: Config, world: int, device: torch.device, control: RunControl) -> dict:
     dims = ParallelDims.from_config(cfg, world)
     meshes = dims.build_mesh(device.type) if world > 1 else None
     rank = dist.get_rank() if world > 1 else 0
@@ -87,58 +88,72 @@ def _train(cfg: Config, world: int, device: torch.device) -> dict:
     state = checkpoints.load() or {}
     iteration = state.get("iteration", 0)
     consumed = state.get("consumed_samples", 0)
-    skipped_total = state.get("skipped_total", 0)
     if iteration:
         _print0(f"resumed from {cfg.checkpoint.load} at iteration {iteration}, consumed samples {consumed}")
 
-    batches = train_batches(cfg, data.train, consumed_samples=consumed, dp_rank=coords["dp"], dp_size=dims.dp)
-    validation = _validation_sets(data)
+    history = dict(losses=[], validation=[], stopped=None, start_iteration=iteration, kernels=kernels.selected(),
+                   iteration=iteration, consumed_samples=consumed)
     metrics = MetricsLogger(cfg, rank, world, device)
-    control = RunControl(cfg)
-    history = dict(losses=[], validation=[], stopped=None, start_iteration=iteration, kernels=kernels.selected())
-    iterations = train_iterations(cfg)
-    last_saved = iteration
-    window_start, window_steps = time.perf_counter(), 0
     try:
+        if control.preempted():
+            # nothing was trained since the checkpoint this run started from: nothing to save
+            history["stopped"] = "a stop signal arrived during start-up"
+            _print0(f"stopping before the first iteration: {history['stopped']}")
+            return history
+        batches = train_batches(cfg, data.train, consumed_samples=consumed, dp_rank=coords["dp"], dp_size=dims.dp)
+        try:
+            _Steps(cfg, engine, checkpoints, metrics, control, history, coords["dp"], dims.dp).run(
+                batches, _validation_sets(data), state.get("skipped_total", 0))
+        finally:
+            batches.close()
+    finally:
+        checkpoints.close()
+        metrics.close()
+    return history
+
+
+class _Steps:
+    """The iterations of one run, from where it (re)started; updates `history` as it goes."""
+
+    def __init__(self, cfg, engine, checkpoints, metrics, control, history, dp_rank, dp_size):
+        self.cfg, self.engine, self.checkpoints, self.metrics = cfg, engine, checkpoints, metrics
+        self.control, self.history, self.dp_rank, self.dp_size = control, history, dp_rank, dp_size
+
+    def run(self, batches, validation: dict, skipped_total: int) -> None:
+        cfg, engine, control, history = self.cfg, self.engine, self.control, self.history
+        iteration, iterations = history["iteration"], train_iterations(cfg)
+        last_saved = iteration
+        window_start, window_steps = time.perf_counter(), 0
         while iteration < iterations:
             result = engine.step(next(batches))
             iteration += 1
             consumed = batches.consumed_samples
+            history.update(iteration=iteration, consumed_samples=consumed)
             skipped_total += int(result.skipped)
             control.record_step(result.skipped)
             history["losses"].append(result.loss)
             window_steps += 1
             if iteration % cfg.logging.log_interval == 0 or iteration in (1, iterations):
-                metrics.log_train(iteration, consumed, result, time.perf_counter() - window_start, window_steps,
-                                  skipped_total, loss_scale=engine.scaler.loss_scale if cfg.train.fp16 else None)
+                self.metrics.log_train(iteration, consumed, result, time.perf_counter() - window_start, window_steps,
+                                       skipped_total,
+                                       loss_scale=engine.scaler.loss_scale if cfg.train.fp16 else None)
                 window_start, window_steps = time.perf_counter(), 0
-            if validation and cfg.train.eval_iters > 0 and (iteration % cfg.train.eval_interval == 0
-                                                            or iteration == iterations):
-                losses = evaluate(cfg, engine, validation, coords["dp"], dims.dp)
-                history["validation"].append(dict(iteration=iteration, **losses))
-                metrics.log_eval(iteration, consumed, losses)
-                window_start = time.perf_counter()
             too_many = control.too_many_skipped()
             if too_many:
                 raise TrainingStopped(too_many)
-            extra = dict(skipped_total=skipped_total)
-            if cfg.checkpoint.save and cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
-                checkpoints.save(iteration, consumed, extra)
+            # decided before evaluating: a preempted job has seconds left, and spends them saving
+            stop = control.should_stop(iteration)
+            if validation and cfg.train.eval_iters > 0 and not stop.preempted and (
+                    iteration % cfg.train.eval_interval == 0 or iteration == iterations):
+                losses = evaluate(cfg, engine, validation, self.dp_rank, self.dp_size)
+                history["validation"].append(dict(iteration=iteration, **losses))
+                self.metrics.log_eval(iteration, consumed, losses)
+                window_start = time.perf_counter()
+            periodic = cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0
+            if cfg.checkpoint.save and (periodic or stop.save or iteration == iterations) and last_saved != iteration:
+                self.checkpoints.save(iteration, consumed, dict(skipped_total=skipped_total))
                 last_saved = iteration
-            stop, reason, save = control.should_stop(iteration)
-            if stop:
-                if save and cfg.checkpoint.save and last_saved != iteration:
-                    checkpoints.save(iteration, consumed, extra)
-                    last_saved = iteration
-                history["stopped"] = reason
-                _print0(f"stopping at iteration {iteration}: {reason}")
+            if stop.stop:
+                history["stopped"] = stop.reason
+                _print0(f"stopping at iteration {iteration}: {stop.reason}")
                 break
-        else:
-            if cfg.checkpoint.save and last_saved != iteration:
-                checkpoints.save(iteration, consumed, dict(skipped_total=skipped_total))
-    finally:
-        checkpoints.close()
-        metrics.close()
-        control.restore_handlers()
-    history["iteration"], history["consumed_samples"] = iteration, consumed
-    return history

@@ -2,9 +2,13 @@
 skipped (inf/NaN) steps.
 
 SLURM (and most schedulers) send SIGTERM, or SIGUSR1 with `--signal=USR1@<secs>`, some time before
-killing a job. The handler only raises a flag; the loop asks `should_stop(iteration)` at each step
-boundary, where a checkpoint can be written safely. Any rank may see a signal or the time limit
-first, so the decision is a MAX all-reduce: every rank stops, and saves, at the same iteration.
+killing a job, to every process of the job: torchrun, the trainers and their data-loader workers
+(which ignore both, see `data/loader.py`). The handler only raises a flag; the loop asks
+`should_stop(iteration)` at each step boundary, where a checkpoint can be written safely. Any rank
+may see a signal or the time limit first, so the decision is a MAX all-reduce: every rank stops,
+and saves, at the same iteration. The handlers are installed when the run starts, before its
+minutes of start-up, so a signal that arrives then is kept (`preempted()` asks before the first
+step).
 """
 
 from __future__ import annotations
@@ -12,18 +16,31 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-# SIGUSR1 does not exist on Windows
-STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+from ..data.loader import STOP_SIGNALS
+
 
 _SIGNAL, _INTERVAL, _DURATION = range(3)
 
 
+class StopDecision(NamedTuple):
+    stop: bool
+    reason: str
+    save: bool
+    preempted: bool  # a signal: the job has little time left (no evaluation, straight to saving)
+
+
+GO_ON = StopDecision(False, "", False, False)
+
+
 class RunControl:
-    def __init__(self, cfg, install_handlers: bool = True):
+    def __init__(self, cfg, install_handlers: bool = True, device: torch.device | str = "cpu"):
+        # where the stop flags are reduced: the run's device (NCCL reduces only device tensors)
+        self.device = torch.device(device)
         self.exit_interval = cfg.train.exit_interval
         self.exit_duration_in_mins = cfg.train.exit_duration_in_mins
         self.max_skipped_steps = cfg.train.max_skipped_steps
@@ -70,28 +87,33 @@ class RunControl:
             flags[_DURATION] = int((time.monotonic() - self.start) / 60.0 > self.exit_duration_in_mins)
         return flags
 
-    def should_stop(self, iteration: int) -> tuple[bool, str, bool]:
-        """(stop, reason, save) after `iteration`; the same answer on every rank.
+    def _reduce_max(self, flags: list[int]) -> list[int]:
+        tensor = torch.tensor(flags, dtype=torch.int32, device=self.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.tolist()
+
+    def preempted(self) -> bool:
+        """Whether any rank has received a stop signal; the same answer on every rank (a collective)."""
+        return bool(self._reduce_max([int(self.received_signal is not None)])[0])
+
+    def should_stop(self, iteration: int) -> StopDecision:
+        """Whether to stop after `iteration`, why, and whether to save; the same answer on every rank.
 
         A collective when torch.distributed is initialised: every rank must call it at every
         iteration.
         """
-        flags = torch.tensor(self._local_flags(iteration), dtype=torch.int32)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # NCCL reduces only CUDA tensors; gloo (and mixed cpu:gloo,cuda:nccl) reduces CPU ones
-            if dist.get_backend() == "nccl":
-                flags = flags.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            flags = flags.cpu()
+        flags = self._reduce_max(self._local_flags(iteration))
         if flags[_SIGNAL]:
             name = signal.Signals(self.received_signal).name if self.received_signal else "a signal on another rank"
-            return True, f"received {name}: saving and exiting at iteration {iteration}", True
+            return StopDecision(True, f"received {name}: saving and exiting at iteration {iteration}", True, True)
         if flags[_INTERVAL]:
-            return True, f"exit interval {self.exit_interval} reached at iteration {iteration}", True
+            return StopDecision(True, f"exit interval {self.exit_interval} reached at iteration {iteration}", True,
+                                False)
         if flags[_DURATION]:
-            return True, (f"exit duration of {self.exit_duration_in_mins} minutes reached at "
-                          f"iteration {iteration}"), True
-        return False, "", False
+            return StopDecision(True, f"exit duration of {self.exit_duration_in_mins} minutes reached at "
+                                      f"iteration {iteration}", True, False)
+        return GO_ON
 
     # -- skipped steps --------------------------------------------------------------------------
     def record_step(self, skipped: bool) -> None:
