@@ -14,7 +14,9 @@ import os
 import sys
 
 from .config import Config, ConfigError, build_parser, parse_config
+from .config.paths import prepare_output_paths
 from .model.flops import parameter_count, training_flops_per_token
+from .training.stop_signals import StopSignals
 
 PROG = "megatron_mellama.pretrain"
 
@@ -52,8 +54,18 @@ def describe(cfg: Config) -> str:
 
 
 def main(argv=None) -> int:
+    # before anything else: a scheduler's stop signal during start-up is kept, not fatal
+    signals = StopSignals().install()
+    try:
+        return _main(argv, signals)
+    finally:
+        signals.restore()
+
+
+def _main(argv, signals: StopSignals) -> int:
     try:
         cfg = load_run_config(argv)
+        prepare_output_paths(cfg)
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -63,7 +75,7 @@ def main(argv=None) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(describe(cfg), flush=True)
     try:
-        train(cfg)
+        train(cfg, signals=signals)
     except (ConfigError, CheckpointError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

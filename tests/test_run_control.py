@@ -49,7 +49,7 @@ def test_signal_sets_flag_without_killing(control, sig):
 def test_restore_handlers_puts_back_the_previous_ones():
     before = signal.getsignal(signal.SIGTERM)
     with RunControl(_cfg()) as rc:
-        assert signal.getsignal(signal.SIGTERM) == rc._handle
+        assert signal.getsignal(signal.SIGTERM) == rc.signals._handle
     assert signal.getsignal(signal.SIGTERM) == before
 
 

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+
 KEYS = ("tokens", "labels", "loss_mask")
 
 

@@ -22,6 +22,7 @@ from ..parallel.mesh import ParallelDims, init_distributed, local_device
 from .engine import Engine
 from .metrics import MetricsLogger
 from .run_control import RunControl
+from .stop_signals import StopSignals
 
 
 class TrainingStopped(RuntimeError):
@@ -55,12 +56,14 @@ def _validation_sets(data) -> dict:
     return sets
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) the job on this process's share of the layout; returns its history."""
+def train(cfg: Config, signals: StopSignals | None = None) -> dict:
+    """Run (or resume) the job on this process's share of the layout; returns its history.
+
+    `signals`: a stop-signal catcher installed earlier (`pretrain` installs one first thing)."""
     # First, before minutes of start-up (process group, data index, a 70B checkpoint load): a
     # preemption signal that arrives meanwhile is kept, and acted on as soon as training could
     # save, instead of killing the process.
-    control = RunControl(cfg)
+    control = RunControl(cfg, signals=signals)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         if world > 1:

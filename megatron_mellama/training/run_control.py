@@ -14,14 +14,13 @@ step).
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from ..data.loader import STOP_SIGNALS
+from .stop_signals import StopSignals
 
 
 _SIGNAL, _INTERVAL, _DURATION = range(3)
@@ -38,39 +37,26 @@ GO_ON = StopDecision(False, "", False, False)
 
 
 class RunControl:
-    def __init__(self, cfg, install_handlers: bool = True, device: torch.device | str = "cpu"):
+    def __init__(self, cfg, install_handlers: bool = True, device: torch.device | str = "cpu",
+                 signals: StopSignals | None = None):
         # where the stop flags are reduced: the run's device (NCCL reduces only device tensors)
         self.device = torch.device(device)
         self.exit_interval = cfg.train.exit_interval
         self.exit_duration_in_mins = cfg.train.exit_duration_in_mins
         self.max_skipped_steps = cfg.train.max_skipped_steps
         self.start = time.monotonic()
-        self.received_signal: int | None = None
         self.consecutive_skipped = 0
-        self._previous_handlers = {}
+        # a catcher installed earlier (by `pretrain`, before start-up) keeps what it caught
+        self.signals = signals or StopSignals()
         if install_handlers:
-            self.install_handlers()
+            self.signals.install()
 
-    # -- signals --------------------------------------------------------------------------------
-    def _handle(self, signum, frame) -> None:
-        # Only a flag: raising here would unwind from an arbitrary point of the step (possibly
-        # inside a collective, leaving other ranks hanging), and printing can fail with a
-        # reentrant-call error if the signal lands while the main thread writes to stdout.
-        self.received_signal = signum
-
-    def install_handlers(self) -> None:
-        # Python only lets the main thread install handlers; elsewhere (a test runner's worker
-        # thread, say) the run simply cannot be preempted gracefully.
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in STOP_SIGNALS:
-            if sig not in self._previous_handlers:
-                self._previous_handlers[sig] = signal.signal(sig, self._handle)
+    @property
+    def received_signal(self) -> int | None:
+        return self.signals.received
 
     def restore_handlers(self) -> None:
-        for sig, previous in self._previous_handlers.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous_handlers = {}
+        self.signals.restore()
 
     def __enter__(self) -> "RunControl":
         return self
