@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import time
 import warnings
 
 import numpy as np
@@ -172,7 +173,7 @@ class CheckpointManager:
         self.world = dist.get_world_size() if self.distributed else 1
         modules = list(engine.modules)
         self.model = modules[0] if len(modules) == 1 else FullModelView(modules)
-        self._pending = None  # (future, iteration, partial dir) of an async save not yet finalised
+        self._pending = None  # (future, iteration, partial dir, start time) of an async save not yet finalised
         # DCP's background thread runs collectives while training runs its own: they must not
         # share a process group. gloo, because async DCP stages on the CPU.
         self._async_group = None
@@ -186,6 +187,7 @@ class CheckpointManager:
         if not root:
             raise CheckpointError("save() needs --save")
         self.wait()
+        started = time.perf_counter()
         final = checkpoint_dir(root, iteration)
         partial = final + PARTIAL_SUFFIX
         if self.rank == 0:
@@ -207,27 +209,29 @@ class CheckpointManager:
         if self.cfg.checkpoint.async_save:
             future = dcp.async_save(state, storage_writer=writer, process_group=self._async_group,
                                     no_dist=not self.distributed)
-            self._pending = (getattr(future, "upload_completion", future), iteration, partial)
+            self._pending = (getattr(future, "upload_completion", future), iteration, partial, started)
+            self._print(f"checkpoint of iteration {iteration} staged in {time.perf_counter() - started:.1f} s; "
+                        "writing it in the background")
         else:
             dcp.save(state, storage_writer=writer, no_dist=not self.distributed)
-            self._finalise(iteration, partial)
+            self._finalise(iteration, partial, started)
 
     def wait(self) -> None:
         """Block until a pending async save is written, then finalise it (rename, `latest`)."""
         if self._pending is None:
             return
-        future, iteration, partial = self._pending
+        future, iteration, partial, started = self._pending
         self._pending = None
         try:
             future.result()
         except BaseException as exc:
             raise CheckpointError(f"{partial}: the background save failed: {_root_cause(exc)}") from exc
-        self._finalise(iteration, partial)
+        self._finalise(iteration, partial, started)
 
     def close(self) -> None:
         self.wait()
 
-    def _finalise(self, iteration: int, partial: str) -> None:
+    def _finalise(self, iteration: int, partial: str, started: float) -> None:
         self._barrier()  # every rank's files are written
         if self.rank == 0:
             root = os.path.dirname(partial)
@@ -242,6 +246,11 @@ class CheckpointManager:
                 os.rename(partial, final)
             _fsync_dir(root)
             write_latest(root, iteration)
+            # what a preemption's lead time (--signal=USR1@N) must cover, measured on every save
+            seconds = time.perf_counter() - started
+            size = _bytes_under(final)
+            print(f"saved checkpoint {final}: {size / 2 ** 30:.2f} GiB in {seconds:.1f} s "
+                  f"({size / 2 ** 30 / max(seconds, 1e-9):.2f} GiB/s)", flush=True)
             self._prune(root, iteration)
         self._barrier()
 
@@ -381,6 +390,11 @@ class CheckpointManager:
     def _print(self, message: str) -> None:
         if self.rank == 0:
             print(message, flush=True)
+
+
+def _bytes_under(path: str) -> int:
+    """Total size of the files under `path` (every rank's, on a shared file system)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
 def _shape_of(text: str) -> tuple:
