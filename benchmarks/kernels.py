@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from megatron_mellama import kernels  # noqa: E402
 from megatron_mellama.config import parse_config  # noqa: E402
-from megatron_mellama.kernels import autotune, dispatch  # noqa: E402
+from megatron_mellama.kernels import autotune, dispatch, workload  # noqa: E402
 from megatron_mellama.model.flops import training_flops_per_token  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("engine_benchmark", ROOT / "benchmarks" / "engine.py")
@@ -64,7 +64,7 @@ def compare_with_reference(op: str, backend: str, device: torch.device, shapes: 
     results = []
     for b in ("torch", backend):
         with kernels.use_backends({op: b}):
-            forward, leaves = autotune.workload(op, device, shapes, seed=1)
+            forward, leaves = workload.workload(op, device, shapes, seed=1)
             out = forward()
             weights = torch.randn(out.shape, device=device, generator=torch.Generator(device).manual_seed(2))
             (out.float() * weights).sum().backward()
@@ -76,7 +76,8 @@ def compare_with_reference(op: str, backend: str, device: torch.device, shapes: 
 
 
 def time_operations(device, shapes, backends, check: bool) -> None:
-    print(f"\noperations (forward + backward), {shapes['tokens']} tokens, {str(shapes['dtype'])[6:]}:")
+    print(f"\noperations (forward + backward), {shapes['batch'] * shapes['seq']} tokens, "
+          f"{str(shapes['dtype'])[6:]} (parameters {str(shapes['param_dtype'])[6:]}):")
     for op in kernels.OPERATIONS:
         base = None
         for backend in backends:
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
         "--global-batch-size", str(args.global_batch_size), "--lr", "1e-4", "--weight-decay", "0.1",
         "--clip-grad", "1.0", "--lr-decay-style", "constant"] + (["--bf16"] if args.bf16 else [])
     cfg = parse_config(flags)
-    shapes = autotune.run_shapes(cfg)
+    shapes = workload.run_shapes(cfg)
     backends = backends_here(device, args.include_interpreter)
     name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{name}; torch {torch.__version__}; backends here: {', '.join(backends)}", flush=True)

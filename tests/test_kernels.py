@@ -179,14 +179,18 @@ def test_autotune_picks_the_fastest_and_skips_a_failing_backend(monkeypatch):
         return timings[backend]
 
     monkeypatch.setattr(autotune, "time_backend", fake_time)
-    assert autotune.fastest("rms_norm", ["torch", "triton", "te"], torch.device("cpu")) == "triton"
+    candidates = {"rms_norm": ["torch", "triton", "te"], "swiglu": ["torch"]}
+    result = autotune.measure(candidates, "cpu")
+    assert result["table"] == {"rms_norm": "triton", "swiglu": "torch"}
+    assert "no kernel for this shape" in result["failures"]["rms_norm"]["te"]
+    assert "swiglu" not in result["seconds"]  # one candidate: nothing to time
     timings["torch"] = 0.5
-    assert autotune.fastest("rms_norm", ["torch", "triton", "te"], torch.device("cpu")) == "torch"
+    assert autotune.measure(candidates, "cpu")["table"]["rms_norm"] == "torch"
 
 
 def test_autotune_times_every_operation_on_small_shapes():
-    shapes = dict(tokens=8, hidden=16, heads=2, kv_heads=1, head_dim=8, ffn=24, vocab=30, eps=1e-5,
-                  dtype=torch.float32)
+    shapes = dict(batch=2, seq=4, norm_seq=4, hidden=16, heads=2, kv_heads=1, head_dim=8, ffn=24, vocab=30,
+                  positions=8, eps=1e-5, dtype=torch.float32, param_dtype=torch.float32)
     for op in kernels.OPERATIONS:
         assert autotune.time_backend(op, "torch", torch.device("cpu"), shapes, repeats=1) > 0
 

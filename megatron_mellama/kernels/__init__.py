@@ -1,58 +1,21 @@
 """The hot operations of LLaMA2, each with one entry point and several backends.
 
-The model calls these functions; `configure(--kernel-backend, device)` decides once per run which
-backend runs each of them (see `dispatch.py`). Backends: `torch` (`reference.py`, the reference),
-`triton` (`triton_ops.py`), Transformer Engine (`te_ops.py`) and apex (`apex_ops.py`).
+The model calls the entry points here (`ops.py`); `configure(--kernel-backend, device, ...)`
+(`choice.py`) decides once per run which backend runs each of them, `dispatch.py` holds that table
+and loads the backends, and `autotune.py` times them for `auto` on the run's inputs
+(`workload.py`). Backends: `torch` (`reference.py`, the reference and the contract), `triton`
+(`triton_ops.py`), Transformer Engine (`te_ops.py`) and apex (`apex_ops.py`). The output layer and
+loss are one chunked operation (`fused_loss.py`) whose per-chunk kernels are dispatched the same way.
 """
 
 from __future__ import annotations
 
-import torch
-from torch.distributed._functional_collectives import AsyncCollectiveTensor
-from torch.distributed.tensor import DTensor, Partial, Replicate
-
-from .dispatch import KERNEL_BACKEND_CHOICES, OPERATIONS, configure, implementation, selected, use_backends
+from ..config.sections import KERNEL_BACKENDS as KERNEL_BACKEND_CHOICES
+from .choice import configure, use_backends
+from .dispatch import OPERATIONS, selected
 from .fused_loss import IGNORE_INDEX, linear_cross_entropy
+from .ops import apply_rotary_qk, attention, rms_norm, swiglu
+from .workload import run_shapes
 
 __all__ = ["KERNEL_BACKEND_CHOICES", "OPERATIONS", "IGNORE_INDEX", "configure", "selected", "use_backends",
-           "rms_norm", "apply_rotary_qk", "swiglu", "attention", "linear_cross_entropy"]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * normalise(x), statistics in fp32; the result has weight's and x's promoted dtype."""
-    if isinstance(x, DTensor) and _sequence_parallel_norm_fits(x, weight):
-        return _sequence_parallel_norm(x, weight, eps)
-    return implementation("rms_norm", x).rms_norm(x, weight, eps)
-
-
-def _sequence_parallel_norm_fits(x, weight) -> bool:
-    return (isinstance(weight, DTensor) and weight.device_mesh == x.device_mesh and x.device_mesh.ndim == 1
-            and weight.placements == (Replicate(),) and x.placements[0].is_shard(dim=1))
-
-
-def _sequence_parallel_norm(x: DTensor, weight: DTensor, eps: float) -> DTensor:
-    # Sequence parallelism hands the norm a sequence shard and the replicated weight. The norm is
-    # row-local, so the kernel runs on the shard; each rank's weight gradient covers its rows
-    # only, hence Partial: summed over the group when the gradient reaches the weight.
-    local = x.to_local()
-    if isinstance(local, AsyncCollectiveTensor):
-        # the shard of a reduce-scatter still in flight: a kernel needs its memory. Any op waits
-        # for it; wait() itself would return a tensor cut off from autograd
-        local = local.clone()
-    out = implementation("rms_norm", local).rms_norm(local, weight.to_local(grad_placements=[Partial()]), eps)
-    return DTensor.from_local(out, x.device_mesh, x.placements, run_check=False)
-
-
-def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotate-half RoPE of q (batch, heads, seq, head_dim) and k (batch, kv_heads, seq, head_dim)."""
-    return implementation("rotary", q).apply_rotary_qk(q, k, cos, sin)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up."""
-    return implementation("swiglu", gate).swiglu(gate, up)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention; k/v may have fewer heads than q (grouped-query attention)."""
-    return implementation("attention", q).attention(q, k, v)
+           "run_shapes", "rms_norm", "apply_rotary_qk", "swiglu", "attention", "linear_cross_entropy"]

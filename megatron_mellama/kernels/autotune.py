@@ -1,83 +1,41 @@
-"""`--kernel-backend auto` on a GPU: time each available backend of an operation on the run's own
-shapes (forward and backward, one micro-batch of one rank) and keep the fastest.
+"""Timing backends for `--kernel-backend auto`: each candidate backend of each operation runs
+forward and backward on inputs like the run's own (`workload.py`), and the fastest is kept.
 
-Timing costs a few hundred milliseconds per operation at start-up; a backend that fails on these
-shapes is skipped with a warning.
+`measure_isolated` times in a spawned child process, which has its own CUDA context: a kernel that
+faults (an illegal memory access leaves the process's CUDA context unusable, whatever Python
+catches) or hangs costs only the child, and the run then takes the reference for every operation,
+with a warning. A backend that raises an ordinary exception on these inputs is skipped and the
+others are still timed. The cost is the child's start-up (importing torch, compiling the Triton
+kernels) and a few hundred milliseconds per operation.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
 
 import torch
 
+from . import dispatch
+from .dispatch import REFERENCE
+from .workload import run_shapes, workload  # run_shapes: callers that import it from here keep working
+
+__all__ = ["DEFAULT_TIMEOUT_S", "fastest", "measure", "measure_isolated", "run_shapes", "time_backend"]
+
 log = logging.getLogger(__name__)
 
-DEFAULT_SHAPES = dict(tokens=4096, hidden=2048, heads=16, kv_heads=16, head_dim=128, ffn=5632, vocab=32000,
-                      eps=1e-5, dtype=torch.bfloat16)
+# the child imports torch and JIT-compiles every Triton kernel it times before the first timing
+DEFAULT_TIMEOUT_S = 300.0
 
 
-def run_shapes(cfg, tp: int = 1) -> dict:
-    """The shapes one rank of a run sees (one micro-batch; heads, FFN and vocabulary split over TP)."""
-    m, t = cfg.model, cfg.train
-    return dict(tokens=t.micro_batch_size * cfg.seq_length, hidden=m.hidden_size,
-                heads=m.num_attention_heads // tp, kv_heads=max(m.kv_heads // tp, 1), head_dim=m.head_dim,
-                ffn=m.ffn_size // tp, vocab=m.padded_vocab_size // tp, eps=m.norm_epsilon,
-                dtype=torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32)
-
-
-def workload(op: str, device: torch.device, shapes: dict | None, seed: int = 0):
-    """`(forward, leaves)`: a call running `op` once on inputs of the run's shapes, and the inputs
-    that take gradients. The same seed gives the same inputs (to compare backends)."""
-    from . import apply_rotary_qk, attention, linear_cross_entropy, rms_norm, swiglu
-
-    s = {**DEFAULT_SHAPES, **(shapes or {})}
-    dtype, n = s["dtype"], s["tokens"]
-    seq = min(n, 4096)
-    batch = max(n // seq, 1)
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def make(*shape, dt=dtype, std=1.0):
-        return (torch.randn(*shape, device=device, generator=g) * std).to(dt).requires_grad_()
-
-    if op == "rms_norm":
-        x, w = make(n, s["hidden"]), make(s["hidden"], dt=torch.float32)
-        return (lambda: rms_norm(x, w, s["eps"])), [x, w]
-    if op == "swiglu":
-        gate, up = make(n, s["ffn"]), make(n, s["ffn"])
-        return (lambda: swiglu(gate, up)), [gate, up]
-    if op == "rotary":
-        q, k = make(batch, seq, s["heads"], s["head_dim"]), make(batch, seq, s["kv_heads"], s["head_dim"])
-        angles = torch.rand(seq, s["head_dim"] // 2, device=device, generator=g) * seq
-        angles = torch.cat([angles, angles], dim=-1)
-        cos, sin = angles.cos(), angles.sin()
-
-        def forward():
-            # the model's layout: (batch, heads, seq, head_dim) views of (batch, seq, heads, head_dim)
-            rotated = apply_rotary_qk(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-            return torch.cat([t.flatten() for t in rotated])
-        return forward, [q, k]
-    if op == "attention":
-        q = make(batch, s["heads"], seq, s["head_dim"])
-        k, v = make(batch, s["kv_heads"], seq, s["head_dim"]), make(batch, s["kv_heads"], seq, s["head_dim"])
-        return (lambda: attention(q, k, v)), [q, k, v]
-    if op == "cross_entropy":
-        h, w = make(n, s["hidden"]), make(s["vocab"], s["hidden"], dt=torch.float32, std=0.02)
-        labels = torch.randint(0, s["vocab"], (n,), device=device, generator=g)
-
-        def forward():
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                return linear_cross_entropy(h, w, labels)
-        return forward, [h, w]
-    raise ValueError(f"unknown operation {op!r}")
-
-
-def time_backend(op: str, backend: str, device: torch.device, shapes: dict | None, repeats: int = 5) -> float:
+def time_backend(op: str, backend: str, device: torch.device | str, shapes: dict | None, repeats: int = 5) -> float:
     """Median seconds of one forward+backward of `op` with `backend`."""
-    from .dispatch import use_backends
-
-    with use_backends({op: backend}):
+    device = torch.device(device)
+    if dispatch.backend_module(backend, device.type) is None:
+        # the table would fall back to the reference, which would then be timed under this name
+        raise RuntimeError(f"kernel backend {backend!r} cannot run on {device.type} in this process")
+    with dispatch.override({op: backend}):
         forward, _ = workload(op, device, shapes)
 
         def run():
@@ -94,19 +52,110 @@ def time_backend(op: str, backend: str, device: torch.device, shapes: dict | Non
     return sorted(times)[len(times) // 2]
 
 
-def fastest(op: str, candidates: list[str], device: torch.device, shapes: dict | None = None) -> str:
-    """The backend among `candidates` that runs `op` fastest here; the reference if none beats it."""
-    if len(candidates) <= 1:
-        return candidates[0] if candidates else "torch"
-    seconds = {}
-    for backend in candidates:
-        try:
-            seconds[backend] = time_backend(op, backend, device, shapes)
-        except Exception as exc:  # a backend failing on these shapes must not stop the run
-            log.warning("kernel backend %r failed on %s (%s); not using it", backend, op, exc)
-    best = min(seconds, key=seconds.get, default="torch")
-    log.info("%s: %s", op, ", ".join(f"{b} {t * 1e3:.2f} ms" for b, t in sorted(seconds.items(), key=lambda x: x[1])))
-    return best
+def fastest(seconds: dict[str, float]) -> str:
+    """The backend with the fewest seconds; the reference when none was timed."""
+    return min(seconds, key=seconds.get, default=REFERENCE)
+
+
+def measure(candidates: dict[str, list[str]], device: torch.device | str, shapes: dict | None = None,
+            repeats: int = 5) -> dict:
+    """Time every candidate backend of every operation, here, in this process.
+
+    Returns `table` (operation -> fastest backend), `seconds` (operation -> backend -> median
+    seconds) and `failures` (operation -> backend -> the exception it raised). An operation with
+    one candidate is not timed."""
+    device = torch.device(device)
+    table, seconds, failures = {}, {}, {}
+    for op, backends in candidates.items():
+        if len(backends) <= 1:
+            table[op] = backends[0] if backends else REFERENCE
+            continue
+        seconds[op], failures[op] = {}, {}
+        for backend in backends:
+            try:
+                seconds[op][backend] = time_backend(op, backend, device, shapes, repeats)
+            except Exception as exc:  # a backend failing on these inputs must not stop the others
+                failures[op][backend] = f"{type(exc).__name__}: {exc}"
+                if not _usable(device):
+                    raise RuntimeError(f"{backend}'s {op} left the CUDA context unusable: {exc}") from exc
+        table[op] = fastest(seconds[op])
+    if seconds and not _usable(device):  # a fault that surfaced in no timed call still voids the timings
+        raise RuntimeError("the CUDA context is unusable after timing the kernels")
+    return dict(table=table, seconds=seconds, failures=failures)
+
+
+def measure_isolated(candidates: dict[str, list[str]], device: torch.device | str, shapes: dict | None = None,
+                     timeout_s: float = DEFAULT_TIMEOUT_S, repeats: int = 5) -> dict[str, str]:
+    """`measure`'s table, timed in a spawned child process; the reference for every operation if
+    the child dies, fails or gives no answer within `timeout_s` seconds. Logs the timings."""
+    if all(len(backends) <= 1 for backends in candidates.values()):
+        return {op: backends[0] if backends else REFERENCE for op, backends in candidates.items()}
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # the child's current device is not ours
+        device = torch.device("cuda", torch.cuda.current_device())
+    ctx = multiprocessing.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, name="kernel-timing",
+                        args=(sender, dispatch.registered(), candidates, str(device), shapes, repeats))
+    child.start()
+    sender.close()  # the child holds the only writer: its end closing means it is gone
+    result, why = None, None
+    try:
+        if receiver.poll(timeout_s):
+            result = receiver.recv()
+        else:
+            why = f"no answer within {timeout_s:.0f} s"
+    except EOFError:
+        why = "it ended without an answer"
+    finally:
+        receiver.close()
+        child.join(timeout=30 if result is not None else 1)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    if result is not None and "error" in result:
+        why, result = result["error"], None
+    if result is None:
+        log.warning("kernel timing failed in its child process (%s; exit code %s); every operation uses the "
+                    "torch reference", why, child.exitcode)
+        return {op: REFERENCE for op in candidates}
+    _report(result)
+    return result["table"]
+
+
+def _child(sender, backends: dict, candidates: dict, device: str, shapes: dict | None, repeats: int) -> None:
+    for name, spec in backends.items():
+        dispatch.register_backend(name, spec.module, spec.device_types)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    try:
+        result = measure(candidates, device, shapes, repeats)
+    except Exception as exc:
+        result = dict(error=f"{type(exc).__name__}: {exc}")
+    sender.send(result)
+    sender.close()
+
+
+def _report(result: dict) -> None:
+    for op, failed in result["failures"].items():
+        for backend, why in failed.items():
+            log.warning("kernel backend %r failed on %s (%s); not using it", backend, op, why)
+    for op, seconds in result["seconds"].items():
+        ranked = sorted(seconds.items(), key=lambda item: item[1])
+        log.info("%s: %s", op, ", ".join(f"{b} {t * 1e3:.2f} ms" for b, t in ranked))
+
+
+def _usable(device: torch.device) -> bool:
+    """False when the device's context has a sticky error (every later call on it would fail too)."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).add_(1).item()
+        return True
+    except RuntimeError:
+        return False
 
 
 def _sync(device: torch.device) -> None:

@@ -1,41 +1,35 @@
-"""Which backend runs each operation.
+"""The backends, and the process-wide table of which one runs each operation.
 
-One process-wide table maps every operation to a backend module; the model calls the operations
-through `megatron_mellama.kernels` and never names a backend. `configure()` fills the table once per
-run from `--kernel-backend`:
+The model calls the operations through `megatron_mellama.kernels` and never names a backend:
+`implementation(op, tensor)` returns the module the table names for `op`. This module only holds
+the table and loads backends; deciding what goes in the table is `choice.py`'s job, and timing
+candidates is `autotune.py`'s.
 
-- `torch`: the reference for every operation.
-- `triton`, `te`, `apex`: that backend for the operations it has, the reference for the rest. A
-  backend that cannot run here (package missing, no GPU, Triton on the CPU without its interpreter)
-  is reported once and replaced by the reference; a run never stops for it.
-- `auto`: on a GPU, the fastest available backend per operation, timed at start-up on the run's
-  shapes (see `autotune.py`), rank 0's choice for every rank; on the CPU the reference (Triton's
-  interpreter is a test tool).
-- with `--compile`, the norm, rotary embedding and SwiGLU stay with the reference whatever the
-  choice: they sit inside the compiled blocks, where Inductor generates fused Triton for them.
+A backend is a module defining an operation's functions (`OPERATIONS`), with the names, shapes and
+dtypes of `reference.py`. A module may also declare:
+- `COMPILE_SAFE`: the operations whose functions torch.compile (dynamo) traces into one graph
+  (`fullgraph=True`); none if absent.
+- `unavailable_reason(device_type)`: why it cannot run on that device type, or None.
+A backend that cannot be loaded (package missing, wrong device, its own reason) is reported once
+and its operations use the reference; a run never stops for it.
 
 Meta tensors and DTensors take the reference: the reference's ops know how to shard, the fused
 kernels see plain local tensors. (The one DTensor case worth a kernel, the sequence-parallel norm,
-is unwrapped in `kernels.rms_norm`.)
+is unwrapped in `ops.rms_norm`.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
-import os
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ..config.sections import KERNEL_BACKENDS as KERNEL_BACKEND_CHOICES
-from .autotune import fastest
-
 log = logging.getLogger(__name__)
-
-BACKENDS = tuple(b for b in KERNEL_BACKEND_CHOICES if b != "auto")
 
 # an operation and the functions a backend module must define to provide it
 OPERATIONS = {
@@ -46,10 +40,48 @@ OPERATIONS = {
     "cross_entropy": ("logsumexp_rows", "cross_entropy_grad"),
 }
 
-_MODULES = {"torch": "reference", "triton": "triton_ops", "te": "te_ops", "apex": "apex_ops"}
+REFERENCE = "torch"
+
+
+@dataclass(frozen=True)
+class Backend:
+    module: str  # importable by this name, also in a freshly spawned process (autotune's timing child)
+    device_types: tuple[str, ...] | None = None  # None: any; checked before importing the module
+
+
+_BACKENDS: dict[str, Backend] = {
+    REFERENCE: Backend(f"{__package__}.reference"),
+    "triton": Backend(f"{__package__}.triton_ops"),
+    # importing Transformer Engine or apex where there is no GPU can itself fail or take long
+    "te": Backend(f"{__package__}.te_ops", ("cuda",)),
+    "apex": Backend(f"{__package__}.apex_ops", ("cuda",)),
+}
 _loaded: dict[tuple[str, str], tuple[ModuleType | None, str]] = {}
 _reported: set[tuple[str, int]] = set()
-_table: dict[str, str] = {op: "torch" for op in OPERATIONS}
+_table: dict[str, str] = {op: REFERENCE for op in OPERATIONS}
+
+
+def register_backend(name: str, module: str, device_types: tuple[str, ...] | None = None) -> None:
+    """Make module `module` selectable as backend `name` (replacing any backend of that name)."""
+    _BACKENDS[name] = Backend(module, device_types)
+    for key in [k for k in _loaded if k[0] == name]:
+        del _loaded[key]
+
+
+def unregister_backend(name: str) -> None:
+    if name == REFERENCE:
+        raise ValueError("the reference cannot be removed")
+    _BACKENDS.pop(name, None)
+    for key in [k for k in _loaded if k[0] == name]:
+        del _loaded[key]
+    for op, backend in _table.items():
+        if backend == name:
+            _table[op] = REFERENCE
+
+
+def registered() -> dict[str, Backend]:
+    """Every backend by name, the reference first."""
+    return dict(_BACKENDS)
 
 
 def backend_module(backend: str, device_type: str = "cuda", report: int = logging.WARNING) -> ModuleType | None:
@@ -69,96 +101,62 @@ def backend_module(backend: str, device_type: str = "cuda", report: int = loggin
 
 
 def _load(backend: str, device_type: str) -> tuple[ModuleType | None, str]:
-    if backend not in _MODULES:
-        raise ValueError(f"unknown kernel backend {backend!r}; choose from {', '.join(KERNEL_BACKEND_CHOICES)}")
-    if device_type == "cpu" and backend in ("te", "apex"):
-        return None, "it needs a CUDA device"
-    if device_type == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        return None, "on the CPU Triton runs only under its interpreter: set TRITON_INTERPRET=1"
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose from {', '.join(_BACKENDS)}")
+    spec = _BACKENDS[backend]
+    if spec.device_types is not None and device_type not in spec.device_types:
+        return None, f"it runs on {' or '.join(spec.device_types)} devices only, not {device_type}"
     try:
-        return importlib.import_module(f"{__package__}.{_MODULES[backend]}"), ""
+        module = importlib.import_module(spec.module)
     except ImportError as exc:
         return None, str(exc)
+    reason = module.unavailable_reason(device_type) if hasattr(module, "unavailable_reason") else None
+    return (None, reason) if reason else (module, "")
 
 
-def provides(module: ModuleType, op: str) -> bool:
-    return all(hasattr(module, fn) for fn in OPERATIONS[op])
+def provides(module: ModuleType | None, op: str) -> bool:
+    return module is not None and all(hasattr(module, fn) for fn in OPERATIONS[op])
+
+
+def compile_safe(module: ModuleType, op: str) -> bool:
+    """Whether torch.compile traces `module`'s `op` without a graph break (the module says so)."""
+    return op in getattr(module, "COMPILE_SAFE", ())
 
 
 def available(op: str, device_type: str) -> list[str]:
     """The backends that can run `op` on `device_type`, the reference first."""
-    out = []
-    for backend in BACKENDS:
-        module = backend_module(backend, device_type, report=logging.INFO)
-        if module is not None and provides(module, op):
-            out.append(backend)
-    return out
+    return [b for b in _BACKENDS if provides(backend_module(b, device_type, report=logging.INFO), op)]
 
 
-# inside the blocks `--compile` compiles: Inductor writes its own fused Triton for these, and our
-# kernels there would only break its graph
-COMPILED_BY_INDUCTOR = ("rms_norm", "rotary", "swiglu")
-
-
-def configure(choice: str, device: torch.device | str = "cpu", timing_shapes=None,
-              compiled: bool = False) -> dict[str, str]:
-    """Set the backend of every operation from a `--kernel-backend` value; returns the table.
-
-    `compiled`: the transformer blocks run under torch.compile, so the element-wise operations in
-    them stay with the reference and Inductor fuses them."""
-    device_type = torch.device(device).type
-    if choice not in KERNEL_BACKEND_CHOICES:
-        raise ValueError(f"unknown kernel backend {choice!r}; choose from {', '.join(KERNEL_BACKEND_CHOICES)}")
-    table = {}
-    for op in OPERATIONS:
-        if compiled and op in COMPILED_BY_INDUCTOR:
-            table[op] = "torch"
-        elif choice == "auto":
-            if device_type == "cpu":
-                table[op] = "torch"
-            else:
-                table[op] = fastest(op, available(op, device_type), torch.device(device), timing_shapes)
-        else:
-            module = backend_module(choice, device_type)
-            table[op] = choice if module is not None and provides(module, op) else "torch"
-    if choice == "auto" and device_type != "cpu" and dist.is_initialized() and dist.get_world_size() > 1:
-        # timings differ a little from rank to rank: every rank runs what rank 0 measured fastest
-        shared = [table]
-        dist.broadcast_object_list(shared, src=0)
-        table = shared[0]
+def set_table(table: dict[str, str]) -> None:
+    """Name the backend of some operations (the others keep theirs)."""
+    unknown = set(table) - set(OPERATIONS)
+    if unknown:
+        raise ValueError(f"unknown kernel operations {sorted(unknown)}")
     _table.update(table)
-    log.info("kernels: %s", ", ".join(f"{op}={b}" for op, b in table.items()))
-    return dict(table)
 
 
 def selected() -> dict[str, str]:
     return dict(_table)
 
 
-class use_backends:
-    """Run a block with another table (tests and benchmarks): `with use_backends("triton"): ...`."""
-
-    def __init__(self, choice: str | dict[str, str], device: torch.device | str = "cpu"):
-        self.choice, self.device = choice, device
-
-    def __enter__(self):
-        self.saved = dict(_table)
-        if isinstance(self.choice, dict):
-            _table.update(self.choice)
-        else:
-            configure(self.choice, self.device)
-        return selected()
-
-    def __exit__(self, *exc):
+@contextlib.contextmanager
+def override(table: dict[str, str]):
+    """Run a block with some operations on other backends, then restore the whole table."""
+    saved = dict(_table)
+    try:
+        set_table(table)
+        yield selected()
+    finally:
         _table.clear()
-        _table.update(self.saved)
+        _table.update(saved)
 
 
 def implementation(op: str, example: torch.Tensor) -> ModuleType:
     """The module that runs `op` for tensors like `example`."""
     backend = _table[op]
-    if backend != "torch" and example.device.type != "meta" and not isinstance(example, DTensor):
+    if backend != REFERENCE and example.device.type != "meta" and not isinstance(example, DTensor):
         module = backend_module(backend, example.device.type)
         if module is not None:
             return module
-    return backend_module("torch", example.device.type)
+    return backend_module(REFERENCE, example.device.type)

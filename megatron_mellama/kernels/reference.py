@@ -21,6 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# plain aten operations: dynamo traces each of them into the compiled blocks' graphs
+COMPILE_SAFE = frozenset({"rms_norm", "rotary", "swiglu", "attention", "cross_entropy"})
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # fp32 statistics: bf16 loses the small variances of early layers

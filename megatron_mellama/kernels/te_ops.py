@@ -5,40 +5,83 @@ the backend missing once and uses the reference. Norm, SwiGLU and the loss are n
 (its norm and activation are fused into its own Linear modules, which this model does not use), so
 they stay with the reference, or with Triton when `auto` finds it faster.
 
-CI has no GPU and no Transformer Engine: this adapter has not run there. Its layouts follow TE's
-documented `bshd` format; `benchmarks/kernels.py --check` compares it with the reference on a GPU.
+- TE's fused and flash attention take fp16/bf16 q, k, v only; for fp32 (a run without autocast)
+  TE falls back to its unfused attention, which materialises the (seq x seq) scores, so fp32
+  attention is left to the reference's SDPA here.
+- `DotProductAttention` is marked for dynamo to skip, so a `--compile` run (blocks compiled with
+  `fullgraph=True`) does not take it: `COMPILE_SAFE` is empty.
+- One `DotProductAttention` per (heads, kv_heads, head_dim, device) serves every layer: it holds
+  no parameters, no dropout (0.0) and no fp8 state while fp8 is off, and its scale follows head_dim.
+- TE's RoPE takes angles, not cos/sin tables: they are recovered once per table (atan2), not per call.
+
+CI has no GPU and no Transformer Engine: this adapter has run there only against stand-ins of TE's
+functions (tests/test_kernels_adapters.py). Its layouts follow TE's documented `bshd` format;
+`benchmarks/kernels.py --check` compares it with the reference on a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import weakref
 
 import torch
 import transformer_engine.pytorch as te
+
+from . import reference
 
 try:  # moved in Transformer Engine 2.x
     from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
 except ImportError:
     from transformer_engine.pytorch.attention import apply_rotary_pos_emb
 
+COMPILE_SAFE = frozenset()
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16)
+
 
 @functools.lru_cache(maxsize=None)
-def _attention_module(heads: int, kv_heads: int, head_dim: int) -> te.DotProductAttention:
-    return te.DotProductAttention(heads, head_dim, num_gqa_groups=kv_heads, attention_dropout=0.0,
-                                  attn_mask_type="causal", qkv_format="bshd")
+def _attention_module(heads: int, kv_heads: int, head_dim: int, device: torch.device) -> te.DotProductAttention:
+    # made on the device it serves, whichever is current
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return te.DotProductAttention(heads, head_dim, num_gqa_groups=kv_heads, attention_dropout=0.0,
+                                      attn_mask_type="causal", qkv_format="bshd")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if q.dtype not in _FUSED_DTYPES:
+        return reference.attention(q, k, v)
     batch, heads, seq, head_dim = q.shape
-    module = _attention_module(heads, k.shape[1], head_dim)
-    # TE takes (batch, seq, heads, head_dim) and returns (batch, seq, heads * head_dim)
+    module = _attention_module(heads, k.shape[1], head_dim, q.device)
+    # TE takes (batch, seq, heads, head_dim) and returns (batch, seq, heads * head_dim); the model's
+    # q, k, v are transposed views of that layout already, so contiguous() copies nothing
     out = module(*(t.transpose(1, 2).contiguous() for t in (q, k, v)))
     return out.view(batch, seq, heads, head_dim).transpose(1, 2)
 
 
+class _Angles:
+    """The rotation angles of a pair of cos/sin tables, (rows, 1, 1, head_dim) fp32, as TE takes them,
+    computed again only when the tables are other tensors or were written to."""
+
+    def __init__(self):
+        self.key, self.freqs = None, None
+
+    def __call__(self, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.key is not None:
+            cos_ref, sin_ref, versions = self.key
+            if cos_ref() is cos and sin_ref() is sin and versions == (cos._version, sin._version):
+                return self.freqs
+        # rotate-half tables: angle = atan2(sin, cos), equal to the original angle modulo 2 pi
+        self.freqs = torch.atan2(sin.float(), cos.float()).view(cos.shape[0], 1, 1, -1)
+        self.key = (weakref.ref(cos), weakref.ref(sin), (cos._version, sin._version))
+        return self.freqs
+
+
+_angles = _Angles()
+
+
 def apply_rotary_qk(q, k, cos, sin):
     seq = q.shape[2]
-    # TE rotates by angles (rotate-half layout, as ours): recover them from the tables
-    freqs = torch.atan2(sin[:seq], cos[:seq]).view(seq, 1, 1, -1)
+    freqs = _angles(cos, sin)[:seq]
     return tuple(apply_rotary_pos_emb(t.transpose(1, 2), freqs, tensor_format="bshd", fused=True).transpose(1, 2)
                  for t in (q, k))

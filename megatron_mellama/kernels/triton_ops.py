@@ -9,9 +9,21 @@ module is imported) gives wrong results for arithmetic done directly on bf16 val
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+# torch.compile is not claimed for these autograd Functions around Triton launches: the compiled
+# blocks keep the reference's element-wise operations, which Inductor fuses with their neighbours
+COMPILE_SAFE = frozenset()
+
+
+def unavailable_reason(device_type: str) -> str | None:
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "on the CPU Triton runs only under its interpreter: set TRITON_INTERPRET=1"
+    return None
 
 
 def _num_warps(block: int) -> int:
