@@ -64,6 +64,7 @@ def cross_entropy_grad(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Te
     # in place where the logits are fp32 already: the chunk's logits are the largest tensor here
     grad = logits.float().sub_(lse.unsqueeze(-1)).exp_()
     inside = (labels >= 0) & (labels < logits.shape[-1])
-    rows = torch.nonzero(inside).squeeze(-1)
-    grad[rows, labels[rows]] -= 1.0
+    # minus one at each row's own label (rows whose label another shard holds, or none, get -0):
+    # a scatter, not a gather of the matching rows, whose count the host would have to read
+    grad.scatter_add_(-1, torch.where(inside, labels, 0).unsqueeze(-1), -inside.to(grad.dtype).unsqueeze(-1))
     return grad.mul_(scale.unsqueeze(-1))
