@@ -1,5 +1,8 @@
 """The `triton` backend against the `torch` reference: forward values, gradients and dtypes, on odd
-shapes, run on the CPU through Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
+shapes. On the CPU through Triton's interpreter (conftest sets TRITON_INTERPRET=1); on a GPU, with
+TRITON_INTERPRET=0 (`benchmarks/gpu_check.sh`), the compiled kernels run on it."""
+
+import os
 
 import pytest
 
@@ -22,12 +25,16 @@ def _close(actual, expected, dtype):
     torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
+
+
 def _gen(seed):
+    # inputs drawn on the CPU, so the CPU and GPU runs test the same values
     return torch.Generator().manual_seed(seed)
 
 
 def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
-    return (torch.randn(*shape, generator=_gen(seed)) * scale).to(dtype)
+    return (torch.randn(*shape, generator=_gen(seed)) * scale).to(DEVICE, dtype)
 
 
 # ---------------------------------------------------------------- RMSNorm
@@ -159,7 +166,7 @@ def _labels(rows, vocab, seed):
     labels[1::5] = vocab
     labels[2::7] = vocab + 17
     labels[4::6] = -1
-    return labels
+    return labels.to(DEVICE)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 33])
@@ -168,7 +175,7 @@ def _labels(rows, vocab, seed):
 def test_cross_entropy_pieces(rows, vocab, dtype):
     logits = _randn(rows, vocab, dtype=dtype, seed=30, scale=4.0)
     labels = _labels(rows, vocab, seed=31)
-    scale = torch.rand(rows, generator=_gen(32)) / rows
+    scale = (torch.rand(rows, generator=_gen(32)) / rows).to(DEVICE)
 
     lse = triton_ops.logsumexp_rows(logits)
     assert lse.dtype == torch.float32 and lse.shape == (rows,)
@@ -191,7 +198,7 @@ def test_cross_entropy_on_a_column_slice(dtype):
     logits = full[:, 25:1025]
     assert logits.stride(0) > logits.shape[1]
     labels = _labels(7, 1000, seed=34)
-    scale = torch.full((7,), 0.5)
+    scale = torch.full((7,), 0.5, device=DEVICE)
 
     lse = triton_ops.logsumexp_rows(logits)
     torch.testing.assert_close(lse, reference.logsumexp_rows(logits), rtol=1e-5, atol=1e-5)
