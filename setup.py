@@ -9,8 +9,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_mellama", "megatron_mellama.*"]),
     install_requires=[
-        # a range the local CPU build 2.13.0 satisfies, so nothing pulls a CUDA build over it
-        "torch>=2.6,<3",
+        # 2.10 is the first release with the pipelining schedules' step(return_outputs=...) and
+        # replicate_with_fsdp on a 1-D mesh; a range the local CPU build 2.13.0 satisfies, so
+        # nothing pulls a CUDA build over it
+        "torch>=2.10,<3",
         "numpy",
         "pyyaml",
         "sentencepiece>=0.2",
