@@ -88,7 +88,10 @@ def _train(model, cfg, dp_rank=0, dp_size=1, sync=lambda enabled: None):
 def _count_collectives():
     """Counts the weight gathers and gradient reductions FSDP2 launches (it looks these up on `dist`
     at each call)."""
-    kinds = dict(all_gather_single="gather", reduce_scatter_single="reduce", all_reduce="reduce")
+    # torch 2.13's FSDP2 calls the `_single` collectives; earlier releases the `_tensor` ones
+    gather = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+    reduce = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+    kinds = {gather: "gather", reduce: "reduce", "all_reduce": "reduce"}
     count, originals = Counter(), {name: getattr(dist, name) for name in kinds}
 
     def counted(name, fn):
