@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_mellama.config import ConfigError, parse_config
 from megatron_mellama.config.sections import TOKENIZER_TYPES
@@ -158,6 +159,16 @@ def test_pipeline_batch_checks(argv, flag):
     with pytest.raises(ConfigError) as err:
         parse_config(["--model", "tiny"] + argv, world_size=2)
     assert flag in str(err.value) and "\n" not in str(err.value)
+
+
+def test_zero_bubble_is_refused_before_torch_2_13(monkeypatch):
+    argv = ["--model", "tiny", "--pipeline-model-parallel-size", "2", "--pipeline-schedule", "zero-bubble",
+            "--global-batch-size", "2"]
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.12.0+cu130"))
+    with pytest.raises(ConfigError, match="zero-bubble needs torch 2.13 or newer, not 2.12.0"):
+        parse_config(argv, world_size=2)
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.13.0"))
+    assert parse_config(argv, world_size=2).parallel.pipeline_schedule == "zero-bubble"
 
 
 def test_world_size_must_be_a_multiple_of_model_parallel_size():

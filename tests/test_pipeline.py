@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from engine_harness import spawn_gloo
 
 from megatron_mellama.config import parse_config
+from megatron_mellama.config.validate import ZERO_BUBBLE_TORCH, torch_at_least
 from megatron_mellama.model.llama import Llama, build_model
 from megatron_mellama.parallel.pipeline import build_schedule, run_pipeline_step, split_into_stages
 
@@ -96,12 +97,14 @@ def _reference(cfg):
     return total, {name: p.grad for name, p in model.named_parameters()}
 
 
-CASES = [
+ALL_CASES = [
     ("1f1b", None),
     ("interleaved-1f1b", 1),  # 4 layers, 2 ranks: 2 virtual stages per rank
     ("zero-bubble", None),
     ("zero-bubble", 1),
 ]
+# zero-bubble before torch 2.13 is refused by the configuration
+CASES = [c for c in ALL_CASES if c[0] != "zero-bubble" or torch_at_least(ZERO_BUBBLE_TORCH)]
 
 
 def _run_case(rank, world_size, schedule, layers_per_vstage):
@@ -138,7 +141,9 @@ def reference():
     return _reference(_model_config())
 
 
-@pytest.mark.parametrize("schedule,layers_per_vstage", CASES)
+@pytest.mark.parametrize("schedule,layers_per_vstage", [
+    pytest.param(*c, marks=pytest.mark.skipif(c not in CASES, reason=f"needs torch {ZERO_BUBBLE_TORCH}"))
+    for c in ALL_CASES])
 def test_schedule_matches_single_process(schedule, layers_per_vstage, pipeline_results, reference):
     results = [r[schedule, layers_per_vstage] for r in pipeline_results]
     ref_loss, ref_grads = reference

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import torch
+
 from .errors import ConfigError
 from .sections import Config
+
+# the first torch whose zero-bubble schedule computes weight gradients through custom autograd
+# functions (2.11 and 2.12 fail in `stage_backward_weight` on their `_input_metadata`)
+ZERO_BUBBLE_TORCH = "2.13"
+
+
+def torch_at_least(release: str) -> bool:
+    return torch.torch_version.TorchVersion(torch.__version__) >= release
 
 
 def _require(ok: bool, message: str) -> None:
@@ -115,6 +125,11 @@ def validate_training(cfg: Config) -> None:
                                       f"--pipeline-model-parallel-size {pp}")
         _require(not (t.compile and p.pipeline_schedule == "zero-bubble"),
                  "--compile does not work with --pipeline-schedule zero-bubble (torch refuses compiled stages)")
+        if p.pipeline_schedule == "zero-bubble":
+            _require(torch_at_least(ZERO_BUBBLE_TORCH),
+                     f"--pipeline-schedule zero-bubble needs torch {ZERO_BUBBLE_TORCH} or newer, not "
+                     f"{torch.__version__}: its weight-gradient pass fails on the custom autograd functions of "
+                     "the fused loss and kernels (use 1f1b or interleaved-1f1b)")
     _require(not (t.bf16 and t.fp16), "--bf16 and --fp16 exclude each other")
     _require(not (t.train_iters is not None and t.train_samples is not None),
              "give --train-iters or --train-samples, not both")
