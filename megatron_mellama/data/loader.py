@@ -17,7 +17,6 @@ from typing import Optional
 
 import torch
 
-
 KEYS = ("tokens", "labels", "loss_mask")
 
 

@@ -19,9 +19,9 @@ import torch
 
 from . import dispatch
 from .dispatch import REFERENCE
-from .workload import run_shapes, workload  # run_shapes: callers that import it from here keep working
+from .workload import workload
 
-__all__ = ["DEFAULT_TIMEOUT_S", "fastest", "measure", "measure_isolated", "run_shapes", "time_backend"]
+__all__ = ["DEFAULT_TIMEOUT_S", "fastest", "measure", "measure_isolated", "time_backend"]
 
 log = logging.getLogger(__name__)
 

@@ -77,10 +77,6 @@ class Meshes:
     dp_2d: DeviceMesh  # (dp_replicate, dp_shard), for FSDP2 / HSDP
 
 
-def device_type() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def local_device() -> torch.device:
     """The device this process computes on: its GPU (torchrun's LOCAL_RANK), or the CPU."""
     if torch.cuda.is_available():

@@ -24,7 +24,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .. import kernels
 from ..config import Config
-from ..kernels.autotune import run_shapes
 from ..model.llama import Llama, initial_value, rotary_tables
 from ..parallel.data import apply_data_parallel, set_gradient_sync
 from ..parallel.mesh import Meshes, ParallelDims
@@ -59,8 +58,8 @@ class Engine:
         self.pp_rank = meshes.pp.get_local_rank() if meshes else 0
 
         # `auto` times the backends on this rank's own shapes
-        kernels.configure(cfg.train.kernel_backend, self.device, timing_shapes=run_shapes(cfg, self.dims.tp),
-                          compiled=cfg.train.compile)
+        kernels.configure(cfg.train.kernel_backend, self.device,
+                          timing_shapes=kernels.run_shapes(cfg, self.dims.tp), compiled=cfg.train.compile)
         with torch.device("meta"):
             model = Llama(cfg.model)
         if self.dims.pp > 1:
