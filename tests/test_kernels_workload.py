@@ -141,7 +141,14 @@ def _tensor_parallel_rank(rank, world, argv):
     from torch.distributed.device_mesh import init_device_mesh
 
     cfg = parse_config(argv, world_size=world)
-    return _model_calls(cfg, tp_mesh=init_device_mesh("cpu", (world,)))
+    mesh = init_device_mesh("cpu", (world,))
+    calls = _model_calls(cfg, tp_mesh=mesh)
+    # the forward's result is dropped, and with it the waits of tensor parallelism's asynchronous
+    # collectives: a barrier on their group lets them finish before the process group is torn
+    # down (an exit with gloo work in flight aborts the rank: "terminate called without an active
+    # exception")
+    torch.distributed.barrier(group=mesh.get_group())
+    return calls
 
 
 @pytest.mark.parametrize("sequence_parallel", [True, False], ids=["sequence-parallel", "tensor-parallel"])
