@@ -48,7 +48,10 @@ def _local_value(t):
 
 
 class Engine:
-    def __init__(self, cfg: Config, meshes: Meshes | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: Config, meshes: Meshes | None = None, device: str | torch.device = "cpu",
+                 initialise: bool = True):
+        """`initialise=False` leaves the parameters unset (memory allocated, values undefined): for a
+        run that loads every weight from a checkpoint next, or a dry run under fake tensors."""
         self.cfg, self.meshes, self.device = cfg, meshes, torch.device(device)
         p = cfg.parallel
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -73,7 +76,10 @@ class Engine:
             if p.recompute_granularity:
                 apply_activation_checkpointing(part, p.recompute_granularity)
             part.to_empty(device=self.device)
-            self._initialise(part)
+            if initialise:
+                self._initialise(part)
+            else:
+                self._rotary_tables(part)
             if cfg.train.compile:
                 apply_compile(part)
             if self.dims.dp > 1:
@@ -91,11 +97,16 @@ class Engine:
         self._loss_weight = None  # set per global batch: DP size / global token count, on the device
 
     @torch.no_grad()
-    def _initialise(self, part: Llama) -> None:
+    def _rotary_tables(self, part: Llama) -> None:
         m = self.cfg.model
         cos, sin = rotary_tables(m.head_dim, m.max_position_embeddings, m.rotary_base, device=self.device)
         part.rope_cos.copy_(cos)
         part.rope_sin.copy_(sin)
+
+    @torch.no_grad()
+    def _initialise(self, part: Llama) -> None:
+        m = self.cfg.model
+        self._rotary_tables(part)
         seed = self.cfg.train.seed
         for name, param in part.named_parameters():
             if isinstance(param, DTensor):
@@ -149,15 +160,20 @@ class Engine:
             for m in self.modules:
                 m.train()
 
-    def step(self, micro_batches: list[dict]) -> StepResult:
-        """One optimizer step over this DP rank's micro-batches of one global batch."""
+    def compute_gradients(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over one global batch, gradients unscaled and clipped; the loss and
+        the gradient norm before clipping, as device tensors (nothing read by the host)."""
         loss = self._global_batch_loss(micro_batches, train=True)
-
         params = [q for m in self.modules for q in m.parameters()]
         # overflow shows in the gradient norm read below: no flag of its own to read
         self.scaler.unscale_(params, find_inf=False)
         pp_group = self.meshes.pp.get_group() if self.dims.pp > 1 else None
         grad_norm = clip_grad_norm_(params, self.cfg.optim.clip_grad, pp_group=pp_group, device=self.device)
+        return loss, grad_norm
+
+    def step(self, micro_batches: list[dict]) -> StepResult:
+        """One optimizer step over this DP rank's micro-batches of one global batch."""
+        loss, grad_norm = self.compute_gradients(micro_batches)
         # the step's one host synchronisation
         loss, grad_norm = torch.stack([loss, grad_norm.to(loss.device, torch.float32)]).tolist()
         skipped = not (math.isfinite(grad_norm) and math.isfinite(loss))
