@@ -231,3 +231,58 @@ def test_fp16_training_with_triton_kernels_stays_within_fp16_rounding_of_fp32():
     assert fp16["skipped"] == [False] * steps
     torch.testing.assert_close(torch.tensor(fp16["losses"]), torch.tensor(fp32["losses"]), rtol=1e-3, atol=0)
     torch.testing.assert_close(torch.tensor(fp16["grad_norms"]), torch.tensor(fp32["grad_norms"]), rtol=1e-3, atol=0)
+
+
+# ---- the fused loss under sequence parallelism: collectives -------------------------------------
+
+_COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather_into_tensor", "reduce_scatter_single",
+                "reduce_scatter_tensor")
+
+
+def _tp_sp_step_collectives(rank, world):
+    import torch.distributed as dist
+
+    from engine_harness import global_batches, micro_batches_of
+    from megatron_mellama.config import parse_config
+    from megatron_mellama.parallel.mesh import ParallelDims
+    from megatron_mellama.training.engine import Engine
+
+    cfg = parse_config(TINY + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], world_size=world)
+    engine = Engine(cfg, ParallelDims.from_config(cfg, world).build_mesh("cpu"))
+    calls, originals = [], {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
+
+    def counted(name, fn):
+        def call(tensor, *args, **kwargs):
+            calls.append((name, tensor.numel()))  # the output of a gather / reduce-scatter
+            return fn(tensor, *args, **kwargs)
+        return call
+
+    for name, fn in originals.items():
+        setattr(dist, name, counted(name, fn))
+    try:
+        result = engine.step(micro_batches_of(global_batches(cfg, 1)[0], cfg, 0, 1))
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return dict(calls=calls, loss=result.loss, grad_norm=result.grad_norm)
+
+
+def test_sequence_parallel_loss_reduce_scatters_the_hidden_gradient(tmp_path):
+    """TP2 + SP: the output layer's hidden-state gradient is reduce-scattered to each rank's sequence
+    slice (one per micro-batch, half the size of the states); no full-size all-reduce of it is left."""
+    from megatron_mellama.config import parse_config
+
+    cfg = parse_config(TINY)
+    micro_batches = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    full = cfg.train.micro_batch_size * cfg.seq_length * cfg.model.hidden_size  # one micro-batch's states
+    ref = reference(TINY, 1)
+    for r in spawn_gloo(_tp_sp_step_collectives, 2, (), str(tmp_path)):
+        calls = r["calls"]
+        assert not [c for c in calls if c[0] == "all_reduce" and c[1] >= full // 2], calls
+        scatters = [n for name, n in calls if name.startswith("reduce_scatter")]
+        assert scatters == [full // 2] * micro_batches, calls
+        gathers = [n for name, n in calls if name.startswith("all_gather")]
+        assert gathers == [full] * micro_batches, calls
+        torch.testing.assert_close(torch.tensor(r["loss"]), torch.tensor(ref["losses"][0]), rtol=1e-5, atol=0)
+        torch.testing.assert_close(torch.tensor(r["grad_norm"]), torch.tensor(ref["grad_norms"][0]), rtol=1e-5,
+                                   atol=0)

@@ -37,12 +37,17 @@ CHUNK_ELEMENTS = 1 << 24
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          ignore_index: int = IGNORE_INDEX, chunk_tokens: int | None = None) -> torch.Tensor:
     """Summed cross-entropy of the tokens whose label is not `ignore_index`; an fp32 scalar."""
-    group, vocab_start = None, 0
-    if isinstance(hidden, DTensor):
-        # sequence parallel: every rank needs every token against its vocabulary rows
-        hidden = hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim).to_local()
+    group, vocab_start, seq_group = None, 0, None
     if isinstance(weight, DTensor):
         weight, group, vocab_start = _vocab_shard(weight)
+    if isinstance(hidden, DTensor):
+        sharded = _sequence_shard(hidden, group)
+        if sharded is not None:
+            # gathered inside the autograd function, its gradient reduce-scattered back there
+            hidden, seq_group, labels = sharded[0], group, _rank_major(labels, *sharded[1:])
+        else:
+            # every rank needs every token against its vocabulary rows (or the whole vocabulary)
+            hidden = hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim).to_local()
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(hidden.device)
     if chunk_tokens is None:
@@ -51,7 +56,38 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_tokens, compute_dtype,
-                                     group, vocab_start, with_grad)
+                                     group, vocab_start, with_grad, seq_group)
+
+
+def _sequence_shard(hidden: DTensor, group) -> tuple[torch.Tensor, int, int] | None:
+    """(local shard, sharded dim, TP size) when `hidden` is evenly sharded on a sequence dim over the
+    vocabulary's TP group (and replicated elsewhere); None for any other layout (the generic path)."""
+    if group is None:
+        return None
+    mesh, placements = hidden.device_mesh, hidden.placements
+    sharded = [i for i, p in enumerate(placements) if not isinstance(p, Replicate)]
+    if len(sharded) != 1 or not isinstance(placements[sharded[0]], Shard):
+        return None
+    dim, size = placements[sharded[0]].dim, mesh.size(sharded[0])
+    dim = dim % hidden.ndim
+    seq_group = mesh.get_group(sharded[0])
+    if (dim == hidden.ndim - 1 or hidden.shape[dim] % size
+            or dist.get_process_group_ranks(seq_group) != dist.get_process_group_ranks(group)):
+        return None
+    return hidden.to_local(), dim, size
+
+
+def _rank_major(labels: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """`labels` (the hidden states' shape less the last dim) in the order of the gathered token
+    rows: rank by rank, each rank's sequence slice in its local order."""
+    shape = labels.shape
+    split = shape[:dim] + (size, shape[dim] // size) + shape[dim + 1:]
+    return labels.reshape(split).movedim(dim, 0).reshape(-1)
+
+
+def _collective(name: str, legacy: str):
+    # torch 2.13 names them `*_single` (the `*_tensor` spellings warn); earlier releases have only those
+    return getattr(dist, name, None) or getattr(dist, legacy)
 
 
 def _vocab_shard(weight: DTensor) -> tuple[torch.Tensor, dist.ProcessGroup, int]:
@@ -70,7 +106,15 @@ def _vocab_shard(weight: DTensor) -> tuple[torch.Tensor, dist.ProcessGroup, int]
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_tokens, compute_dtype, group, vocab_start,
-                with_grad):
+                with_grad, seq_group=None):
+        local_hidden = hidden
+        if seq_group is not None:
+            # every rank's sequence slice, rank after rank (the labels were put in this order)
+            size = dist.get_world_size(seq_group)
+            hidden = torch.empty((size * local_hidden.shape[0], local_hidden.shape[1]), dtype=local_hidden.dtype,
+                                 device=local_hidden.device)
+            _collective("all_gather_single", "all_gather_into_tensor")(hidden, local_hidden.contiguous(),
+                                                                         group=seq_group)
         ops = implementation("cross_entropy", hidden)
         dtype = compute_dtype or torch.promote_types(hidden.dtype, weight.dtype)
         w = weight.to(dtype)
@@ -98,7 +142,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     for v in range(0, grad_weight.shape[0], block):
                         grad_weight[v:v + block] += grad_logits[:, v:v + block].t() @ h
                 del logits
-        if with_grad and group is not None:
+        if with_grad and seq_group is not None:
+            # each rank's vocabulary rows contribute a part of every token's gradient; each rank needs
+            # the sum for its own sequence slice only
+            full, grad_hidden = grad_hidden, torch.empty(local_hidden.shape, dtype=torch.float32,
+                                                         device=hidden.device)
+            _collective("reduce_scatter_single", "reduce_scatter_tensor")(grad_hidden, full, group=seq_group)
+            del full
+        elif with_grad and group is not None:
             # each rank's vocabulary rows contribute a part of every token's gradient
             dist.all_reduce(grad_hidden, group=group)
         ctx.grads = (grad_hidden, grad_weight, hidden.dtype, weight.dtype)
@@ -118,7 +169,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight.mul_(grad_loss)
             ctx.scaled = True
         return (grad_hidden.to(hidden_dtype), grad_weight.to(weight_dtype), None, None, None, None, None, None,
-                None)
+                None, None)
 
 
 def _logsumexp_and_target(ops, logits, local_labels, group):
