@@ -18,15 +18,19 @@ from engine_harness import global_batches, micro_batches_of, spawn_gloo
 
 def train_segment(argv: list, start: int, stop: int, save: bool, meshes=None, dp_rank: int = 0,
                   dp_size: int = 1) -> dict:
-    from megatron_mellama.checkpoint.manager import CheckpointManager
+    from megatron_mellama.checkpoint.manager import CheckpointManager, checkpoint_to_load
     from megatron_mellama.config import parse_config
     from megatron_mellama.training.engine import Engine
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     cfg = parse_config(argv, world_size=world)
-    engine = Engine(cfg, meshes)
+    # as the training loop does: no initialisation when a checkpoint provides the weights
+    ckpt = checkpoint_to_load(cfg) if start else None
+    engine = Engine(cfg, meshes, initialise=ckpt is None)
+    if ckpt is not None:
+        poison(engine)
     manager = CheckpointManager(cfg, engine)
-    state = manager.load() if start else None
+    state = manager.load(ckpt) if start else None
     if start:
         assert state is not None and state["iteration"] == start, state
     losses = [engine.step(micro_batches_of(b, cfg, dp_rank, dp_size)).loss
@@ -35,6 +39,16 @@ def train_segment(argv: list, start: int, stop: int, save: bool, meshes=None, dp
         manager.save(stop, stop * cfg.train.global_batch_size, {"skipped_total": 0})
     manager.close()
     return dict(losses=losses, params=engine.full_state(), state=state)
+
+
+def poison(engine) -> None:
+    """NaN in every parameter of an uninitialised engine: a weight a load fails to set shows."""
+    import torch
+
+    with torch.no_grad():
+        for module in engine.modules:
+            for param in module.parameters():
+                param.fill_(float("nan"))
 
 
 def _segment_rank(rank: int, world: int, argv: list, start: int, stop: int, save: bool) -> dict:

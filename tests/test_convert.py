@@ -64,7 +64,12 @@ CASES = [("mha-fp32-safetensors", MHA, torch.float32, dict()),
 def test_hf_round_trip_is_exact(tmp_path, name, kwargs, dtype, save):
     src = tmp_path / "hf"
     make_hf(src, kwargs, dtype, **save)
-    _, out = round_trip(tmp_path, src)
+    ours, out = round_trip(tmp_path, src)
+    # the import keeps the source's dtype by default (a bf16 release is not doubled to fp32)
+    import torch.distributed.checkpoint as dcp
+
+    stored = dcp.FileSystemReader(os.path.join(ours, "iter_0000000")).read_metadata().state_dict_metadata
+    assert {v.properties.dtype for v in stored.values() if hasattr(v, "properties")} == {dtype}
     want, got = hf_tensors(src), hf_tensors(out)
     assert set(got) == set(want)
     for k in want:

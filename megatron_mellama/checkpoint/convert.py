@@ -76,7 +76,11 @@ class _StreamingPlanner(DefaultSavePlanner):
 
 
 def import_checkpoint(source, save: str, dtype: str = "keep", progress: bool = True) -> str:
-    """Write `source` (sources.HFSource / MetaSource) as iteration 0 of our checkpoint root `save`."""
+    """Write `source` (sources.HFSource / MetaSource) as iteration 0 of our checkpoint root `save`.
+
+    `dtype` "keep" stores each tensor in its source dtype (bf16 for LLaMA2's releases): training
+    loads it into fp32 master weights exactly (DCP copies into the destination's dtype), so an fp32
+    copy would only double the bytes written and read at every start."""
     try:
         cfg = model_config_from_hf(source.hf_config)
     except (KeyError, ValueError) as exc:

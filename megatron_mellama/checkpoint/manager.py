@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from ..config import Config, ModelConfig
+from .reader import ShardReader
 
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"
@@ -80,6 +81,31 @@ def latest_iteration(root: str) -> int | None:
     if not text.isdigit():
         raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}")
     return int(text)
+
+
+def checkpoint_to_load(cfg: Config, path: str | None = None) -> str | None:
+    """The checkpoint directory `CheckpointManager.load(path)` reads (default --load), or None when
+    the run starts from scratch; raises CheckpointError where `load` would. Reads no tensor.
+
+    Every load reads every weight of the model (resume and --finetune alike, strictly: a weight the
+    checkpoint lacks is an error), so a run for which this names a directory can build its engine
+    with `initialise=False` and pass the directory to `load`.
+    """
+    root = path or cfg.checkpoint.load
+    if not root:
+        return None
+    if not os.path.isdir(root):
+        raise CheckpointError(f"--load {root}: no such directory")
+    iteration = latest_iteration(root)
+    if iteration is not None:
+        ckpt = checkpoint_dir(root, iteration)
+        if not os.path.isdir(ckpt):
+            raise CheckpointError(f"{os.path.join(root, LATEST)} names iteration {iteration} but {ckpt} "
+                                  "does not exist")
+        return ckpt
+    if os.path.isfile(os.path.join(root, ".metadata")):
+        return root  # an iteration directory given directly
+    return None
 
 
 class FullModelView(nn.Module):
@@ -281,20 +307,10 @@ class CheckpointManager:
         """
         c = self.cfg.checkpoint
         root = path or c.load
-        if not root:
-            return None
-        if not os.path.isdir(root):
-            raise CheckpointError(f"--load {root}: no such directory")
-        iteration = latest_iteration(root)
-        if iteration is not None:
-            ckpt = checkpoint_dir(root, iteration)
-            if not os.path.isdir(ckpt):
-                raise CheckpointError(f"{os.path.join(root, LATEST)} names iteration {iteration} but {ckpt} "
-                                      "does not exist")
-        elif os.path.isfile(os.path.join(root, ".metadata")):
-            ckpt = root  # an iteration directory given directly
-        else:
-            self._print(f"no checkpoint in {root} (no '{LATEST}' file): starting from scratch")
+        ckpt = checkpoint_to_load(self.cfg, path)
+        if ckpt is None:
+            if root:
+                self._print(f"no checkpoint in {root} (no '{LATEST}' file): starting from scratch")
             return None
         missing = [f for f in (".metadata", TRAIN_STATE) if not os.path.isfile(os.path.join(ckpt, f))]
         if missing:
@@ -346,7 +362,8 @@ class CheckpointManager:
     def _load_tensors(self, ckpt: str, load_optim: bool) -> None:
         state = self._state_dict(optimizer=load_optim)
         try:
-            dcp.load(state, storage_reader=dcp.FileSystemReader(ckpt), no_dist=not self.distributed)
+            # each rank reads only its share of every tensor, not whole stored tensors
+            dcp.load(state, storage_reader=ShardReader(ckpt), no_dist=not self.distributed)
         except (Exception, CheckpointException) as exc:
             raise self._explain(exc, ckpt) from None
         optim_state = state.pop("optimizer", None)

@@ -2,6 +2,8 @@
 
     hf_to_mellama.py --hf-dir Llama-2-13b-hf --save ckpt/13b [--dtype keep|bf16|fp16|fp32] [--source-format hf|meta]
 
+The tensors keep the source's dtype unless --dtype says otherwise (bf16 for Meta's and Hugging Face's
+LLaMA2 releases); training upcasts them into its fp32 master weights as it loads them.
 Then `pretrain --load ckpt/13b --finetune <model flags>` starts from it under any parallel layout.
 """
 
@@ -20,7 +22,9 @@ def build_parser() -> OneLineParser:
                    "folder (params.json + consolidated.*.pth) with --source-format meta")
     p.add_argument("--save", required=True, help="checkpoint root to write (iter_0000000/ and latest)")
     p.add_argument("--dtype", default="keep", choices=("keep", "bf16", "fp16", "fp32"),
-                   help="dtype of the stored tensors; keep: the source's")
+                   help="dtype of the stored tensors (default: keep, each tensor's dtype in the source: a bf16 "
+                   "LLaMA2 release stays bf16, half the bytes of fp32 to write and for every rank to read; "
+                   "training loads it into its fp32 master weights exactly, with a fresh fp32 optimizer state)")
     p.add_argument("--source-format", default="hf", choices=("hf", "meta"))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .. import kernels
-from ..checkpoint.manager import CheckpointManager
+from ..checkpoint.manager import CheckpointManager, checkpoint_to_load
 from ..config import Config
 from ..data.datasets import build_datasets
 from ..data.loader import eval_batches, train_batches
@@ -85,10 +85,15 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl) -
     coords = dims.coordinates(rank)
 
     data = build_datasets(cfg)
-    engine = Engine(cfg, meshes, device)
+    # a checkpoint to load provides every weight (a load that lacks one fails): no random values
+    # are generated only to be overwritten (minutes at 70B)
+    ckpt = checkpoint_to_load(cfg)
+    engine = Engine(cfg, meshes, device, initialise=ckpt is None)
     _print0("kernels: " + ", ".join(f"{op} {backend}" for op, backend in kernels.selected().items()))
     checkpoints = CheckpointManager(cfg, engine)
-    state = checkpoints.load() or {}
+    # the directory found above: should `latest` move meanwhile, this still loads (or fails), and
+    # never leaves the uninitialised engine as it is
+    state = checkpoints.load(ckpt) or {}
     iteration = state.get("iteration", 0)
     consumed = state.get("consumed_samples", 0)
     if iteration:
