@@ -91,7 +91,7 @@ def _count_collectives():
     # torch 2.13's FSDP2 calls the `_single` collectives; earlier releases the `_tensor` ones
     gather = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
     reduce = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
-    kinds = {gather: "gather", reduce: "reduce", "all_reduce": "reduce"}
+    kinds = {gather: "gather", reduce: "reduce_scatter", "all_reduce": "all_reduce"}
     count, originals = Counter(), {name: getattr(dist, name) for name in kinds}
 
     def counted(name, fn):
@@ -158,11 +158,18 @@ def four_ranks(tmp_path_factory):
     return spawn_gloo(_train_layouts, 4, (LAYOUTS_4,), str(tmp_path_factory.mktemp("dp4")))[0]
 
 
-def _assert_same(got, reference):
+def _assert_same(got, reference, sharded):
     (losses, params, collectives), (ref_losses, ref_params, _) = got, reference
-    # gradient accumulation: nothing reduced after the first micro-batch of a step, all after the last
-    reductions = [c["reduce"] for c in collectives]
-    assert reductions[0::MICRO_BATCHES] == [0] * STEPS and min(reductions[MICRO_BATCHES - 1::MICRO_BATCHES]) > 0
+    scatters = [c["reduce_scatter"] for c in collectives]
+    all_reduces = [c["all_reduce"] for c in collectives]
+    # gradient accumulation: DDP reduces nothing after the first micro-batch of a step, all after
+    # the last; the sharded modes reduce-scatter after every micro-batch, and HSDP all-reduces the
+    # shards across replica groups after the last only
+    assert all_reduces[0::MICRO_BATCHES] == [0] * STEPS
+    if sharded:
+        assert min(scatters) > 0
+    else:
+        assert scatters == [0] * len(scatters) and min(all_reduces[MICRO_BATCHES - 1::MICRO_BATCHES]) > 0
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
     assert list(params) == list(ref_params)  # names unchanged, same order
     for name, p in params.items():
@@ -174,7 +181,7 @@ def _assert_same(got, reference):
 
 @pytest.mark.parametrize("layout", FP32_2)
 def test_two_ranks_match_one_process(layout, two_ranks, reference):
-    _assert_same(two_ranks[layout]["result"], reference)
+    _assert_same(two_ranks[layout]["result"], reference, sharded=LAYOUTS_2[layout][0] != "none")
 
 
 def test_sharding_modes_place_parameters(two_ranks):
@@ -212,7 +219,9 @@ def test_weight_gathers_follow_the_sharding_mode(two_ranks, four_ranks):
 @pytest.mark.parametrize("layout", list(LAYOUTS_4))
 def test_hsdp_on_four_ranks_matches_one_process(layout, four_ranks, reference):
     assert four_ranks[layout]["placements"] == ["(Replicate(), Shard(dim=0))"]
-    _assert_same(four_ranks[layout]["result"], reference)
+    _assert_same(four_ranks[layout]["result"], reference, sharded=True)
+    all_reduces = [c["all_reduce"] for c in four_ranks[layout]["result"][2]]
+    assert min(all_reduces[MICRO_BATCHES - 1::MICRO_BATCHES]) > 0
 
 
 class _OpCounter(TorchDispatchMode):

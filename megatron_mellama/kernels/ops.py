@@ -11,10 +11,27 @@ from .dispatch import implementation
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * normalise(x), statistics in fp32; the result has weight's and x's promoted dtype."""
+    """weight * normalise(x), statistics in fp32. Under autocast the result has the autocast dtype
+    (the compute dtype); otherwise weight's and x's promoted dtype (bf16 x bf16 gives bf16).
+
+    Every backend returns the promoted dtype (`reference.py`); the cast to the compute dtype is
+    made here, once for all of them. Without it, fp32 weights under autocast would make the norm
+    fp32: each projection reading it (q, k, v, gate, up) would keep its own bf16 copy for
+    backward, and sequence-parallel gathers would move fp32.
+    """
     if isinstance(x, DTensor) and _sequence_parallel_norm_fits(x, weight):
         return _sequence_parallel_norm(x, weight, eps)
-    return implementation("rms_norm", x).rms_norm(x, weight, eps)
+    return _to_compute_dtype(implementation("rms_norm", x).rms_norm(x, weight, eps))
+
+
+def _to_compute_dtype(out: torch.Tensor) -> torch.Tensor:
+    device_type = out.device.type
+    # meta tensors (a model built on the meta device) have no autocast state
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if out.dtype != dtype:
+            return out.to(dtype)
+    return out
 
 
 def _sequence_parallel_norm_fits(x, weight) -> bool:
@@ -32,7 +49,7 @@ def _sequence_parallel_norm(x: DTensor, weight: DTensor, eps: float) -> DTensor:
         # for it; wait() itself would return a tensor cut off from autograd
         local = local.clone()
     out = implementation("rms_norm", local).rms_norm(local, weight.to_local(grad_placements=[Partial()]), eps)
-    return DTensor.from_local(out, x.device_mesh, x.placements, run_check=False)
+    return DTensor.from_local(_to_compute_dtype(out), x.device_mesh, x.placements, run_check=False)
 
 
 def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

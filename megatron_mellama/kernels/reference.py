@@ -3,8 +3,9 @@ tested against, and the math the model had before kernels existed (Hugging Face'
 
 Shapes and dtypes, shared by every backend:
 - `rms_norm(x, weight, eps)`: statistics in fp32, the normalised value rounded to x's dtype, then
-  multiplied by the weight; the result has the promoted dtype of weight and x (fp32 weights and bf16
-  activations give fp32, as Hugging Face's RMSNorm does).
+  multiplied by the weight; a backend returns the promoted dtype of weight and x (fp32 weights and
+  bf16 activations give fp32, as Hugging Face's RMSNorm does). The entry point `ops.rms_norm` then
+  casts it to the autocast dtype when autocast is on, for every backend alike.
 - `apply_rotary_qk(q, k, cos, sin)`: q (batch, heads, seq, head_dim), k (batch, kv_heads, seq,
   head_dim), any strides; cos/sin fp32 tables of at least seq rows, (rows, head_dim), rotate-half layout.
 - `swiglu(gate, up)`: silu(gate) * up.

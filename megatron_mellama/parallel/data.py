@@ -18,8 +18,21 @@ gradient and 8 of Adam state; `optimizer` and `full` divide those 16 bytes by N.
 trades memory for communication: one all-gather per step instead of two (forward and again in
 backward), and during gradient accumulation the weights stay gathered across micro-batches.
 
-Mixed precision: weights are cast to `param_dtype` for compute; gradients are reduced in fp32 and
-land on fp32 master weights, which the optimizer updates.
+Gradient accumulation (`set_gradient_sync`, and `pipeline_backward_flags` inside a pipeline
+schedule): `none` all-reduces once, after the last micro-batch, and keeps the whole gradient
+unreduced until then (DDP's no_sync). `optimizer` and `full` reduce-scatter every micro-batch, as
+soon as a layer's backward is done, into the fp32 sharded gradient: no full-size gradient outlives
+one layer's backward. With HSDP the all-reduce of those shards across the replica groups waits for
+the last micro-batch (FSDP2 sums the reduce-scattered shards meanwhile, one shard-sized fp32 buffer).
+
+Mixed precision (`param_dtype`, the engine passes bf16 or fp16): FSDP2 casts the sharded fp32
+weights to `param_dtype` before gathering them, so the gathered weights a layer computes with are
+bf16 (half the all-gather, no per-micro-batch cast copy); gradients are computed in `param_dtype`,
+reduced in `reduce_dtype` (fp32) and land on the fp32 sharded gradients of the fp32 master
+weights, which the optimizer updates. Floating-point inputs of every wrapped module are cast to
+`param_dtype` (FSDP2's `cast_forward_inputs`), so a pipeline stage's received activations are too.
+With a data-parallel size of 1 and a `param_dtype`, the part is wrapped anyway (`replicate` over the
+1-rank dp mesh) to get the same bf16 weights.
 
 Gradient reduction AVERAGES over the data-parallel ranks (FSDP's default): a rank's loss must be
 its share of the global loss times the dp size (e.g. its token-sum / global token count x dp) for
@@ -70,20 +83,66 @@ def apply_data_parallel(module: nn.Module, meshes: Meshes, sharding: str, param_
     for i, layer in enumerate(layers):
         wrap(layer, last=i == len(layers) - 1)
     wrap(module, last=True)
+    sharded = sharding != "none" and dp_size > 1
+    # sharded modes reduce-scatter every micro-batch; replicate (DDP) reduces once per step
+    module._dp_sharded = sharded
     # ZeRO-2 keeps weights gathered through gradient accumulation, not only forward to backward
-    module._dp_keep_gathered = sharding == "optimizer"
+    module._dp_keep_gathered = sharded and sharding == "optimizer"
     return module
 
 
 def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
-    """Reduce gradients in the coming backward (True), or only accumulate them locally (False).
+    """Gradient accumulation: call before each micro-batch's backward, `enabled` True for the last
+    micro-batch of the step and False for the others. A module without data parallelism ignores it.
 
-    For gradient accumulation: disable before every micro-batch but the last. A module without
-    data parallelism ignores this.
+    `none` (replicate/DDP): a False micro-batch's gradients are only accumulated locally (whole, in
+    fp32), and all-reduced with the last one. `optimizer`/`full`: every micro-batch is
+    reduce-scattered into the sharded fp32 gradient, whatever `enabled` says; `enabled` decides
+    only what waits for the last micro-batch: the all-reduce across HSDP replica groups, and
+    (`optimizer`) the reshard of the weights, which stay gathered until the last backward.
     """
     if not isinstance(module, FSDPModule):
         return
-    module.set_requires_gradient_sync(enabled, recurse=True)
+    if not reduces_every_micro_batch(module):
+        module.set_requires_gradient_sync(enabled, recurse=True)
+        return
+    module.set_requires_gradient_sync(True, recurse=True)
+    # after set_requires_gradient_sync, which sets both; a no-op without replica groups
+    module.set_requires_all_reduce(enabled, recurse=True)
     if getattr(module, "_dp_keep_gathered", False):
         # the weights are resharded after the last micro-batch's backward, before the optimizer
         module.set_reshard_after_backward(enabled, recurse=True)
+
+
+def reduces_every_micro_batch(module: nn.Module) -> bool:
+    """Whether `module` is wrapped by `apply_data_parallel` in a sharded mode (`optimizer`/`full`
+    over more than one rank): its gradients are reduce-scattered every micro-batch."""
+    return isinstance(module, FSDPModule) and getattr(module, "_dp_sharded", False)
+
+
+def pipeline_backward_flags(module: nn.Module, last: bool) -> None:
+    """`set_gradient_sync` inside a torch pipelining schedule, for a module that
+    `reduces_every_micro_batch`: call before each backward the schedule runs on the stage.
+
+    As torch's `PipelineStage` does for FSDP modules, the weights stay gathered after a backward
+    and FSDP is not finalised until the schedule's end-of-step reduction (`perform_reduce_grad`),
+    which reshards; unlike it, gradients are reduce-scattered by FSDP's backward hooks every
+    micro-batch. HSDP's all-reduce across replica groups is left to the last micro-batch."""
+    module.set_is_last_backward(False)
+    module.set_reshard_after_backward(False, recurse=True)
+    module.set_requires_gradient_sync(True, recurse=True)
+    module.set_requires_all_reduce(last, recurse=True)
+
+
+def reduce_gradients_now(module: nn.Module) -> None:
+    """Reduce-scatter the gradients a backward wrote outside FSDP's autograd hooks (torch
+    pipelining's split weight-gradient pass), as FSDP's own post-backward would; for a module
+    that `reduces_every_micro_batch`, after `pipeline_backward_flags`. Parameters without a
+    gradient are skipped; the weights are not resharded."""
+    state = fully_shard.state(module)
+    for each in state._state_ctx.all_states:
+        for group in each._fsdp_param_groups:
+            group.post_backward()
+    # resets the groups' backward state (not the last backward: nothing is finalised), as torch's
+    # PipelineStage.perform_reduce_grad does after its own manual post_backward
+    state._root_post_backward_final_callback()

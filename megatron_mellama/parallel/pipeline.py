@@ -13,6 +13,16 @@ ZB-V would put two adjacent stages on one rank, and in torch 2.13 `schedule.eval
 still hands input gradients between those stages), so validation could not run through it; ZB-V
 also accepts exactly two stages per rank, while ZB1P takes any number, with the same placement and
 the same `--num-layers-per-virtual-pipeline-stage` meaning as interleaved 1F1B.
+
+Data parallelism inside the schedule: torch's `PipelineStage` turns off FSDP's gradient sync for
+every micro-batch and reduces once, at the end of the step. Stages here (`_Stage`) keep that for
+`none` (replicate/DDP) only; a sharded stage (`optimizer`/`full`) reduce-scatters each
+micro-batch's gradients as FSDP's hooks see them, and after each split weight-gradient pass of
+``zero-bubble`` (see `parallel/data.py`), so no full-size gradient lives across micro-batches.
+
+With bf16 (or fp16) compute the tensors sent between stages (activations forward, their
+gradients backward) are in that dtype: the data-parallel wrapper makes the weights, and so the
+residual stream, bf16 (`parallel/data.py`).
 """
 
 from __future__ import annotations
@@ -25,8 +35,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B,
                                           ScheduleInterleavedZeroBubble)
+from torch.distributed.pipelining._backward import stage_backward, stage_backward_input, stage_backward_weight
 
 from ..model.llama import Llama
+from .data import pipeline_backward_flags, reduce_gradients_now, reduces_every_micro_batch
 
 _SCHEDULES = {"1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B,
               "zero-bubble": ScheduleInterleavedZeroBubble}
@@ -82,6 +94,34 @@ def has_last_stage(parts: list[tuple[int, nn.Module]]) -> bool:
     return any(getattr(part, "lm_head", None) is not None for _, part in parts)
 
 
+class _Stage(PipelineStage):
+    """torch's PipelineStage, except that a sharded data-parallel stage reduce-scatters its gradients
+    every micro-batch (torch's stage disables FSDP's sync until the end of the step, keeping
+    full-size unsharded gradients across all micro-batches). Other stages behave as torch's."""
+
+    def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
+        if not reduces_every_micro_batch(self.submod):
+            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+        # the same backward passes as torch's stage runs, with FSDP's sync on
+        pipeline_backward_flags(self.submod, last=last_backward)
+        if backward_type == "full":
+            # FSDP's autograd hooks reduce-scatter each layer's gradients as its backward ends
+            grads = stage_backward(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"], bwd_kwargs["input_values"])
+            return grads, None
+        if backward_type == "input":
+            # input gradients only: no weight gradient exists yet, nothing to reduce
+            return stage_backward_input(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"],
+                                        bwd_kwargs["input_values"], self.submod.parameters())
+        if backward_type == "weight":
+            grads = stage_backward_weight(self.submod.parameters(), bwd_kwargs["param_groups"])
+            # written straight to the weights' .grad, outside FSDP's hooks: reduce them now (the
+            # last micro-batch's are reduced by the schedule's perform_reduce_grad, which follows)
+            if not last_backward:
+                reduce_gradients_now(self.submod)
+            return grads, None
+        raise RuntimeError(f"unknown backward type {backward_type!r}")
+
+
 def build_schedule(parts: list[tuple[int, nn.Module]], pp_group_or_mesh: dist.ProcessGroup | DeviceMesh,
                    device: torch.device | str, n_microbatches: int, loss_fn, schedule: str):
     """The torch pipelining schedule running this rank's parts.
@@ -93,7 +133,7 @@ def build_schedule(parts: list[tuple[int, nn.Module]], pp_group_or_mesh: dist.Pr
     group = pp_group_or_mesh.get_group() if isinstance(pp_group_or_mesh, DeviceMesh) else pp_group_or_mesh
     num_stages = dist.get_world_size(group) * len(parts)
     device = torch.device(device)
-    stages = [PipelineStage(part, stage, num_stages, device, group=group) for stage, part in parts]
+    stages = [_Stage(part, stage, num_stages, device, group=group) for stage, part in parts]
     cls = _SCHEDULES[schedule]
     if cls is Schedule1F1B:
         if len(stages) != 1:

@@ -10,6 +10,22 @@ token loss divided by the token count of the global batch (all DP ranks together
 reduction averages gradients, so the backward loss is multiplied by the DP size to make it a sum.
 The model's last stage computes the summed token loss itself (`model(tokens, labels)`: the fused,
 chunked, vocabulary-parallel output layer and cross-entropy), so the logits never exist.
+
+Precision (`--bf16`, `--fp16`): whenever there is a process group (the engine is given meshes),
+every part is wrapped by `apply_data_parallel` with `param_dtype` bf16/fp16 and `reduce_dtype`
+fp32, in every data-parallel mode and also at a data-parallel size of 1 (`replicate` over the
+1-rank dp mesh): the weights a layer computes with are FSDP2's gathered bf16 copies, gradients are
+computed in bf16, reduced in fp32 onto the fp32 sharded gradients, and AdamW updates fp32 master
+weights. The residual stream and the tensors pipeline stages exchange are bf16. `torch.autocast`
+still wraps the forward: with bf16 weights it changes little (the rotary tables, fp32 buffers, are
+cast to the activations' dtype by the kernels themselves), but it makes the compute dtype explicit
+for the ops that ask for it (the norm's output, the fused loss's matmuls) and catches any fp32
+operand of a matmul.
+
+A single-process run (world size 1: no meshes, no process group) cannot use FSDP2, so it keeps
+the fp32 parameters and runs the forward under `torch.autocast`: each matmul casts its weight to
+bf16 (a bf16 copy of every weight per micro-batch), the residual stream stays fp32, and the norms
+return bf16.
 """
 
 from __future__ import annotations
@@ -60,6 +76,8 @@ class Engine:
             raise ValueError("a multi-process layout needs the meshes (ParallelDims.build_mesh)")
         self.pp_rank = meshes.pp.get_local_rank() if meshes else 0
 
+        # the compute dtype: bf16/fp16 weights from FSDP2 when there are meshes, autocast without
+        self.autocast_dtype = torch.bfloat16 if cfg.train.bf16 else torch.float16 if cfg.train.fp16 else None
         # `auto` times the backends on this rank's own shapes
         kernels.configure(cfg.train.kernel_backend, self.device,
                           timing_shapes=kernels.run_shapes(cfg, self.dims.tp), compiled=cfg.train.compile)
@@ -82,14 +100,15 @@ class Engine:
                 self._rotary_tables(part)
             if cfg.train.compile:
                 apply_compile(part)
-            if self.dims.dp > 1:
-                apply_data_parallel(part, meshes, p.data_parallel_sharding, param_dtype=None)
+            if meshes is not None:
+                # at DP 1 without mixed precision this leaves the part as it is
+                apply_data_parallel(part, meshes, p.data_parallel_sharding, param_dtype=self.autocast_dtype,
+                                    reduce_dtype=torch.float32)
         self.modules = [part for _, part in self.parts]
 
         self.optimizer = build_optimizer(self.modules, cfg)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg)
         self.scaler = LossScaler.from_config(cfg)
-        self.autocast_dtype = torch.bfloat16 if cfg.train.bf16 else torch.float16 if cfg.train.fp16 else None
         self.schedule = None
         if self.dims.pp > 1:
             self.schedule = build_schedule(self.parts, meshes.pp, self.device, cfg.num_microbatches,
@@ -189,7 +208,8 @@ class Engine:
         model = self.modules[0]
         total = torch.zeros((), device=self.device)
         for i, (t, lab) in enumerate(zip(tokens, labels)):
-            if self.dims.dp > 1 and train:
+            if train:
+                # a part without data parallelism ignores this
                 set_gradient_sync(model, i == len(tokens) - 1)
             with torch.set_grad_enabled(train):
                 with self._autocast():
