@@ -115,6 +115,23 @@ def test_checkpoint_lacking_a_weight_is_an_error_not_an_uninitialised_model(tmp_
         CheckpointManager(cfg, engine).load()
 
 
+def test_checkpoint_whose_chunks_miss_part_of_a_tensor_is_an_error(tmp_path):
+    import pickle
+
+    cfg = parse_config(TINY + ["--save", str(tmp_path)])
+    CheckpointManager(cfg, Engine(cfg)).save(1, 8)
+    path = os.path.join(tmp_path, "iter_0000001", ".metadata")
+    with open(path, "rb") as fh:
+        meta = pickle.load(fh)
+    meta.state_dict_metadata["layers.1.mlp.up_proj.weight"].chunks.clear()  # as if a rank's files were lost
+    with open(path, "wb") as fh:
+        pickle.dump(meta, fh)
+    cfg = parse_config(TINY + ["--load", str(tmp_path), "--finetune"])
+    with pytest.raises(CheckpointError, match=r"corrupt checkpoint .*layers\.1\.mlp\.up_proj\.weight: its stored "
+                                              r"chunks hold 0 of its \d+ elements"):
+        CheckpointManager(cfg, Engine(cfg, initialise=False)).load()
+
+
 def test_checkpoint_to_load_agrees_with_load(tmp_path):
     assert checkpoint_to_load(parse_config(TINY)) is None
     assert checkpoint_to_load(parse_config(TINY + ["--load", str(tmp_path)])) is None  # empty: from scratch

@@ -28,6 +28,7 @@ from ..model.llama import Llama
 from .hf import hf_config_dict, model_config_from_hf, to_hf_name
 from .manager import (PARTIAL_SUFFIX, TRAIN_STATE, checkpoint_dir, latest_iteration,
                       write_latest, write_train_state)
+from .reader import ShardReader
 from .sources import SAFETENSORS_DTYPES, ConvertError
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -175,7 +176,7 @@ def export_checkpoint(load: str, hf_dir: str, max_shard_size: int = 5 * 10**9, d
     """Our checkpoint -> a Hugging Face LLaMA folder; returns the files written."""
     ckpt = find_checkpoint(load)
     cfg = _saved_model_config(ckpt)
-    reader = dcp.FileSystemReader(ckpt)
+    reader = ShardReader(ckpt)  # refuses tensors its chunks do not cover (they would export garbage)
     meta = {k: v for k, v in reader.read_metadata().state_dict_metadata.items()
             if not k.startswith("optimizer") and isinstance(v, TensorStorageMetadata)}
     want = expected_shapes(cfg)

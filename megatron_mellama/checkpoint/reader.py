@@ -25,11 +25,13 @@ import contextlib
 import dataclasses
 import io
 import itertools
+import math
 import os
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
@@ -135,6 +137,17 @@ class ShardReader(dcp.FileSystemReader):
         super().__init__(path)
         self.min_gap = min_gap
         self.bytes_read = 0
+
+    def set_up_storage_reader(self, metadata, is_coordinator: bool, *args, **kwargs) -> None:
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        # DCP reads the chunks a tensor's metadata lists and leaves any part no chunk covers as it
+        # was: in an engine built without initialisation, undefined values. Refuse such a checkpoint.
+        for fqn, md in metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                stored = sum(math.prod(c.sizes) for c in md.chunks)
+                if stored < math.prod(md.size):
+                    raise ValueError(f"tensor {fqn}: its stored chunks hold {stored} of its {math.prod(md.size)} "
+                                     "elements")
 
     def read_data(self, plan, planner) -> Future:
         per_file: dict[str, list] = {}
