@@ -11,12 +11,16 @@ strides and the record's offset, a few KiB), then reads only the byte runs the r
   as FSDP shards everything) are one contiguous run: exactly this rank's share is read;
 - columns (a slice along a later dim, as TP shards o_proj and down_proj) are one run per row. Runs
   separated by at least `min_gap` bytes (default 4 KiB, a page: a smaller gap shares pages with
-  the runs around it, so the storage would read it anyway) are read one by one; closer runs are
-  read as one span through the gaps. LLaMA2's column shards under TP >= 2 are at least 2 KiB apart
-  in bf16 per row at 7B's hidden size 4096 and further at 13B/70B, so they are read as runs.
+  the runs around it, so the storage would read it anyway) are read one by one, exactly the share;
+  closer runs are read as one span through the gaps, which for a TP column shard is the whole
+  tensor. Under TP >= 2 the gap is at least half a stored row: 4 KiB at LLaMA2-7B's hidden size in
+  bf16, more at 13B/70B, in fp32 and for down_proj, so real models read their share of every
+  tensor (one read per row for the column shards); only toy widths read column shards whole.
 
 Anything else (a stored view that is not contiguous, a stream transform such as compression, an
 archive torch cannot parse as meta, an empty tensor, a byte item) goes to DCP's own reading.
+The reader also refuses a checkpoint whose stored chunks do not cover some tensor whole: DCP would
+leave the uncovered part as it was, undefined in an engine built without initialisation.
 """
 
 from __future__ import annotations
