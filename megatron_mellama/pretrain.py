@@ -10,6 +10,7 @@ of the processes torchrun started, and trains for `--train-iters`, logging every
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -27,9 +28,36 @@ def _tokenizer_vocab_size(data) -> int:
     return build_tokenizer(data.tokenizer_type, data.tokenizer_model).vocab_size
 
 
-def load_run_config(argv=None) -> Config:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+def _add_dry_run_flags(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """The dry-run flags; without `defaults` they only show in --help (never in the parsed values)."""
+    g = parser.add_argument_group("dry run: trace one step of the real layout on this machine's CPU, nothing trained")
+    g.add_argument("--dry-run", action="store_true", default=False if defaults else argparse.SUPPRESS,
+                   help="build the model for one rank of the run under a fake process group and fake tensors, "
+                        "trace one optimizer step, print peak memory by kind and communication per step, exit")
+    g.add_argument("--world-size", type=int, default=None if defaults else argparse.SUPPRESS, metavar="GPUS",
+                   help="with --dry-run: the number of GPUs the real run will have (default: WORLD_SIZE, or 1)")
+    g.add_argument("--dry-run-ranks", type=int, nargs="+", default=None if defaults else argparse.SUPPRESS, metavar="RANK",
+                   help="with --dry-run: the ranks to trace (default: rank 0 and the first rank of the last "
+                        "pipeline stage)")
+    g.add_argument("--gpu-memory-gb", type=float, default=80.0 if defaults else argparse.SUPPRESS,
+                   help="with --dry-run: memory of one GPU in GiB, to say whether the peak fits (default 80)")
+
+
+def _split_dry_run_flags(argv) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _add_dry_run_flags(parser)
+    dry, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if not dry.dry_run and (dry.world_size is not None or dry.dry_run_ranks is not None):
+        raise ConfigError("--world-size and --dry-run-ranks are for --dry-run")
+    if dry.world_size is not None and dry.world_size < 1:
+        raise ConfigError(f"--world-size must be positive, got {dry.world_size}")
+    return dry, rest
+
+
+def load_run_config(argv=None, world_size: int | None = None) -> Config:
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     parser = build_parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    _add_dry_run_flags(parser, defaults=False)  # listed by --help; taken out of argv before parsing
     cfg = parse_config(argv, world_size=world_size, vocab_size_of=_tokenizer_vocab_size, parser=parser)
     if not cfg.data.mock_data and not cfg.data.data_path:
         raise ConfigError("--data-path is required (or --mock-data)")
@@ -64,7 +92,10 @@ def main(argv=None) -> int:
 
 def _main(argv, signals: StopSignals) -> int:
     try:
-        cfg = load_run_config(argv)
+        dry, argv = _split_dry_run_flags(argv)
+        cfg = load_run_config(argv, world_size=dry.world_size)
+        if dry.dry_run:
+            return _dry_run(cfg, dry)
         prepare_output_paths(cfg)
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -82,6 +113,18 @@ def _main(argv, signals: StopSignals) -> int:
     except TrainingStopped as e:
         print(f"{PROG}: stopped: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _dry_run(cfg: Config, dry: argparse.Namespace) -> int:
+    from .training.dry_run import dry_run, format_report
+
+    print(describe(cfg), flush=True)
+    try:
+        traces = dry_run(cfg, dry.dry_run_ranks, progress=lambda line: print(line, flush=True))
+    except ValueError as e:
+        raise ConfigError(f"--dry-run-ranks: {e}") from None
+    print(format_report(cfg, traces, dry.gpu_memory_gb), flush=True)
     return 0
 
 
