@@ -34,6 +34,8 @@ LAYOUTS = {
     "pp2-dp2-zero3": ["--pipeline-model-parallel-size", "2", "--data-parallel-sharding", "full"],
     # HSDP 2 x 2: reduce-scatter every micro-batch, all-reduce across replica groups with the last
     "hsdp-zero3": ["--data-parallel-sharding", "full", "--data-parallel-replicate-size", "2"],
+    # DDP (FSDP2's replicate): gradients kept unreduced until the last micro-batch
+    "dp4-ddp": ["--data-parallel-sharding", "none"],
 }
 if torch_at_least(ZERO_BUBBLE_TORCH):
     # the split weight-gradient pass writes gradients outside FSDP's hooks
@@ -88,6 +90,9 @@ def _count_collectives():
     def counted(name, fn):
         def call(*args, **kwargs):
             count[kinds[name]] += 1
+            for t in (*args, *kwargs.values()):
+                if isinstance(t, torch.Tensor):
+                    count[f"{kinds[name]} {_dtype(t)}"] += 1  # the dtype the reduction runs in
             return fn(*args, **kwargs)
         return call
 
@@ -340,15 +345,17 @@ def test_layers_compute_with_bf16_weights_and_activations(name, ranks):
 
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if "zero" in n])
 def test_sharded_modes_reduce_scatter_every_micro_batch(name, ranks):
-    """After a micro-batch that is not the last of its step, the gradients are already reduced:
-    fp32, sharded like the weights (1/N of them on this rank). Before the fix they were kept whole
-    and unreduced until the last micro-batch."""
+    """After a micro-batch that is not the last of its step, the gradients are already reduced, in
+    fp32: fp32, sharded like the weights (1/N of them on this rank). Before the fix they were kept
+    whole and unreduced until the last micro-batch."""
     for r in ranks:
         records = [rec for rec in r[name]["records"] if not rec["last"]]
         assert records, "no micro-batch was probed"
         for rec in records:
             grads, coll = rec["grads"], rec["collectives"]
             assert coll.get("reduce_scatter", 0) > 0, rec
+            # bf16 gradients, reduced in fp32 (every tensor handed to the collective is fp32)
+            assert coll["reduce_scatter"] * 2 == coll.get("reduce_scatter float32", 0), rec
             if name.startswith("hsdp"):
                 # the shards are summed locally; the all-reduce across replica groups waits
                 assert coll.get("all_reduce", 0) == 0, rec
@@ -365,3 +372,11 @@ def test_fp16_skips_an_overflowing_step_then_trains(ranks, fp32_reference):
         # fp16 keeps 11 significant bits: tighter than bf16
         for got, want in zip(f["losses"], fp32_reference["losses"]):
             assert _rel(got, want) < 2e-3, (f["losses"], fp32_reference["losses"])
+
+
+def test_ddp_keeps_gradients_unreduced_until_the_last_micro_batch(ranks):
+    for r in ranks:
+        records = r["dp4-ddp"]["records"]
+        assert records
+        for rec in records:
+            assert rec["collectives"] == {} and rec["grads"]["missing"] == len(r["dp4-ddp"]["params"]), rec
