@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
+from ..model.llama import Llama
 from ..parallel.data import set_gradient_sync
 from ..parallel.mesh import ParallelDims
 from .memory_trace import GIB, KINDS, MemoryPeak, StepTracer
@@ -131,11 +132,31 @@ def _fake_world(rank: int, world: int):
         with unset_fake_temporarily():
             original_init(self, *args, **kwargs)
 
+    # the model is built (and cut into stages) on the meta device first: as real meta tensors, not
+    # fake ones, which `to_empty` could not swap for the fake parameters that follow
+    original_model_init = Llama.__init__
+
+    def meta_model_init(self, *args, **kwargs):
+        with unset_fake_temporarily():
+            original_model_init(self, *args, **kwargs)
+
+    from . import engine
+
+    original_split = engine.split_into_stages
+
+    def meta_split(*args, **kwargs):
+        with unset_fake_temporarily():
+            return original_split(*args, **kwargs)
+
     DeviceMesh.__init__ = real_mesh_init
+    Llama.__init__ = meta_model_init
+    engine.split_into_stages = meta_split
     try:
         yield
     finally:
         DeviceMesh.__init__ = original_init
+        Llama.__init__ = original_model_init
+        engine.split_into_stages = original_split
         dist.destroy_process_group()
 
 
