@@ -78,9 +78,12 @@ class Engine:
 
         # the compute dtype: bf16/fp16 weights from FSDP2 when there are meshes, autocast without
         self.autocast_dtype = torch.bfloat16 if cfg.train.bf16 else torch.float16 if cfg.train.fp16 else None
-        # `auto` times the backends on this rank's own shapes
+        # `auto` times the backends on this rank's own shapes and dtypes (bf16 parameters and
+        # residual stream when FSDP2 casts them, below)
+        param_dtype = self.autocast_dtype if meshes is not None else None
         kernels.configure(cfg.train.kernel_backend, self.device,
-                          timing_shapes=kernels.run_shapes(cfg, self.dims.tp), compiled=cfg.train.compile)
+                          timing_shapes=kernels.run_shapes(cfg, self.dims.tp, param_dtype=param_dtype),
+                          compiled=cfg.train.compile)
         with torch.device("meta"):
             model = Llama(cfg.model)
         if self.dims.pp > 1:
@@ -102,7 +105,7 @@ class Engine:
                 apply_compile(part)
             if meshes is not None:
                 # at DP 1 without mixed precision this leaves the part as it is
-                apply_data_parallel(part, meshes, p.data_parallel_sharding, param_dtype=self.autocast_dtype,
+                apply_data_parallel(part, meshes, p.data_parallel_sharding, param_dtype=param_dtype,
                                     reduce_dtype=torch.float32)
         self.modules = [part for _, part in self.parts]
 
