@@ -1,35 +1,52 @@
-"""Per-GPU memory and step-time estimates for one TP x PP x DP layout (for planning, before a run).
+"""Peak memory per GPU of one rank of a layout, predicted from the shapes alone (for planning).
 
-Model state, per parameter of a rank's pipeline stage (its share under TP), as parallel/data.py
-keeps it: 4 B fp32 master weight, 4 B fp32 gradient, 8 B AdamW state (exp_avg, exp_avg_sq);
-`optimizer` and `full` sharding divide all three by DP. On top, the bf16 copies compute runs on
-("gathered"): the whole stage for `none` and `optimizer`, about two layers plus the root's
-embedding/output for `full`, which reshards after each layer's forward.
+The figures count the tensors the engine creates, as the dry run (`pretrain --dry-run`,
+`training/dry_run.py`) traces them; `benchmarks/memory.py` and `tests/test_memory_model.py` hold
+this model to the trace. Per rank, in bytes, with P the parameters of the rank's pipeline
+stages (its TP share; norms are not split) and N the ranks a sharded data-parallel mode splits
+them over:
 
-Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
-Transformer Models", with sequence parallelism (it divides every term by TP t), per layer and
-micro-batch of b sequences of length s, width h, a heads, in bytes:
+    weights      4 P / N        fp32 master weights (N = 1 for `none`)
+    gradients    4 P / N        fp32, reduce-scattered every micro-batch by the sharded modes
+    optimizer    8 P / N        AdamW's two moments
+    gathered     2 P            the bf16 compute weights (`none`, `optimizer`; a single process's
+                                autocast copies too); `full` holds the output layer's and three
+                                layers' (running, prefetched, and the all-gather's buffer)
+    activations  per layer and micro-batch (below) x layers x micro-batches in flight
+    temporaries  backward's working set: one layer's weight gradients in bf16 and fp32 (two
+                 layers' with virtual stages), and one chunk of the loss's logits
 
-    none       s*b*h*(34 + 5*a*s/h) / t
-    selective  s*b*h*34 / t                (the 5*a*s/h attention-score term is recomputed)
-    full       2*s*b*h / t                  (the layer input), plus one layer's `selective`
-                                            figure while that layer is recomputed in backward
+Activations of one layer for a micro-batch of b sequences of s tokens, width h, B = b*s*h, in
+bf16 (fp32 runs double the 2-byte terms), with g = 1/TP under sequence parallelism (the
+residual stream is split along the sequence) and 1 without, r = key/value heads / heads,
+f = ffn / h, t = TP:
 
-Our attention is SDPA, whose flash/memory-efficient kernels never store the scores, so on GPU
-`none` behaves like `selective`; `none` keeps the paper's score term as an upper bound (SDPA's
-math backend does store it). The paper's 34 is for a 4h GELU MLP with dropout; LLaMA's SwiGLU
-and no dropout land close to it, so it is kept rather than re-derived.
+    none       B * (12 g + 4 + (4 + 4 r) / t + 8 f / t)
+               two norms keep an fp32 and a bf16 copy of their input (6 bytes each); the
+               all-gathered (or, without SP, the normalised) inputs of q/k/v and of gate/up
+               (2 + 2); q and k after RoPE, v and the attention output (2 (2 + 2 r), over t);
+               gate, SiLU(gate), up and their product (8 f, over t)
+    selective  what the engine's policy saves (`parallel/recompute.py`: matmul, attention and
+               collective outputs): B * (2 g + 4 + 2 (1 + 2 r) / t + 2 / t + 4 f / t + 2 (2 - ...))
+               -- see `layer_activation_bytes` for the exact sum
+    full       B * 2 g, the layer's input; the layer being recomputed adds its `none` figure once
 
-1F1B keeps min(PP - i, micro-batches) micro-batches in flight on stage i: the first stage holds
-the most activations, the last stage adds the logits (bf16 logits, their fp32 copy for the loss
-and its fp32 gradient: 10 B per vocabulary entry of its TP shard). The heavier of the two is
-reported.
+The attention core is SDPA's flash/memory-efficient kernel (on the CPU, its flash kernel), which
+keeps a logsumexp per head and token, not the scores.
 
-Sizes are in GiB; a layout fits when its total is within 90 % of the card.
+Micro-batches in flight: 1 without PP (each micro-batch runs forward and backward before the
+next); 1F1B's stage i holds min(PP - i, n) micro-batches' activations; the interleaved
+schedule's rank r holds the forward chunks of its warm-up, (v - 1) * PP + 2 (PP - 1 - r), plus
+one, each of L / (PP v) layers. A pipeline stage also keeps each in-flight micro-batch's input and
+output (2 x 2 g B). The last stage adds the fused loss: the gathered final hidden state, the fp32
+output-layer gradient (vocabulary x h / t x 4 bytes) held to backward, and one chunk of logits.
+
+A layout fits when its peak is within 90% of the card: the rest goes to the CUDA context, NCCL
+buffers and allocator fragmentation, none of which is a tensor.
 
 Step time: training FLOPs per step / (GPUs x peak x efficiency), times the recompute overhead,
-the 1F1B bubble (1 + (PP - 1) / micro-batches) and a rough TP communication penalty (5 % per
-doubling of TP, inside one NVLink node). Data-parallel gradient reduction is assumed overlapped.
+the pipeline bubble (1 + (PP - 1) / (v micro-batches)) and a rough TP communication penalty
+(5% per doubling of TP, inside one NVLink node). Data-parallel reduction is assumed overlapped.
 """
 
 from __future__ import annotations
@@ -37,17 +54,33 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from ..config import ModelConfig
+from ..config import Config, ModelConfig
 from ..model.flops import layer_matmul_params, training_flops_per_token
 
 GIB = 2 ** 30
 # of the card: the rest goes to the CUDA context, communication buffers and allocator fragmentation
 USABLE_FRACTION = 0.9
 TP_PENALTY_PER_DOUBLING = 0.05
+PARTS = ("weights", "gathered", "gradients", "optimizer", "activations", "temporaries")
+# logits elements per chunk of the fused loss (kernels/fused_loss.py)
+LOSS_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class Prediction:
+    rank: int
+    stage: int
+    parts: dict[str, float]  # bytes, by PARTS
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(self.parts.values())
 
 
 @dataclass
 class Estimate:
+    """The heavier rank of a layout, in GiB, and the step time (what `plan_layout` lists)."""
+
     tp: int
     pp: int
     dp: int
@@ -57,6 +90,7 @@ class Estimate:
     optimizer_gb: float
     gathered_gb: float
     activations_gb: float
+    temporaries_gb: float
     total_gb: float
     fits: bool
     step_s: float
@@ -65,85 +99,213 @@ class Estimate:
         return asdict(self)
 
 
-def stage_parameters(m: ModelConfig, tp: int, pp: int, stage: int) -> float:
-    """Parameters one rank of pipeline stage `stage` holds before DP sharding (norms are not TP-split)."""
-    h, vocab = m.hidden_size, m.padded_vocab_size
-    count = m.num_layers // pp * (layer_matmul_params(m) / tp + 2 * h)
-    if stage == 0:
-        count += vocab * h / tp
-    if stage == pp - 1:
-        count += vocab * h / tp + h
+# -- the layout's shape ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Layout:
+    tp: int
+    pp: int
+    dp: int
+    shards: int  # ranks a sharded DP mode splits a parameter over (1 for `none`)
+    v: int  # stages per pipeline rank
+    sharding: str
+    sequence_parallel: bool
+    recompute: str
+    micro_batch: int
+    seq: int
+    microbatches: int
+    compute_bytes: int  # 2 for bf16/fp16, 4 for fp32
+    mixed: bool  # bf16/fp16 compute weights exist beside the fp32 master weights
+    schedule: str
+
+    @classmethod
+    def of(cls, cfg: Config) -> "_Layout":
+        p, world = cfg.parallel, cfg.parallel.world_size
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        dp = world // (tp * pp)
+        shards = 1 if p.data_parallel_sharding == "none" else dp // p.data_parallel_replicate_size
+        per_stage = p.num_layers_per_virtual_pipeline_stage or cfg.model.num_layers // pp
+        low = cfg.train.bf16 or cfg.train.fp16
+        return cls(tp=tp, pp=pp, dp=dp, shards=shards, v=cfg.model.num_layers // (pp * per_stage),
+                   sharding=p.data_parallel_sharding, sequence_parallel=p.sequence_parallel and tp > 1,
+                   recompute=p.recompute_granularity or "none", micro_batch=cfg.train.micro_batch_size,
+                   seq=cfg.seq_length, microbatches=cfg.num_microbatches, compute_bytes=2 if low else 4,
+                   mixed=low, schedule=p.pipeline_schedule)
+
+
+def _stages(lay: _Layout, pp_rank: int) -> list[int]:
+    return [pp_rank + k * lay.pp for k in range(lay.v)]
+
+
+def layer_parameters(m: ModelConfig, tp: int) -> float:
+    """One layer's parameters on one TP rank (the two norms are whole on every rank)."""
+    return layer_matmul_params(m) / tp + 2 * m.hidden_size
+
+
+def rank_parameters(m: ModelConfig, lay: _Layout, pp_rank: int) -> float:
+    stages = _stages(lay, pp_rank)
+    last = lay.pp * lay.v - 1
+    count = len(stages) * m.num_layers // (lay.pp * lay.v) * layer_parameters(m, lay.tp)
+    if 0 in stages:
+        count += m.padded_vocab_size * m.hidden_size / lay.tp
+    if last in stages:
+        count += m.padded_vocab_size * m.hidden_size / lay.tp + m.hidden_size
     return count
 
 
-def model_state_bytes(m: ModelConfig, tp: int, pp: int, dp: int, sharding: str, stage: int = 0) -> dict:
-    """fp32 weights, fp32 grads and AdamW state of one rank of `stage`, in bytes."""
-    params = stage_parameters(m, tp, pp, stage)
-    shards = dp if sharding in ("optimizer", "full") else 1
-    return dict(weights=4 * params / shards, grads=4 * params / shards, optimizer=8 * params / shards)
-
-
-def gathered_bytes(m: ModelConfig, tp: int, pp: int, sharding: str, stage: int) -> float:
-    params = stage_parameters(m, tp, pp, stage)
-    if sharding == "full":
-        root = params - m.num_layers // pp * (layer_matmul_params(m) / tp + 2 * m.hidden_size)
-        layers = min(2, m.num_layers // pp) * (layer_matmul_params(m) / tp + 2 * m.hidden_size)
-        params = root + layers
-    return 2 * params
-
-
-def layer_activation_bytes(m: ModelConfig, seq: int, micro_batch: int, tp: int, recompute: str) -> float:
+# -- activations -----------------------------------------------------------------------------------
+def layer_activation_bytes(m: ModelConfig, lay: _Layout, recompute: str | None = None) -> float:
     """Stored activations of one layer for one micro-batch (module doc), in bytes."""
-    sbh = seq * micro_batch * m.hidden_size
+    recompute = recompute or lay.recompute
+    t, e = lay.tp, lay.compute_bytes
+    B = lay.micro_batch * lay.seq * m.hidden_size
+    sp = lay.sequence_parallel
+    g = 1 / t if sp else 1.0
+    r = m.kv_heads / m.num_attention_heads
+    f = m.ffn_size / m.hidden_size
     if recompute == "full":
-        return 2 * sbh / tp
+        return e * g * B
+    # matmul inputs every TP rank sees whole: the all-gathered (or, without SP, normalised) inputs
+    gathered_inputs = 2 * e
     if recompute == "selective":
-        return 34 * sbh / tp
-    return sbh * (34 + 5 * m.num_attention_heads * seq / m.hidden_size) / tp
+        # kept: matmul, attention and collective outputs and the layer's input; recomputed: the
+        # norms, RoPE, SiLU x up (parallel/recompute.py)
+        qkv, out = e * (1 + 2 * r) / t, e / t
+        partial = 2 * e if sp else 0.0  # o_proj's and down_proj's outputs before their reduce-scatter
+        return B * (gathered_inputs + qkv + out + partial + 2 * e * g + 2 * e * f / t + e * g)
+    # two norms: an fp32 copy and the normalised value each; under SP their sharded outputs stay
+    # referenced by the all-gather's autograd node
+    norms = 2 * (4 + e) * g + (2 * e * g if sp else 0.0)
+    attention = e * (2 + 2 * r) / t  # q and k after RoPE, v, and the attention output
+    mlp = 4 * e * f / t  # gate, SiLU(gate), up and their product
+    return B * (norms + gathered_inputs + attention + mlp)
 
 
-def activation_bytes(m: ModelConfig, seq: int, micro_batch: int, tp: int, pp: int, microbatches: int,
-                     recompute: str, stage: int) -> float:
-    in_flight = min(pp - stage, microbatches)
-    total = in_flight * m.num_layers // pp * layer_activation_bytes(m, seq, micro_batch, tp, recompute)
-    if recompute == "full":
-        total += layer_activation_bytes(m, seq, micro_batch, tp, "selective")
-    if stage == pp - 1:
-        total += 10 * seq * micro_batch * m.padded_vocab_size / tp
+def _in_flight(lay: _Layout, pp_rank: int) -> float:
+    """Layers' worth of micro-batch activations alive at the rank's peak, over its layers."""
+    n = lay.microbatches
+    if lay.pp == 1:
+        return 1.0
+    if lay.v == 1:
+        return min(lay.pp - pp_rank, n)
+    # torch's interleaved 1F1B: warm-up forwards (chunks of L / (PP v) layers), then one more
+    rounds = max(1, n // lay.pp)
+    per_round = n // rounds
+    warmup = min((lay.v - 1) * per_round + 2 * (lay.pp - 1 - pp_rank), n * lay.v)
+    return min(warmup + 1, n * lay.v) / lay.v
+
+
+def activation_bytes(m: ModelConfig, lay: _Layout, pp_rank: int) -> float:
+    stages = _stages(lay, pp_rank)
+    layers = len(stages) * m.num_layers // (lay.pp * lay.v)
+    in_flight = _in_flight(lay, pp_rank)
+    B = lay.micro_batch * lay.seq * m.hidden_size
+    g = 1 / lay.tp if lay.sequence_parallel else 1.0
+    total = in_flight * layers * layer_activation_bytes(m, lay)
+    if lay.recompute == "full":  # the layer recomputed in backward holds all of its activations
+        total += layer_activation_bytes(m, lay, "none")
+    if lay.pp > 1:
+        total += in_flight * len(stages) * 2 * lay.compute_bytes * g * B  # each stage's input and output
+    if lay.pp * lay.v - 1 in stages:
+        total += loss_bytes(m, lay)
     return total
 
 
-def step_seconds(m: ModelConfig, seq: int, global_batch: int, gpus: int, tp: int, pp: int, microbatches: int,
-                 recompute: str, peak_tflops: float, efficiency: float) -> float:
+def loss_bytes(m: ModelConfig, lay: _Layout) -> float:
+    """The last stage's fused loss, forward to backward: final norm, gathered hidden state, the
+    fp32 output-layer gradient and the hidden-state gradient."""
+    B = lay.micro_batch * lay.seq * m.hidden_size
+    g = 1 / lay.tp if lay.sequence_parallel else 1.0
+    norm = (4 + lay.compute_bytes) * g * B
+    gathered = lay.compute_bytes * B
+    weight_grad = 4 * m.padded_vocab_size * m.hidden_size / lay.tp
+    hidden_grad = 4 * g * B
+    return norm + gathered + weight_grad + hidden_grad
+
+
+def temporary_bytes(m: ModelConfig, lay: _Layout, pp_rank: int) -> float:
+    """Backward's working set at the peak: a layer's weight gradients in the compute dtype and their
+    fp32 copy for the reduction (two layers' when a rank runs several stages), and one chunk of
+    logits of the loss with its fp32 gradient. Where the peak is the end of a forward (no pipeline,
+    or a 1F1B stage without the loss, nothing recomputed), backward frees a layer's activations
+    while it makes these: only what exceeds them raises the peak."""
+    layers = 2 if lay.v > 1 else 1
+    grads = layers * (lay.compute_bytes + 4) * layer_parameters(m, lay.tp)
+    ends_forward = lay.pp == 1 or lay.pp * lay.v - 1 not in _stages(lay, pp_rank)
+    if ends_forward and lay.v == 1 and lay.recompute == "none":
+        grads = max(0.0, grads - layers * layer_activation_bytes(m, lay, "none"))
+    chunk = min(LOSS_CHUNK_ELEMENTS, lay.micro_batch * lay.seq * m.padded_vocab_size / lay.tp) * (4 + 2)
+    return grads + chunk
+
+
+# -- model state -------------------------------------------------------------------------------------
+def model_state_bytes(m: ModelConfig, tp: int, pp: int, dp: int, sharding: str, stage: int = 0) -> dict:
+    """fp32 weights, fp32 grads and AdamW state of one rank of `stage` (1F1B placement), in bytes."""
+    lay = _Layout(tp=tp, pp=pp, dp=dp, shards=dp if sharding != "none" else 1, v=1, sharding=sharding,
+                  sequence_parallel=False, recompute="none", micro_batch=1, seq=1, microbatches=1,
+                  compute_bytes=4, mixed=False, schedule="1f1b")
+    params = rank_parameters(m, lay, stage)
+    return dict(weights=4 * params / lay.shards, grads=4 * params / lay.shards, optimizer=8 * params / lay.shards)
+
+
+def gathered_bytes(m: ModelConfig, lay: _Layout, pp_rank: int, world: int) -> float:
+    params = rank_parameters(m, lay, pp_rank)
+    if not lay.mixed:
+        return 0.0
+    if lay.sharding == "full" and lay.shards > 1:
+        # at the peak: the layer running, the next one's all-gather in flight (forward or backward
+        # prefetch) and its output buffer, and the output layer
+        layers = len(_stages(lay, pp_rank)) * m.num_layers // (lay.pp * lay.v)
+        output = m.padded_vocab_size * m.hidden_size / lay.tp if lay.pp * lay.v - 1 in _stages(lay, pp_rank) else 0
+        return lay.compute_bytes * (output + min(3, layers) * layer_parameters(m, lay.tp))
+    return lay.compute_bytes * params
+
+
+# -- a rank, a layout ---------------------------------------------------------------------------------
+def predict_rank(cfg: Config, rank: int) -> Prediction:
+    """The predicted peak of global rank `rank` of the run `cfg` was validated for, by part."""
+    m, lay = cfg.model, _Layout.of(cfg)
+    pp_rank = rank // (lay.tp * lay.dp)
+    params = rank_parameters(m, lay, pp_rank)
+    parts = dict(weights=4 * params / lay.shards,
+                 gathered=gathered_bytes(m, lay, pp_rank, cfg.parallel.world_size),
+                 gradients=4 * params / lay.shards,
+                 optimizer=8 * params / lay.shards,
+                 activations=activation_bytes(m, lay, pp_rank),
+                 temporaries=temporary_bytes(m, lay, pp_rank))
+    return Prediction(rank=rank, stage=pp_rank, parts=parts)
+
+
+def heaviest(cfg: Config) -> Prediction:
+    """The rank with the largest predicted peak: one of the first and last pipeline stage."""
+    lay = _Layout.of(cfg)
+    ranks = {0, (lay.pp - 1) * lay.tp * lay.dp}
+    return max((predict_rank(cfg, r) for r in sorted(ranks)), key=lambda p: p.total_bytes)
+
+
+def step_seconds(cfg: Config, gpus: int, peak_tflops: float, efficiency: float) -> float:
+    m, lay = cfg.model, _Layout.of(cfg)
+    seq, global_batch = lay.seq, cfg.train.global_batch_size
     flops = training_flops_per_token(m, seq) * global_batch * seq
-    if recompute == "full":  # one more forward
+    if lay.recompute == "full":  # one more forward
         flops *= 4 / 3
-    elif recompute == "selective":  # the attention core's forward again
-        flops += m.num_layers * 4 * seq * m.num_attention_heads * m.head_dim * global_batch * seq
+    elif lay.recompute == "selective":  # the norms and elementwise work again: small
+        flops *= 1.02
     ideal = flops / (gpus * peak_tflops * 1e12 * efficiency)
-    bubble = 1 + (pp - 1) / microbatches
-    return ideal * bubble * (1 + TP_PENALTY_PER_DOUBLING * math.log2(tp))
+    bubble = 1 + (lay.pp - 1) / (lay.microbatches * lay.v)
+    return ideal * bubble * (1 + TP_PENALTY_PER_DOUBLING * math.log2(lay.tp))
 
 
-def estimate(m: ModelConfig, *, seq: int, micro_batch: int, global_batch: int, gpus: int, tp: int, pp: int,
-             sharding: str, recompute: str, gpu_memory_gb: float, peak_tflops: float,
-             efficiency: float = 0.45) -> Estimate:
-    """The heavier of the first and last pipeline stage; `recompute` is none, selective or full."""
-    dp = gpus // (tp * pp)
-    microbatches = global_batch // (micro_batch * dp)
-    worst = None
-    for stage in sorted({0, pp - 1}):
-        state = model_state_bytes(m, tp, pp, dp, sharding, stage)
-        parts = [state["weights"], state["grads"], state["optimizer"], gathered_bytes(m, tp, pp, sharding, stage),
-                 activation_bytes(m, seq, micro_batch, tp, pp, microbatches, recompute, stage)]
-        if worst is None or sum(parts) > sum(worst):
-            worst = parts
-    gb = [x / GIB for x in worst]
-    total = sum(gb)
-    return Estimate(tp, pp, dp, microbatches, *gb, total_gb=total, fits=total <= USABLE_FRACTION * gpu_memory_gb,
-                    step_s=step_seconds(m, seq, global_batch, gpus, tp, pp, microbatches, recompute,
-                                        peak_tflops, efficiency))
+def estimate(cfg: Config, *, gpu_memory_gb: float, peak_tflops: float, efficiency: float = 0.45) -> Estimate:
+    """The heavier of the first and last pipeline stage of `cfg`'s layout, and its step time."""
+    lay, worst = _Layout.of(cfg), heaviest(cfg)
+    gb = {k: v / GIB for k, v in worst.parts.items()}
+    total = worst.total_bytes / GIB
+    return Estimate(lay.tp, lay.pp, lay.dp, lay.microbatches, weights_gb=gb["weights"], grads_gb=gb["gradients"],
+                    optimizer_gb=gb["optimizer"], gathered_gb=gb["gathered"], activations_gb=gb["activations"],
+                    temporaries_gb=gb["temporaries"], total_gb=total,
+                    fits=total <= USABLE_FRACTION * gpu_memory_gb,
+                    step_s=step_seconds(cfg, cfg.parallel.world_size, peak_tflops, efficiency))
 
 
-__all__ = ["Estimate", "estimate", "model_state_bytes", "stage_parameters", "activation_bytes",
-           "layer_activation_bytes", "step_seconds"]
+__all__ = ["Estimate", "Prediction", "estimate", "predict_rank", "heaviest", "model_state_bytes",
+           "layer_activation_bytes", "activation_bytes", "step_seconds", "PARTS"]

@@ -6,7 +6,8 @@
 A layout is listed when TP is a power of two of at most 8 (one node), dividing the query and
 key/value heads, PP divides the layers, and the project's own config validation accepts it with
 the given batch sizes. Layouts that fit come first, fastest first. The estimates and their
-assumptions are in megatron_mellama/parallel/memory_model.py.
+assumptions are in megatron_mellama/parallel/memory_model.py; `--trace` also runs the dry run
+(`pretrain --dry-run`) of each layout shown and prints the traced peak beside the estimate.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ from __future__ import annotations
 import json
 
 from megatron_mellama.config import PRESETS, ConfigError, parse_config
-from megatron_mellama.parallel.memory_model import estimate
+from megatron_mellama.parallel.memory_model import GIB, estimate
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
 
 PROG = "mellama-plan-layout"
 COLUMNS = (("TP", "tp", "d"), ("PP", "pp", "d"), ("DP", "dp", "d"), ("micro", "microbatches", "d"),
            ("weights", "weights_gb", ".1f"), ("grads", "grads_gb", ".1f"), ("optim", "optimizer_gb", ".1f"),
-           ("gathered", "gathered_gb", ".1f"), ("activ", "activations_gb", ".1f"), ("total GB", "total_gb", ".1f"),
-           ("fits", "fits", ""), ("step s", "step_s", ".2f"))
+           ("gathered", "gathered_gb", ".1f"), ("activ", "activations_gb", ".1f"), ("temp", "temporaries_gb", ".1f"),
+           ("total GiB", "total_gb", ".1f"), ("fits", "fits", ""), ("step s", "step_s", ".2f"))
+TRACED = ("traced GiB", "traced_gb", ".1f")
 
 
 def build_parser() -> OneLineParser:
@@ -38,6 +40,13 @@ def build_parser() -> OneLineParser:
                    help="activation recomputation (default: selective)")
     p.add_argument("--data-parallel-sharding", choices=("none", "optimizer", "full"), default="optimizer",
                    help="as the training flag (default: optimizer)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="compute precision (default: bf16, with fp32 master weights)")
+    p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved 1F1B with this many layers per virtual stage, where PP > 1 allows it")
+    p.add_argument("--trace", action="store_true",
+                   help="also trace each layout shown with the dry run (about 10-60 s each) and print the traced "
+                        "peak of its heaviest rank")
     p.add_argument("--top", type=int, default=10, help="show the best N layouts (0: all; default 10)")
     p.add_argument("--json", action="store_true", help="print the layouts as a JSON list")
     return p
@@ -59,6 +68,10 @@ def _config(args, tp: int, pp: int, world: int):
             "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
             "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
             "--data-parallel-sharding", args.data_parallel_sharding]
+    if args.dtype != "fp32":
+        argv.append(f"--{args.dtype}")
+    if args.num_layers_per_virtual_pipeline_stage and pp > 1:
+        argv += ["--num-layers-per-virtual-pipeline-stage", str(args.num_layers_per_virtual_pipeline_stage)]
     if tp > 1:
         argv.append("--sequence-parallel")  # the activation figures assume it
     if args.recompute != "none":
@@ -67,7 +80,7 @@ def _config(args, tp: int, pp: int, world: int):
 
 
 def plan(args) -> list[dict]:
-    """Every valid layout's estimate (as dicts), best first."""
+    """Every valid layout's estimate (as dicts, with its config under "cfg"), best first."""
     try:  # model, sequence and batch flags on their own, so their errors are not lost among layouts
         base = _config(args, 1, 1, 1)
     except ConfigError as e:
@@ -79,14 +92,12 @@ def plan(args) -> list[dict]:
             if m.num_layers % pp or args.num_gpus % (tp * pp):
                 continue
             try:
-                _config(args, tp, pp, args.num_gpus)
+                cfg = _config(args, tp, pp, args.num_gpus)
             except ConfigError:
                 continue
-            rows.append(estimate(m, seq=args.seq_length, micro_batch=args.micro_batch_size,
-                                 global_batch=args.global_batch_size, gpus=args.num_gpus, tp=tp, pp=pp,
-                                 sharding=args.data_parallel_sharding, recompute=args.recompute,
-                                 gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
-                                 efficiency=args.efficiency).as_dict())
+            row = estimate(cfg, gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
+                           efficiency=args.efficiency).as_dict()
+            rows.append(dict(row, cfg=cfg))
     if not rows:
         raise UsageError(f"--num-gpus {args.num_gpus}: no TP x PP x DP layout of {args.model} is valid with "
                          f"--global-batch-size {args.global_batch_size} and --micro-batch-size "
@@ -95,11 +106,22 @@ def plan(args) -> list[dict]:
     return rows
 
 
+def trace(rows: list[dict]) -> None:
+    """Add each row's traced peak (its heaviest traced rank), from the dry run."""
+    from megatron_mellama.training.dry_run import dry_run
+
+    for i, row in enumerate(rows):
+        print(f"tracing layout {i + 1} of {len(rows)}: TP {row['tp']} x PP {row['pp']} x DP {row['dp']} ...",
+              flush=True)
+        row["traced_gb"] = max(t.peak.total for t in dry_run(row["cfg"], progress=lambda line: None)) / GIB
+
+
 def format_table(rows: list[dict]) -> str:
-    cells = [[h for h, _, _ in COLUMNS]]
+    columns = COLUMNS + ((TRACED,) if rows and "traced_gb" in rows[0] else ())
+    cells = [[h for h, _, _ in columns]]
     for r in rows:
-        cells.append([("yes" if r[k] else "no") if k == "fits" else format(r[k], f) for _, k, f in COLUMNS])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+        cells.append([("yes" if r[k] else "no") if k == "fits" else format(r[k], f) for _, k, f in columns])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
 
 
@@ -112,5 +134,9 @@ def _run(args) -> int:
     rows = plan(args)
     if args.top:
         rows = rows[:args.top]
+    if args.trace:
+        trace(rows)
+    for row in rows:
+        del row["cfg"]
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     return 0

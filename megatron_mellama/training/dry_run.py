@@ -37,7 +37,9 @@ import torch.distributed as dist
 
 from ..config import Config
 from ..model.llama import Llama
-from ..parallel.data import set_gradient_sync
+from torch.distributed.fsdp import FSDPModule
+
+from ..parallel.data import pipeline_backward_flags, reduces_every_micro_batch, set_gradient_sync
 from ..parallel.mesh import ParallelDims
 from .memory_trace import GIB, KINDS, MemoryPeak, StepTracer
 
@@ -173,6 +175,7 @@ def _trace_rank(cfg: Config, dims: ParallelDims, rank: int, notes: list[str], mi
             _create_optimizer_state(engine)
             batch = _micro_batches(cfg)
             tracer = StepTracer(engine.modules, engine.optimizer, _group_names(meshes))
+            hooks = _label_accumulated_gradients(engine, tracer)
             with tracer:
                 if engine.schedule is None:
                     hook = engine.modules[0].register_forward_pre_hook(lambda *_: tracer.mark())
@@ -182,6 +185,8 @@ def _trace_rank(cfg: Config, dims: ParallelDims, rank: int, notes: list[str], mi
                     _pipeline_step(engine, batch, tracer)
                 engine.optimizer.step()
                 engine.optimizer.zero_grad(set_to_none=True)
+            for hook in hooks:
+                hook.remove()
             peak = tracer.peak(micro_batches)
     if engine.schedule is not None:
         if cfg.parallel.pipeline_schedule == "zero-bubble":
@@ -195,6 +200,25 @@ def _group_names(meshes) -> dict[str, str]:
                         ("dp-replicate", meshes.dp_2d["dp_replicate"]), ("tp", meshes.tp), ("pp", meshes.pp)):
         names.setdefault(mesh.get_group().group_name, label)
     return names
+
+
+def _label_accumulated_gradients(engine, tracer: StepTracer) -> list:
+    """Before each forward of a data-parallel unit, count the full-size gradients it accumulates
+    between micro-batches (DDP, or a pipeline's ZeRO-2 before FSDP reduces) as gradients: they are
+    not a parameter's `.grad`, which is where the tracer looks."""
+    hooks = []
+    for module in (mod for part in engine.modules for mod in part.modules()):
+        if not isinstance(module, FSDPModule):
+            continue
+        groups = getattr(module._get_fsdp_state(), "_fsdp_param_groups", [])
+        params = [p for g in groups for p in g.fsdp_params]
+
+        def label(*_, params=params):
+            tracer.label_gradients([getattr(p, "unsharded_accumulated_grad", None) for p in params]
+                                   + [getattr(getattr(p, "_unsharded_param", None), "grad", None) for p in params])
+
+        hooks.append(module.register_forward_pre_hook(label))
+    return hooks
 
 
 def _create_optimizer_state(engine) -> None:
@@ -281,7 +305,10 @@ def _pipeline_step(engine, micro_batches: list[dict], tracer: StepTracer) -> Non
             in_flight[stage, mb] = (x, out)
             continue
         x, out = in_flight.pop((stage, mb))
-        set_gradient_sync(part, mb == last_backward[stage])
+        if reduces_every_micro_batch(part):  # as parallel/pipeline.py's stage does
+            pipeline_backward_flags(part, last=mb == last_backward[stage])
+        else:
+            set_gradient_sync(part, mb == last_backward[stage])
         if stage == last_stage:
             out.backward(torch.ones_like(out))
         else:
@@ -291,6 +318,9 @@ def _pipeline_step(engine, micro_batches: list[dict], tracer: StepTracer) -> Non
         if stage != 0:
             count("send", x.grad)
         del x, out
+    for part in parts.values():
+        if isinstance(part, FSDPModule):  # the schedule's end-of-step reduction reshards
+            part.reshard()
 
 
 def format_report(cfg: Config, traces: list[RankTrace], gpu_memory_gb: float | None = None) -> str:

@@ -135,6 +135,13 @@ class StepTracer(MemTracker):
         entry["calls"] += 1
         entry["bytes"] += size
 
+    def label_gradients(self, tensors) -> None:
+        """Count `tensors` as gradients from now on (e.g. the unsharded gradients DDP accumulates
+        between micro-batches, which are not any parameter's `.grad` yet)."""
+        for t in tensors:
+            if t is not None and t.untyped_storage() in self._WINFO:
+                self._update_and_maybe_create_winfos(t, _MemRefType.GRAD)
+
     def mark(self) -> None:
         """A micro-batch starts: lets `communication(n)` tell one steady-state micro-batch's share."""
         self._marks.append({k: dict(v) for k, v in self._comm.items()})
