@@ -31,7 +31,7 @@ _70B = ["--model", "llama2-70b", "--tensor-model-parallel-size", "8", "--pipelin
         "--micro-batch-size", "1"]
 _INTERLEAVED = ["--num-layers-per-virtual-pipeline-stage", "10"]
 
-# name -> (GPUs, flags); every run is bf16 at LLaMA2's 4096 tokens
+# name -> (GPUs, flags); every run is bf16 at LLaMA2's 4096 tokens; "once": --reduce-grads-once-per-step
 LAYOUTS = {
     "7b tp1 dp8 ddp": (8, ["--model", "llama2-7b", "--global-batch-size", "64", "--data-parallel-sharding", "none"]),
     "7b tp1 dp8 zero2": (8, ["--model", "llama2-7b", "--global-batch-size", "64",
@@ -39,9 +39,11 @@ LAYOUTS = {
     "7b tp1 dp8 zero3": (8, ["--model", "llama2-7b", "--global-batch-size", "64", "--data-parallel-sharding", "full"]),
     "13b tp4 sp zero2 dp16 mb1": (64, _13B + ["--micro-batch-size", "1"]),
     "13b tp4 sp zero2 dp16 mb2": (64, _13B + ["--micro-batch-size", "2"]),
+    "13b tp4 sp zero2 dp16 mb2 once": (64, _13B + ["--micro-batch-size", "2", "--reduce-grads-once-per-step"]),
     "70b tp8 pp4 dp4 1f1b": (128, _70B),
     "70b tp8 pp4 dp4 1f1b selective": (128, _70B + ["--recompute-granularity", "selective"]),
     "70b tp8 pp4 dp4 1f1b full": (128, _70B + ["--recompute-granularity", "full"]),
+    "70b tp8 pp4 dp4 1f1b once": (128, _70B + ["--reduce-grads-once-per-step"]),
     "70b tp8 pp4 dp4 interleaved": (128, _70B + _INTERLEAVED),
     "70b tp8 pp4 dp4 interleaved selective": (128, _70B + _INTERLEAVED + ["--recompute-granularity", "selective"]),
     "70b tp8 pp4 dp4 interleaved full": (128, _70B + _INTERLEAVED + ["--recompute-granularity", "full"]),

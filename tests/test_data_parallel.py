@@ -115,14 +115,14 @@ def _train_layouts(rank, world, layouts):
 
     cfg = _cfg()
     out = {}
-    for name, (sharding, replicate, recompute, param_dtype) in layouts.items():
+    for name, (sharding, replicate, recompute, param_dtype, *once) in layouts.items():
         dims = ParallelDims(pp=1, dp_replicate=replicate, dp_shard=world // replicate, tp=1)
         meshes = dims.build_mesh("cpu")
         with torch.device("meta"):
             model = Llama(cfg)
         if recompute:
             apply_activation_checkpointing(model, recompute)
-        apply_data_parallel(model, meshes, sharding, param_dtype=param_dtype)
+        apply_data_parallel(model, meshes, sharding, param_dtype=param_dtype, reduce_once_per_step=bool(once))
         _init(model, cfg)
         placements = {p.placements for p in model.parameters()}
         assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights
@@ -133,8 +133,10 @@ def _train_layouts(rank, world, layouts):
     return out if rank == 0 else None
 
 
-# name: (sharding, dp_replicate, recompute, param_dtype); the 4-rank layouts are 2 replicas x 2 shards
+# name: (sharding, dp_replicate, recompute, param_dtype[, reduce once per step]); the 4-rank layouts
+# are 2 replicas x 2 shards
 LAYOUTS_2 = {"none": ("none", 2, None, None), "optimizer": ("optimizer", 1, None, None),
+             "optimizer_once": ("optimizer", 1, None, None, True),
              "full": ("full", 1, "selective", None), "full_bf16": ("full", 1, None, torch.bfloat16)}
 LAYOUTS_4 = {"hsdp_full": ("full", 2, "full", None), "hsdp_optimizer": ("optimizer", 2, None, None)}
 FP32_2 = [name for name, layout in LAYOUTS_2.items() if layout[3] is None]
@@ -158,7 +160,7 @@ def four_ranks(tmp_path_factory):
     return spawn_gloo(_train_layouts, 4, (LAYOUTS_4,), str(tmp_path_factory.mktemp("dp4")))[0]
 
 
-def _assert_same(got, reference, sharded):
+def _assert_same(got, reference, sharded, once=False):
     (losses, params, collectives), (ref_losses, ref_params, _) = got, reference
     scatters = [c["reduce_scatter"] for c in collectives]
     all_reduces = [c["all_reduce"] for c in collectives]
@@ -166,7 +168,10 @@ def _assert_same(got, reference, sharded):
     # the last; the sharded modes reduce-scatter after every micro-batch, and HSDP all-reduces the
     # shards across replica groups after the last only
     assert all_reduces[0::MICRO_BATCHES] == [0] * STEPS
-    if sharded:
+    if sharded and once:  # --reduce-grads-once-per-step: reduce-scatter after the last micro-batch only
+        last = scatters[MICRO_BATCHES - 1::MICRO_BATCHES]
+        assert min(last) > 0 and sum(scatters) == sum(last)
+    elif sharded:
         assert min(scatters) > 0
     else:
         assert scatters == [0] * len(scatters) and min(all_reduces[MICRO_BATCHES - 1::MICRO_BATCHES]) > 0
@@ -181,7 +186,8 @@ def _assert_same(got, reference, sharded):
 
 @pytest.mark.parametrize("layout", FP32_2)
 def test_two_ranks_match_one_process(layout, two_ranks, reference):
-    _assert_same(two_ranks[layout]["result"], reference, sharded=LAYOUTS_2[layout][0] != "none")
+    once = LAYOUTS_2[layout][4:] == (True,)
+    _assert_same(two_ranks[layout]["result"], reference, sharded=LAYOUTS_2[layout][0] != "none", once=once)
 
 
 def test_sharding_modes_place_parameters(two_ranks):

@@ -29,6 +29,9 @@ LAYOUTS = {
     "tp2 pp2 1f1b selective": TP2_PP2 + ["--recompute-granularity", "selective"],
     "tp2 pp2 1f1b full": TP2_PP2 + ["--recompute-granularity", "full"],
     "tp2 pp2 interleaved": TP2_PP2 + ["--num-layers-per-virtual-pipeline-stage", "1"],
+    "tp2 pp2 1f1b once per step": TP2_PP2 + ["--reduce-grads-once-per-step"],
+    "dp8 zero2 once per step": ["--data-parallel-sharding", "optimizer", "--global-batch-size", "16",
+                                "--reduce-grads-once-per-step"],
 }
 
 

@@ -95,6 +95,9 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     _require(dp % p.data_parallel_replicate_size == 0,
              f"--data-parallel-replicate-size {p.data_parallel_replicate_size} must divide the "
              f"data-parallel size {dp}")
+    _require(not p.reduce_grads_once_per_step or p.data_parallel_sharding != "none",
+             "--reduce-grads-once-per-step is for --data-parallel-sharding optimizer or full (none, DDP, "
+             "always reduces once per step)")
     if p.data_parallel_replicate_size > 1:
         _require(p.data_parallel_sharding == "full",
                  "--data-parallel-replicate-size > 1 (HSDP) needs --data-parallel-sharding full")

@@ -52,12 +52,15 @@ SHARDING_MODES = ("none", "optimizer", "full")
 
 
 def apply_data_parallel(module: nn.Module, meshes: Meshes, sharding: str, param_dtype: torch.dtype | None = None,
-                        reduce_dtype: torch.dtype = torch.float32) -> nn.Module:
+                        reduce_dtype: torch.dtype = torch.float32, reduce_once_per_step: bool = False) -> nn.Module:
     """Wrap `module` (a Llama or one pipeline stage of it) in place for data parallelism; returns it.
 
     Parameter names are unchanged; parameters become DTensors over the data-parallel mesh (sharded
     for `optimizer`/`full`, replicated for `none`). With a data-parallel size of 1 and no mixed
-    precision this does nothing.
+    precision this does nothing. `reduce_once_per_step` (`--reduce-grads-once-per-step`): the
+    sharded modes too keep whole fp32 gradients through the micro-batches and reduce-scatter once,
+    after the last (Megatron-LM's distributed optimizer): 4 bytes per parameter of the part more,
+    and 1 / micro-batches of the data-parallel gradient traffic.
     """
     if sharding not in SHARDING_MODES:
         raise ValueError(f"data-parallel sharding must be one of {SHARDING_MODES}, not {sharding!r}")
@@ -84,8 +87,8 @@ def apply_data_parallel(module: nn.Module, meshes: Meshes, sharding: str, param_
         wrap(layer, last=i == len(layers) - 1)
     wrap(module, last=True)
     sharded = sharding != "none" and dp_size > 1
-    # sharded modes reduce-scatter every micro-batch; replicate (DDP) reduces once per step
-    module._dp_sharded = sharded
+    # sharded modes reduce-scatter every micro-batch (unless asked not to); DDP reduces once per step
+    module._dp_sharded = sharded and not reduce_once_per_step
     # ZeRO-2 keeps weights gathered through gradient accumulation, not only forward to backward
     module._dp_keep_gathered = sharded and sharding == "optimizer"
     return module
@@ -105,6 +108,8 @@ def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
         return
     if not reduces_every_micro_batch(module):
         module.set_requires_gradient_sync(enabled, recurse=True)
+        if getattr(module, "_dp_keep_gathered", False):
+            module.set_reshard_after_backward(enabled, recurse=True)
         return
     module.set_requires_gradient_sync(True, recurse=True)
     # after set_requires_gradient_sync, which sets both; a no-op without replica groups

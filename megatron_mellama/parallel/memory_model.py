@@ -7,7 +7,8 @@ stages (its TP share; norms are not split) and N the ranks a sharded data-parall
 them over:
 
     weights      4 P / N        fp32 master weights (N = 1 for `none`)
-    gradients    4 P / N        fp32, reduce-scattered every micro-batch by the sharded modes
+    gradients    4 P / N        fp32, reduce-scattered every micro-batch by the sharded modes;
+                                4 P with --reduce-grads-once-per-step (whole until the last)
     optimizer    8 P / N        AdamW's two moments
     gathered     2 P            the bf16 compute weights (`none`, `optimizer`; a single process's
                                 autocast copies too); `full` holds the output layer's and three
@@ -116,6 +117,7 @@ class _Layout:
     compute_bytes: int  # 2 for bf16/fp16, 4 for fp32
     mixed: bool  # bf16/fp16 compute weights exist beside the fp32 master weights
     schedule: str
+    whole_grads: bool = False  # a sharded mode keeps whole fp32 gradients through the micro-batches
 
     @classmethod
     def of(cls, cfg: Config) -> "_Layout":
@@ -129,7 +131,8 @@ class _Layout:
                    sharding=p.data_parallel_sharding, sequence_parallel=p.sequence_parallel and tp > 1,
                    recompute=p.recompute_granularity or "none", micro_batch=cfg.train.micro_batch_size,
                    seq=cfg.seq_length, microbatches=cfg.num_microbatches, compute_bytes=2 if low else 4,
-                   mixed=low, schedule=p.pipeline_schedule)
+                   mixed=low, schedule=p.pipeline_schedule,
+                   whole_grads=shards > 1 and p.reduce_grads_once_per_step and cfg.num_microbatches > 1)
 
 
 def _stages(lay: _Layout, pp_rank: int) -> list[int]:
@@ -229,7 +232,10 @@ def temporary_bytes(m: ModelConfig, lay: _Layout, pp_rank: int) -> float:
     or a 1F1B stage without the loss, nothing recomputed), backward frees a layer's activations
     while it makes these: only what exceeds them raises the peak."""
     layers = 2 if lay.v > 1 else 1
-    grads = layers * (lay.compute_bytes + 4) * layer_parameters(m, lay.tp)
+    # a layer's gradients in the compute dtype, and their fp32 copy unless they are added straight
+    # into whole fp32 gradients (DDP, --reduce-grads-once-per-step)
+    fp32_copy = 0 if lay.whole_grads or lay.shards == 1 else 4
+    grads = layers * (lay.compute_bytes + fp32_copy) * layer_parameters(m, lay.tp)
     ends_forward = lay.pp == 1 or lay.pp * lay.v - 1 not in _stages(lay, pp_rank)
     if ends_forward and lay.v == 1 and lay.recompute == "none":
         grads = max(0.0, grads - layers * layer_activation_bytes(m, lay, "none"))
@@ -268,7 +274,8 @@ def predict_rank(cfg: Config, rank: int) -> Prediction:
     params = rank_parameters(m, lay, pp_rank)
     parts = dict(weights=4 * params / lay.shards,
                  gathered=gathered_bytes(m, lay, pp_rank, cfg.parallel.world_size),
-                 gradients=4 * params / lay.shards,
+                 # whole gradients until the last micro-batch; the shards exist only after it
+                 gradients=4 * params if lay.whole_grads else 4 * params / lay.shards,
                  optimizer=8 * params / lay.shards,
                  activations=activation_bytes(m, lay, pp_rank),
                  temporaries=temporary_bytes(m, lay, pp_rank))

@@ -106,7 +106,7 @@ class Engine:
             if meshes is not None:
                 # at DP 1 without mixed precision this leaves the part as it is
                 apply_data_parallel(part, meshes, p.data_parallel_sharding, param_dtype=param_dtype,
-                                    reduce_dtype=torch.float32)
+                                    reduce_dtype=torch.float32, reduce_once_per_step=p.reduce_grads_once_per_step)
         self.modules = [part for _, part in self.parts]
 
         self.optimizer = build_optimizer(self.modules, cfg)

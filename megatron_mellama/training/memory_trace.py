@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.utils._pytree import tree_flatten
 
@@ -139,6 +140,7 @@ class StepTracer(MemTracker):
         """Count `tensors` as gradients from now on (e.g. the unsharded gradients DDP accumulates
         between micro-batches, which are not any parameter's `.grad` yet)."""
         for t in tensors:
+            t = t.to_local() if isinstance(t, DTensor) else t
             if t is not None and t.untyped_storage() in self._WINFO:
                 self._update_and_maybe_create_winfos(t, _MemRefType.GRAD)
 
