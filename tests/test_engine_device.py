@@ -95,3 +95,36 @@ def test_one_process_step_syncs_once_and_makes_nothing_off_device():
 ], ids=["dp2-zero2", "tp2-sp-pp2"])
 def test_parallel_step_syncs_once_and_makes_nothing_off_device(tmp_path, layout, world, micro_batches):
     _check(spawn_gloo(_rank, world, (ARGV + layout,), str(tmp_path)), micro_batches)
+
+
+class DispatchSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts, at the dispatcher, every operation that makes the host wait for a device's value,
+    whoever calls it (the project, torch's optimizer, FSDP): the figure a GPU would pay per step."""
+
+    OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero",
+           "item", "allclose"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.OPS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatcher_level_host_syncs_per_step_do_not_grow_with_micro_batches():
+    from megatron_mellama.config import parse_config
+    from megatron_mellama.training.engine import Engine
+
+    counts = {}
+    for micro in (8, 2):  # 16 sequences in micro-batches of 2, then of 8
+        cfg = parse_config(TINY + ["--global-batch-size", "16", "--micro-batch-size", str(16 // micro)])
+        engine = Engine(cfg)
+        batches = global_batches(cfg, 2)
+        engine.step(micro_batches_of(batches[0], cfg, 0, 1))  # lazy set-up outside
+        with DispatchSyncs() as probe:
+            engine.step(micro_batches_of(batches[1], cfg, 0, 1))
+        counts[micro] = probe.count
+    assert counts[8] == counts[2] <= 8, counts

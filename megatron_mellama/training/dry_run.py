@@ -318,9 +318,10 @@ def _pipeline_step(engine, micro_batches: list[dict], tracer: StepTracer) -> Non
         if stage != 0:
             count("send", x.grad)
         del x, out
-    for part in parts.values():
-        if isinstance(part, FSDPModule):  # the schedule's end-of-step reduction reshards
-            part.reshard()
+    # the schedule's end-of-step reduction reshards every unit (FSDPModule.reshard is per unit)
+    for module in (mod for part in parts.values() for mod in part.modules()):
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def format_report(cfg: Config, traces: list[RankTrace], gpu_memory_gb: float | None = None) -> str:
