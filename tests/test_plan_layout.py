@@ -93,6 +93,16 @@ def test_table_and_memory_ordering(capsys):
         assert r["optimizer_gb"] < heavy[key]["optimizer_gb"] or r["dp"] == 1
 
 
+def test_trace_adds_the_dry_run_peak_beside_the_estimate(capsys):
+    assert main(["--model", "tiny", "--seq-length", "128", "--micro-batch-size", "1", "--global-batch-size", "8",
+                 "--num-gpus", "2", "--gpu-memory-gb", "1", "--top", "1", "--trace", "--recompute", "none",
+                 "--json"]) == 0
+    out = capsys.readouterr().out
+    row = json.loads(out[out.index("["):])[0]
+    # the tiny preset's fixed costs (a 32,000-token vocabulary) make it harder than the real shapes
+    assert row["traced_gb"] == pytest.approx(row["total_gb"], rel=0.25)
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--num-gpus", "0"], "--num-gpus"),
     (["--recompute", "some"], "--recompute"),

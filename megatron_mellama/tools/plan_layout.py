@@ -67,7 +67,8 @@ def _config(args, tp: int, pp: int, world: int):
     argv = ["--model", args.model, "--seq-length", str(args.seq_length),
             "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
             "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-            "--data-parallel-sharding", args.data_parallel_sharding]
+            "--data-parallel-sharding", args.data_parallel_sharding,
+            "--mock-data", "--train-iters", "1"]  # what a traced step needs; the estimates ignore them
     if args.dtype != "fp32":
         argv.append(f"--{args.dtype}")
     if args.num_layers_per_virtual_pipeline_stage and pp > 1:
