@@ -189,6 +189,9 @@ def _trace_rank(cfg: Config, dims: ParallelDims, rank: int, notes: list[str], mi
                 hook.remove()
             peak = tracer.peak(micro_batches)
     if engine.schedule is not None:
+        notes.append("pipeline: the stages run in the schedule's order of forwards and backwards, not through "
+                     "torch's schedule (whose start-up handshake reads a tensor value); sends and receives counted "
+                     "from the tensors' sizes")
         if cfg.parallel.pipeline_schedule == "zero-bubble":
             notes.append("zero-bubble: traced with whole backward passes (deferred weight gradients not held)")
     return RankTrace(rank, dims.coordinates(rank), peak, time.perf_counter() - started, notes)
