@@ -213,7 +213,9 @@ def _label_accumulated_gradients(engine, tracer: StepTracer) -> list:
     for module in (mod for part in engine.modules for mod in part.modules()):
         if not isinstance(module, FSDPModule):
             continue
-        groups = getattr(module._get_fsdp_state(), "_fsdp_param_groups", [])
+        state = module._get_fsdp_state()
+        # torch 2.13 keeps a list of parameter groups per unit; earlier releases one group
+        groups = getattr(state, "_fsdp_param_groups", None) or [g for g in [getattr(state, "_fsdp_param_group", None)] if g]
         params = [p for g in groups for p in g.fsdp_params]
 
         def label(*_, params=params):
