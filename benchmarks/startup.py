@@ -27,27 +27,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-
-def write_source(d: Path, a) -> None:
-    """A random bf16 LLaMA folder (config.json + model.safetensors), tensor by tensor."""
-    from megatron_mellama.checkpoint.convert import _safetensors_header, expected_shapes
-    from megatron_mellama.checkpoint.hf import model_config_from_hf
-
-    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], num_hidden_layers=a.layers,
-               hidden_size=a.hidden, num_attention_heads=a.heads, num_key_value_heads=a.heads,
-               intermediate_size=a.ffn, vocab_size=a.vocab, max_position_embeddings=256, rms_norm_eps=1e-6,
-               rope_theta=10000.0, tie_word_embeddings=False, torch_dtype="bfloat16")
-    (d / "config.json").write_text(json.dumps(cfg))
-    shapes = expected_shapes(model_config_from_hf(cfg))
-    names = list(shapes)
-    header, _ = _safetensors_header(names, shapes, {n: torch.bfloat16 for n in names})
-    g = torch.Generator().manual_seed(0)
-    with open(d / "model.safetensors", "wb") as fh:
-        fh.write(header)
-        for n in names:
-            t = torch.empty(shapes[n], dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
-            fh.write(memoryview(t.view(torch.uint8).numpy()))
+from convert import write_source  # noqa: E402  the conversion benchmark's random bf16 LLaMA folder
 
 
 def _rchar() -> int:
