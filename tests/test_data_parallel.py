@@ -87,7 +87,7 @@ def _train(model, cfg, dp_rank=0, dp_size=1, sync=lambda enabled: None):
 @contextlib.contextmanager
 def _count_collectives():
     """Counts the weight gathers and gradient reductions FSDP2 launches (it looks these up on `dist`
-    at each call)."""
+    at each call), and each tensor they take by dtype."""
     # torch 2.13's FSDP2 calls the `_single` collectives; earlier releases the `_tensor` ones
     gather = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
     reduce = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
@@ -97,6 +97,9 @@ def _count_collectives():
     def counted(name, fn):
         def call(*args, **kwargs):
             count[kinds[name]] += 1
+            for t in (*args, *kwargs.values()):
+                if isinstance(t, torch.Tensor):  # and the dtype it runs in, e.g. "reduce_scatter float32"
+                    count[f"{kinds[name]} {str(t.dtype).removeprefix('torch.')}"] += 1
             return fn(*args, **kwargs)
         return call
 

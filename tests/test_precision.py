@@ -9,11 +9,9 @@ layouts) and are held to the fp32 one-process reference within a bf16 tolerance 
 
 import contextlib
 import math
-from collections import Counter
 
 import pytest
 import torch
-import torch.distributed as dist
 from engine_harness import TINY, global_batches, micro_batches_of, reference, spawn_gloo
 
 from megatron_mellama import kernels
@@ -80,29 +78,7 @@ def _dtype(t):
     return str(t.dtype).removeprefix("torch.")
 
 
-@contextlib.contextmanager
-def _count_collectives():
-    """FSDP2's gradient reduce-scatters and every dist.all_reduce (FSDP2 looks them up on `dist`)."""
-    rs = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
-    kinds = {rs: "reduce_scatter", "all_reduce": "all_reduce"}
-    count, originals = Counter(), {name: getattr(dist, name) for name in kinds}
-
-    def counted(name, fn):
-        def call(*args, **kwargs):
-            count[kinds[name]] += 1
-            for t in (*args, *kwargs.values()):
-                if isinstance(t, torch.Tensor):
-                    count[f"{kinds[name]} {_dtype(t)}"] += 1  # the dtype the reduction runs in
-            return fn(*args, **kwargs)
-        return call
-
-    for name, fn in originals.items():
-        setattr(dist, name, counted(name, fn))
-    try:
-        yield count
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
+from test_data_parallel import _count_collectives  # noqa: E402  (FSDP2's gathers and reductions, by dtype)
 
 
 def _install_dtype_probes(engine, seen: dict) -> None:
