@@ -1,5 +1,6 @@
 """Configuration: presets, precedence (defaults < preset < YAML < flags), validation messages."""
 
+import os
 import subprocess
 import sys
 
@@ -134,6 +135,25 @@ INVALID = [
     (["--model", "tiny", "--train-iters", "5", "--lr-warmup-iters", "5"], "--lr-warmup-iters"),
     (["--model", "tiny", "--train-iters", "10", "--lr-warmup-samples", "5"], "--lr-warmup-samples"),
     (["--model", "tiny", "--train-samples", "100", "--lr-decay-iters", "5"], "--lr-decay-iters"),
+    # non-finite numbers (issue 14): inf/nan parse as floats and used to pass or read as negative
+    (["--model", "tiny", "--data-path", "inf", "bio", "1", "clin"], "--data-path"),
+    (["--model", "tiny", "--data-path", "nan", "bio", "1", "clin"], "--data-path"),
+    (["--model", "tiny", "--data-path", "1e400", "bio", "1", "clin"], "--data-path"),
+    (["--model", "tiny", "--lr", "nan"], "--lr"),
+    (["--model", "tiny", "--lr", "inf"], "--lr"),
+    (["--model", "tiny", "--clip-grad", "inf"], "--clip-grad"),
+    (["--model", "tiny", "--exit-duration-in-mins", "nan"], "--exit-duration-in-mins"),
+    (["--model", "tiny", "--split", "inf,1,1"], "--split"),
+    (["--model", "tiny", "--split", "nan"], "--split"),
+    # degenerate splits: no training part
+    (["--model", "tiny", "--split", "0,1,0"], "--split"),
+    (["--model", "tiny", "--split", "0,0,1"], "--split"),
+    (["--model", "tiny", "--split", "0"], "--split"),
+    (["--model", "tiny", "--split", "1,2,3,4"], "--split"),
+    # a run of zero iterations
+    (["--model", "tiny", "--global-batch-size", "4", "--train-samples", "3"], "--train-samples"),
+    (["--model", "tiny", "--max-skipped-steps", "-1"], "--max-skipped-steps"),
+    (["--model", "tiny", "--attention-dropout", "nan"], "--attention-dropout"),
 ]
 
 
@@ -188,6 +208,20 @@ def test_world_size_must_be_a_multiple_of_model_parallel_size():
     ("- lr\n- 1\n", "expected a mapping"),
     ("model: llama2-8b\n", "key 'model'"),
     ("lr-decay-style: exponential\n", "key 'lr-decay-style'"),
+    # issue 14: a YAML value gets the refusal the same value gets on the command line
+    ("lr: .inf\n", "key 'lr' expects a finite number"),
+    ("lr: .nan\n", "key 'lr' expects a finite number"),
+    ("swiglu: false\n", "key 'swiglu': --swiglu false: only true"),
+    ("disable-bias-linear: false\n", "key 'disable-bias-linear': --disable-bias-linear false"),
+    ("untie-embeddings-and-output-weights: false\n", "--untie-embeddings-and-output-weights false"),
+    ("use-rotary-position-embeddings: no\n", "--use-rotary-position-embeddings false"),
+    ("normalization: LayerNorm\n", "key 'normalization': --normalization LayerNorm: only RMSNorm"),
+    ("position-embedding-type: learned_absolute\n", "--position-embedding-type learned_absolute: only rope"),
+    ("position_embedding_type: [rope]\n", "--position-embedding-type"),
+    ("hidden-dropout: 0.1\n", "--hidden-dropout 0.1: only 0.0"),
+    ("attention-dropout: lots\n", "--attention-dropout lots: only 0.0"),
+    ("attention-dropout: true\n", "--attention-dropout True: only 0.0"),
+    ("transformer-impl: fused\n", "--transformer-impl fused: expected one of"),
 ])
 def test_yaml_errors_name_the_file_and_key(tmp_path, content, needle):
     path = tmp_path / "bad.yaml"
@@ -195,6 +229,40 @@ def test_yaml_errors_name_the_file_and_key(tmp_path, content, needle):
     with pytest.raises(ConfigError) as err:
         parse_config(["--model", "tiny", "--config", str(path)])
     assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_yaml_may_repeat_what_llama2_always_is(tmp_path):
+    path = tmp_path / "llama2.yaml"
+    path.write_text("swiglu: true\ndisable-bias-linear: true\nuntie-embeddings-and-output-weights: true\n"
+                    "normalization: RMSNorm\nposition-embedding-type: rope\nattention-dropout: 0\n"
+                    "hidden-dropout: 0.0\ntransformer-impl: local\n")
+    assert parse_config(["--model", "tiny", "--config", str(path)]).preset == "tiny"
+
+
+@pytest.mark.parametrize("kind", ["directory", "unreadable", "binary"])
+def test_config_that_is_not_a_readable_yaml_file_is_one_line(tmp_path, kind, capsys):
+    path = tmp_path / "run.yaml"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "binary":
+        path.write_bytes(b"\xff\xfe\x00lr: 1\n")
+    else:
+        path.write_text("lr: 1e-4\n")
+        path.chmod(0)
+        if os.access(path, os.R_OK):  # root reads anything
+            pytest.skip("running as root: the file stays readable")
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--model", "tiny", "--config", str(path)])
+    message = str(err.value)
+    assert message.startswith(f"--config {path}: ") and "\n" not in message
+    assert pretrain_main(["--model", "tiny", "--mock-data", "--config", str(path)]) == 2
+    err_text = capsys.readouterr().err
+    assert err_text.count("\n") == 1 and "--config" in err_text and "Traceback" not in err_text
+
+
+def test_max_skipped_steps_has_a_finite_default_and_zero_disables():
+    assert parse_config(["--model", "tiny"]).train.max_skipped_steps == 10
+    assert parse_config(["--model", "tiny", "--max-skipped-steps", "0"]).train.max_skipped_steps == 0
 
 
 def test_missing_tokenizer_model_names_the_flag(tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Callable, Optional
 
@@ -94,6 +95,8 @@ def _coerce_yaml(path: str, key: str, value, kind, choices):
             value = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where} expects a number, got {value!r}") from None
+        if not math.isfinite(value):  # YAML's .inf and .nan
+            raise ConfigError(f"{where} expects a finite number, got {value!r}")
     elif kind is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where} expects a string, got {value!r}")
@@ -112,6 +115,13 @@ def load_yaml(path: str) -> dict:
             raw = yaml.safe_load(fh)
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path}: is a directory; expected a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e}); expected a readable YAML file") \
+            from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not UTF-8 text; expected a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}:" if mark else ""
@@ -132,6 +142,10 @@ def load_yaml(path: str) -> dict:
             section, f, kind = index[name]
             out[f"{section}.{name}"] = _coerce_yaml(path, key, value, kind, f.metadata.get("choices"))
         elif name in extra:
+            try:  # the refusal a command-line value gets, naming the file and key as well
+                compat.check_compat_value(name, value)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: key '{key}': {e}") from None
             out[f"compat.{name}"] = value
         else:
             close = difflib.get_close_matches(name, list(index) + ["model"], n=1)

@@ -40,12 +40,24 @@ def add_compat_flags(group) -> None:
 
 
 def check_compat_value(name: str, value) -> None:
-    if name in FIXED_VALUES:
+    """Refuse a value that asks for another architecture; the same check for a flag and a YAML key."""
+    flag = "--" + name.replace("_", "-")
+    if name in ALWAYS_ON:
+        # on the command line these are store_true (always True); a YAML file may say false
+        if value is not True:
+            shown = str(value).lower() if isinstance(value, bool) else repr(value)
+            raise ConfigError(f"{flag} {shown}: only true is supported (LLaMA2 always works this way; "
+                              "omit the key or set it to true)")
+    elif name in FIXED_VALUES:
         wanted, why = FIXED_VALUES[name]
-        if type(wanted)(value) != wanted:
-            raise ConfigError(f"--{name.replace('_', '-')} {value}: only {wanted} is supported ({why})")
+        try:
+            ok = not isinstance(value, (bool, list, dict)) and type(wanted)(value) == wanted
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{flag} {value}: only {wanted} is supported ({why})")
     elif name in IGNORED_CHOICES and value not in IGNORED_CHOICES[name]:
-        raise ConfigError(f"--{name.replace('_', '-')} {value}: expected one of {', '.join(IGNORED_CHOICES[name])}")
+        raise ConfigError(f"{flag} {value}: expected one of {', '.join(IGNORED_CHOICES[name])}")
 
 
 def compat_names() -> set:

@@ -148,7 +148,13 @@ class TrainingConfig:
         "with a warning", choices=KERNEL_BACKENDS)
     exit_interval: Optional[int] = opt(None, "stop after an iteration divisible by this")
     exit_duration_in_mins: Optional[float] = opt(None, "stop after this many minutes")
-    max_skipped_steps: Optional[int] = opt(None, "stop after this many consecutive inf/NaN steps")
+    # Megatron-LM has no such limit: a run whose loss went NaN skips every step to the end, exits 0 and
+    # keeps saving the broken weights. 10 is far above the odd skipped spike of a healthy run, and
+    # stops a diverged one within minutes. fp16 overflows that the dynamic loss scaler still answers
+    # by lowering the scale (finite loss, scale above its minimum) are its normal work and not counted.
+    max_skipped_steps: int = opt(
+        10, "stop (exit code 1, no checkpoint) after this many consecutive iterations skipped for inf/NaN loss "
+        "or gradients; fp16 overflows the dynamic loss scale can still absorb are not counted; 0: never stop")
     eval_interval: int = opt(1000, "evaluate every this many iterations")
     eval_iters: int = opt(100, "validation batches per evaluation")
 

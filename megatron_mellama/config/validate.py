@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
 from .errors import ConfigError
@@ -26,6 +29,20 @@ def _positive(value, flag: str, *, allow_none: bool = False) -> None:
         _require(allow_none, f"{flag} is required (or choose a preset with --model)")
         return
     _require(value > 0, f"{flag} must be positive, got {value}")
+
+
+def validate_finite(cfg: Config) -> None:
+    """Every number given must be finite: `inf` and `nan` parse as floats, and then pass (or fail
+    with a misleading message) range checks such as `x > 0`."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+                raise ConfigError(f"{flag} {value}: expected a finite number")
 
 
 def validate_model(cfg: Config) -> None:
@@ -138,10 +155,15 @@ def validate_training(cfg: Config) -> None:
              "give --train-iters or --train-samples, not both")
     _positive(t.train_iters, "--train-iters", allow_none=True)
     _positive(t.train_samples, "--train-samples", allow_none=True)
+    if t.train_samples is not None:
+        _require(t.train_samples >= t.global_batch_size,
+                 f"--train-samples {t.train_samples} is less than one global batch (--global-batch-size "
+                 f"{t.global_batch_size}): the run would train zero iterations")
     _positive(t.eval_interval, "--eval-interval")
     _require(t.eval_iters >= 0, f"--eval-iters must not be negative, got {t.eval_iters}")
     _positive(t.exit_interval, "--exit-interval", allow_none=True)
-    _positive(t.max_skipped_steps, "--max-skipped-steps", allow_none=True)
+    _require(t.max_skipped_steps >= 0, f"--max-skipped-steps must not be negative (0: never stop), "
+                                        f"got {t.max_skipped_steps}")
     _positive(cfg.logging.log_interval, "--log-interval")
 
     _require(o.lr > 0, f"--lr must be positive, got {o.lr}")
@@ -206,6 +228,7 @@ def parse_data_path(tokens: list) -> list:
             w = float(weight)
         except ValueError:
             raise ConfigError(f"--data-path: '{weight}' (before '{prefix}') is not a weight") from None
+        _require(math.isfinite(w), f"--data-path: weight {weight} of '{prefix}' is not a finite number")
         _require(w >= 0, f"--data-path: weight {weight} of '{prefix}' is negative")
         pairs.append((w, prefix))
     _require(sum(w for w, _ in pairs) > 0, "--data-path: the weights add up to zero")
@@ -219,12 +242,15 @@ def parse_split(split: str) -> list:
         values = [float(p) for p in parts]
     except ValueError:
         raise ConfigError(f"--split {split}: expected up to three comma-separated numbers, e.g. 949,50,1") from None
-    _require(len(values) <= 3 and all(v >= 0 for v in values) and sum(values) > 0,
+    _require(len(values) <= 3 and all(math.isfinite(v) and v >= 0 for v in values) and sum(values) > 0,
              f"--split {split}: expected up to three non-negative numbers with a positive sum")
+    _require(values[0] > 0, f"--split {split}: the first (training) part must be positive, or there is "
+                            "nothing to train on")
     return values + [0.0] * (3 - len(values))
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
+    validate_finite(cfg)
     validate_model(cfg)
     _positive(cfg.data.seq_length, "--seq-length (or --max-position-embeddings)")
     validate_parallel(cfg, world_size)
