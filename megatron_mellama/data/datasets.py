@@ -147,14 +147,39 @@ def domain_names(prefixes: list) -> list:
 
 def _check_prefix(prefix: str, split_matrix: list, cfg: Config, splits=SPLIT_NAMES) -> None:
     """Fail with one line, on every rank, before megatron-core would fail deep down (or, for a split
-    shorter than one sample, loop forever counting epochs)."""
+    shorter than one sample, loop forever counting epochs).
+
+    The .idx is parsed without megatron-core's reader (which asserts on a bad file): header, counts,
+    and that the .bin holds exactly the bytes the index describes (sum of sequence lengths x token
+    size, and the last sequence's offset + length), so a short .bin fails here instead of mid-run and
+    a long one (misaligned data) does not train silently. Only the .idx is read, never the tokens."""
+    from ..tools.inspect_dataset import DatasetError, read_index
+
     for ext in (".idx", ".bin"):
         if not os.path.isfile(prefix + ext):
             raise ConfigError(f"--data-path {prefix}: {prefix}{ext} does not exist "
                               "(expected the .bin/.idx pair written by tools/preprocess_data.py)")
-    indexed = IndexedDataset(prefix)
-    lengths = numpy.array(indexed.sequence_lengths)  # a copy: the mmap closes with `indexed`
-    del indexed
+    try:
+        index = read_index(prefix)
+    except DatasetError as err:
+        raise ConfigError(f"--data-path {prefix}: {err}") from None
+    lengths = numpy.array(index.sequence_lengths)  # a copy: the mmap closes with `index`
+    itemsize, dtype_name = numpy.dtype(index.dtype).itemsize, numpy.dtype(index.dtype).name
+    last_end = (int(index.sequence_pointers[-1]) + int(lengths[-1]) * itemsize) if len(lengths) else 0
+    del index
+    if len(lengths) and int(lengths.min()) < 0:
+        raise ConfigError(f"--data-path {prefix}: {prefix}.idx is corrupt (a negative sequence length)")
+    tokens_total = int(lengths.sum(dtype=numpy.int64))
+    expected = tokens_total * itemsize
+    bin_bytes = os.path.getsize(prefix + ".bin")
+    if bin_bytes != expected or last_end != expected:
+        what = "truncated" if bin_bytes < expected else "longer than its index describes"
+        raise ConfigError(
+            f"--data-path {prefix}: {prefix}.bin holds {bin_bytes} bytes but {prefix}.idx describes "
+            f"{tokens_total} tokens of {dtype_name} ({expected} bytes"
+            + (f", last sequence ending at byte {last_end}" if last_end != expected else "")
+            + f"): the .bin is {what if bin_bytes != expected else 'not what its index describes'}, "
+            "or the pair comes from different runs; rerun tools/preprocess_data.py")
     need = cfg.data.seq_length + 1
     for name, bounds in zip(SPLIT_NAMES, split_matrix):
         if bounds is None or name not in splits:
@@ -166,6 +191,59 @@ def _check_prefix(prefix: str, split_matrix: list, cfg: Config, splits=SPLIT_NAM
                 f"--data-path {prefix}: its {name} split (--split {cfg.data.split}) holds {end - beg} of "
                 f"{len(lengths)} documents, {tokens} tokens, fewer than one sample of --seq-length "
                 f"{cfg.data.seq_length} + 1; the {name} set is too small")
+
+
+# The token-id check: a .bin up to FULL_SCAN_BYTES is read whole; a larger one in SAMPLE_WINDOWS
+# windows of WINDOW_BYTES spread evenly over it (first and last included), about 64 MiB read
+# whatever the size, so a wrong tokenizer or vocabulary (ids beyond it everywhere) is caught in
+# seconds, while a handful of stray ids in a 100 GB corpus may go unseen.
+FULL_SCAN_BYTES = 256 << 20
+SAMPLE_WINDOWS = 256
+WINDOW_BYTES = 256 << 10
+
+
+def max_token_id(prefix: str) -> tuple:
+    """(smallest id, largest id, whether every token was read) of `prefix.bin`, per the rule above."""
+    from ..tools.inspect_dataset import read_index
+
+    index = read_index(prefix)
+    dtype = numpy.dtype(index.dtype)
+    del index
+    path = prefix + ".bin"
+    n = os.path.getsize(path) // dtype.itemsize
+    if n == 0:
+        return None, None, True
+    tokens = numpy.memmap(path, dtype=dtype, mode="r", shape=(n,))
+    lo = hi = None
+    if n * dtype.itemsize <= FULL_SCAN_BYTES:
+        windows, complete = [(s, min(s + (16 << 20), n)) for s in range(0, n, 16 << 20)], True
+    else:
+        w = max(WINDOW_BYTES // dtype.itemsize, 1)
+        starts = numpy.linspace(0, n - w, SAMPLE_WINDOWS).astype(numpy.int64)
+        windows, complete = [(int(s), int(s) + w) for s in starts], False
+    for beg, end in windows:
+        chunk = tokens[beg:end]
+        cmin, cmax = int(chunk.min()), int(chunk.max())
+        lo = cmin if lo is None else min(lo, cmin)
+        hi = cmax if hi is None else max(hi, cmax)
+    del tokens
+    return lo, hi, complete
+
+
+def _check_token_ids(prefix: str, vocab: int) -> None:
+    """Every id must index the model's (padded) embedding: fail with one line naming the prefix.
+    Checked as `max_token_id` says: every token of a .bin up to FULL_SCAN_BYTES, a spread-out sample
+    of a larger one."""
+    lo, hi, complete = max_token_id(prefix)
+    if hi is None:
+        return
+    if hi >= vocab or lo < 0:
+        bad = hi if hi >= vocab else lo
+        seen = "" if complete else " (in a sample of its tokens)"
+        raise ConfigError(
+            f"--data-path {prefix}: token id {bad} in {prefix}.bin{seen} is outside the model's vocabulary "
+            f"of {vocab} (padded) ids; was the data tokenized with another tokenizer than --tokenizer-model, "
+            "or is --vocab-size too small?")
 
 
 def _gpt_config(cfg: Config, tokenizer: MegatronTokenizerAdapter, blend) -> GPTDatasetConfig:
@@ -247,6 +325,11 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
         if d.tokenizer_model is None:
             raise ConfigError(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
         tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
+    m = cfg.model
+    vocab = (m.padded_vocab_size if m.vocab_size is not None
+             else m.make_vocab_size_divisible_by * -(-tokenizer.vocab_size // m.make_vocab_size_divisible_by))
+    for prefix in prefixes:
+        _check_token_ids(prefix, vocab)
     config = _gpt_config(cfg, MegatronTokenizerAdapter.wrap(tokenizer), ([p for _, p in blended], weights))
     # Every evaluation reads the same first eval_iters global batches, so that many samples suffice.
     domain_size = cfg.train.eval_iters * cfg.train.global_batch_size
