@@ -104,3 +104,60 @@ def test_pretrain_refuses_in_one_line(tmp_path, sentencepiece_model, capsys, dam
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and prefix in err[0], err
     assert ("truncated" if damage == "short bin" else "vocabulary of 256") in err[0]
+
+
+# --- preprocessing --------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import tracemalloc  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from corpus_helpers import make_documents, read_documents, write_jsonl  # noqa: E402
+
+from megatron_mellama.data import jsonl_reader  # noqa: E402
+from megatron_mellama.data.tokenizer import Llama2Tokenizer  # noqa: E402
+from megatron_mellama.tools.preprocess_data import main as preprocess  # noqa: E402
+
+DOCS = make_documents(40, seed=3)
+
+
+def _preprocess(tmp_path, inputs, *extra, model, name="out"):
+    prefix = tmp_path / name
+    argv = ["--input", str(inputs), "--output-prefix", str(prefix), "--tokenizer-type", "Llama2Tokenizer",
+            "--tokenizer-model", str(model), *extra]
+    return preprocess(argv), prefix
+
+
+def test_reader_memory_is_bounded_by_the_line_limit(tmp_path):
+    path = tmp_path / "long.jsonl"
+    with open(path, "wb") as f:
+        f.write(b'{"text": "short"}\n{"text": "')
+        for _ in range(40):
+            f.write(b"x" * (1 << 20))
+        f.write(b'"}\n{"text": "after"}\n')
+    tracemalloc.start()
+    try:
+        blocks = list(jsonl_reader.read_blocks([str(path)], max_line_bytes=4 << 20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak  # the 40 MiB line is never held whole
+    data = b"".join(b.data for b in blocks)
+    assert data == b'{"text": "short"}\n{"text": "after"}\n'
+    [(line, reason)] = [r for b in blocks for r in b.rejects]
+    assert line == 2 and "--max-line-bytes 4194304" in reason
+
+
+def test_over_long_line_is_rejected_and_listed(tmp_path, sentencepiece_model):
+    long_text = "word " * 5000  # 25 kB
+    records = [{"text": t} for t in DOCS[:10]] + [{"text": long_text}] + [{"text": t} for t in DOCS[10:]]
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    rc, prefix = _preprocess(tmp_path, path, "--max-line-bytes", "10000", model=sentencepiece_model)
+    assert rc == 0
+    tok = Llama2Tokenizer(sentencepiece_model)
+    assert [d.tolist() for d in read_documents(f"{prefix}_text_document")] == [tok.tokenize(t) for t in DOCS]
+    [entry] = [json.loads(x) for x in Path(f"{prefix}_rejected.jsonl").read_text().splitlines()]
+    assert entry["line"] == 11 and "longer than --max-line-bytes 10000" in entry["reason"]
+    # the default limit lets it through
+    rc, prefix = _preprocess(tmp_path, path, model=sentencepiece_model, name="default")
+    assert rc == 0 and len(read_documents(f"{prefix}_text_document")) == len(DOCS) + 1

@@ -2,6 +2,10 @@
 
 The reader does no per-line work: it cuts each block at its last newline and counts the lines in C,
 so one process feeds many tokenizing workers. Workers split, decode and parse the lines.
+
+A line longer than `max_line_bytes` (`--max-line-bytes`, default MAX_LINE_BYTES = 64 MiB) is never
+held in memory: the reader skips to its end and hands on a reject for it instead (tokenizing one
+200 MB line took over 10 GB), so memory stays bounded by the limit whatever the input.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 BLOCK_BYTES = 1 << 20
+MAX_LINE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,7 @@ class Block:
     file_index: int
     first_line: int  # 1-based number of the block's first line in its file
     data: bytes  # whole lines, the last one possibly without its newline (end of file)
+    rejects: tuple = ()  # (line number, reason) of lines the reader dropped (too long)
 
 
 def expand_inputs(spec: str) -> list[str]:
@@ -35,37 +41,75 @@ def open_input(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def read_blocks(paths: list[str], block_bytes: int | None = None) -> Iterator[Block]:
+def too_long(n_bytes: int, limit: int) -> str:
+    return f"line longer than --max-line-bytes {limit} ({n_bytes} bytes or more)"
+
+
+def read_blocks(paths: list[str], block_bytes: int | None = None,
+                max_line_bytes: int | None = None) -> Iterator[Block]:
     block_bytes = block_bytes or BLOCK_BYTES
+    limit = max_line_bytes or MAX_LINE_BYTES
+    read_size = min(block_bytes, limit)  # so every line inside one read is within the limit
     for file_index, path in enumerate(paths):
         line = 1
-        carry = b""
+        carry: list[bytes] = []  # the start of the current line (no newline yet), at most `limit` bytes
+        carried = 0
+        skipping = None  # bytes so far of an over-long line being skipped
         with open_input(path) as f:
             while True:
-                data = f.read(block_bytes)
+                data = f.read(read_size)
                 if not data:
                     break
-                data = carry + data
-                cut = data.rfind(b"\n")
-                if cut < 0:  # a line longer than a block: keep reading
-                    carry = data
+                if skipping is not None:
+                    nl = data.find(b"\n")
+                    if nl < 0:
+                        skipping += len(data)
+                        continue
+                    yield Block(file_index, line, b"", ((line, too_long(skipping + nl, limit)),))
+                    line, skipping = line + 1, None
+                    data = data[nl + 1:]
+                    if not data:
+                        continue
+                nl = data.find(b"\n")
+                if nl < 0:
+                    if carried + len(data) > limit:
+                        skipping, carry, carried = carried + len(data), [], 0
+                    else:
+                        carry.append(data)
+                        carried += len(data)
                     continue
-                carry = data[cut + 1:]
+                if carried + nl > limit:
+                    yield Block(file_index, line, b"", ((line, too_long(carried + nl, limit)),))
+                    line += 1
+                    data = data[nl + 1:]
+                elif carry:
+                    data = b"".join(carry) + data
+                carry, carried = [], 0
+                cut = data.rfind(b"\n")
+                if cut < 0:  # only after an over-long line: the rest starts the next line
+                    if data:
+                        carry, carried = [data], len(data)
+                    continue
                 block = data[:cut + 1]
+                rest = data[cut + 1:]
+                carry, carried = ([rest], len(rest)) if rest else ([], 0)
                 yield Block(file_index, line, block)
                 line += block.count(b"\n")
-        if carry:
-            yield Block(file_index, line, carry)
+        if skipping is not None:
+            yield Block(file_index, line, b"", ((line, too_long(skipping, limit)),))
+        elif carry:
+            yield Block(file_index, line, b"".join(carry))
 
 
-def sample_texts(paths: list[str], keys: list[str], max_chars: int) -> Iterator[str]:
+def sample_texts(paths: list[str], keys: list[str], max_chars: int,
+                 max_line_bytes: int | None = None) -> Iterator[str]:
     """Texts under `keys` from the start of the input, up to about `max_chars`; bad lines are skipped."""
     import json
 
     total = 0
     for path in paths:
         with open_input(path) as f:
-            for raw in f:
+            for raw in _bounded_lines(f, max_line_bytes or MAX_LINE_BYTES):
                 try:
                     record = json.loads(raw)
                 except ValueError:
@@ -79,3 +123,16 @@ def sample_texts(paths: list[str], keys: list[str], max_chars: int) -> Iterator[
                         total += len(text)
                 if total >= max_chars:
                     return
+
+
+def _bounded_lines(f, limit: int):
+    """The lines of `f`, each read at most `limit` + 1 bytes at a time; longer lines are skipped."""
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):  # the rest of the long line, in bounded reads
+                raw = f.readline(limit + 1)
+            continue
+        yield raw

@@ -2,7 +2,8 @@
 
 Per record and key: split into sentences (or not), `tokenizer.tokenize` each, drop empty sentences,
 append EOD to the last sequence with `append_eod`. A record that cannot be used (bad UTF-8, bad JSON,
-missing, non-string or empty text) is left out of every output and reported with its line number.
+missing, non-string or empty text) is left out of every output and reported with its line number, as
+is a line the reader dropped for exceeding --max-line-bytes (`Block.rejects`).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class RecordEncoder:
 
     def encode_block(self, block: Block) -> BlockResult:
         per_key = [([], [], []) for _ in self.keys]  # tokens, sequence lengths, sequences per document
-        result = BlockResult(block.file_index, {}, bytes=len(block.data))
+        result = BlockResult(block.file_index, {}, rejects=list(block.rejects), bytes=len(block.data))
         for offset, raw in enumerate(block.data.split(b"\n")):
             if not raw.strip():  # blank lines (a trailing newline, CRLF leftovers) are not records
                 continue

@@ -20,7 +20,7 @@ import sys
 import time
 
 from megatron_mellama.data.indexed_writer import IndexedWriter, optimal_dtype, temp_path
-from megatron_mellama.data.jsonl_reader import expand_inputs, read_blocks, sample_texts
+from megatron_mellama.data.jsonl_reader import MAX_LINE_BYTES, expand_inputs, read_blocks, sample_texts
 from megatron_mellama.data.record_encoder import RecordEncoder
 from megatron_mellama.data.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split-sentences", action="store_true", help="one sequence per sentence (nltk Punkt)")
     g.add_argument("--keep-newlines", action="store_true", help="keep newlines between sentences when splitting")
     g.add_argument("--lang", default="english", help="Punkt language for --split-sentences")
+    g.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES, metavar="N",
+                   help=f"a JSONL line longer than this is skipped and listed as a rejected record, never "
+                        f"read into memory (default {MAX_LINE_BYTES} = {MAX_LINE_BYTES >> 20} MiB; tokenizing "
+                        "a line takes about 50 times its size in memory)")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     g.add_argument("--tokenizer-model", help="SentencePiece .model file, or a Hugging Face tokenizer directory")
@@ -66,6 +70,8 @@ def parse_args(argv):
             raise UsageError(f"--input {path!r} is not readable")
     if args.workers < 1:
         raise UsageError(f"--workers {args.workers} must be at least 1")
+    if args.max_line_bytes < 1:
+        raise UsageError(f"--max-line-bytes {args.max_line_bytes} must be at least 1")
     if args.log_interval < 1:
         raise UsageError(f"--log-interval {args.log_interval} must be at least 1")
     if not args.tokenizer_model:
@@ -111,7 +117,7 @@ def _encoded_blocks(args, init_args):
     Not `Pool.imap`: its feeder thread drains the input as fast as it can read it, so on a corpus
     bigger than memory the queue of unencoded blocks grows without bound.
     """
-    blocks = read_blocks(args.inputs)
+    blocks = read_blocks(args.inputs, max_line_bytes=args.max_line_bytes)
     if args.workers == 1:  # in-process: no pickling, and the tokenizer is already built
         _init_encoder(*init_args, tokenizer=args.tokenizer)
         yield from map(_encode_block, blocks)
@@ -159,7 +165,8 @@ def run(args) -> int:
         from megatron_mellama.data.sentence_split import load_splitter_spec
 
         splitter_spec = load_splitter_spec(args.lang, args.keep_newlines,
-                                           sample_texts(args.inputs, args.json_keys, max_chars=4_000_000))
+                                           sample_texts(args.inputs, args.json_keys, max_chars=4_000_000,
+                                                        max_line_bytes=args.max_line_bytes))
         print(f"sentence splitter: {splitter_spec.description}", flush=True)
     dtype = optimal_dtype(args.tokenizer.vocab_size)
     level = "sentence" if args.split_sentences else "document"
