@@ -159,7 +159,9 @@ def _load(flags):
 
 def test_nothing_to_load_is_not_an_error(tmp_path):
     assert _load([]) is None
-    assert _load(["--load", str(tmp_path)]) is None  # an empty directory: a fresh run
+    # Megatron-LM's first launch of --save X --load X: X empty or not there yet
+    assert _load(["--load", str(tmp_path), "--save", str(tmp_path)]) is None
+    assert _load(["--load", str(tmp_path / "new"), "--save", str(tmp_path / "new")]) is None
 
 
 def test_missing_load_directory(tmp_path):

@@ -134,7 +134,10 @@ def test_checkpoint_whose_chunks_miss_part_of_a_tensor_is_an_error(tmp_path):
 
 def test_checkpoint_to_load_agrees_with_load(tmp_path):
     assert checkpoint_to_load(parse_config(TINY)) is None
-    assert checkpoint_to_load(parse_config(TINY + ["--load", str(tmp_path)])) is None  # empty: from scratch
+    # empty and the same as --save: the first launch, from scratch; otherwise an error
+    assert checkpoint_to_load(parse_config(TINY + ["--load", str(tmp_path), "--save", str(tmp_path)])) is None
+    with pytest.raises(CheckpointError, match="no checkpoint there"):
+        checkpoint_to_load(parse_config(TINY + ["--load", str(tmp_path)]))
     with pytest.raises(CheckpointError, match="no such directory"):
         checkpoint_to_load(parse_config(TINY + ["--load", str(tmp_path / "nope")]))
     (tmp_path / "latest").write_text("3\n")

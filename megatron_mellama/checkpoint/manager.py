@@ -76,16 +76,28 @@ def latest_iteration(root: str) -> int | None:
     path = os.path.join(root, LATEST)
     if not os.path.isfile(path):
         return None
-    with open(path) as fh:
-        text = fh.read().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(64)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    text = raw.decode("ascii", errors="replace").strip()
+    if not text.isdigit() or not text.isascii():
+        raise CheckpointError(f"{path}: expected an iteration number, found {raw[:40]!r}")
     return int(text)
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
 
 
 def checkpoint_to_load(cfg: Config, path: str | None = None) -> str | None:
     """The checkpoint directory `CheckpointManager.load(path)` reads (default --load), or None when
     the run starts from scratch; raises CheckpointError where `load` would. Reads no tensor.
+
+    Starting from scratch with a --load is only Megatron-LM's first launch of `--save X --load X`:
+    X missing or holding no checkpoint yet, and the same directory as --save, without --finetune.
+    Any other --load that finds no checkpoint is an error (a typo must not train from random weights).
 
     Every load reads every weight of the model (resume and --finetune alike, strictly: a weight the
     checkpoint lacks is an error), so a run for which this names a directory can build its engine
@@ -94,7 +106,10 @@ def checkpoint_to_load(cfg: Config, path: str | None = None) -> str | None:
     root = path or cfg.checkpoint.load
     if not root:
         return None
+    first_launch = _same_path(root, cfg.checkpoint.save) and not cfg.checkpoint.finetune
     if not os.path.isdir(root):
+        if first_launch and not os.path.exists(root):
+            return None
         raise CheckpointError(f"--load {root}: no such directory")
     iteration = latest_iteration(root)
     if iteration is not None:
@@ -105,7 +120,15 @@ def checkpoint_to_load(cfg: Config, path: str | None = None) -> str | None:
         return ckpt
     if os.path.isfile(os.path.join(root, ".metadata")):
         return root  # an iteration directory given directly
-    return None
+    saved = sorted(n for n in os.listdir(root) if _ITER_DIR.match(n))
+    if saved:
+        raise CheckpointError(f"--load {root}: no '{LATEST}' file, but it holds {', '.join(saved[-3:])}: "
+                              f"point --load at one of them, or write its iteration into {root}/{LATEST}")
+    if first_launch:
+        return None
+    why = ("--finetune needs a checkpoint to start from" if cfg.checkpoint.finetune else
+           "only the first launch of --save X --load X (the same directory) starts from scratch")
+    raise CheckpointError(f"--load {root}: no checkpoint there (no '{LATEST}' file); {why}")
 
 
 class FullModelView(nn.Module):
@@ -310,7 +333,8 @@ class CheckpointManager:
         ckpt = checkpoint_to_load(self.cfg, path)
         if ckpt is None:
             if root:
-                self._print(f"no checkpoint in {root} (no '{LATEST}' file): starting from scratch")
+                self._print(f"no checkpoint in {root} yet (the first launch of --save {root} --load {root}): "
+                            "starting from scratch")
             return None
         missing = [f for f in (".metadata", TRAIN_STATE) if not os.path.isfile(os.path.join(ckpt, f))]
         if missing:

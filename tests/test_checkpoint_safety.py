@@ -1,0 +1,88 @@
+"""What a checkpoint run refuses (issue 14): a --load that finds nothing, architecture values or
+data settings that differ from the checkpoint's, and corrupted files (checksums)."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from engine_harness import TINY
+from megatron_mellama.checkpoint.manager import CheckpointError, CheckpointManager, checkpoint_to_load
+from megatron_mellama.config import parse_config
+from megatron_mellama.training.engine import Engine
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def _load(flags):
+    cfg = parse_config(TINY + flags)
+    return CheckpointManager(cfg, Engine(cfg)).load()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saved")
+    cfg = parse_config(TINY + ["--save", str(root)])
+    CheckpointManager(cfg, Engine(cfg)).save(1, 8)
+    return str(root)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+# -- 1. a --load that finds no checkpoint -----------------------------------------------------------
+@pytest.mark.parametrize("extra", [[], ["--finetune"]], ids=["resume", "finetune"])
+def test_load_of_a_directory_without_a_checkpoint_is_an_error(tmp_path, extra):
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    with pytest.raises(CheckpointError, match=r"--load .*empty: no checkpoint there \(no 'latest' file\)"):
+        _load(["--load", empty] + extra)
+    with pytest.raises(CheckpointError, match=r"--load .*nope: no such directory"):
+        _load(["--load", str(tmp_path / "nope")] + extra)
+
+
+def test_only_the_first_save_load_launch_starts_from_scratch(tmp_path):
+    same = str(tmp_path / "run")
+    assert checkpoint_to_load(parse_config(TINY + ["--load", same, "--save", same])) is None
+    os.makedirs(same)
+    assert checkpoint_to_load(parse_config(TINY + ["--load", same, "--save", same + "/"])) is None
+    # --finetune means "start from these weights": never from scratch
+    with pytest.raises(CheckpointError, match="--finetune needs a checkpoint"):
+        checkpoint_to_load(parse_config(TINY + ["--load", same, "--save", same, "--finetune"]))
+    # a different --save: the --load names a checkpoint that is not there
+    with pytest.raises(CheckpointError, match="no checkpoint there"):
+        checkpoint_to_load(parse_config(TINY + ["--load", same, "--save", str(tmp_path / "other")]))
+
+
+def test_iteration_directories_without_latest_are_an_error(saved, tmp_path):
+    root = _copy(saved, tmp_path / "c")
+    os.remove(os.path.join(root, "latest"))
+    with pytest.raises(CheckpointError, match=r"no 'latest' file, but it holds iter_0000001"):
+        _load(["--load", root, "--save", root])
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\xff\xfe" * 20, b"\xff\xfe", b"", b"12abc\n", b"\xd9\xa3"],
+                         ids=["binary", "bom", "empty", "text", "arabic-digit"])
+def test_garbage_latest_is_one_line(saved, tmp_path, content):
+    root = _copy(saved, tmp_path / "c")
+    with open(os.path.join(root, "latest"), "wb") as fh:
+        fh.write(content)
+    with pytest.raises(CheckpointError) as info:
+        _load(["--load", root])
+    assert "expected an iteration number" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_pretrain_refuses_a_load_without_checkpoint_in_one_line(tmp_path, capsys):
+    from megatron_mellama.pretrain import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = ["--model", "tiny", "--mock-data", "--vocab-size", "256", "--seq-length", "32", "--micro-batch-size", "2",
+           "--global-batch-size", "4", "--train-iters", "1", "--eval-iters", "0", "--num-workers", "0"]
+    assert main(run + ["--load", str(empty), "--finetune"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint there" in err[0], err
+
