@@ -86,3 +86,47 @@ def test_pretrain_refuses_a_load_without_checkpoint_in_one_line(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no checkpoint there" in err[0], err
 
+
+# -- 2. architecture values beyond the shapes ---------------------------------------------------------
+@pytest.mark.parametrize("extra", [[], ["--finetune"]], ids=["resume", "finetune"])
+@pytest.mark.parametrize("flag,value,want", [
+    ("--rotary-base", "500000", r"--rotary-base 500000.0 but the checkpoint has 10000.0"),
+    ("--norm-epsilon", "1e-6", r"--norm-epsilon 1e-06 but the checkpoint has 1e-05"),
+    ("--max-position-embeddings", "512", r"--max-position-embeddings 512 but the checkpoint has 256"),
+    ("--num-query-groups", "4", r"--num-query-groups 4 but the checkpoint has 2"),
+    ("--num-layers", "2", r"--num-layers 2 but the checkpoint has 4"),
+    ("--vocab-size", "256", r"--vocab-size \(padded\) 256 but the checkpoint has 128"),
+], ids=lambda v: v if isinstance(v, str) and v.startswith("--") else None)
+def test_architecture_values_are_compared(saved, flag, value, want, extra):
+    with pytest.raises(CheckpointError, match=r"the model flags do not match the checkpoint: " + want) as info:
+        _load(["--load", saved, flag, value] + extra)
+    assert "\n" not in str(info.value)
+
+
+def test_every_difference_is_named_at_once(saved):
+    with pytest.raises(CheckpointError, match=r"--norm-epsilon 1e-06 but .*; --rotary-base 1000.0 but"):
+        _load(["--load", saved, "--norm-epsilon", "1e-6", "--rotary-base", "1000"])
+
+
+def test_finetune_may_use_shorter_rotary_tables_but_resume_may_not(saved):
+    assert _load(["--load", saved, "--finetune", "--max-position-embeddings", "64"])["iteration"] == 0
+    with pytest.raises(CheckpointError, match=r"--max-position-embeddings 64 but the checkpoint has 256"):
+        _load(["--load", saved, "--max-position-embeddings", "64"])
+
+
+def test_values_an_older_checkpoint_did_not_record_are_not_compared(saved, tmp_path):
+    root = _copy(saved, tmp_path / "c")
+    path = os.path.join(root, "iter_0000001", "train_state.json")
+    state = json.load(open(path))
+    for key in ("norm_epsilon", "rotary_base", "max_position_embeddings"):
+        del state["config"]["model"][key]
+    json.dump(state, open(path, "w"))
+    _drop_checksums(root)
+    assert _load(["--load", root, "--rotary-base", "500000", "--norm-epsilon", "1e-6"])["iteration"] == 1
+
+
+def _drop_checksums(root):
+    """An edited file no longer matches its checksum: forget them, as a checkpoint from before them."""
+    for dirpath, _, files in os.walk(root):
+        if "checksums.json" in files:
+            os.remove(os.path.join(dirpath, "checksums.json"))

@@ -49,14 +49,19 @@ FORMAT_VERSION = 1
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _OPTIONS = StateDictOptions(full_state_dict=False, flatten_optimizer_state_dict=True, strict=True)
-# What the model's tensor shapes follow from: (flag, value of a ModelConfig).
-_SHAPE_FLAGS = (
-    ("--num-layers", lambda m: m.num_layers),
-    ("--hidden-size", lambda m: m.hidden_size),
-    ("--num-attention-heads", lambda m: m.num_attention_heads),
-    ("--num-query-groups", lambda m: m.kv_heads),
-    ("--ffn-hidden-size", lambda m: m.ffn_size),
-    ("--vocab-size (padded)", lambda m: m.padded_vocab_size),
+# What the model computes follows from: (flag, the ModelConfig fields it needs in the saved
+# config, value of a ModelConfig). The shapes, and the two values that change the function of the
+# same weights (RMSNorm's epsilon and RoPE's base). A value an older checkpoint did not record is
+# not compared.
+_ARCH_FLAGS = (
+    ("--num-layers", ("num_layers",), lambda m: m.num_layers),
+    ("--hidden-size", ("hidden_size",), lambda m: m.hidden_size),
+    ("--num-attention-heads", ("num_attention_heads",), lambda m: m.num_attention_heads),
+    ("--num-query-groups", ("num_attention_heads",), lambda m: m.kv_heads),
+    ("--ffn-hidden-size", ("hidden_size",), lambda m: m.ffn_size),
+    ("--vocab-size (padded)", ("vocab_size",), lambda m: m.padded_vocab_size),
+    ("--norm-epsilon", ("norm_epsilon",), lambda m: m.norm_epsilon),
+    ("--rotary-base", ("rotary_base",), lambda m: m.rotary_base),
 )
 # Optimizer settings that depend on the layout (DTensors cannot take the fused kernel): the
 # running optimizer's own values are kept, whatever the checkpoint's layout was.
@@ -340,7 +345,7 @@ class CheckpointManager:
         if missing:
             raise CheckpointError(f"{ckpt}: incomplete checkpoint (missing {', '.join(missing)})")
         saved = self._read_train_state(ckpt)
-        self._check_model_shapes(saved, ckpt)
+        self._check_model(saved, ckpt)
 
         weights_only = c.finetune
         if not weights_only and not saved.get("scheduler"):
@@ -374,12 +379,20 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: unreadable train state (missing {', '.join(missing) or 'config.model'})")
         return saved
 
-    def _check_model_shapes(self, saved: dict, ckpt: str) -> None:
+    def _check_model(self, saved: dict, ckpt: str) -> None:
+        """Every architecture value the checkpoint recorded must equal this run's: one line naming
+        each flag that differs and both values. --max-position-embeddings (the length of the rotary
+        tables, no weight) may be shorter than the checkpoint's under --finetune, never longer."""
         names = {f.name for f in dataclasses.fields(ModelConfig)}
-        theirs = ModelConfig(**{k: v for k, v in saved["config"]["model"].items() if k in names})
+        recorded = {k: v for k, v in saved["config"]["model"].items() if k in names}
+        theirs = ModelConfig(**recorded)
         ours = self.cfg.model
         diffs = [f"{flag} {get(ours)} but the checkpoint has {get(theirs)}"
-                 for flag, get in _SHAPE_FLAGS if get(ours) != get(theirs)]
+                 for flag, needs, get in _ARCH_FLAGS if all(n in recorded for n in needs) and get(ours) != get(theirs)]
+        theirs_max, ours_max = recorded.get("max_position_embeddings"), ours.max_position_embeddings
+        if theirs_max is not None and ours_max != theirs_max and (
+                not self.cfg.checkpoint.finetune or ours_max > theirs_max):
+            diffs.append(f"--max-position-embeddings {ours_max} but the checkpoint has {theirs_max}")
         if diffs:
             raise CheckpointError(f"{ckpt}: the model flags do not match the checkpoint: {'; '.join(diffs)}")
 
