@@ -161,3 +161,161 @@ def test_over_long_line_is_rejected_and_listed(tmp_path, sentencepiece_model):
     # the default limit lets it through
     rc, prefix = _preprocess(tmp_path, path, model=sentencepiece_model, name="default")
     assert rc == 0 and len(read_documents(f"{prefix}_text_document")) == len(DOCS) + 1
+
+
+import errno  # noqa: E402
+import gzip  # noqa: E402
+
+from megatron_mellama.data import indexed_writer  # noqa: E402
+
+
+def _existing_outputs(tmp_path):
+    old = {tmp_path / f"out_text_document.{ext}": f"old {ext}".encode() for ext in ("bin", "idx")}
+    old[tmp_path / "out_rejected.jsonl"] = b""
+    for path, content in old.items():
+        path.write_bytes(content)
+    return old
+
+
+def _untouched(tmp_path, old, *inputs):
+    assert {p: p.read_bytes() for p in old} == old
+    assert sorted(os.listdir(tmp_path)) == sorted([p.name for p in old] + [Path(i).name for i in inputs])
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mellama-preprocess-data: error: "), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_gzip_without_gz_suffix_fails_and_keeps_outputs(tmp_path, sentencepiece_model, capsys):
+    old = _existing_outputs(tmp_path)
+    data = b"".join(json.dumps({"text": t}).encode() + b"\n" for t in DOCS)
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(gzip.compress(data))
+    rc, _ = _preprocess(tmp_path, path, model=sentencepiece_model)
+    assert rc == 1
+    err = _one_error_line(capsys)
+    assert "records rejected (all)" in err
+    assert f"{path} starts with gzip's magic bytes 1f 8b: name it .gz" in err
+    _untouched(tmp_path, old, path)
+
+
+def test_too_many_rejects_fail_and_keep_outputs(tmp_path, sentencepiece_model, capsys):
+    old = _existing_outputs(tmp_path)
+    records = [{"text": t} for t in DOCS[:7]] + [b'{"text": "unterminated'] * 2 + [{"body": "x"}]
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    rc, _ = _preprocess(tmp_path, path, model=sentencepiece_model)
+    assert rc == 1
+    err = _one_error_line(capsys)
+    assert "3 of 10 records rejected (30.0%, more than --max-reject-fraction 0.1)" in err
+    assert "malformed JSON x 2, missing key 'text' x 1" in err and f"first: {path}:8: malformed JSON" in err
+    _untouched(tmp_path, old, path)
+    rc, prefix = _preprocess(tmp_path, path, "--max-reject-fraction", "0.5", model=sentencepiece_model)
+    assert rc == 0 and len(read_documents(f"{prefix}_text_document")) == 7
+    assert len(Path(f"{prefix}_rejected.jsonl").read_text().splitlines()) == 3
+
+
+def test_all_rejected_fails_even_at_fraction_1(tmp_path, sentencepiece_model, capsys):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"body": "x"}] * 3)
+    rc, _ = _preprocess(tmp_path, path, "--max-reject-fraction", "1", model=sentencepiece_model)
+    assert rc == 1
+    assert "3 of 3 records rejected (all): reasons: missing key 'text' x 3" in _one_error_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+def test_max_reject_fraction_is_checked(tmp_path, sentencepiece_model, capsys):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in DOCS])
+    rc, _ = _preprocess(tmp_path, path, "--max-reject-fraction", "1.5", model=sentencepiece_model)
+    assert rc == 2 and "--max-reject-fraction 1.5" in _one_error_line(capsys)
+
+
+def test_a_second_run_on_a_locked_prefix_fails_at_once(tmp_path, sentencepiece_model, capsys):
+    old = _existing_outputs(tmp_path)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in DOCS])
+    with indexed_writer.output_lock(str(tmp_path / "out")) as lock:
+        rc, _ = _preprocess(tmp_path, path, model=sentencepiece_model)
+        assert rc == 1
+        err = _one_error_line(capsys)
+        assert f"--output-prefix {tmp_path / 'out'}: {lock} is locked: process {os.getpid()} is writing" in err
+        _untouched(tmp_path, old, path, lock)
+    assert not os.path.exists(lock)  # released and removed
+    rc, prefix = _preprocess(tmp_path, path, model=sentencepiece_model)
+    assert rc == 0 and len(read_documents(f"{prefix}_text_document")) == len(DOCS)
+    assert not os.path.exists(lock)
+
+
+def test_lock_is_exclusive_across_processes(tmp_path):
+    import subprocess
+    import sys
+
+    prefix = str(tmp_path / "p")
+    code = ("import sys, time; from megatron_mellama.data.indexed_writer import output_lock\n"
+            "with output_lock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.readline()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, prefix], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(indexed_writer.OutputLocked, match=rf"process {holder.pid} is writing"):
+            with indexed_writer.output_lock(prefix):
+                pass
+    finally:
+        holder.communicate("\n", timeout=60)
+    with indexed_writer.output_lock(prefix):
+        pass
+
+
+class _FullDisk:
+    """A file whose writes fail with ENOSPC once `budget` bytes are written, and whose close fails too."""
+
+    def __init__(self, f, budget):
+        self.f, self.budget, self.full = f, budget, False
+
+    def write(self, data):
+        n = len(memoryview(data).cast("B")) if not isinstance(data, str) else len(data)
+        if n > self.budget[0]:
+            self.full = True
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.budget[0] -= n
+        return self.f.write(data)
+
+    def close(self):
+        self.f.close()
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@pytest.mark.parametrize("budget", [0, 300, 3000])
+def test_full_disk_removes_temporaries_and_is_one_line(tmp_path, sentencepiece_model, monkeypatch, capsys, budget):
+    old = _existing_outputs(tmp_path)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in DOCS])
+    monkeypatch.setattr(jsonl_reader, "BLOCK_BYTES", 512)
+    left = [budget]
+    monkeypatch.setattr(indexed_writer, "open", lambda *a, **k: _FullDisk(open(*a, **k), left), raising=False)
+    rc, _ = _preprocess(tmp_path, path, model=sentencepiece_model)
+    assert rc == 1
+    assert "No space left on device; no output written, temporary files removed" in _one_error_line(capsys)
+    _untouched(tmp_path, old, path)
+
+
+def test_failure_creating_temporaries_leaves_none(tmp_path, sentencepiece_model, monkeypatch, capsys):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in DOCS])
+    real, calls = indexed_writer.temp_path, []
+
+    def failing(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / ".x.tmp"))
+        return real(*args)
+
+    monkeypatch.setattr(indexed_writer, "temp_path", failing)
+    rc, _ = _preprocess(tmp_path, path, model=sentencepiece_model)
+    assert rc == 1 and "No space left on device" in _one_error_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]

@@ -132,12 +132,13 @@ BAD_LINES = {
 
 @pytest.mark.parametrize("reason", list(BAD_LINES))
 def test_bad_record_is_skipped_and_recorded(tmp_path, sentencepiece_model, reason, capsys):
-    records = [{"text": DOCS[0]}, {"text": DOCS[1]}, BAD_LINES[reason], {"text": DOCS[2]}]
+    # 1 of 21 records: below --max-reject-fraction's default 0.1
+    records = [{"text": DOCS[0]}, {"text": DOCS[1]}, BAD_LINES[reason], *({"text": t} for t in DOCS[2:20])]
     path = write_jsonl(tmp_path / "in.jsonl", records)
     rc, prefix = run(tmp_path, path, model=sentencepiece_model)
     assert rc == 0
     tok = Llama2Tokenizer(sentencepiece_model)
-    assert [d.tolist() for d in read_documents(f"{prefix}_text_document")] == [tok.tokenize(t) for t in DOCS[:3]]
+    assert [d.tolist() for d in read_documents(f"{prefix}_text_document")] == [tok.tokenize(t) for t in DOCS[:20]]
     [entry] = [json.loads(line) for line in Path(f"{prefix}_rejected.jsonl").read_text().splitlines()]
     assert (entry["file"], entry["line"]) == (str(path), 3)
     assert reason.split()[-1].lower() in entry["reason"].lower()

@@ -4,10 +4,22 @@ megatron-core's `IndexedDatasetBuilder` keeps every sequence length and document
 lists until `finalize`, about 40 bytes per sequence: billions of sentences do not fit. This writer
 spills them as int32/int64 to temporary files beside the output and composes the .idx from them in
 fixed-size chunks. The bytes written are the builder's, byte for byte (a test holds it to that).
+
+Failure and concurrency. Every output goes to a hidden temporary file beside its final name; a
+failure anywhere (a full disk included, even when closing a file fails too) removes all of them
+(`abort`), and the final names are touched only by `commit`, which renames the .bin and then the
+.idx. Two runs writing one prefix at once could interleave those renames and leave a .bin of one
+run beside the .idx of the other, so a run holds `output_lock(PREFIX)` - an exclusive, non-blocking
+`fcntl.flock` on `PREFIX.lock` - from its start until its commit is done: a second run for the same
+prefix fails at once with `OutputLocked`, naming the pid holding it. The lock goes with the process
+(a killed run leaves no stale lock); the file is removed on release.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
 import struct
 import tempfile
@@ -51,13 +63,19 @@ class IndexedWriter:
         self.bin_path, self.idx_path = os.fspath(bin_path), os.fspath(idx_path)
         directory = os.path.dirname(os.path.abspath(self.bin_path))
         name = os.path.basename(self.bin_path)
-        self._tmp_bin = temp_path(directory, name, ".tmp")
-        self._tmp_idx = temp_path(directory, os.path.basename(self.idx_path), ".tmp")
-        self._tmp_lengths = temp_path(directory, name, ".lengths.tmp")
-        self._tmp_docs = temp_path(directory, name, ".documents.tmp")
-        self._bin = open(self._tmp_bin, "wb")
-        self._lengths = open(self._tmp_lengths, "wb")
-        self._docs = open(self._tmp_docs, "wb")
+        self._tmp_bin = self._tmp_idx = self._tmp_lengths = self._tmp_docs = None
+        self._bin = self._lengths = self._docs = None
+        try:  # on a failure half way (a full disk), remove what was made
+            self._tmp_bin = temp_path(directory, name, ".tmp")
+            self._tmp_idx = temp_path(directory, os.path.basename(self.idx_path), ".tmp")
+            self._tmp_lengths = temp_path(directory, name, ".lengths.tmp")
+            self._tmp_docs = temp_path(directory, name, ".documents.tmp")
+            self._bin = open(self._tmp_bin, "wb")
+            self._lengths = open(self._tmp_lengths, "wb")
+            self._docs = open(self._tmp_docs, "wb")
+        except BaseException:
+            self.abort()
+            raise
         self.sequence_count = 0
         self.document_count = 0  # boundaries after the leading 0
         self.token_count = 0
@@ -118,14 +136,58 @@ class IndexedWriter:
         os.replace(self._tmp_idx, self.idx_path)
 
     def abort(self) -> None:
-        """Close and delete every temporary file; the final names are never touched."""
+        """Close and delete every temporary file; the final names are never touched. Never raises
+        for I/O: closing may fail to flush on a full disk, and the files must go regardless."""
         for f in (self._bin, self._lengths, self._docs):
-            f.close()
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
         for path in (self._tmp_bin, self._tmp_idx, self._tmp_lengths, self._tmp_docs):
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+
+class OutputLocked(Exception):
+    """Another process holds the output lock of a prefix; the message says which."""
+
+
+@contextlib.contextmanager
+def output_lock(prefix: str):
+    """Hold `PREFIX.lock` exclusively (`fcntl.flock`, non-blocking) for the block; see the module
+    docstring. Raises OutputLocked when another process holds it."""
+    path = f"{prefix}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
             try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
+                with open(path) as f:
+                    holder = f.read().strip()
+            except OSError:
+                holder = ""
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise OutputLocked(f"{path} is locked: {who} is writing outputs with this prefix; "
+                               "wait for it to finish, or choose another --output-prefix") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the one there
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # while still locked, so no one locks a file that is about to vanish
+        os.close(fd)
 
 
 def _chunks(path: str, dtype):

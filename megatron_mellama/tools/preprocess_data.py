@@ -5,7 +5,12 @@
 
 writes `data/bio_text_document.{bin,idx}` (`_sentence` with --split-sentences), one pair per
 --json-keys key, and `data/bio_rejected.jsonl` listing records that were skipped. Outputs appear
-under their final names only when the run succeeds.
+under their final names only when the run succeeds: a failure (a full disk included) removes every
+temporary file and exits 1 with one line, and so does a run that rejects all its records or more
+than --max-reject-fraction of them (what the rejects looked like is in the line). A run holds
+`data/bio.lock` (fcntl.flock) from start to commit, so a second run for the same prefix fails at once
+instead of leaving a .bin of one run beside the .idx of the other. A JSONL line longer than
+--max-line-bytes is rejected unread, so memory stays bounded for any input.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import collections
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
+import zlib
 
-from megatron_mellama.data.indexed_writer import IndexedWriter, optimal_dtype, temp_path
+from megatron_mellama.data.indexed_writer import IndexedWriter, OutputLocked, optimal_dtype, output_lock, temp_path
 from megatron_mellama.data.jsonl_reader import MAX_LINE_BYTES, expand_inputs, read_blocks, sample_texts
 from megatron_mellama.data.record_encoder import RecordEncoder
 from megatron_mellama.data.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer
@@ -57,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     g.add_argument("--log-interval", type=int, default=10000, help="documents between progress lines")
     g.add_argument("--strict", action="store_true", help="stop at the first unusable record (exit 1)")
+    g.add_argument("--max-reject-fraction", type=float, default=0.1, metavar="F",
+                   help="fail (exit 1, no output written, existing outputs untouched) when more than this "
+                        "share of the records is rejected, or all of them are (default 0.1); 1 allows any "
+                        "share short of all")
     return p
 
 
@@ -70,6 +81,8 @@ def parse_args(argv):
             raise UsageError(f"--input {path!r} is not readable")
     if args.workers < 1:
         raise UsageError(f"--workers {args.workers} must be at least 1")
+    if not 0 <= args.max_reject_fraction <= 1:
+        raise UsageError(f"--max-reject-fraction {args.max_reject_fraction} must be between 0 and 1")
     if args.max_line_bytes < 1:
         raise UsageError(f"--max-line-bytes {args.max_line_bytes} must be at least 1")
     if args.log_interval < 1:
@@ -159,7 +172,19 @@ class _Progress:
                 f"{self.tokens / elapsed:.0f} tokens/s")
 
 
+class PreprocessError(Exception):
+    """A run that cannot produce good outputs; one line, exit 1, existing outputs untouched."""
+
+
 def run(args) -> int:
+    try:
+        with output_lock(args.output_prefix):
+            return _run_locked(args)
+    except OutputLocked as err:
+        raise PreprocessError(f"--output-prefix {args.output_prefix}: {err}") from None
+
+
+def _run_locked(args) -> int:
     splitter_spec = None
     if args.split_sentences:
         from megatron_mellama.data.sentence_split import load_splitter_spec
@@ -170,16 +195,20 @@ def run(args) -> int:
         print(f"sentence splitter: {splitter_spec.description}", flush=True)
     dtype = optimal_dtype(args.tokenizer.vocab_size)
     level = "sentence" if args.split_sentences else "document"
-    writers = {key: IndexedWriter(f"{args.output_prefix}_{key}_{level}.bin",
-                                  f"{args.output_prefix}_{key}_{level}.idx", dtype) for key in args.json_keys}
     rejected_path = f"{args.output_prefix}_rejected.jsonl"
-    rejected_tmp = temp_path(os.path.dirname(os.path.abspath(rejected_path)), os.path.basename(rejected_path), ".tmp")
-    rejected = open(rejected_tmp, "w", encoding="utf-8")
     init_args = (args.tokenizer_type, args.tokenizer_model, args.json_keys, args.append_eod, splitter_spec, dtype)
     progress = _Progress(args.log_interval)
-    n_rejected = 0
+    rejects = _Rejects()
+    writers = {}
+    rejected = rejected_tmp = None
     committed = False
-    try:
+    try:  # from the first temporary file on: any failure removes them all (see indexed_writer)
+        for key in args.json_keys:
+            writers[key] = IndexedWriter(f"{args.output_prefix}_{key}_{level}.bin",
+                                         f"{args.output_prefix}_{key}_{level}.idx", dtype)
+        rejected_tmp = temp_path(os.path.dirname(os.path.abspath(rejected_path)), os.path.basename(rejected_path),
+                                 ".tmp")
+        rejected = open(rejected_tmp, "w", encoding="utf-8")
         with contextlib.closing(_encoded_blocks(args, init_args)) as results:
             for result in results:
                 path = args.inputs[result.file_index]
@@ -189,10 +218,11 @@ def run(args) -> int:
                               file=sys.stderr)
                         return 1
                     rejected.write(json.dumps({"file": path, "line": line, "reason": reason}) + "\n")
-                n_rejected += len(result.rejects)
+                    rejects.add(path, line, reason)
                 for key, out in result.outputs.items():
                     writers[key].add_batch(out.tokens, out.sequence_lengths, out.document_sequence_counts)
                 progress.update(result)
+        rejects.check(args, progress.documents)
         rejected.close()
         for writer in writers.values():
             writer.finalize()
@@ -202,18 +232,72 @@ def run(args) -> int:
         committed = True
     finally:
         if not committed:
-            rejected.close()
+            if rejected is not None:
+                with contextlib.suppress(OSError):
+                    rejected.close()
             for writer in writers.values():
                 writer.abort()
-            if os.path.exists(rejected_tmp):
-                os.remove(rejected_tmp)
+            if rejected_tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(rejected_tmp)
     for key, writer in writers.items():
         print(f"{key}: {progress.documents} documents, {writer.sequence_count} sequences, {writer.token_count} "
               f"tokens -> {args.output_prefix}_{key}_{level}.{{bin,idx}}")
     print(f"done: {progress.bytes / 1e6:.1f} MB in {time.time() - progress.start:.1f} s, {progress.rates()}")
-    if n_rejected:
-        print(f"skipped {n_rejected} unusable records; file and line of each in {rejected_path}")
+    if rejects.count:
+        print(f"skipped {rejects.count} unusable records; file and line of each in {rejected_path}")
     return 0
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class _Rejects:
+    """Counts rejected records by kind of reason and keeps the first few, for the threshold's message."""
+
+    FIRST = 3
+
+    def __init__(self):
+        self.count = 0
+        self.kinds = collections.Counter()
+        self.first = []
+
+    def add(self, path, line, reason):
+        self.count += 1
+        self.kinds[re.split(r": | at | \(", reason)[0]] += 1
+        if len(self.first) < self.FIRST:
+            self.first.append(f"{path}:{line}: {reason}")
+
+    def check(self, args, accepted: int) -> None:
+        """Raise PreprocessError when every record, or more than --max-reject-fraction of them, was
+        rejected: such a run is almost always the wrong input, and must not replace good outputs."""
+        total = accepted + self.count
+        if not self.count or (accepted and self.count <= args.max_reject_fraction * total):
+            return
+        share = "all" if not accepted else f"{self.count / total:.1%}, more than --max-reject-fraction " \
+                                           f"{args.max_reject_fraction}"
+        gz = [p for p in args.inputs if not p.endswith(".gz") and _starts_with(p, GZIP_MAGIC)]
+        if gz:
+            why = f"{gz[0]} starts with gzip's magic bytes 1f 8b: name it .gz"
+        else:
+            kinds = ", ".join(f"{kind} x {n}" for kind, n in self.kinds.most_common(3))
+            why = f"reasons: {kinds}; first: {'; '.join(self.first)}"
+        raise PreprocessError(f"{self.count} of {total} records rejected ({share}): {why}; "
+                              "no output written, existing outputs untouched")
+
+
+def _starts_with(path: str, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _raise_terminated(signum, frame):
@@ -234,6 +318,12 @@ def _run_until_signalled(args) -> int:
     except Terminated:
         print(f"{PROG}: terminated; no output written", file=sys.stderr)
         return 143
+    except PreprocessError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except (OSError, EOFError, zlib.error) as err:  # a full disk, an unreadable or corrupt input
+        print(f"{PROG}: error: {_one_line(err)}; no output written, temporary files removed", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
 
