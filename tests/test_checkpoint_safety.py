@@ -130,3 +130,83 @@ def _drop_checksums(root):
     for dirpath, _, files in os.walk(root):
         if "checksums.json" in files:
             os.remove(os.path.join(dirpath, "checksums.json"))
+
+
+# -- 3. data settings on resume -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data_run(tmp_path_factory):
+    """A checkpoint saved by a run on a 3-domain blend with a tokenizer file: (root, its flags)."""
+    tmp = tmp_path_factory.mktemp("data")
+    for name in ("bio", "clin", "gen"):
+        for ext in ("bin", "idx"):
+            (tmp / f"{name}.{ext}").write_bytes(b"x" * (len(name) * 10 + len(ext)))
+    (tmp / "tok.model").write_bytes(b"a tokenizer")
+    (tmp / "tok2.model").write_bytes(b"another tokenizer")
+    (tmp / "moved").mkdir()
+    for ext in ("bin", "idx"):
+        shutil.copy(tmp / f"bio.{ext}", tmp / "moved" / f"bio.{ext}")
+    (tmp / "tok_copy.model").write_bytes(b"a tokenizer")
+    flags = ["--data-path", "15", str(tmp / "bio"), "1", str(tmp / "clin"), "4", str(tmp / "gen"),
+             "--split", "98,2,0", "--tokenizer-model", str(tmp / "tok.model")]
+    root = str(tmp / "ckpt")
+    cfg = parse_config(TINY + flags + ["--save", root])
+    CheckpointManager(cfg, Engine(cfg)).save(2, 16)
+    return root, flags, tmp
+
+
+def _with(flags, flag, *values):
+    out = list(flags)
+    i = out.index(flag)
+    n = 6 if flag == "--data-path" else 1
+    return out[:i + 1] + list(values) + out[i + 1 + n:]
+
+
+def test_resume_with_the_same_data_settings(data_run):
+    root, flags, tmp = data_run
+    assert _load(flags + ["--load", root])["consumed_samples"] == 16
+    # the same blend written otherwise, the same files elsewhere, the same tokenizer elsewhere
+    same = _with(flags, "--data-path", "30", str(tmp / "bio"), "2", str(tmp / "clin"), "8", str(tmp / "gen"))
+    same = _with(same, "--split", "0.98,0.02,0")
+    same = _with(same, "--tokenizer-model", str(tmp / "tok_copy.model"))
+    same = _with(same, "--data-path", "15", str(tmp / "moved" / "bio"), "1", str(tmp / "clin"), "4", str(tmp / "gen"))
+    assert _load(same + ["--load", root])["consumed_samples"] == 16
+
+
+@pytest.mark.parametrize("change,want", [
+    (("--data-path", "15", "{t}/bio", "4", "{t}/clin", "1", "{t}/gen"),
+     r"--data-path 15 \S+/bio 4 \S+/clin 1 \S+/gen but the checkpoint was trained on --data-path 15 \S+/bio 1 "),
+    (("--data-path", "15", "{t}/bio", "1", "{t}/gen", "4", "{t}/clin"), r"--data-path .* but the checkpoint was"),
+    (("--split", "90,10,0"), r"--split 90,10,0 but the checkpoint has 98,2,0"),
+    (("--seed", "12"), r"--seed 12 but the checkpoint has 11"),
+    (("--seq-length", "8"), r"--seq-length 8 but the checkpoint has 16"),
+    (("--tokenizer-model", "{t}/tok2.model"),
+     r"--tokenizer-model \S+tok2.model \(sha256 \w{12}\) but the checkpoint was trained with \S+tok.model \(sha256"),
+], ids=["weights", "prefixes", "split", "seed", "seq-length", "tokenizer"])
+def test_resume_refuses_changed_data_settings(data_run, change, want):
+    root, flags, tmp = data_run
+    flag, *values = [v.format(t=tmp) for v in change]
+    argv = _with(flags, flag, *values) if flag in flags else flags + [flag] + values
+    with pytest.raises(CheckpointError, match=r"the data settings differ from the run that saved it, so its 16 "
+                                              r"consumed samples would index another sample sequence: " + want) as e:
+        _load(argv + ["--load", root])
+    assert "\n" not in str(e.value)
+    # --finetune starts a new run on whatever data
+    assert _load(argv + ["--load", root, "--finetune"])["iteration"] == 0
+
+
+def test_resume_refuses_mock_data_for_a_blend(data_run):
+    root, flags, tmp = data_run
+    with pytest.raises(CheckpointError, match=r"--mock-data but the checkpoint was trained on --data-path 15 "):
+        _load(["--mock-data", "--load", root])
+
+
+def test_checkpoint_without_data_record_is_not_checked(data_run, tmp_path):
+    root, flags, tmp = data_run
+    copy = _copy(root, tmp_path / "c")
+    path = os.path.join(copy, "iter_0000002", "train_state.json")
+    state = json.load(open(path))
+    del state["data"]
+    json.dump(state, open(path, "w"))
+    _drop_checksums(copy)
+    assert _load(["--mock-data", "--seed", "5", "--load", copy])["iteration"] == 2
+

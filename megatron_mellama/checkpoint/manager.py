@@ -19,6 +19,7 @@ complete checkpoint and no incomplete directory under a final name.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -37,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from ..config import Config, ModelConfig
+from ..config import Config, ModelConfig, parse_data_path, parse_split
 from .reader import ShardReader
 
 LATEST = "latest"
@@ -159,14 +160,116 @@ class FullModelView(nn.Module):
 
 def write_train_state(ckpt_dir: str, *, iteration: int, consumed_samples: int, config: Config,
                       extra: dict | None = None, world_size: int = 1, layout: dict | None = None,
-                      scheduler: dict | None = None, scaler: dict | None = None) -> None:
+                      scheduler: dict | None = None, scaler: dict | None = None, data: dict | None = None) -> None:
     """`train_state.json`: everything in a checkpoint but its tensors, in the one format `load` reads.
 
-    Empty scheduler and scaler states mark a weights-only checkpoint (one imported from elsewhere)."""
+    Empty scheduler and scaler states mark a weights-only checkpoint (one imported from elsewhere).
+    `data` (`data_identity`): what the sample sequence `consumed_samples` indexes depends on."""
     state = dict(format=FORMAT_VERSION, iteration=iteration, consumed_samples=consumed_samples,
                  extra=dict(extra or {}), world_size=world_size, layout=layout or dict(tp=1, pp=1, dp=1),
                  scheduler=scheduler or {}, scaler=scaler or {}, config=dataclasses.asdict(config))
+    if data is not None:
+        state["data"] = data
     _fsync_write(os.path.join(ckpt_dir, TRAIN_STATE), json.dumps(state, indent=1))
+
+
+# Tokenizer files of a Hugging Face tokenizer directory (which may be a whole model's folder):
+# what the tokenizer hash covers.
+_TOKENIZER_FILES = re.compile(r"^(tokenizer.*|vocab.*|merges\.txt|special_tokens_map\.json|added_tokens\.json|.*\.model)$")
+
+
+def tokenizer_hash(path: str | None) -> str | None:
+    """sha256 of the tokenizer model file (or of a tokenizer directory's tokenizer files), None
+    when there is none or it cannot be read."""
+    if not path:
+        return None
+    try:
+        named = os.path.isdir(path)  # a directory's hash covers its files' names too, a file's only its bytes
+        if named:
+            files = sorted(f for f in os.listdir(path) if _TOKENIZER_FILES.match(f)
+                           and os.path.isfile(os.path.join(path, f)))
+        else:
+            path, files = os.path.dirname(path), [os.path.basename(path)]
+        digest = hashlib.sha256()
+        for name in files:
+            if named:
+                digest.update(name.encode() + b"\0")
+            with open(os.path.join(path, name), "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+    except OSError:
+        return None
+
+
+def _prefix_record(prefix: str) -> dict:
+    """A --data-path prefix: its absolute path and the sizes of its files (the same dataset moved
+    elsewhere has the same names and sizes)."""
+    sizes = {}
+    for ext in ("bin", "idx"):
+        try:
+            sizes[ext] = os.path.getsize(f"{prefix}.{ext}")
+        except OSError:
+            sizes[ext] = None
+    return dict(path=os.path.abspath(prefix), **sizes)
+
+
+def data_identity(cfg: Config, tokenizer_sha256: str | None = None) -> dict:
+    """What the sample sequence of a run depends on: a resume (not --finetune) must find the same."""
+    d = cfg.data
+    blend = None
+    if d.data_path:
+        pairs = parse_data_path(d.data_path)
+        total = sum(w for w, _ in pairs)
+        blend = [dict(weight=w / total, **_prefix_record(p)) for w, p in pairs]
+    return dict(mock_data=bool(d.mock_data), data_path=list(d.data_path or []), blend=blend, split=d.split,
+                seed=cfg.train.seed, seq_length=cfg.seq_length, tokenizer_type=d.tokenizer_type,
+                tokenizer_model=d.tokenizer_model, tokenizer_sha256=tokenizer_sha256,
+                vocab_size=cfg.model.vocab_size)
+
+
+def _split_fractions(split: str):
+    try:
+        values = parse_split(split)
+    except Exception:
+        return split
+    return [round(v / sum(values), 12) for v in values]
+
+
+def _same_prefix(a: dict, b: dict) -> bool:
+    if a.get("path") == b.get("path"):
+        return True
+    return (os.path.basename(a.get("path") or "") == os.path.basename(b.get("path") or "")
+            and a.get("bin") is not None and (a.get("bin"), a.get("idx")) == (b.get("bin"), b.get("idx")))
+
+
+def data_differences(saved: dict, ours: dict) -> list[str]:
+    """What changed between a checkpoint's data identity and this run's, one phrase each."""
+    diffs = []
+    if saved.get("mock_data") != ours["mock_data"] or bool(saved.get("blend")) != bool(ours["blend"]):
+        def what(d):
+            return "--mock-data" if d.get("mock_data") else f"--data-path {' '.join(d.get('data_path') or [])}"
+        diffs.append(f"{what(ours)} but the checkpoint was trained on {what(saved)}")
+    elif ours["blend"]:
+        theirs, mine = saved["blend"], ours["blend"]
+        same = len(theirs) == len(mine) and all(
+            abs(a["weight"] - b["weight"]) <= 1e-9 and _same_prefix(a, b) for a, b in zip(theirs, mine))
+        if not same:
+            diffs.append(f"--data-path {' '.join(ours['data_path'])} but the checkpoint was trained on "
+                         f"--data-path {' '.join(saved.get('data_path') or [])}")
+    if _split_fractions(saved.get("split")) != _split_fractions(ours["split"]) and not ours["mock_data"]:
+        diffs.append(f"--split {ours['split']} but the checkpoint has {saved.get('split')}")
+    for flag, key in (("--seed", "seed"), ("--seq-length", "seq_length"), ("--tokenizer-type", "tokenizer_type"),
+                      ("--vocab-size", "vocab_size")):
+        if key in saved and saved[key] != ours[key]:
+            diffs.append(f"{flag} {ours[key]} but the checkpoint has {saved[key]}")
+    theirs_hash, our_hash = saved.get("tokenizer_sha256"), ours["tokenizer_sha256"]
+    if theirs_hash != our_hash and (theirs_hash or saved.get("tokenizer_model")):
+        def tok(model, digest):
+            return f"{model} (sha256 {digest[:12]})" if digest else f"{model or 'none'}"
+        diffs.append(f"--tokenizer-model {tok(ours['tokenizer_model'], our_hash)} but the checkpoint was trained "
+                     f"with {tok(saved.get('tokenizer_model'), theirs_hash)}")
+    return diffs
 
 
 def write_latest(root: str, iteration: int) -> None:
@@ -227,6 +330,7 @@ class CheckpointManager:
         self.world = dist.get_world_size() if self.distributed else 1
         modules = list(engine.modules)
         self.model = modules[0] if len(modules) == 1 else FullModelView(modules)
+        self._data = None  # this run's data_identity, computed once (it hashes the tokenizer)
         self._pending = None  # (future, iteration, partial dir, start time) of an async save not yet finalised
         # DCP's background thread runs collectives while training runs its own: they must not
         # share a process group. gloo, because async DCP stages on the CPU.
@@ -255,7 +359,8 @@ class CheckpointManager:
             d = self.engine.dims
             write_train_state(partial, iteration=iteration, consumed_samples=consumed_samples, config=self.cfg,
                               extra=extra, world_size=self.world, layout=dict(tp=d.tp, pp=d.pp, dp=d.dp),
-                              scheduler=self.engine.scheduler.state_dict(), scaler=self.engine.scaler.state_dict())
+                              scheduler=self.engine.scheduler.state_dict(), scaler=self.engine.scaler.state_dict(),
+                              data=self._data_identity())
         self._barrier()
         torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{self.rank:05d}.pt"))
         writer = dcp.FileSystemWriter(partial, sync_files=True)
@@ -317,6 +422,22 @@ class CheckpointManager:
             if it != latest:
                 shutil.rmtree(checkpoint_dir(root, it), ignore_errors=True)
 
+    def _data_identity(self) -> dict:
+        if self._data is None:
+            self._data = data_identity(self.cfg, tokenizer_hash(self.cfg.data.tokenizer_model))
+        return self._data
+
+    def _check_data(self, saved: dict, ckpt: str) -> None:
+        """On resume: the data settings `consumed_samples` indexes must be the checkpoint's (a
+        checkpoint from before they were recorded is not checked)."""
+        if not isinstance(saved.get("data"), dict):
+            return
+        diffs = data_differences(saved["data"], self._data_identity())
+        if diffs:
+            raise CheckpointError(f"{ckpt}: the data settings differ from the run that saved it, so its "
+                                  f"{saved['consumed_samples']} consumed samples would index another sample "
+                                  f"sequence: {'; '.join(diffs)} (--finetune starts a new run from its weights)")
+
     def _state_dict(self, optimizer: bool) -> dict:
         state = get_model_state_dict(self.model, options=_OPTIONS)
         if optimizer:
@@ -348,6 +469,8 @@ class CheckpointManager:
         self._check_model(saved, ckpt)
 
         weights_only = c.finetune
+        if not weights_only:
+            self._check_data(saved, ckpt)
         if not weights_only and not saved.get("scheduler"):
             raise CheckpointError(f"{ckpt} holds weights only (imported from Hugging Face or Meta): "
                                   "start from it with --finetune")
