@@ -3,6 +3,7 @@ preprocessing never replaces good outputs with bad ones (reject threshold, lock,
 
 import os
 
+import numpy
 import pytest
 from indexed_corpus import data_config, write_corpus
 
@@ -319,3 +320,26 @@ def test_failure_creating_temporaries_leaves_none(tmp_path, sentencepiece_model,
     rc, _ = _preprocess(tmp_path, path, model=sentencepiece_model)
     assert rc == 1 and "No space left on device" in _one_error_line(capsys)
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+def test_preprocess_writes_the_token_id_sidecar_that_training_trusts(tmp_path, sentencepiece_model):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in DOCS * 5])
+    rc, prefix = _preprocess(tmp_path, path, "--append-eod", model=sentencepiece_model)
+    assert rc == 0
+    dataset = f"{prefix}_text_document"
+    stats = json.loads(Path(f"{dataset}.tokens.json").read_text())
+    tokens = numpy.concatenate(read_documents(dataset))
+    assert (stats["min_token_id"], stats["max_token_id"]) == (int(tokens.min()), int(tokens.max()))
+    assert stats["bin_bytes"] == os.path.getsize(f"{dataset}.bin")
+    assert datasets.max_token_id(dataset) == (int(tokens.min()), int(tokens.max()), True)
+    # trusted while the sizes match (nothing else is read): a sidecar claiming a large id is believed
+    Path(f"{dataset}.tokens.json").write_text(json.dumps({**stats, "max_token_id": 10**6}))
+    cfg = data_config([dataset], tokenizer_model=sentencepiece_model, split="1", seq_length=8)
+    cfg.train.global_batch_size, cfg.train.train_iters = 4, 2
+    _fails_with_one_line(cfg, r"token id 1000000 in .*_text_document\.bin is outside")
+    # ...and ignored once the .bin changed: the tokens themselves are checked
+    with open(f"{dataset}.bin", "ab"):
+        pass
+    Path(f"{dataset}.tokens.json").write_text(json.dumps({**stats, "max_token_id": 10**6, "bin_bytes": 1}))
+    assert datasets.max_token_id(dataset) == (int(tokens.min()), int(tokens.max()), True)
+    build_datasets(cfg)

@@ -193,18 +193,25 @@ def _check_prefix(prefix: str, split_matrix: list, cfg: Config, splits=SPLIT_NAM
                 f"{cfg.data.seq_length} + 1; the {name} set is too small")
 
 
-# The token-id check: a .bin up to FULL_SCAN_BYTES is read whole; a larger one in SAMPLE_WINDOWS
-# windows of WINDOW_BYTES spread evenly over it (first and last included), about 64 MiB read
-# whatever the size, so a wrong tokenizer or vocabulary (ids beyond it everywhere) is caught in
-# seconds, while a handful of stray ids in a 100 GB corpus may go unseen.
+# The token-id check. Exact, without reading tokens, when `PREFIX.tokens.json` (written by
+# preprocess_data.py beside the pair: smallest and largest id, sizes of both files) still matches
+# the files' sizes. Otherwise (other tools' data, merged data) a .bin up to FULL_SCAN_BYTES is read
+# whole, and a larger one in SAMPLE_WINDOWS windows of WINDOW_BYTES spread evenly over it (first and
+# last included), about 64 MiB read whatever the size: a wrong tokenizer or vocabulary (ids beyond
+# it everywhere) is caught in seconds, while a handful of stray ids in a 100 GB corpus may go unseen.
 FULL_SCAN_BYTES = 256 << 20
 SAMPLE_WINDOWS = 256
 WINDOW_BYTES = 256 << 10
 
 
 def max_token_id(prefix: str) -> tuple:
-    """(smallest id, largest id, whether every token was read) of `prefix.bin`, per the rule above."""
+    """(smallest id, largest id, whether every token was seen) of `prefix.bin`, per the rule above."""
     from ..tools.inspect_dataset import read_index
+    from .indexed_writer import read_stats
+
+    stats = read_stats(prefix)
+    if stats is not None:
+        return stats[0], stats[1], True
 
     index = read_index(prefix)
     dtype = numpy.dtype(index.dtype)

@@ -13,6 +13,11 @@ run beside the .idx of the other, so a run holds `output_lock(PREFIX)` - an excl
 `fcntl.flock` on `PREFIX.lock` - from its start until its commit is done: a second run for the same
 prefix fails at once with `OutputLocked`, naming the pid holding it. The lock goes with the process
 (a killed run leaves no stale lock); the file is removed on release.
+
+Beside the pair, `commit` writes `PREFIX.tokens.json` (renamed between the .bin and the .idx):
+the smallest and largest token id and the sizes of both files, so that training can check every
+id against the model's vocabulary without reading the tokens (`data/datasets.py`, which trusts it
+only while both sizes still match). megatron-core's readers ignore it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import struct
 import tempfile
@@ -63,13 +69,15 @@ class IndexedWriter:
         self.bin_path, self.idx_path = os.fspath(bin_path), os.fspath(idx_path)
         directory = os.path.dirname(os.path.abspath(self.bin_path))
         name = os.path.basename(self.bin_path)
-        self._tmp_bin = self._tmp_idx = self._tmp_lengths = self._tmp_docs = None
+        self.stats_path = stats_path(self.bin_path[:-4] if self.bin_path.endswith(".bin") else self.bin_path)
+        self._tmp_bin = self._tmp_idx = self._tmp_lengths = self._tmp_docs = self._tmp_stats = None
         self._bin = self._lengths = self._docs = None
         try:  # on a failure half way (a full disk), remove what was made
             self._tmp_bin = temp_path(directory, name, ".tmp")
             self._tmp_idx = temp_path(directory, os.path.basename(self.idx_path), ".tmp")
             self._tmp_lengths = temp_path(directory, name, ".lengths.tmp")
             self._tmp_docs = temp_path(directory, name, ".documents.tmp")
+            self._tmp_stats = temp_path(directory, os.path.basename(self.stats_path), ".tmp")
             self._bin = open(self._tmp_bin, "wb")
             self._lengths = open(self._tmp_lengths, "wb")
             self._docs = open(self._tmp_docs, "wb")
@@ -79,6 +87,7 @@ class IndexedWriter:
         self.sequence_count = 0
         self.document_count = 0  # boundaries after the leading 0
         self.token_count = 0
+        self.min_token_id = self.max_token_id = None
         self._finalized = False
 
     def add_batch(self, tokens: np.ndarray, sequence_lengths: np.ndarray, document_sequence_counts: np.ndarray):
@@ -94,6 +103,10 @@ class IndexedWriter:
         self.sequence_count += len(lengths)
         self.document_count += len(counts)
         self.token_count += len(tokens)
+        if len(tokens):
+            lo, hi = tokens.min().item(), tokens.max().item()
+            self.min_token_id = lo if self.min_token_id is None else min(lo, self.min_token_id)
+            self.max_token_id = hi if self.max_token_id is None else max(hi, self.max_token_id)
 
     def add_document(self, tokens, lengths):
         """`IndexedDatasetBuilder.add_document`: one document made of sequences of the given lengths."""
@@ -132,7 +145,12 @@ class IndexedWriter:
         """Move the finished files to their final names (data first, index last)."""
         if not self._finalized:
             self.finalize()
+        stats = {"format": 1, "bin_bytes": os.path.getsize(self._tmp_bin), "idx_bytes": os.path.getsize(self._tmp_idx),
+                 "min_token_id": self.min_token_id, "max_token_id": self.max_token_id}
+        with open(self._tmp_stats, "w") as f:
+            f.write(json.dumps(stats) + "\n")
         os.replace(self._tmp_bin, self.bin_path)
+        os.replace(self._tmp_stats, self.stats_path)
         os.replace(self._tmp_idx, self.idx_path)
 
     def abort(self) -> None:
@@ -142,10 +160,30 @@ class IndexedWriter:
             if f is not None:
                 with contextlib.suppress(OSError):
                     f.close()
-        for path in (self._tmp_bin, self._tmp_idx, self._tmp_lengths, self._tmp_docs):
+        for path in (self._tmp_bin, self._tmp_idx, self._tmp_lengths, self._tmp_docs, self._tmp_stats):
             if path is not None:
                 with contextlib.suppress(OSError):
                     os.remove(path)
+
+
+def stats_path(prefix: str) -> str:
+    """The token-id sidecar of a dataset prefix (see the module docstring)."""
+    return f"{prefix}.tokens.json"
+
+
+def read_stats(prefix: str):
+    """(min id, max id) from the sidecar when it describes the .bin/.idx there now, else None."""
+    try:
+        with open(stats_path(prefix)) as f:
+            stats = json.loads(f.read(4096))
+        if (stats.get("format") == 1 and stats["bin_bytes"] == os.path.getsize(prefix + ".bin")
+                and stats["idx_bytes"] == os.path.getsize(prefix + ".idx")):
+            lo, hi = stats["min_token_id"], stats["max_token_id"]
+            if (lo is None and hi is None) or (isinstance(lo, int) and isinstance(hi, int)):
+                return lo, hi
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
 
 
 class OutputLocked(Exception):

@@ -4,7 +4,9 @@
         --tokenizer-type Llama2Tokenizer --tokenizer-model tokenizer.model --workers 16 --append-eod
 
 writes `data/bio_text_document.{bin,idx}` (`_sentence` with --split-sentences), one pair per
---json-keys key, and `data/bio_rejected.jsonl` listing records that were skipped. Outputs appear
+--json-keys key, `data/bio_text_document.tokens.json` (smallest and largest token id, which training
+checks against the model's vocabulary), and `data/bio_rejected.jsonl` listing records that were
+skipped. Outputs appear
 under their final names only when the run succeeds: a failure (a full disk included) removes every
 temporary file and exits 1 with one line, and so does a run that rejects all its records or more
 than --max-reject-fraction of them (what the rejects looked like is in the line). A run holds
