@@ -5,20 +5,29 @@ and asks the planner for each tensor's data only when it writes it; our planner 
 from the source then, so one tensor at a time is in memory.
 Export: each tensor is read alone from the DCP directory (DCP reshards whatever layout saved it),
 and safetensors shards are written with their headers planned from DCP's metadata up front.
+
+Both own their output folder: a non-empty `--save` / `--hf-dir` is refused unless `overwrite`, and
+then replaced whole. Everything is written into a hidden sibling folder first, which is renamed in
+at the end (the old folder renamed aside first, removed last): a failure leaves the target as it
+was, never half-written. A cast to a narrower dtype (`--dtype fp16`) refuses a tensor whose values
+lie beyond the new dtype's range rather than writing them as inf.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import struct
+import uuid
 import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItemType
 from tqdm import tqdm
@@ -26,8 +35,7 @@ from tqdm import tqdm
 from ..config import Config, ModelConfig
 from ..model.llama import Llama
 from .hf import hf_config_dict, model_config_from_hf, to_hf_name
-from .manager import (PARTIAL_SUFFIX, TRAIN_STATE, checkpoint_dir, latest_iteration,
-                      write_latest, write_train_state)
+from .manager import TRAIN_STATE, checkpoint_dir, latest_iteration, write_latest, write_train_state
 from .reader import ShardReader
 from .sources import SAFETENSORS_DTYPES, ConvertError
 
@@ -62,6 +70,85 @@ def _progress(total: int, desc: str, enabled: bool) -> tqdm:
                 dynamic_ncols=True)
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """`t.to(dtype)`, refusing finite values the narrower dtype would turn into inf (fp16: |x| > 65504)."""
+    if dtype != t.dtype and t.numel() and torch.finfo(dtype).max < torch.finfo(t.dtype).max:
+        big = t.abs().max().item()
+        if math.isfinite(big) and big > torch.finfo(dtype).max:
+            raise ConvertError(f"tensor {name}: largest magnitude {big:.6g} is beyond {_DTYPE_NAMES[dtype]}'s "
+                               f"range ({torch.finfo(dtype).max:.6g}) and would become inf; use --dtype bf16, "
+                               "fp32 or keep")
+    return t.to(dtype)
+
+
+def _overlaps(inside: str, folder: str) -> bool:
+    a, b = os.path.realpath(inside), os.path.realpath(folder)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
+def _check_target(path: str, flag: str, overwrite: bool, source: str) -> None:
+    """Refuse an output folder that holds anything, unless `overwrite` (and never the input's folder)."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ConvertError(f"{flag} {path}: exists and is not a directory")
+    if _overlaps(source, path):
+        raise ConvertError(f"{flag} {path}: holds the input {source}; write somewhere else")
+    entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    if not entries or overwrite:
+        return
+    iteration = latest_iteration(path) if os.path.isfile(os.path.join(path, "latest")) else None
+    iters = [e for e in entries if e.startswith("iter_")]
+    what = (f"holds checkpoints (latest {iteration}, {len(iters)} iter_* folders)" if iteration is not None or iters
+            else f"not empty ({len(entries)} entries: {', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})")
+    raise ConvertError(f"{flag} {path}: {what}; pass --overwrite to replace it whole")
+
+
+class _Staged:
+    """A hidden sibling folder of `final` to write into; `commit()` swaps it in by rename, else it is removed."""
+
+    def __init__(self, final: str):
+        self.final = os.path.abspath(final)
+        parent, base = os.path.split(self.final)
+        os.makedirs(parent, exist_ok=True)
+        self._name = os.path.join(parent, f".{base}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.dir = self._name + ".partial"
+        os.mkdir(self.dir)
+
+    def __enter__(self) -> "_Staged":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if os.path.isdir(self.dir):  # not committed: an error, or an interrupt
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def commit(self) -> None:
+        old = None
+        if os.path.lexists(self.final):
+            old = self._name + ".old"
+            os.rename(self.final, old)
+        try:
+            os.rename(self.dir, self.final)
+        except BaseException:
+            if old is not None:
+                os.rename(old, self.final)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(os.path.dirname(self.final))
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 # -- import -----------------------------------------------------------------------------------------
 class _StreamingPlanner(DefaultSavePlanner):
     """Hands DCP each tensor's data from `load(name)` at the moment DCP writes it."""
@@ -76,8 +163,10 @@ class _StreamingPlanner(DefaultSavePlanner):
         return self._load(write_item.index.fqn)
 
 
-def import_checkpoint(source, save: str, dtype: str = "keep", progress: bool = True) -> str:
+def import_checkpoint(source, save: str, dtype: str = "keep", progress: bool = True, overwrite: bool = False) -> str:
     """Write `source` (sources.HFSource / MetaSource) as iteration 0 of our checkpoint root `save`.
+
+    `save` must be empty or absent unless `overwrite`; it is then replaced whole (see the module doc).
 
     `dtype` "keep" stores each tensor in its source dtype (bf16 for LLaMA2's releases): training
     loads it into fp32 master weights exactly (DCP copies into the destination's dtype), so an fp32
@@ -87,11 +176,17 @@ def import_checkpoint(source, save: str, dtype: str = "keep", progress: bool = T
     except (KeyError, ValueError) as exc:
         raise ConvertError(f"config: {exc.args[0] if isinstance(exc, ValueError) else f'missing {exc}'}") from None
     _check_names("source", source.shapes, expected_shapes(cfg))
+    _check_target(save, "--save", overwrite, getattr(source, "dir", ""))
     out_dtype = {name: DTYPES.get(dtype, source.dtypes[name]) for name in source.names}
-    final = checkpoint_dir(save, 0)
-    partial = final + PARTIAL_SUFFIX
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
+    with _Staged(save) as staged:
+        _import_into(source, staged.dir, cfg, out_dtype, progress)
+        staged.commit()
+    return checkpoint_dir(save, 0)
+
+
+def _import_into(source, root: str, cfg: ModelConfig, out_dtype: dict, progress: bool) -> None:
+    ckpt = checkpoint_dir(root, 0)
+    os.makedirs(ckpt)
     bar = _progress(sum(torch.Size(source.shapes[n]).numel() * source.dtypes[n].itemsize for n in source.names),
                     "import", progress)
 
@@ -100,23 +195,20 @@ def import_checkpoint(source, save: str, dtype: str = "keep", progress: bool = T
         if tuple(t.shape) != source.shapes[name]:
             raise ConvertError(f"tensor {name} has shape {list(t.shape)}, expected {list(source.shapes[name])}")
         bar.update(t.nbytes)
-        return t.to(out_dtype[name]).contiguous()
+        return _cast(t, out_dtype[name], label(name)).contiguous()
 
+    label = getattr(source, "source_name", str)  # the tensor's name in the source's files
     state = {n: torch.empty(source.shapes[n], dtype=out_dtype[n], device="meta") for n in source.names}
     try:
         # one file per tensor: DCP keeps every tensor of a file alive until the file is complete
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(partial, sync_files=True, single_file_per_rank=False),
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(ckpt, sync_files=True, single_file_per_rank=False),
                  planner=_StreamingPlanner(load), no_dist=True)
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException only
         raise _unwrap(exc) from None
     finally:
         bar.close()
-    write_train_state(partial, iteration=0, consumed_samples=0, config=Config(model=cfg))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.rename(partial, final)
-    write_latest(save, 0)
-    return final
+    write_train_state(ckpt, iteration=0, consumed_samples=0, config=Config(model=cfg))
+    write_latest(root, 0)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -172,9 +264,14 @@ def _safetensors_header(names: list[str], shapes: dict, dtype: dict) -> tuple[by
 
 
 def export_checkpoint(load: str, hf_dir: str, max_shard_size: int = 5 * 10**9, dtype: str = "keep",
-                      tokenizer_model: str | None = None, progress: bool = True) -> list[str]:
-    """Our checkpoint -> a Hugging Face LLaMA folder; returns the files written."""
+                      tokenizer_model: str | None = None, progress: bool = True, overwrite: bool = False) -> list[str]:
+    """Our checkpoint -> a Hugging Face LLaMA folder; returns the files written.
+
+    `hf_dir` must be empty or absent unless `overwrite`; it is then replaced whole (see the module doc)."""
     ckpt = find_checkpoint(load)
+    _check_target(hf_dir, "--hf-dir", overwrite, ckpt)
+    if tokenizer_model and not os.path.isfile(tokenizer_model):
+        raise ConvertError(f"--tokenizer-model {tokenizer_model}: no such file")
     cfg = _saved_model_config(ckpt)
     reader = ShardReader(ckpt)  # refuses tensors its chunks do not cover (they would export garbage)
     meta = {k: v for k, v in reader.read_metadata().state_dict_metadata.items()
@@ -188,36 +285,38 @@ def export_checkpoint(load: str, hf_dir: str, max_shard_size: int = 5 * 10**9, d
     out = {n: DTYPES.get(dtype, meta[n].properties.dtype) for n in names}
     nbytes = {n: torch.Size(shapes[n]).numel() * out[n].itemsize for n in names}
     shards = _plan_shards(names, nbytes, max_shard_size)
-    os.makedirs(hf_dir, exist_ok=True)
+    with _Staged(hf_dir) as staged:
+        written = _export_into(staged.dir, reader, ckpt, cfg, meta, names, shapes, out, nbytes, shards,
+                               tokenizer_model, progress)
+        staged.commit()
+    return written
+
+
+def _export_into(hf_dir, reader, ckpt, cfg, meta, names, shapes, out, nbytes, shards, tokenizer_model, progress):
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map, written = {}, []
+    weight_map = {}
     bar = _progress(sum(nbytes.values()), "export", progress)
     try:
         for file, shard in zip(files, shards):
             header, entries = _safetensors_header(shard, shapes, out)
-            tmp = os.path.join(hf_dir, f".{file}.tmp")
-            written.append(tmp)
-            with open(tmp, "wb") as fh:
+            with open(os.path.join(hf_dir, file), "wb") as fh:
                 fh.write(header)
                 for name in shard:
                     t = torch.empty(tuple(meta[name].size), dtype=meta[name].properties.dtype)
-                    dcp.load({name: t}, storage_reader=reader, no_dist=True)
-                    t = t[:shapes[name][0]].to(out[name]).contiguous()
+                    try:
+                        dcp.load({name: t}, storage_reader=reader, no_dist=True)
+                    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException only
+                        err = _unwrap(exc)
+                        raise ConvertError(f"{ckpt}: cannot read {name} ({err})") from None
+                    t = _cast(t[:shapes[name][0]], out[name], to_hf_name(name)).contiguous()
                     fh.write(memoryview(t.view(torch.uint8).numpy()))
                     bar.update(t.nbytes)
                     del t
                     weight_map[to_hf_name(name)] = file
                 fh.flush()
                 os.fsync(fh.fileno())
-    except BaseException:
-        for tmp in written:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
     finally:
         bar.close()
-    for file, tmp in zip(files, written):
-        os.replace(tmp, os.path.join(hf_dir, file))
     torch_dtype = _DTYPE_NAMES[out["embed_tokens.weight"]]
     config = dict(hf_config_dict(cfg), vocab_size=cfg.vocab_size, torch_dtype=torch_dtype, bos_token_id=1,
                   eos_token_id=2)

@@ -70,13 +70,20 @@ def _safetensors_index(path: str) -> dict:
     """hf name -> (shape, dtype, (first byte, end byte) in the file), from the file's JSON header."""
     try:
         with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
             (n,) = struct.unpack("<Q", fh.read(8))
+            if 8 + n > size:
+                raise ValueError(f"its header claims {n} bytes, the file has {size}")
             header = json.loads(fh.read(n))
-    except (OSError, ValueError, struct.error) as exc:
-        raise ConvertError(f"{path}: not a safetensors file ({type(exc).__name__}: {exc})") from None
-    header.pop("__metadata__", None)
-    return {k: (tuple(v["shape"]), SAFETENSORS_DTYPES.get(v["dtype"]),
-                (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])) for k, v in header.items()}
+        header.pop("__metadata__", None)
+        index = {k: (tuple(v["shape"]), SAFETENSORS_DTYPES.get(v["dtype"]),
+                     (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])) for k, v in header.items()}
+    except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError) as exc:
+        raise ConvertError(f"{path}: not a safetensors file, or a truncated one ({type(exc).__name__}: {exc})") from None
+    end = max((stop for _, _, (_, stop) in index.values()), default=8 + n)
+    if end > size:
+        raise ConvertError(f"{path}: truncated file ({size} bytes; its header describes {end})")
+    return index
 
 
 class HFSource:
@@ -98,6 +105,10 @@ class HFSource:
                 for hf_name, t in _mmap_load(path).items():
                     self._add(path, hf_name, tuple(t.shape), t.dtype)
         self.names = list(self._where)  # file order: each file's tensors are read together
+
+    def source_name(self, name: str) -> str:
+        """`name` as the source's files call it."""
+        return self._where[name][1]
 
     def _files(self) -> list[str]:
         for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -168,6 +179,9 @@ class MetaSource:
         vocab = self.shapes["embed_tokens.weight"][0]
         self.hf_config = hf_config_from_params(params, vocab)
         self.names = list(self._meta_names)
+
+    def source_name(self, name: str) -> str:
+        return self._meta_names[name][0]
 
     def load(self, name: str) -> torch.Tensor:
         meta_name, dim = self._meta_names[name]

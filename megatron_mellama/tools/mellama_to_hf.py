@@ -1,7 +1,12 @@
 """Export a megatron_mellama checkpoint (any parallel layout) as a Hugging Face LLaMA folder.
 
     mellama_to_hf.py --load ckpt/13b --hf-dir out/13b-hf [--max-shard-size 5GB] [--dtype keep|bf16|fp16|fp32]
-                     [--tokenizer-model tokenizer.model]
+                     [--tokenizer-model tokenizer.model] [--overwrite]
+
+The export owns --hf-dir: a folder that holds anything (an older model, say, whose weights
+`from_pretrained` would otherwise load beside the new config) is refused unless --overwrite, which
+replaces it whole. It is written as a hidden sibling folder and renamed in at the end, so an error
+leaves --hf-dir as it was. --dtype fp16 refuses a tensor with values beyond fp16's range.
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ def parse_size(text: str) -> int:
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="mellama_to_hf", description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="checkpoint root (its latest iteration) or an iter_* directory")
-    p.add_argument("--hf-dir", required=True, help="folder to write the Hugging Face model to")
+    p.add_argument("--hf-dir", required=True, help="folder to write the Hugging Face model to; must be empty or absent "
+                   "unless --overwrite")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     p.add_argument("--dtype", default="keep", choices=("keep", "bf16", "fp16", "fp32"),
-                   help="dtype of the written tensors; keep: the checkpoint's")
+                   help="dtype of the written tensors; keep: the checkpoint's. fp16 refuses a tensor with "
+                   "values beyond its range (|x| > 65504) rather than write inf")
     p.add_argument("--tokenizer-model", help="LLaMA2 SentencePiece tokenizer.model to ship with the model")
+    p.add_argument("--overwrite", action="store_true", help="replace a --hf-dir folder that is not empty, whole "
+                   "(every file in it), once the new one is complete")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -48,7 +57,7 @@ def _run(args) -> int:
 
     start = time.time()
     files = export_checkpoint(args.load, args.hf_dir, limit, args.dtype, args.tokenizer_model,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, overwrite=args.overwrite)
     print(f"wrote {len(files)} files to {args.hf_dir} in {time.time() - start:.1f}s")
     return 0
 
