@@ -6,12 +6,11 @@
 writes `data/bio_text_document.{bin,idx}` (`_sentence` with --split-sentences), one pair per
 --json-keys key, `data/bio_text_document.tokens.json` (smallest and largest token id, which training
 checks against the model's vocabulary), and `data/bio_rejected.jsonl` listing records that were
-skipped. Outputs appear
-under their final names only when the run succeeds: a failure (a full disk included) removes every
-temporary file and exits 1 with one line, and so does a run that rejects all its records or more
-than --max-reject-fraction of them (what the rejects looked like is in the line). A run holds
-`data/bio.lock` (fcntl.flock) from start to commit, so a second run for the same prefix fails at once
-instead of leaving a .bin of one run beside the .idx of the other. A JSONL line longer than
+skipped. Outputs appear under their final names only when the run succeeds: a failure (a full disk
+included) removes every temporary file and exits 1 with one line, and so does a run that rejects all
+its records or more than --max-reject-fraction of them (what the rejects looked like is in the line).
+A run holds `data/bio.lock` (fcntl.flock) from start to commit, so a second run for the same prefix
+fails at once instead of leaving a .bin of one run beside the .idx of the other. A JSONL line longer than
 --max-line-bytes is rejected unread, so memory stays bounded for any input.
 """
 
