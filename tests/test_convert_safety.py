@@ -276,3 +276,20 @@ def test_shard_truncated_during_the_import_is_a_convert_error(tmp_path):
         import_checkpoint(source, str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
     _no_leftovers(tmp_path)
+
+
+def test_meta_params_the_model_cannot_represent_are_refused(tmp_path, capsys):
+    from test_convert import GQA, write_meta
+
+    hf = make_hf(tmp_path / "hf", dict(GQA, intermediate_size=176))
+    meta = tmp_path / "meta"
+    write_meta(hf, meta)
+    good = json.loads((meta / "params.json").read_text())
+    for field, value in (("use_scaled_rope", True), ("rope_scaling", {"factor": 8.0})):
+        (meta / "params.json").write_text(json.dumps(dict(good, **{field: value})))
+        err = _error(hf_to_mellama, ["--hf-dir", str(meta), "--save", str(tmp_path / "m"), "--source-format", "meta",
+                                     "--no-progress"], capsys)
+        assert "params.json" in err and field in err
+    (meta / "params.json").write_text(json.dumps(dict(good, use_scaled_rope=False, max_batch_size=32)))
+    assert hf_to_mellama(["--hf-dir", str(meta), "--save", str(tmp_path / "m"), "--source-format", "meta",
+                          "--no-progress"]) == 0

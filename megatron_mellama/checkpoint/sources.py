@@ -22,6 +22,11 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 # buffers older Hugging Face checkpoints saved; recomputed by every model
 _HF_SKIPPED = ("rotary_emb.inv_freq",)
 _REMAP_BYTES = 1 << 30
+# params.json fields of Meta's releases that `hf_config_from_params` reads, or that do not change the
+# function (max_batch_size sizes Meta's KV cache); any other is refused, and use_scaled_rope must be false
+_META_PARAMS = frozenset({"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                          "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len", "max_batch_size",
+                          "use_scaled_rope"})
 
 
 class ConvertError(ValueError):
@@ -157,6 +162,14 @@ class MetaSource:
 
     def __init__(self, meta_dir: str):
         params = _read_json(os.path.join(meta_dir, "params.json"))
+        unknown = sorted(set(params) - _META_PARAMS)
+        if unknown:
+            raise ConvertError(f"{os.path.join(meta_dir, 'params.json')}: unknown field {unknown[0]}="
+                               f"{params[unknown[0]]!r}; it may change what the model computes, and this LLaMA2 "
+                               "converter cannot represent it")
+        if params.get("use_scaled_rope"):
+            raise ConvertError(f"{os.path.join(meta_dir, 'params.json')}: use_scaled_rope is "
+                               f"{params['use_scaled_rope']!r}; supported: false (plain RoPE, no scaling)")
         self.shards = sorted(glob.glob(os.path.join(meta_dir, "consolidated.*.pth")))
         if not self.shards:
             raise ConvertError(f"{meta_dir}: no consolidated.*.pth files")
