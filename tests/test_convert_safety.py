@@ -291,5 +291,8 @@ def test_meta_params_the_model_cannot_represent_are_refused(tmp_path, capsys):
                                      "--no-progress"], capsys)
         assert "params.json" in err and field in err
     (meta / "params.json").write_text(json.dumps(dict(good, use_scaled_rope=False, max_batch_size=32)))
+    err = _error(hf_to_mellama, ["--hf-dir", str(meta), "--save", str(meta), "--source-format", "meta",
+                                 "--overwrite", "--no-progress"], capsys)
+    assert "holds the input" in err
     assert hf_to_mellama(["--hf-dir", str(meta), "--save", str(tmp_path / "m"), "--source-format", "meta",
                           "--no-progress"]) == 0

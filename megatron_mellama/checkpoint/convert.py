@@ -90,7 +90,7 @@ def _check_target(path: str, flag: str, overwrite: bool, source: str) -> None:
     """Refuse an output folder that holds anything, unless `overwrite` (and never the input's folder)."""
     if os.path.lexists(path) and not os.path.isdir(path):
         raise ConvertError(f"{flag} {path}: exists and is not a directory")
-    if _overlaps(source, path):
+    if source and _overlaps(source, path):
         raise ConvertError(f"{flag} {path}: holds the input {source}; write somewhere else")
     entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
     if not entries or overwrite:
@@ -108,10 +108,13 @@ class _Staged:
     def __init__(self, final: str):
         self.final = os.path.abspath(final)
         parent, base = os.path.split(self.final)
-        os.makedirs(parent, exist_ok=True)
         self._name = os.path.join(parent, f".{base}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.dir = self._name + ".partial"
-        os.mkdir(self.dir)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            os.mkdir(self.dir)
+        except OSError as exc:
+            raise ConvertError(f"{final}: cannot write beside it in {parent} ({exc.strerror or exc})") from None
 
     def __enter__(self) -> "_Staged":
         return self

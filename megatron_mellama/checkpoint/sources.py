@@ -161,6 +161,7 @@ class MetaSource:
     """Meta's release folder: params.json and consolidated.NN.pth model-parallel shards."""
 
     def __init__(self, meta_dir: str):
+        self.dir = meta_dir
         params = _read_json(os.path.join(meta_dir, "params.json"))
         unknown = sorted(set(params) - _META_PARAMS)
         if unknown:
