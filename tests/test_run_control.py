@@ -102,3 +102,42 @@ def test_signal_on_one_rank_stops_all_ranks_at_the_same_iteration(tmp_path):
     rank0, rank1 = spawn_gloo(_stop_after_sigterm_on_rank_1, 2, (), str(tmp_path))
     assert rank0[:2] == rank1[:2] == (4, True)
     assert "SIGTERM" in rank1[2] and "another rank" in rank0[2]
+
+
+def test_max_skipped_steps_defaults_to_ten_and_zero_never_stops(control):
+    rc = control()
+    for _ in range(9):
+        rc.record_step(True)
+    assert rc.too_many_skipped() is None
+    rc.record_step(True)
+    assert "10 consecutive" in rc.too_many_skipped() and "--max-skipped-steps is 10" in rc.too_many_skipped()
+    never = control("--max-skipped-steps", "0")
+    for _ in range(1000):
+        never.record_step(True)
+    assert never.too_many_skipped() is None and never.every_step_skipped() is None
+
+
+def test_absorbed_fp16_overflows_neither_count_nor_reset(control):
+    rc = control("--max-skipped-steps", "3")
+    for _ in range(50):  # the dynamic loss scale coming down from 2**32
+        rc.record_step(True, absorbed=True)
+    assert rc.too_many_skipped() is None and rc.every_step_skipped() is None
+    rc.record_step(True)
+    rc.record_step(True)
+    rc.record_step(True, absorbed=True)  # between two counted ones: the run goes on
+    assert rc.too_many_skipped() is None
+    rc.record_step(True)
+    assert "3 consecutive" in rc.too_many_skipped()
+
+
+def test_every_step_skipped_is_reported_at_the_end_of_a_short_run(control):
+    rc = control()
+    assert rc.every_step_skipped() is None  # no step at all
+    for _ in range(3):
+        rc.record_step(True)
+    assert rc.too_many_skipped() is None
+    assert "every one of the 3 iterations" in rc.every_step_skipped()
+    partly = control()
+    for skipped in (False, True, True):
+        partly.record_step(skipped)
+    assert partly.every_step_skipped() is None

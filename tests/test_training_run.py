@@ -106,3 +106,82 @@ def test_resume_under_another_layout_continues_the_same_run(tmp_path):
     assert len(first) == 3 and len(second) == 3
     for got, want in zip(first + second, whole):
         assert abs(got - want) <= 1e-5 * abs(want)
+
+
+# -- issue 14: a diverged run fails, a finished one says so --------------------------------------
+
+def test_too_many_skipped_steps_stop_the_run_by_default(tmp_path, capsys):
+    # no --max-skipped-steps: the default (10) stops the diverged run, before any checkpoint
+    save = tmp_path / "ckpt"
+    argv = RUN + ["--train-iters", "40", "--lr", "1e30", "--min-lr", "0", "--clip-grad", "0",
+                  "--eval-interval", "1000", "--save", str(save), "--save-interval", "1000"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--max-skipped-steps is 10" in err and err.count("\n") == 1
+    assert not (save / "latest").exists()
+
+
+def test_nan_validation_loss_fails_without_saving(tmp_path, capsys, monkeypatch):
+    from megatron_mellama.training import engine as engine_module
+
+    monkeypatch.setattr(engine_module.Engine, "evaluate", lambda self, micro_batches: float("nan"))
+    save = tmp_path / "ckpt"
+    assert main(RUN + ["--train-iters", "6", "--save", str(save), "--save-interval", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "validation loss is not finite at iteration 3" in err and "nan" in err
+    assert not (save / "latest").exists() and not list(save.glob("iter_*"))
+
+
+def test_inf_validation_loss_of_one_domain_fails(monkeypatch):
+    from megatron_mellama.training import loop as loop_module
+    from megatron_mellama.training.loop import TrainingStopped
+
+    monkeypatch.setattr(loop_module, "evaluate", lambda *a: {"all": 5.0, "clin": float("inf")})
+    try:
+        train(load_run_config(RUN + ["--train-iters", "3"]))
+    except TrainingStopped as e:
+        assert "lm loss validation/clin inf" in str(e) and "lm loss validation 5" not in str(e)
+    else:
+        raise AssertionError("an inf validation loss must stop the run")
+
+
+def test_a_short_run_whose_every_step_is_skipped_fails(tmp_path, capsys, monkeypatch):
+    from megatron_mellama.training import engine as engine_module
+
+    real = engine_module.Engine.compute_gradients
+
+    def nan_loss(self, micro_batches):
+        loss, grad_norm = real(self, micro_batches)
+        return loss * float("nan"), grad_norm
+
+    monkeypatch.setattr(engine_module.Engine, "compute_gradients", nan_loss)
+    save = tmp_path / "ckpt"
+    assert main(RUN + ["--train-iters", "3", "--eval-iters", "0", "--save", str(save)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "every one of the 3 iterations of this run was skipped" in err
+    assert not (save / "latest").exists()
+
+
+def test_fp16_loss_scale_settling_is_not_a_run_of_skipped_steps():
+    # from 2**32 the dynamic scale needs more than 10 overflowing steps to come down: no stop
+    run = train(load_run_config(RUN + ["--train-iters", "12", "--fp16", "--eval-interval", "1000",
+                                       "--log-interval", "100"]))
+    assert run["stopped"] is None and run["iteration"] == 12
+
+
+def test_resuming_a_finished_run_says_it_is_complete(tmp_path, capsys):
+    save = tmp_path / "ckpt"
+    train(load_run_config(RUN + ["--train-iters", "3", "--save", str(save)]))
+    capsys.readouterr()
+    for iters in ("3", "2"):
+        # the same schedule (a different one is the checkpoint's refusal)
+        assert main(RUN + ["--train-iters", iters, "--lr-decay-iters", "3", "--save", str(save),
+                           "--load", str(save)]) == 0
+        out = capsys.readouterr().out
+        done = [line for line in out.splitlines() if "already complete" in line]
+        assert len(done) == 1 and "at iteration 3" in done[0] and f"--train-iters {iters}" in done[0]
+        assert "lm loss" not in out  # no step, no evaluation
+    assert (save / "latest").read_text().strip() == "3" and sorted(p.name for p in save.glob("iter_*")) == ["iter_0000003"]
+    run = train(load_run_config(RUN + ["--train-samples", "8", "--lr-warmup-iters", "0", "--load", str(save),
+                                       "--no-load-optim"]))
+    assert run["losses"] == [] and "--train-samples 8 (2 iterations)" in run["stopped"]

@@ -7,6 +7,7 @@ uninterrupted run would have read next.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -103,6 +104,15 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl) -
                    iteration=iteration, consumed_samples=consumed)
     metrics = MetricsLogger(cfg, rank, world, device)
     try:
+        iterations = train_iterations(cfg)
+        if iteration >= iterations:
+            # as Megatron-LM, exit 0 (a requeued job that had finished is no failure), but say so
+            unit = (f"--train-iters {cfg.train.train_iters}" if cfg.train.train_iters is not None else
+                    f"--train-samples {cfg.train.train_samples} ({iterations} iterations)")
+            history["stopped"] = (f"the run is already complete at iteration {iteration} (checkpoint in --load "
+                                  f"{cfg.checkpoint.load}; {unit}): nothing to train, nothing saved")
+            _print0(history["stopped"])
+            return history
         if control.preempted():
             # nothing was trained since the checkpoint this run started from: nothing to save
             history["stopped"] = "a stop signal arrived during start-up"
@@ -138,7 +148,11 @@ class _Steps:
             consumed = batches.consumed_samples
             history.update(iteration=iteration, consumed_samples=consumed)
             skipped_total += int(result.skipped)
-            control.record_step(result.skipped)
+            scaler = engine.scaler
+            # an fp16 overflow the dynamic scaler answered by lowering the scale: its normal work
+            absorbed = (result.skipped and math.isfinite(result.loss) and scaler.dynamic
+                        and scaler.loss_scale > scaler.min_scale)
+            control.record_step(result.skipped, absorbed)
             history["losses"].append(result.loss)
             window_steps += 1
             if iteration % cfg.logging.log_interval == 0 or iteration in (1, iterations):
@@ -146,7 +160,7 @@ class _Steps:
                                        skipped_total,
                                        loss_scale=engine.scaler.loss_scale if cfg.train.fp16 else None)
                 window_start, window_steps = time.perf_counter(), 0
-            too_many = control.too_many_skipped()
+            too_many = control.too_many_skipped() or (iteration == iterations and control.every_step_skipped())
             if too_many:
                 raise TrainingStopped(too_many)
             # decided before evaluating: a preempted job has seconds left, and spends them saving
@@ -157,6 +171,13 @@ class _Steps:
                 history["validation"].append(dict(iteration=iteration, **losses))
                 self.metrics.log_eval(iteration, consumed, losses)
                 window_start = time.perf_counter()
+                # the same global losses on every rank: all raise together, before any save
+                broken = {name: loss for name, loss in losses.items() if not math.isfinite(loss)}
+                if broken:
+                    names = ", ".join(f"lm loss validation{'' if n == 'all' else '/' + n} {v}"
+                                      for n, v in broken.items())
+                    raise TrainingStopped(f"validation loss is not finite at iteration {iteration} ({names}): the "
+                                          "model diverged; no checkpoint was saved")
             periodic = cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0
             if cfg.checkpoint.save and (periodic or stop.save or iteration == iterations) and last_saved != iteration:
                 self.checkpoints.save(iteration, consumed, dict(skipped_total=skipped_total))

@@ -1,6 +1,15 @@
 """When to stop: preemption signals, `--exit-interval`, `--exit-duration-in-mins`, and runs of
 skipped (inf/NaN) steps.
 
+Skipped steps: `--max-skipped-steps K` (default 10; Megatron-LM has no limit, and a run whose loss
+went NaN there skips every step to the end, exits 0 and saves the broken weights) consecutive
+skipped iterations stop the run with exit code 1 and no checkpoint; so does a run that ends with
+every one of its iterations skipped, however few. An fp16 overflow that the dynamic loss scaler
+still answers by lowering the scale (the loss itself finite, the scale above its minimum) is the
+scaler's normal work, not a failure: it neither counts nor breaks a run of skipped steps (from the
+default initial scale 2**32 a healthy fp16 run skips a few dozen steps while the scale comes down).
+`--max-skipped-steps 0` never stops.
+
 SLURM (and most schedulers) send SIGTERM, or SIGUSR1 with `--signal=USR1@<secs>`, some time before
 killing a job, to every process of the job: torchrun, the trainers and their data-loader workers
 (which ignore both, see `data/loader.py`). The handler only raises a flag; the loop asks
@@ -46,6 +55,7 @@ class RunControl:
         self.max_skipped_steps = cfg.train.max_skipped_steps
         self.start = time.monotonic()
         self.consecutive_skipped = 0
+        self.counted_steps = 0  # steps of this run that were not absorbed fp16 overflows
         # a catcher installed earlier (by `pretrain`, before start-up) keeps what it caught
         self.signals = signals or StopSignals()
         if install_handlers:
@@ -102,14 +112,27 @@ class RunControl:
         return GO_ON
 
     # -- skipped steps --------------------------------------------------------------------------
-    def record_step(self, skipped: bool) -> None:
+    def record_step(self, skipped: bool, absorbed: bool = False) -> None:
+        """`absorbed`: a skipped fp16 overflow the dynamic loss scaler answered by lowering the
+        scale; it neither counts nor resets the run of skipped steps."""
         # The engine decides `skipped` from the global loss and gradient norm, so every rank
         # counts the same run and no reduction is needed.
+        if skipped and absorbed:
+            return
+        self.counted_steps += 1
         self.consecutive_skipped = self.consecutive_skipped + 1 if skipped else 0
+
+    def every_step_skipped(self) -> str | None:
+        """At the end of a run: a message when every (counted) iteration of it was skipped, so that
+        a run too short to reach --max-skipped-steps does not end as a success; None otherwise."""
+        if self.max_skipped_steps and self.counted_steps and self.consecutive_skipped == self.counted_steps:
+            return (f"every one of the {self.counted_steps} iterations of this run was skipped (inf/NaN loss or "
+                    f"gradients): nothing was trained, and no checkpoint was saved")
+        return None
 
     def too_many_skipped(self) -> str | None:
         k = self.max_skipped_steps
         if k and self.consecutive_skipped >= k:
             return (f"{self.consecutive_skipped} consecutive iterations were skipped (inf/NaN loss or gradients); "
-                    f"--max-skipped-steps is {k}")
+                    f"--max-skipped-steps is {k}; no checkpoint was saved")
         return None
