@@ -240,7 +240,7 @@ def test_yaml_may_repeat_what_llama2_always_is(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["directory", "unreadable", "binary"])
-def test_config_that_is_not_a_readable_yaml_file_is_one_line(tmp_path, kind, capsys):
+def test_config_that_is_not_a_readable_yaml_file_is_one_line(tmp_path, kind, capsys, monkeypatch):
     path = tmp_path / "run.yaml"
     if kind == "directory":
         path.mkdir()
@@ -249,8 +249,12 @@ def test_config_that_is_not_a_readable_yaml_file_is_one_line(tmp_path, kind, cap
     else:
         path.write_text("lr: 1e-4\n")
         path.chmod(0)
-        if os.access(path, os.R_OK):  # root reads anything
-            pytest.skip("running as root: the file stays readable")
+        if os.access(path, os.R_OK):  # root reads anything: refuse the way the system would
+            def refused(file, *args, **kwargs):
+                raise PermissionError(13, "Permission denied", str(file))
+
+            from megatron_mellama.config import cli
+            monkeypatch.setattr(cli, "open", refused, raising=False)
     with pytest.raises(ConfigError) as err:
         parse_config(["--model", "tiny", "--config", str(path)])
     message = str(err.value)
@@ -258,6 +262,12 @@ def test_config_that_is_not_a_readable_yaml_file_is_one_line(tmp_path, kind, cap
     assert pretrain_main(["--model", "tiny", "--mock-data", "--config", str(path)]) == 2
     err_text = capsys.readouterr().err
     assert err_text.count("\n") == 1 and "--config" in err_text and "Traceback" not in err_text
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "1e999"])
+def test_non_finite_data_path_weight_is_named_as_such(weight):
+    with pytest.raises(ConfigError, match=f"--data-path: weight {weight} of 'bio' is not a finite number"):
+        parse_config(["--model", "tiny", "--data-path", weight, "bio", "1", "clin"])
 
 
 def test_max_skipped_steps_has_a_finite_default_and_zero_disables():
