@@ -343,3 +343,16 @@ def test_preprocess_writes_the_token_id_sidecar_that_training_trusts(tmp_path, s
     Path(f"{dataset}.tokens.json").write_text(json.dumps({**stats, "max_token_id": 10**6, "bin_bytes": 1}))
     assert datasets.max_token_id(dataset) == (int(tokens.min()), int(tokens.max()), True)
     build_datasets(cfg)
+
+
+@pytest.mark.parametrize("damage", ["not gzip", "truncated gzip"])
+@pytest.mark.parametrize("split", [False, True])
+def test_bad_gz_input_is_one_line_naming_it(tmp_path, sentencepiece_model, capsys, damage, split):
+    data = b"".join(json.dumps({"text": t}).encode() + b"\n" for t in DOCS * 50)
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(data if damage == "not gzip" else gzip.compress(data)[:3000])
+    rc, _ = _preprocess(tmp_path, path, *(["--split-sentences"] if split else []), model=sentencepiece_model)
+    assert rc == 1
+    err = _one_error_line(capsys)
+    assert f"--input {path} is {'not a gzip file' if damage == 'not gzip' else 'a truncated or corrupt gzip'}" in err
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl.gz"]

@@ -10,9 +10,11 @@ held in memory: the reader skips to its end and hands on a reject for it instead
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -45,60 +47,78 @@ def too_long(n_bytes: int, limit: int) -> str:
     return f"line longer than --max-line-bytes {limit} ({n_bytes} bytes or more)"
 
 
+class InputError(Exception):
+    """An input file that cannot be read as what its name says (a corrupt or misnamed .gz); names it."""
+
+
 def read_blocks(paths: list[str], block_bytes: int | None = None,
                 max_line_bytes: int | None = None) -> Iterator[Block]:
+    for file_index, path in enumerate(paths):
+        with _naming_the_input(path):
+            yield from _file_blocks(file_index, path, block_bytes, max_line_bytes)
+
+
+@contextlib.contextmanager
+def _naming_the_input(path: str):
+    try:
+        yield
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        what = "is not a gzip file" if isinstance(err, gzip.BadGzipFile) else "is a truncated or corrupt gzip file"
+        raise InputError(f"--input {path} {what} ({err})") from None
+
+
+def _file_blocks(file_index: int, path: str, block_bytes: int | None, max_line_bytes: int | None):
     block_bytes = block_bytes or BLOCK_BYTES
     limit = max_line_bytes or MAX_LINE_BYTES
     read_size = min(block_bytes, limit)  # so every line inside one read is within the limit
-    for file_index, path in enumerate(paths):
-        line = 1
-        carry: list[bytes] = []  # the start of the current line (no newline yet), at most `limit` bytes
-        carried = 0
-        skipping = None  # bytes so far of an over-long line being skipped
-        with open_input(path) as f:
-            while True:
-                data = f.read(read_size)
-                if not data:
-                    break
-                if skipping is not None:
-                    nl = data.find(b"\n")
-                    if nl < 0:
-                        skipping += len(data)
-                        continue
-                    yield Block(file_index, line, b"", ((line, too_long(skipping + nl, limit)),))
-                    line, skipping = line + 1, None
-                    data = data[nl + 1:]
-                    if not data:
-                        continue
+    line = 1
+    carry: list[bytes] = []  # the start of the current line (no newline yet), at most `limit` bytes
+    carried = 0
+    skipping = None  # bytes so far of an over-long line being skipped
+    with open_input(path) as f:
+        while True:
+            data = f.read(read_size)
+            if not data:
+                break
+            if skipping is not None:
                 nl = data.find(b"\n")
                 if nl < 0:
-                    if carried + len(data) > limit:
-                        skipping, carry, carried = carried + len(data), [], 0
-                    else:
-                        carry.append(data)
-                        carried += len(data)
+                    skipping += len(data)
                     continue
-                if carried + nl > limit:
-                    yield Block(file_index, line, b"", ((line, too_long(carried + nl, limit)),))
-                    line += 1
-                    data = data[nl + 1:]
-                elif carry:
-                    data = b"".join(carry) + data
-                carry, carried = [], 0
-                cut = data.rfind(b"\n")
-                if cut < 0:  # only after an over-long line: the rest starts the next line
-                    if data:
-                        carry, carried = [data], len(data)
+                yield Block(file_index, line, b"", ((line, too_long(skipping + nl, limit)),))
+                line, skipping = line + 1, None
+                data = data[nl + 1:]
+                if not data:
                     continue
-                block = data[:cut + 1]
-                rest = data[cut + 1:]
-                carry, carried = ([rest], len(rest)) if rest else ([], 0)
-                yield Block(file_index, line, block)
-                line += block.count(b"\n")
-        if skipping is not None:
-            yield Block(file_index, line, b"", ((line, too_long(skipping, limit)),))
-        elif carry:
-            yield Block(file_index, line, b"".join(carry))
+            nl = data.find(b"\n")
+            if nl < 0:
+                if carried + len(data) > limit:
+                    skipping, carry, carried = carried + len(data), [], 0
+                else:
+                    carry.append(data)
+                    carried += len(data)
+                continue
+            if carried + nl > limit:
+                yield Block(file_index, line, b"", ((line, too_long(carried + nl, limit)),))
+                line += 1
+                data = data[nl + 1:]
+            elif carry:
+                data = b"".join(carry) + data
+            carry, carried = [], 0
+            cut = data.rfind(b"\n")
+            if cut < 0:  # only after an over-long line: the rest starts the next line
+                if data:
+                    carry, carried = [data], len(data)
+                continue
+            block = data[:cut + 1]
+            rest = data[cut + 1:]
+            carry, carried = ([rest], len(rest)) if rest else ([], 0)
+            yield Block(file_index, line, block)
+            line += block.count(b"\n")
+    if skipping is not None:
+        yield Block(file_index, line, b"", ((line, too_long(skipping, limit)),))
+    elif carry:
+        yield Block(file_index, line, b"".join(carry))
 
 
 def sample_texts(paths: list[str], keys: list[str], max_chars: int,
@@ -108,7 +128,7 @@ def sample_texts(paths: list[str], keys: list[str], max_chars: int,
 
     total = 0
     for path in paths:
-        with open_input(path) as f:
+        with _naming_the_input(path), open_input(path) as f:
             for raw in _bounded_lines(f, max_line_bytes or MAX_LINE_BYTES):
                 try:
                     record = json.loads(raw)

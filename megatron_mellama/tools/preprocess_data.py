@@ -28,7 +28,7 @@ import time
 import zlib
 
 from megatron_mellama.data.indexed_writer import IndexedWriter, OutputLocked, optimal_dtype, output_lock, temp_path
-from megatron_mellama.data.jsonl_reader import MAX_LINE_BYTES, expand_inputs, read_blocks, sample_texts
+from megatron_mellama.data.jsonl_reader import MAX_LINE_BYTES, InputError, expand_inputs, read_blocks, sample_texts
 from megatron_mellama.data.record_encoder import RecordEncoder
 from megatron_mellama.data.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
@@ -319,7 +319,7 @@ def _run_until_signalled(args) -> int:
     except Terminated:
         print(f"{PROG}: terminated; no output written", file=sys.stderr)
         return 143
-    except PreprocessError as err:
+    except (PreprocessError, InputError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
     except (OSError, EOFError, zlib.error) as err:  # a full disk, an unreadable or corrupt input
