@@ -44,7 +44,7 @@ def open_input(path: str):
 
 
 def too_long(n_bytes: int, limit: int) -> str:
-    return f"line longer than --max-line-bytes {limit} ({n_bytes} bytes or more)"
+    return f"line longer than --max-line-bytes {limit} ({n_bytes} bytes)"
 
 
 class InputError(Exception):
