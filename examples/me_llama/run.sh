@@ -73,7 +73,7 @@ train() {
 export_hf() {
     # 4. Export the newest checkpoint to a Hugging Face folder (bf16 safetensors + tokenizer), ready
     #    for instruction tuning and evaluation with transformers.
-    run python checkpoints_convert/mellama_to_hf.py --load "$SAVE" --hf-dir "$EXPORT" \
+    run python checkpoints_convert/mellama_to_hf.py --load "$SAVE" --hf-dir "$EXPORT" --overwrite \
         --tokenizer-model "$TOKENIZER" --dtype bf16
 }
 

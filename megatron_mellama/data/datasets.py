@@ -153,7 +153,7 @@ def _check_prefix(prefix: str, split_matrix: list, cfg: Config, splits=SPLIT_NAM
     and that the .bin holds exactly the bytes the index describes (sum of sequence lengths x token
     size, and the last sequence's offset + length), so a short .bin fails here instead of mid-run and
     a long one (misaligned data) does not train silently. Only the .idx is read, never the tokens."""
-    from ..tools.inspect_dataset import DatasetError, read_index
+    from .index_file import DatasetError, read_index
 
     for ext in (".idx", ".bin"):
         if not os.path.isfile(prefix + ext):
@@ -206,7 +206,7 @@ WINDOW_BYTES = 256 << 10
 
 def max_token_id(prefix: str) -> tuple:
     """(smallest id, largest id, whether every token was seen) of `prefix.bin`, per the rule above."""
-    from ..tools.inspect_dataset import read_index
+    from .index_file import read_index
     from .indexed_writer import read_stats
 
     stats = read_stats(prefix)

@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 
-from megatron_mellama.tools.inspect_dataset import DatasetError, read_index
+from megatron_mellama.data.index_file import DatasetError, read_index
 from megatron_mellama.tools.cli import OneLineParser, run_tool
 
 PROG = "mellama-merge-datasets"
