@@ -39,6 +39,7 @@ setup(
             "mellama-hf-to-mellama=megatron_mellama.tools.hf_to_mellama:main",
             "mellama-to-hf=megatron_mellama.tools.mellama_to_hf:main",
             "mellama-plan-layout=megatron_mellama.tools.plan_layout:main",
+            "mellama-verify-checkpoint=megatron_mellama.tools.verify_checkpoint:main",
         ],
     },
 )

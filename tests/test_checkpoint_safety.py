@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from engine_harness import TINY
+from engine_harness import TINY, spawn_gloo
 from megatron_mellama.checkpoint.manager import CheckpointError, CheckpointManager, checkpoint_to_load
 from megatron_mellama.config import parse_config
 from megatron_mellama.training.engine import Engine
@@ -210,3 +210,122 @@ def test_checkpoint_without_data_record_is_not_checked(data_run, tmp_path):
     _drop_checksums(copy)
     assert _load(["--mock-data", "--seed", "5", "--load", copy])["iteration"] == 2
 
+
+# -- 4. checksums --------------------------------------------------------------------------------------
+def _flip(path, offset=None):
+    size = os.path.getsize(path)
+    offset = size // 2 if offset is None else offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_save_records_a_checksum_of_every_file(saved):
+    from megatron_mellama.checkpoint.checksums import file_checksum, files_under, read_checksums
+
+    ckpt = os.path.join(saved, "iter_0000001")
+    files = read_checksums(ckpt)
+    assert set(files) == set(files_under(ckpt)) >= {".metadata", "__0_0.distcp", "train_state.json",
+                                                   "rng/rank_00000.pt"}
+    assert all(file_checksum(os.path.join(ckpt, n)) == v for n, v in files.items())
+
+
+@pytest.mark.parametrize("name", ["__0_0.distcp", ".metadata", "train_state.json", "rng/rank_00000.pt"])
+def test_a_flipped_byte_is_reported_before_loading(saved, tmp_path, name):
+    root = _copy(saved, tmp_path / "c")
+    _flip(os.path.join(root, "iter_0000001", name))
+    with pytest.raises(CheckpointError) as info:
+        _load(["--load", root])
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"iter_0000001: unreadable or corrupt checkpoint (checksums: {name}: crc32 " in message, message
+
+
+def test_a_missing_or_truncated_file_is_named(saved, tmp_path):
+    root = _copy(saved, tmp_path / "c")
+    os.remove(os.path.join(root, "iter_0000001", "rng", "rank_00000.pt"))
+    with open(os.path.join(root, "iter_0000001", "__0_0.distcp"), "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(CheckpointError, match=r"checksums: __0_0.distcp: 100 bytes, expected \d+; "
+                                              r"rng/rank_00000.pt: missing\)"):
+        _load(["--load", root, "--finetune"])
+
+
+def test_an_unreadable_checksum_list_is_one_line(saved, tmp_path):
+    root = _copy(saved, tmp_path / "c")
+    with open(os.path.join(root, "iter_0000001", "checksums.json"), "wb") as fh:
+        fh.write(b"\x00\xff garbage")
+    with pytest.raises(CheckpointError, match=r"checksums.json: unreadable checksum list"):
+        _load(["--load", root])
+
+
+def test_async_save_writes_checksums_before_latest(tmp_path, monkeypatch):
+    from megatron_mellama.checkpoint import checksums, manager
+
+    order = []
+    write_checksums, write_latest = checksums.write_checksums, manager.write_latest
+    monkeypatch.setattr(checksums, "write_checksums", lambda d, f: (order.append("checksums"), write_checksums(d, f)))
+    monkeypatch.setattr(manager, "write_latest", lambda r, i: (order.append("latest"), write_latest(r, i)))
+    cfg = parse_config(TINY + ["--save", str(tmp_path), "--async-save"])
+    mgr = CheckpointManager(cfg, Engine(cfg))
+    mgr.save(1, 8)
+    mgr.save(2, 16)
+    mgr.close()
+    assert order == ["checksums", "latest"] * 2
+    ckpt = os.path.join(tmp_path, "iter_0000002")
+    files = checksums.read_checksums(ckpt)
+    assert set(files) == set(checksums.files_under(ckpt)) and not checksums.verify(ckpt, files)
+
+
+def test_two_ranks_checksum_their_files_and_verify_their_shares(tmp_path):
+    from checkpoint_harness import train_segment_distributed
+    from megatron_mellama.checkpoint.checksums import read_checksums
+
+    save = str(tmp_path / "ckpt")
+    argv = TINY + ["--data-parallel-sharding", "optimizer", "--save", save]
+    train_segment_distributed(argv, 2, 0, 1, True, str(tmp_path))
+    ckpt = os.path.join(save, "iter_0000001")
+    assert {"__0_0.distcp", "__1_0.distcp", "rng/rank_00001.pt", ".metadata"} <= set(read_checksums(ckpt))
+    _flip(os.path.join(ckpt, "__1_0.distcp"))
+    # whichever rank read the bad file, both stop with the same line (neither waits in a collective)
+    errors = spawn_gloo(_load_rank, 2, (TINY + ["--load", save],), str(tmp_path))
+    assert errors[0] == errors[1] and "(checksums: __1_0.distcp: crc32 " in errors[0], errors
+
+
+def _load_rank(rank, world, argv):
+    from megatron_mellama.parallel.mesh import ParallelDims
+
+    cfg = parse_config(argv, world_size=world)
+    dims = ParallelDims.from_config(cfg, world)
+    engine = Engine(cfg, dims.build_mesh("cpu"), initialise=False)
+    try:
+        CheckpointManager(cfg, engine).load()
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def test_verify_checkpoint_tool(saved, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from megatron_mellama.tools.verify_checkpoint import main
+
+    root = _copy(saved, tmp_path / "c")
+    assert main([root]) == 0 and "all match their checksums" in capsys.readouterr().out
+    assert main([os.path.join(root, "iter_0000001"), "--workers", "2"]) == 0
+    capsys.readouterr()
+    _flip(os.path.join(root, "iter_0000001", "__0_0.distcp"))
+    assert main([root, "--all"]) == 1
+    out = capsys.readouterr().out
+    assert "1 of " in out and "iter_0000001/__0_0.distcp: crc32 " in out
+    _drop_checksums(root)
+    assert main([root]) == 2
+    assert "no checksums.json" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope")]) == 2
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(here, "tools", "verify_checkpoint.py"), saved],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

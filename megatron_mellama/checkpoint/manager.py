@@ -6,6 +6,8 @@
     SAVE/iter_0000100/train_state.json     iteration, consumed samples, extras, LR schedule, loss
                                            scaler, world size and layout, the whole config
     SAVE/iter_0000100/rng/rank_00000.pt    each rank's python / numpy / torch (/ CUDA) RNG state
+    SAVE/iter_0000100/checksums.json       size and CRC-32 of every other file (checksums.py), verified
+                                           at every load before anything is read
 
 Keys never mention the layout, so a checkpoint saved with one TP x PP x DP layout loads into any
 other (DCP reshards). Optimizer state is keyed by parameter name
@@ -13,7 +15,13 @@ other (DCP reshards). Optimizer state is keyed by parameter name
 
 A save writes `iter_N.partial/`, and only after every rank finished does rank 0 rename it to
 `iter_N/` and then replace `latest`: a run killed mid-save leaves `latest` naming the previous
-complete checkpoint and no incomplete directory under a final name.
+complete checkpoint and no incomplete directory under a final name. The checksum list is written
+after every file (an async save's too) and before the rename and `latest`.
+
+A load refuses, each with one line: a --load that finds no checkpoint (but the first launch of
+`--save X --load X`), architecture flags that differ from the checkpoint's, on resume data
+settings that differ (blend, split, seed, sequence length, tokenizer: `consumed_samples` would
+index another sample sequence), and a file that does not match its checksum.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from ..config import Config, ModelConfig, parse_data_path, parse_split
+from . import checksums
 from .reader import ShardReader
 
 LATEST = "latest"
@@ -330,6 +339,7 @@ class CheckpointManager:
         self.world = dist.get_world_size() if self.distributed else 1
         modules = list(engine.modules)
         self.model = modules[0] if len(modules) == 1 else FullModelView(modules)
+        self._pool = None  # the thread that checksums an async save's files once they are written
         self._data = None  # this run's data_identity, computed once (it hashes the tokenizer)
         self._pending = None  # (future, iteration, partial dir, start time) of an async save not yet finalised
         # DCP's background thread runs collectives while training runs its own: they must not
@@ -368,12 +378,15 @@ class CheckpointManager:
         if self.cfg.checkpoint.async_save:
             future = dcp.async_save(state, storage_writer=writer, process_group=self._async_group,
                                     no_dist=not self.distributed)
-            self._pending = (getattr(future, "upload_completion", future), iteration, partial, started)
+            upload = getattr(future, "upload_completion", future)
+            # this rank's files are checksummed in the background as soon as they are written
+            sums = self._checksum_pool().submit(lambda: (upload.result(), self._own_checksums(partial))[1])
+            self._pending = (sums, iteration, partial, started)
             self._print(f"checkpoint of iteration {iteration} staged in {time.perf_counter() - started:.1f} s; "
                         "writing it in the background")
         else:
             dcp.save(state, storage_writer=writer, no_dist=not self.distributed)
-            self._finalise(iteration, partial, started)
+            self._finalise(iteration, partial, started, self._own_checksums(partial))
 
     def wait(self) -> None:
         """Block until a pending async save is written, then finalise it (rename, `latest`)."""
@@ -382,17 +395,43 @@ class CheckpointManager:
         future, iteration, partial, started = self._pending
         self._pending = None
         try:
-            future.result()
+            sums = future.result()
         except BaseException as exc:
             raise CheckpointError(f"{partial}: the background save failed: {_root_cause(exc)}") from exc
-        self._finalise(iteration, partial, started)
+        self._finalise(iteration, partial, started, sums)
 
     def close(self) -> None:
         self.wait()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
-    def _finalise(self, iteration: int, partial: str, started: float) -> None:
-        self._barrier()  # every rank's files are written
+    def _checksum_pool(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-checksums")
+        return self._pool
+
+    def _own_checksums(self, partial: str) -> dict:
+        """Checksums of the files this rank wrote into `partial` (its DCP data files, its RNG state)."""
+        mine = re.compile(rf"^(__{self.rank}_\d+\.distcp|rng/rank_{self.rank:05d}\.pt)$")
+        return checksums.checksum_files(partial, [n for n in checksums.files_under(partial) if mine.match(n)])
+
+    def _finalise(self, iteration: int, partial: str, started: float, sums: dict) -> None:
+        # every rank's files are written and checksummed; rank 0 checksums the rest (.metadata,
+        # train_state.json) and writes the list before the rename and `latest`
+        if self.distributed:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, sums)
+        else:
+            gathered = [sums]
         if self.rank == 0:
+            files = {k: v for part in gathered for k, v in part.items()}
+            rest = [n for n in checksums.files_under(partial) if n not in files]
+            files.update(checksums.checksum_files(partial, rest))
+            checksums.write_checksums(partial, files)
+            _fsync_dir(partial)
             root = os.path.dirname(partial)
             final = checkpoint_dir(root, iteration)
             if os.path.exists(final):  # saving an iteration again (e.g. after a resume): keep it until replaced
@@ -465,6 +504,7 @@ class CheckpointManager:
         missing = [f for f in (".metadata", TRAIN_STATE) if not os.path.isfile(os.path.join(ckpt, f))]
         if missing:
             raise CheckpointError(f"{ckpt}: incomplete checkpoint (missing {', '.join(missing)})")
+        self._verify(ckpt)
         saved = self._read_train_state(ckpt)
         self._check_model(saved, ckpt)
 
@@ -488,6 +528,30 @@ class CheckpointManager:
             return dict(iteration=0, consumed_samples=0, loaded_from=ckpt)
         return dict(saved.get("extra", {}), iteration=saved["iteration"],
                     consumed_samples=saved["consumed_samples"], loaded_from=ckpt)
+
+    def _verify(self, ckpt: str) -> None:
+        """Every file against its checksum (rank r reads its 1/world share of the bytes); a mismatch
+        anywhere stops every rank with the same line. A checkpoint without checksums is not checked."""
+        try:
+            files = checksums.read_checksums(ckpt)
+        except checksums.ChecksumError as exc:
+            raise CheckpointError(str(exc)) from None
+        if files is None:
+            self._print(f"{ckpt}: no {checksums.CHECKSUMS} (saved before checksums, or imported): not verified")
+            return
+        started = time.perf_counter()
+        problems = checksums.verify(ckpt, files, checksums.share(files, self.rank, self.world))
+        if self.distributed:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, problems)
+            problems = sorted(p for part in gathered for p in part)
+        if problems:
+            more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise CheckpointError(f"{ckpt}: unreadable or corrupt checkpoint (checksums: {'; '.join(problems[:3])}"
+                                  f"{more})")
+        size = sum(v["size"] for v in files.values())
+        self._print(f"verified {len(files)} files of {ckpt} ({size / 2 ** 30:.2f} GiB) against their checksums "
+                    f"in {time.perf_counter() - started:.1f} s")
 
     def _read_train_state(self, ckpt: str) -> dict:
         path = os.path.join(ckpt, TRAIN_STATE)
