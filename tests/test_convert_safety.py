@@ -296,3 +296,15 @@ def test_meta_params_the_model_cannot_represent_are_refused(tmp_path, capsys):
     assert "holds the input" in err
     assert hf_to_mellama(["--hf-dir", str(meta), "--save", str(tmp_path / "m"), "--source-format", "meta",
                           "--no-progress"]) == 0
+
+
+def test_import_writes_checksums_that_verify(tmp_path):
+    """An imported checkpoint is verified at load like a saved one: its checksums are written
+    before `latest`."""
+    from megatron_mellama.checkpoint import checksums
+    from megatron_mellama.checkpoint.manager import checkpoint_dir
+
+    _, save = _imported(tmp_path)
+    ckpt = checkpoint_dir(save, 0)
+    files = checksums.read_checksums(ckpt)
+    assert files and checksums.verify(ckpt, files) == []

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from ..config import Config, ModelConfig
 from ..model.llama import Llama
+from . import checksums
 from .hf import hf_config_dict, model_config_from_hf, to_hf_name
 from .manager import TRAIN_STATE, checkpoint_dir, latest_iteration, write_latest, write_train_state
 from .reader import ShardReader
@@ -211,6 +212,8 @@ def _import_into(source, root: str, cfg: ModelConfig, out_dtype: dict, progress:
     finally:
         bar.close()
     write_train_state(ckpt, iteration=0, consumed_samples=0, config=Config(model=cfg))
+    # as a training save does: checksums of every file, before `latest` names the checkpoint
+    checksums.write_checksums(ckpt, checksums.checksum_files(ckpt, checksums.files_under(ckpt)))
     write_latest(root, 0)
 
 

@@ -537,7 +537,7 @@ class CheckpointManager:
         except checksums.ChecksumError as exc:
             raise CheckpointError(str(exc)) from None
         if files is None:
-            self._print(f"{ckpt}: no {checksums.CHECKSUMS} (saved before checksums, or imported): not verified")
+            self._print(f"{ckpt}: no {checksums.CHECKSUMS} (saved before checksums were written): not verified")
             return
         started = time.perf_counter()
         problems = checksums.verify(ckpt, files, checksums.share(files, self.rank, self.world))

@@ -12,7 +12,6 @@ saved before checksums, or imported from Hugging Face / Meta).
 import argparse
 import os
 import re
-import sys
 import time
 
 from megatron_mellama.checkpoint.checksums import CHECKSUMS, ChecksumError, read_checksums, verify
