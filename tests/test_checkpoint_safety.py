@@ -329,3 +329,27 @@ def test_verify_checkpoint_tool(saved, tmp_path, capsys):
     proc = subprocess.run([sys.executable, os.path.join(here, "tools", "verify_checkpoint.py"), saved],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_values_not_set_by_this_run_are_taken_from_the_checkpoint(saved, tmp_path):
+    """Without --rotary-base / --norm-epsilon the checkpoint's values are used (a preset's are
+    defaults); with them, a difference is refused (test_architecture_values_are_compared)."""
+    from megatron_mellama.checkpoint.manager import adopt_checkpoint_values, checkpoint_to_load
+
+    root = _copy(saved, tmp_path / "c")
+    path = os.path.join(root, "iter_0000001", "train_state.json")
+    state = json.load(open(path))
+    state["config"]["model"].update(rotary_base=500000.0, norm_epsilon=1e-6)
+    json.dump(state, open(path, "w"))
+    _drop_checksums(root)
+    cfg = parse_config(TINY + ["--load", root])
+    lines = adopt_checkpoint_values(cfg, checkpoint_to_load(cfg))
+    assert (cfg.model.rotary_base, cfg.model.norm_epsilon) == (500000.0, 1e-6)
+    assert len(lines) == 2 and "--rotary-base 500000.0: the checkpoint's value" in lines[1]
+    assert CheckpointManager(cfg, Engine(cfg)).load()["iteration"] == 1
+    # a value the run sets stays, and is compared
+    cfg = parse_config(TINY + ["--load", root, "--rotary-base", "10000"])
+    adopt_checkpoint_values(cfg, checkpoint_to_load(cfg))
+    assert cfg.model.rotary_base == 10000.0 and cfg.model.norm_epsilon == 1e-6
+    with pytest.raises(CheckpointError, match=r"--rotary-base 10000.0 but the checkpoint has 500000.0"):
+        CheckpointManager(cfg, Engine(cfg)).load()

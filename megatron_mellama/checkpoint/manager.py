@@ -146,6 +146,34 @@ def checkpoint_to_load(cfg: Config, path: str | None = None) -> str | None:
     raise CheckpointError(f"--load {root}: no checkpoint there (no '{LATEST}' file); {why}")
 
 
+# what the same weights compute depends on these too; a run that does not set them (by flag or
+# YAML; a preset's value is a default) takes the checkpoint's, where the shapes must match anyway
+ADOPTED_VALUES = (("norm_epsilon", "--norm-epsilon"), ("rotary_base", "--rotary-base"))
+
+
+def adopt_checkpoint_values(cfg: Config, ckpt: str) -> list[str]:
+    """Set `cfg.model`'s RMSNorm epsilon and RoPE base to the values checkpoint `ckpt` recorded,
+    where this run did not set them; returns a line per value changed. Call it before the engine
+    is built (the rotary tables follow the base). An unreadable train state is left to `load`."""
+    try:
+        with open(os.path.join(ckpt, TRAIN_STATE)) as fh:
+            recorded = json.load(fh)["config"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    given = getattr(cfg, "given_flags", None)
+    if given is None:  # not from parse_config: what was set is unknown, so nothing is taken
+        return []
+    lines = []
+    for name, flag in ADOPTED_VALUES:
+        value = recorded.get(name) if isinstance(recorded, dict) else None
+        if f"model.{name}" in given or value is None or value == getattr(cfg.model, name):
+            continue
+        lines.append(f"{flag} {value}: the checkpoint's value (this run did not set {flag}; "
+                     f"it would have used {getattr(cfg.model, name)})")
+        setattr(cfg.model, name, value)
+    return lines
+
+
 class FullModelView(nn.Module):
     """The union of one rank's pipeline parts as one module with the full model's names.
 

@@ -196,4 +196,7 @@ def parse_config(argv=None, *, world_size: int = 1,
         except (OSError, ValueError) as e:
             raise ConfigError(f"--tokenizer-model {cfg.data.tokenizer_model}: {e}") from None
     validate(cfg, world_size)
+    # what the flags and the YAML file set (not the preset, not defaults): a checkpoint may supply
+    # the rest of the values that change what its weights compute (checkpoint.manager)
+    cfg.given_flags = frozenset(k for k in explicit if "." in k)
     return cfg

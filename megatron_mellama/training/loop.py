@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .. import kernels
-from ..checkpoint.manager import CheckpointManager, checkpoint_to_load
+from ..checkpoint.manager import CheckpointManager, adopt_checkpoint_values, checkpoint_to_load
 from ..config import Config
 from ..data.datasets import build_datasets
 from ..data.loader import eval_batches, train_batches
@@ -89,6 +89,8 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl) -
     # a checkpoint to load provides every weight (a load that lacks one fails): no random values
     # are generated only to be overwritten (minutes at 70B)
     ckpt = checkpoint_to_load(cfg)
+    for line in adopt_checkpoint_values(cfg, ckpt) if ckpt else ():
+        _print0(f"from the checkpoint: {line}")
     engine = Engine(cfg, meshes, device, initialise=ckpt is None)
     _print0("kernels: " + ", ".join(f"{op} {backend}" for op, backend in kernels.selected().items()))
     checkpoints = CheckpointManager(cfg, engine)
