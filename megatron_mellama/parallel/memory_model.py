@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass
 
 from ..config import Config, ModelConfig
 from ..model.flops import layer_matmul_params, training_flops_per_token
+from .pipeline import stage_indices, stages_per_rank
 
 GIB = 2 ** 30
 # of the card: the rest goes to the CUDA context, communication buffers and allocator fragmentation
@@ -116,7 +117,6 @@ class _Layout:
     microbatches: int
     compute_bytes: int  # 2 for bf16/fp16, 4 for fp32
     mixed: bool  # bf16/fp16 compute weights exist beside the fp32 master weights
-    schedule: str
     whole_grads: bool = False  # a sharded mode keeps whole fp32 gradients through the micro-batches
 
     @classmethod
@@ -125,18 +125,28 @@ class _Layout:
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         dp = world // (tp * pp)
         shards = 1 if p.data_parallel_sharding == "none" else dp // p.data_parallel_replicate_size
-        per_stage = p.num_layers_per_virtual_pipeline_stage or cfg.model.num_layers // pp
+        v = stages_per_rank(cfg.model.num_layers, pp, p.num_layers_per_virtual_pipeline_stage, p.pipeline_schedule)
         low = cfg.train.bf16 or cfg.train.fp16
-        return cls(tp=tp, pp=pp, dp=dp, shards=shards, v=cfg.model.num_layers // (pp * per_stage),
+        return cls(tp=tp, pp=pp, dp=dp, shards=shards, v=v,
                    sharding=p.data_parallel_sharding, sequence_parallel=p.sequence_parallel and tp > 1,
                    recompute=p.recompute_granularity or "none", micro_batch=cfg.train.micro_batch_size,
                    seq=cfg.seq_length, microbatches=cfg.num_microbatches, compute_bytes=2 if low else 4,
-                   mixed=low, schedule=p.pipeline_schedule,
+                   mixed=low,
                    whole_grads=shards > 1 and p.reduce_grads_once_per_step and cfg.num_microbatches > 1)
 
 
 def _stages(lay: _Layout, pp_rank: int) -> list[int]:
-    return [pp_rank + k * lay.pp for k in range(lay.v)]
+    return stage_indices(pp_rank, lay.pp, lay.v)
+
+
+def _holds_loss(lay: _Layout, pp_rank: int) -> bool:
+    """Whether the rank runs the last stage (the output layer and the loss)."""
+    return lay.pp * lay.v - 1 in _stages(lay, pp_rank)
+
+
+def _rank_layers(m: ModelConfig, lay: _Layout) -> int:
+    """Decoder layers on one pipeline rank, over all its (virtual) stages."""
+    return m.num_layers // lay.pp
 
 
 def layer_parameters(m: ModelConfig, tp: int) -> float:
@@ -145,12 +155,10 @@ def layer_parameters(m: ModelConfig, tp: int) -> float:
 
 
 def rank_parameters(m: ModelConfig, lay: _Layout, pp_rank: int) -> float:
-    stages = _stages(lay, pp_rank)
-    last = lay.pp * lay.v - 1
-    count = len(stages) * m.num_layers // (lay.pp * lay.v) * layer_parameters(m, lay.tp)
-    if 0 in stages:
+    count = _rank_layers(m, lay) * layer_parameters(m, lay.tp)
+    if 0 in _stages(lay, pp_rank):
         count += m.padded_vocab_size * m.hidden_size / lay.tp
-    if last in stages:
+    if _holds_loss(lay, pp_rank):
         count += m.padded_vocab_size * m.hidden_size / lay.tp + m.hidden_size
     return count
 
@@ -198,8 +206,7 @@ def _in_flight(lay: _Layout, pp_rank: int) -> float:
 
 
 def activation_bytes(m: ModelConfig, lay: _Layout, pp_rank: int) -> float:
-    stages = _stages(lay, pp_rank)
-    layers = len(stages) * m.num_layers // (lay.pp * lay.v)
+    layers = _rank_layers(m, lay)
     in_flight = _in_flight(lay, pp_rank)
     B = lay.micro_batch * lay.seq * m.hidden_size
     g = 1 / lay.tp if lay.sequence_parallel else 1.0
@@ -207,8 +214,8 @@ def activation_bytes(m: ModelConfig, lay: _Layout, pp_rank: int) -> float:
     if lay.recompute == "full":  # the layer recomputed in backward holds all of its activations
         total += layer_activation_bytes(m, lay, "none")
     if lay.pp > 1:
-        total += in_flight * len(stages) * 2 * lay.compute_bytes * g * B  # each stage's input and output
-    if lay.pp * lay.v - 1 in stages:
+        total += in_flight * lay.v * 2 * lay.compute_bytes * g * B  # each stage's input and output
+    if _holds_loss(lay, pp_rank):
         total += loss_bytes(m, lay)
     return total
 
@@ -236,7 +243,7 @@ def temporary_bytes(m: ModelConfig, lay: _Layout, pp_rank: int) -> float:
     # into whole fp32 gradients (DDP, --reduce-grads-once-per-step)
     fp32_copy = 0 if lay.whole_grads or lay.shards == 1 else 4
     grads = layers * (lay.compute_bytes + fp32_copy) * layer_parameters(m, lay.tp)
-    ends_forward = lay.pp == 1 or lay.pp * lay.v - 1 not in _stages(lay, pp_rank)
+    ends_forward = lay.pp == 1 or not _holds_loss(lay, pp_rank)
     if ends_forward and lay.v == 1 and lay.recompute == "none":
         grads = max(0.0, grads - layers * layer_activation_bytes(m, lay, "none"))
     chunk = min(LOSS_CHUNK_ELEMENTS, lay.micro_batch * lay.seq * m.padded_vocab_size / lay.tp) * (4 + 2)
@@ -248,21 +255,20 @@ def model_state_bytes(m: ModelConfig, tp: int, pp: int, dp: int, sharding: str, 
     """fp32 weights, fp32 grads and AdamW state of one rank of `stage` (1F1B placement), in bytes."""
     lay = _Layout(tp=tp, pp=pp, dp=dp, shards=dp if sharding != "none" else 1, v=1, sharding=sharding,
                   sequence_parallel=False, recompute="none", micro_batch=1, seq=1, microbatches=1,
-                  compute_bytes=4, mixed=False, schedule="1f1b")
+                  compute_bytes=4, mixed=False)
     params = rank_parameters(m, lay, stage)
     return dict(weights=4 * params / lay.shards, grads=4 * params / lay.shards, optimizer=8 * params / lay.shards)
 
 
-def gathered_bytes(m: ModelConfig, lay: _Layout, pp_rank: int, world: int) -> float:
-    params = rank_parameters(m, lay, pp_rank)
+def gathered_bytes(m: ModelConfig, lay: _Layout, pp_rank: int, params: float) -> float:
+    """The compute-dtype weights held at the peak; `params`: the rank's (rank_parameters)."""
     if not lay.mixed:
         return 0.0
     if lay.sharding == "full" and lay.shards > 1:
         # at the peak: the layer running, the next one's all-gather in flight (forward or backward
         # prefetch) and its output buffer, and the output layer
-        layers = len(_stages(lay, pp_rank)) * m.num_layers // (lay.pp * lay.v)
-        output = m.padded_vocab_size * m.hidden_size / lay.tp if lay.pp * lay.v - 1 in _stages(lay, pp_rank) else 0
-        return lay.compute_bytes * (output + min(3, layers) * layer_parameters(m, lay.tp))
+        output = m.padded_vocab_size * m.hidden_size / lay.tp if _holds_loss(lay, pp_rank) else 0
+        return lay.compute_bytes * (output + min(3, _rank_layers(m, lay)) * layer_parameters(m, lay.tp))
     return lay.compute_bytes * params
 
 
@@ -273,7 +279,7 @@ def predict_rank(cfg: Config, rank: int) -> Prediction:
     pp_rank = rank // (lay.tp * lay.dp)
     params = rank_parameters(m, lay, pp_rank)
     parts = dict(weights=4 * params / lay.shards,
-                 gathered=gathered_bytes(m, lay, pp_rank, cfg.parallel.world_size),
+                 gathered=gathered_bytes(m, lay, pp_rank, params),
                  # whole gradients until the last micro-batch; the shards exist only after it
                  gradients=4 * params if lay.whole_grads else 4 * params / lay.shards,
                  optimizer=8 * params / lay.shards,

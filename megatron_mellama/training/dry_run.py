@@ -41,6 +41,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from ..parallel.data import pipeline_backward_flags, reduces_every_micro_batch, set_gradient_sync
 from ..parallel.mesh import ParallelDims
+from ..parallel.pipeline import stages_per_rank
 from .memory_trace import GIB, KINDS, MemoryPeak, StepTracer
 
 IGNORE_INDEX = -100
@@ -87,7 +88,8 @@ def dry_run(cfg: Config, ranks: list[int] | None = None, progress=print) -> list
         cfg.train.compile = False
     # after the pipeline's warm-up (or the first micro-batch without one) every micro-batch holds
     # and sends the same: trace a few past that point, count the rest as the middle one
-    v = len(_stages_of(cfg, dims))
+    p = cfg.parallel
+    v = stages_per_rank(cfg.model.num_layers, dims.pp, p.num_layers_per_virtual_pipeline_stage, p.pipeline_schedule)
     cap = 4 if dims.pp == 1 else 2 * dims.pp * v + dims.pp
     micro_batches = cfg.num_microbatches
     if micro_batches > cap:
@@ -103,14 +105,6 @@ def dry_run(cfg: Config, ranks: list[int] | None = None, progress=print) -> list
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = [pool.submit(_trace_rank, cfg, dims, r, list(notes), micro_batches) for r in ranks]
         return [f.result() for f in futures]
-
-
-def _stages_of(cfg: Config, dims: ParallelDims) -> list[int]:
-    from ..parallel.pipeline import stage_indices, stages_per_rank
-
-    p = cfg.parallel
-    v = stages_per_rank(cfg.model.num_layers, dims.pp, p.num_layers_per_virtual_pipeline_stage, p.pipeline_schedule)
-    return stage_indices(0, dims.pp, v)
 
 
 def _where(dims: ParallelDims, rank: int) -> str:
