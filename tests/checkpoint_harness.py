@@ -8,7 +8,9 @@ and saves iteration `stop` to --save when `save` is set. Each rank returns its l
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 
 import torch.distributed as dist
@@ -84,3 +86,37 @@ if __name__ == "__main__":
 
     dcp.FileSystemWriter.finish = finish_then_hang
     train_segment(argv, 0, 2, save=True)
+
+
+def load_with(flags: list) -> dict | None:
+    """A single-process engine of the tiny model built from `flags`, then `CheckpointManager.load()`."""
+    from engine_harness import TINY
+    from megatron_mellama.checkpoint.manager import CheckpointManager
+    from megatron_mellama.config import parse_config
+    from megatron_mellama.training.engine import Engine
+
+    cfg = parse_config(TINY + flags)
+    return CheckpointManager(cfg, Engine(cfg)).load()
+
+
+def copy_checkpoint(src, dst) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def drop_checksums(root) -> None:
+    """An edited file no longer matches its checksum: forget them, as a checkpoint from before them."""
+    for dirpath, _, files in os.walk(root):
+        if "checksums.json" in files:
+            os.remove(os.path.join(dirpath, "checksums.json"))
+
+
+def edit_train_state(root, iteration: int, edit) -> None:
+    """Apply `edit(state)` to `root/iter_N/train_state.json` in place, and drop the checksums it breaks."""
+    path = os.path.join(str(root), f"iter_{iteration:07d}", "train_state.json")
+    with open(path) as fh:
+        state = json.load(fh)
+    edit(state)
+    with open(path, "w") as fh:
+        json.dump(state, fh)
+    drop_checksums(root)

@@ -1,6 +1,5 @@
 """Checkpoints resume exactly, reshard across layouts, survive a crash mid-save, and fail clearly."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,7 +9,8 @@ import time
 import pytest
 import torch
 
-from checkpoint_harness import train_segment, train_segment_distributed
+from checkpoint_harness import (copy_checkpoint, drop_checksums, edit_train_state, load_with, train_segment,
+                                train_segment_distributed)
 from engine_harness import TINY
 from megatron_mellama.checkpoint.manager import CheckpointError, CheckpointManager, latest_iteration
 from megatron_mellama.config import parse_config
@@ -152,85 +152,68 @@ def saved_checkpoint(tmp_path_factory):
     return str(root)
 
 
-def _load(flags):
-    cfg = parse_config(TINY + flags)
-    return CheckpointManager(cfg, Engine(cfg)).load()
 
 
 def test_nothing_to_load_is_not_an_error(tmp_path):
-    assert _load([]) is None
+    assert load_with([]) is None
     # Megatron-LM's first launch of --save X --load X: X empty or not there yet
-    assert _load(["--load", str(tmp_path), "--save", str(tmp_path)]) is None
-    assert _load(["--load", str(tmp_path / "new"), "--save", str(tmp_path / "new")]) is None
+    assert load_with(["--load", str(tmp_path), "--save", str(tmp_path)]) is None
+    assert load_with(["--load", str(tmp_path / "new"), "--save", str(tmp_path / "new")]) is None
 
 
 def test_missing_load_directory(tmp_path):
     with pytest.raises(CheckpointError, match=r"--load .*nope: no such directory"):
-        _load(["--load", str(tmp_path / "nope")])
+        load_with(["--load", str(tmp_path / "nope")])
 
 
 def test_latest_naming_a_missing_iteration(saved_checkpoint, tmp_path):
     (tmp_path / "latest").write_text("7\n")
     with pytest.raises(CheckpointError, match=r"names iteration 7 but .*iter_0000007 does not exist"):
-        _load(["--load", str(tmp_path)])
+        load_with(["--load", str(tmp_path)])
     (tmp_path / "iter_0000007").mkdir()
     with pytest.raises(CheckpointError, match=r"iter_0000007: incomplete checkpoint \(missing .metadata"):
-        _load(["--load", str(tmp_path)])
+        load_with(["--load", str(tmp_path)])
 
 
-def _drop_checksums(root):
-    """An edited file no longer matches its checksum: forget them, as a checkpoint from before them."""
-    for dirpath, _, files in os.walk(root):
-        if "checksums.json" in files:
-            os.remove(os.path.join(dirpath, "checksums.json"))
 
 
-def _copy(src, dst):
-    import shutil
-
-    shutil.copytree(src, dst)
-    return str(dst)
 
 
 def test_truncated_data_file(saved_checkpoint, tmp_path):
-    root = _copy(saved_checkpoint, tmp_path / "c")
+    root = copy_checkpoint(saved_checkpoint, tmp_path / "c")
     data = os.path.join(root, "iter_0000001", "__0_0.distcp")
     with open(data, "r+b") as fh:
         fh.truncate(os.path.getsize(data) // 2)
     with pytest.raises(CheckpointError, match=r"iter_0000001: unreadable or corrupt checkpoint"):
-        _load(["--load", root])
+        load_with(["--load", root])
 
 
 def test_garbage_metadata_and_train_state(saved_checkpoint, tmp_path):
-    root = _copy(saved_checkpoint, tmp_path / "c")
+    root = copy_checkpoint(saved_checkpoint, tmp_path / "c")
     meta = os.path.join(root, "iter_0000001", ".metadata")
     with open(meta, "wb") as fh:
         fh.write(b"\x00garbage" * 10)
     with pytest.raises(CheckpointError, match=r"iter_0000001: unreadable or corrupt checkpoint"):
-        _load(["--load", root])
-    _drop_checksums(root)  # as a checkpoint saved before checksums: the file itself is read
+        load_with(["--load", root])
+    drop_checksums(root)  # as a checkpoint saved before checksums: the file itself is read
     with open(os.path.join(root, "iter_0000001", "train_state.json"), "w") as fh:
         fh.write("{not json")
     with pytest.raises(CheckpointError, match=r"train_state.json: unreadable train state"):
-        _load(["--load", root])
+        load_with(["--load", root])
 
 
 def test_model_flags_differing_from_the_checkpoint(saved_checkpoint):
     with pytest.raises(CheckpointError, match=r"--hidden-size 128 but the checkpoint has 64"):
-        _load(["--load", saved_checkpoint, "--hidden-size", "128"])
+        load_with(["--load", saved_checkpoint, "--hidden-size", "128"])
 
 
 def test_tensor_shape_mismatch_names_the_tensor(saved_checkpoint, tmp_path):
     # a checkpoint whose recorded config agrees with the flags but whose tensors do not
-    root = _copy(saved_checkpoint, tmp_path / "c")
-    path = os.path.join(root, "iter_0000001", "train_state.json")
-    state = json.load(open(path))
-    state["config"]["model"]["ffn_hidden_size"] = 64
-    json.dump(state, open(path, "w"))
-    _drop_checksums(root)
+    root = copy_checkpoint(saved_checkpoint, tmp_path / "c")
+    edit_train_state(root, 1, lambda state: state["config"]["model"].update(ffn_hidden_size=64))
     with pytest.raises(CheckpointError, match=r"tensor layers\.\d\.mlp\.\w+_proj\.weight has shape \[\d+, \d+\] "
                                               r"in the checkpoint but \[64, 64\] in this model"):
-        _load(["--load", root, "--ffn-hidden-size", "64"])
+        load_with(["--load", root, "--ffn-hidden-size", "64"])
 
 
 def test_async_save_round_trip(uninterrupted, tmp_path):

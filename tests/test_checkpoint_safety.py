@@ -1,12 +1,12 @@
 """What a checkpoint run refuses (issue 14): a --load that finds nothing, architecture values or
 data settings that differ from the checkpoint's, and corrupted files (checksums)."""
 
-import json
 import os
 import shutil
 
 import pytest
 
+from checkpoint_harness import copy_checkpoint, drop_checksums, edit_train_state, load_with
 from engine_harness import TINY, spawn_gloo
 from megatron_mellama.checkpoint.manager import CheckpointError, CheckpointManager, checkpoint_to_load
 from megatron_mellama.config import parse_config
@@ -15,9 +15,6 @@ from megatron_mellama.training.engine import Engine
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
-def _load(flags):
-    cfg = parse_config(TINY + flags)
-    return CheckpointManager(cfg, Engine(cfg)).load()
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +25,6 @@ def saved(tmp_path_factory):
     return str(root)
 
 
-def _copy(src, dst):
-    shutil.copytree(src, dst)
-    return str(dst)
 
 
 # -- 1. a --load that finds no checkpoint -----------------------------------------------------------
@@ -39,9 +33,9 @@ def test_load_of_a_directory_without_a_checkpoint_is_an_error(tmp_path, extra):
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
     with pytest.raises(CheckpointError, match=r"--load .*empty: no checkpoint there \(no 'latest' file\)"):
-        _load(["--load", empty] + extra)
+        load_with(["--load", empty] + extra)
     with pytest.raises(CheckpointError, match=r"--load .*nope: no such directory"):
-        _load(["--load", str(tmp_path / "nope")] + extra)
+        load_with(["--load", str(tmp_path / "nope")] + extra)
 
 
 def test_only_the_first_save_load_launch_starts_from_scratch(tmp_path):
@@ -58,20 +52,20 @@ def test_only_the_first_save_load_launch_starts_from_scratch(tmp_path):
 
 
 def test_iteration_directories_without_latest_are_an_error(saved, tmp_path):
-    root = _copy(saved, tmp_path / "c")
+    root = copy_checkpoint(saved, tmp_path / "c")
     os.remove(os.path.join(root, "latest"))
     with pytest.raises(CheckpointError, match=r"no 'latest' file, but it holds iter_0000001"):
-        _load(["--load", root, "--save", root])
+        load_with(["--load", root, "--save", root])
 
 
 @pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\xff\xfe" * 20, b"\xff\xfe", b"", b"12abc\n", b"\xd9\xa3"],
                          ids=["binary", "bom", "empty", "text", "arabic-digit"])
 def test_garbage_latest_is_one_line(saved, tmp_path, content):
-    root = _copy(saved, tmp_path / "c")
+    root = copy_checkpoint(saved, tmp_path / "c")
     with open(os.path.join(root, "latest"), "wb") as fh:
         fh.write(content)
     with pytest.raises(CheckpointError) as info:
-        _load(["--load", root])
+        load_with(["--load", root])
     assert "expected an iteration number" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -99,37 +93,32 @@ def test_pretrain_refuses_a_load_without_checkpoint_in_one_line(tmp_path, capsys
 ], ids=lambda v: v if isinstance(v, str) and v.startswith("--") else None)
 def test_architecture_values_are_compared(saved, flag, value, want, extra):
     with pytest.raises(CheckpointError, match=r"the model flags do not match the checkpoint: " + want) as info:
-        _load(["--load", saved, flag, value] + extra)
+        load_with(["--load", saved, flag, value] + extra)
     assert "\n" not in str(info.value)
 
 
 def test_every_difference_is_named_at_once(saved):
     with pytest.raises(CheckpointError, match=r"--norm-epsilon 1e-06 but .*; --rotary-base 1000.0 but"):
-        _load(["--load", saved, "--norm-epsilon", "1e-6", "--rotary-base", "1000"])
+        load_with(["--load", saved, "--norm-epsilon", "1e-6", "--rotary-base", "1000"])
 
 
 def test_finetune_may_use_shorter_rotary_tables_but_resume_may_not(saved):
-    assert _load(["--load", saved, "--finetune", "--max-position-embeddings", "64"])["iteration"] == 0
+    assert load_with(["--load", saved, "--finetune", "--max-position-embeddings", "64"])["iteration"] == 0
     with pytest.raises(CheckpointError, match=r"--max-position-embeddings 64 but the checkpoint has 256"):
-        _load(["--load", saved, "--max-position-embeddings", "64"])
+        load_with(["--load", saved, "--max-position-embeddings", "64"])
 
 
 def test_values_an_older_checkpoint_did_not_record_are_not_compared(saved, tmp_path):
-    root = _copy(saved, tmp_path / "c")
-    path = os.path.join(root, "iter_0000001", "train_state.json")
-    state = json.load(open(path))
-    for key in ("norm_epsilon", "rotary_base", "max_position_embeddings"):
-        del state["config"]["model"][key]
-    json.dump(state, open(path, "w"))
-    _drop_checksums(root)
-    assert _load(["--load", root, "--rotary-base", "500000", "--norm-epsilon", "1e-6"])["iteration"] == 1
+    root = copy_checkpoint(saved, tmp_path / "c")
+
+    def forget(state):
+        for key in ("norm_epsilon", "rotary_base", "max_position_embeddings"):
+            del state["config"]["model"][key]
+
+    edit_train_state(root, 1, forget)
+    assert load_with(["--load", root, "--rotary-base", "500000", "--norm-epsilon", "1e-6"])["iteration"] == 1
 
 
-def _drop_checksums(root):
-    """An edited file no longer matches its checksum: forget them, as a checkpoint from before them."""
-    for dirpath, _, files in os.walk(root):
-        if "checksums.json" in files:
-            os.remove(os.path.join(dirpath, "checksums.json"))
 
 
 # -- 3. data settings on resume -------------------------------------------------------------------------
@@ -163,13 +152,13 @@ def _with(flags, flag, *values):
 
 def test_resume_with_the_same_data_settings(data_run):
     root, flags, tmp = data_run
-    assert _load(flags + ["--load", root])["consumed_samples"] == 16
+    assert load_with(flags + ["--load", root])["consumed_samples"] == 16
     # the same blend written otherwise, the same files elsewhere, the same tokenizer elsewhere
     same = _with(flags, "--data-path", "30", str(tmp / "bio"), "2", str(tmp / "clin"), "8", str(tmp / "gen"))
     same = _with(same, "--split", "0.98,0.02,0")
     same = _with(same, "--tokenizer-model", str(tmp / "tok_copy.model"))
     same = _with(same, "--data-path", "15", str(tmp / "moved" / "bio"), "1", str(tmp / "clin"), "4", str(tmp / "gen"))
-    assert _load(same + ["--load", root])["consumed_samples"] == 16
+    assert load_with(same + ["--load", root])["consumed_samples"] == 16
 
 
 @pytest.mark.parametrize("change,want", [
@@ -188,27 +177,23 @@ def test_resume_refuses_changed_data_settings(data_run, change, want):
     argv = _with(flags, flag, *values) if flag in flags else flags + [flag] + values
     with pytest.raises(CheckpointError, match=r"the data settings differ from the run that saved it, so its 16 "
                                               r"consumed samples would index another sample sequence: " + want) as e:
-        _load(argv + ["--load", root])
+        load_with(argv + ["--load", root])
     assert "\n" not in str(e.value)
     # --finetune starts a new run on whatever data
-    assert _load(argv + ["--load", root, "--finetune"])["iteration"] == 0
+    assert load_with(argv + ["--load", root, "--finetune"])["iteration"] == 0
 
 
 def test_resume_refuses_mock_data_for_a_blend(data_run):
     root, flags, tmp = data_run
     with pytest.raises(CheckpointError, match=r"--mock-data but the checkpoint was trained on --data-path 15 "):
-        _load(["--mock-data", "--load", root])
+        load_with(["--mock-data", "--load", root])
 
 
 def test_checkpoint_without_data_record_is_not_checked(data_run, tmp_path):
     root, flags, tmp = data_run
-    copy = _copy(root, tmp_path / "c")
-    path = os.path.join(copy, "iter_0000002", "train_state.json")
-    state = json.load(open(path))
-    del state["data"]
-    json.dump(state, open(path, "w"))
-    _drop_checksums(copy)
-    assert _load(["--mock-data", "--seed", "5", "--load", copy])["iteration"] == 2
+    copy = copy_checkpoint(root, tmp_path / "c")
+    edit_train_state(copy, 2, lambda state: state.pop("data"))
+    assert load_with(["--mock-data", "--seed", "5", "--load", copy])["iteration"] == 2
 
 
 # -- 4. checksums --------------------------------------------------------------------------------------
@@ -234,31 +219,31 @@ def test_save_records_a_checksum_of_every_file(saved):
 
 @pytest.mark.parametrize("name", ["__0_0.distcp", ".metadata", "train_state.json", "rng/rank_00000.pt"])
 def test_a_flipped_byte_is_reported_before_loading(saved, tmp_path, name):
-    root = _copy(saved, tmp_path / "c")
+    root = copy_checkpoint(saved, tmp_path / "c")
     _flip(os.path.join(root, "iter_0000001", name))
     with pytest.raises(CheckpointError) as info:
-        _load(["--load", root])
+        load_with(["--load", root])
     message = str(info.value)
     assert "\n" not in message
     assert f"iter_0000001: unreadable or corrupt checkpoint (checksums: {name}: crc32 " in message, message
 
 
 def test_a_missing_or_truncated_file_is_named(saved, tmp_path):
-    root = _copy(saved, tmp_path / "c")
+    root = copy_checkpoint(saved, tmp_path / "c")
     os.remove(os.path.join(root, "iter_0000001", "rng", "rank_00000.pt"))
     with open(os.path.join(root, "iter_0000001", "__0_0.distcp"), "r+b") as fh:
         fh.truncate(100)
     with pytest.raises(CheckpointError, match=r"checksums: __0_0.distcp: 100 bytes, expected \d+; "
                                               r"rng/rank_00000.pt: missing\)"):
-        _load(["--load", root, "--finetune"])
+        load_with(["--load", root, "--finetune"])
 
 
 def test_an_unreadable_checksum_list_is_one_line(saved, tmp_path):
-    root = _copy(saved, tmp_path / "c")
+    root = copy_checkpoint(saved, tmp_path / "c")
     with open(os.path.join(root, "iter_0000001", "checksums.json"), "wb") as fh:
         fh.write(b"\x00\xff garbage")
     with pytest.raises(CheckpointError, match=r"checksums.json: unreadable checksum list"):
-        _load(["--load", root])
+        load_with(["--load", root])
 
 
 def test_async_save_writes_checksums_before_latest(tmp_path, monkeypatch):
@@ -313,7 +298,7 @@ def test_verify_checkpoint_tool(saved, tmp_path, capsys):
 
     from megatron_mellama.tools.verify_checkpoint import main
 
-    root = _copy(saved, tmp_path / "c")
+    root = copy_checkpoint(saved, tmp_path / "c")
     assert main([root]) == 0 and "all match their checksums" in capsys.readouterr().out
     assert main([os.path.join(root, "iter_0000001"), "--workers", "2"]) == 0
     capsys.readouterr()
@@ -321,7 +306,7 @@ def test_verify_checkpoint_tool(saved, tmp_path, capsys):
     assert main([root, "--all"]) == 1
     out = capsys.readouterr().out
     assert "1 of " in out and "iter_0000001/__0_0.distcp: crc32 " in out
-    _drop_checksums(root)
+    drop_checksums(root)
     assert main([root]) == 2
     assert "no checksums.json" in capsys.readouterr().err
     assert main([str(tmp_path / "nope")]) == 2
@@ -336,12 +321,8 @@ def test_values_not_set_by_this_run_are_taken_from_the_checkpoint(saved, tmp_pat
     defaults); with them, a difference is refused (test_architecture_values_are_compared)."""
     from megatron_mellama.checkpoint.manager import adopt_checkpoint_values, checkpoint_to_load
 
-    root = _copy(saved, tmp_path / "c")
-    path = os.path.join(root, "iter_0000001", "train_state.json")
-    state = json.load(open(path))
-    state["config"]["model"].update(rotary_base=500000.0, norm_epsilon=1e-6)
-    json.dump(state, open(path, "w"))
-    _drop_checksums(root)
+    root = copy_checkpoint(saved, tmp_path / "c")
+    edit_train_state(root, 1, lambda state: state["config"]["model"].update(rotary_base=500000.0, norm_epsilon=1e-6))
     cfg = parse_config(TINY + ["--load", root])
     lines = adopt_checkpoint_values(cfg, checkpoint_to_load(cfg))
     assert (cfg.model.rotary_base, cfg.model.norm_epsilon) == (500000.0, 1e-6)
