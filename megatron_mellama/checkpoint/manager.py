@@ -146,6 +146,21 @@ def checkpoint_to_load(cfg: Config, path: str | None = None) -> str | None:
     raise CheckpointError(f"--load {root}: no checkpoint there (no '{LATEST}' file); {why}")
 
 
+def read_train_state(ckpt: str) -> dict:
+    """`ckpt/train_state.json`, checked to hold what `load` reads; CheckpointError otherwise."""
+    path = os.path.join(ckpt, TRAIN_STATE)
+    try:
+        with open(path) as fh:
+            saved = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable train state ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in ("iteration", "consumed_samples", "scheduler", "scaler", "config")
+               if not isinstance(saved, dict) or k not in saved]
+    if missing or "model" not in saved["config"]:
+        raise CheckpointError(f"{path}: unreadable train state (missing {', '.join(missing) or 'config.model'})")
+    return saved
+
+
 # what the same weights compute depends on these too; a run that does not set them (by flag or
 # YAML; a preset's value is a default) takes the checkpoint's, where the shapes must match anyway
 ADOPTED_VALUES = (("norm_epsilon", "--norm-epsilon"), ("rotary_base", "--rotary-base"))
@@ -156,9 +171,8 @@ def adopt_checkpoint_values(cfg: Config, ckpt: str) -> list[str]:
     where this run did not set them; returns a line per value changed. Call it before the engine
     is built (the rotary tables follow the base). An unreadable train state is left to `load`."""
     try:
-        with open(os.path.join(ckpt, TRAIN_STATE)) as fh:
-            recorded = json.load(fh)["config"]["model"]
-    except (OSError, ValueError, KeyError, TypeError):
+        recorded = read_train_state(ckpt)["config"]["model"]
+    except CheckpointError:
         return []
     given = getattr(cfg, "given_flags", None)
     if given is None:  # not from parse_config: what was set is unknown, so nothing is taken
@@ -533,7 +547,7 @@ class CheckpointManager:
         if missing:
             raise CheckpointError(f"{ckpt}: incomplete checkpoint (missing {', '.join(missing)})")
         self._verify(ckpt)
-        saved = self._read_train_state(ckpt)
+        saved = read_train_state(ckpt)
         self._check_model(saved, ckpt)
 
         weights_only = c.finetune
@@ -580,19 +594,6 @@ class CheckpointManager:
         size = sum(v["size"] for v in files.values())
         self._print(f"verified {len(files)} files of {ckpt} ({size / 2 ** 30:.2f} GiB) against their checksums "
                     f"in {time.perf_counter() - started:.1f} s")
-
-    def _read_train_state(self, ckpt: str) -> dict:
-        path = os.path.join(ckpt, TRAIN_STATE)
-        try:
-            with open(path) as fh:
-                saved = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: unreadable train state ({type(exc).__name__}: {exc})") from None
-        missing = [k for k in ("iteration", "consumed_samples", "scheduler", "scaler", "config")
-                   if not isinstance(saved, dict) or k not in saved]
-        if missing or "model" not in saved["config"]:
-            raise CheckpointError(f"{path}: unreadable train state (missing {', '.join(missing) or 'config.model'})")
-        return saved
 
     def _check_model(self, saved: dict, ckpt: str) -> None:
         """Every architecture value the checkpoint recorded must equal this run's: one line naming
