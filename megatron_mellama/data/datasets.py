@@ -18,7 +18,7 @@ import contextlib
 import os
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 from unittest import mock
 
@@ -36,7 +36,6 @@ with warnings.catch_warnings():
     from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
                                                                         parse_and_normalize_split)
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
     from megatron.core.datasets.utils import Split
     from megatron.core.tokenizers import MegatronTokenizerBase
 
@@ -333,8 +332,8 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
             raise ConfigError(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
         tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
     m = cfg.model
-    vocab = (m.padded_vocab_size if m.vocab_size is not None
-             else m.make_vocab_size_divisible_by * -(-tokenizer.vocab_size // m.make_vocab_size_divisible_by))
+    # the model's padded vocabulary; the tokenizer's, padded the same way, when none is set
+    vocab = (m if m.vocab_size is not None else replace(m, vocab_size=tokenizer.vocab_size)).padded_vocab_size
     for prefix in prefixes:
         _check_token_ids(prefix, vocab)
     config = _gpt_config(cfg, MegatronTokenizerAdapter.wrap(tokenizer), ([p for _, p in blended], weights))
