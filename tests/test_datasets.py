@@ -33,11 +33,12 @@ def blended(corpus, sentencepiece_model, tmp_path_factory):
     return cfg, build_datasets(cfg)
 
 
-def test_sizes_follow_megatron_lm(blended):
+def test_sizes(blended):
     cfg, ds = blended
-    # train 100 x 100; valid (100 // 50 + 1) x 2 x 100; test 2 x 100
-    assert dataset_sizes(cfg) == (10_000, 600, 200)
-    assert (len(ds.train), len(ds.valid), len(ds.test)) == (10_000, 600, 200)
+    # train 100 iterations x 100; valid and test: the 2 x 100 samples an evaluation reads, whatever
+    # the run's length
+    assert dataset_sizes(cfg) == (10_000, 200, 200)
+    assert (len(ds.train), len(ds.valid), len(ds.test)) == (10_000, 200, 200)
 
 
 def test_blend_delivers_15_1_4(blended):
@@ -74,14 +75,15 @@ def test_per_domain_validation_sets_hold_only_their_domain(blended):
 def test_split_proportions(corpus, sentencepiece_model, tmp_path):
     cfg = data_config([corpus["bio"]], tokenizer_model=sentencepiece_model, split="8,1,1", cache=str(tmp_path))
     ds = build_datasets(cfg)
-    for split, (lo, hi) in zip((ds.train, ds.valid, ds.test), ((0, 800), (800, 900), (900, 1000))):
+    train, = (stream.one_epoch for stream in ds.train.streams.values())
+    for split, (lo, hi) in zip((train, ds.valid, ds.test), ((0, 800), (800, 900), (900, 1000))):
         assert numpy.array_equal(numpy.sort(numpy.unique(split.indices)), numpy.arange(lo, hi))
     assert ds.valid_per_domain == {}  # one prefix: `valid` is its domain's set
 
     cfg = data_config(blend_path(corpus), tokenizer_model=sentencepiece_model, split="8,2", cache=str(tmp_path))
     ds = build_datasets(cfg)
     assert ds.test is None
-    for component in ds.train.datasets:
+    for component in (stream.one_epoch for stream in ds.train.streams.values()):
         assert (component.indices.min(), component.indices.max()) == (0, 799)
     for component in ds.valid.datasets:
         assert (component.indices.min(), component.indices.max()) == (800, 999)

@@ -26,12 +26,14 @@ import numpy
 import torch
 
 from ..config import Config, ConfigError, parse_data_path, parse_split
+from .mixture import DomainStream, TrainingSamples, segment
 from .tokenizer import Tokenizer, build_tokenizer
 
 with warnings.catch_warnings():
     # Importing megatron.core runs its package __init__, whose optimizer, inference and jit code warns
     # (Transformer Engine and apex missing, deprecations); none of that code is used here.
     warnings.simplefilter("ignore")
+    from megatron.core.datasets.blended_dataset import BlendedDataset
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
                                                                         parse_and_normalize_split)
@@ -40,6 +42,7 @@ with warnings.catch_warnings():
     from megatron.core.tokenizers import MegatronTokenizerBase
 
 SPLIT_NAMES = ("train", "valid", "test")
+MOCK_KEY = "mock"  # the domain key of --mock-data
 
 
 class MegatronTokenizerAdapter(MegatronTokenizerBase):
@@ -103,17 +106,18 @@ class DataSets:
 
 
 def dataset_sizes(cfg: Config) -> tuple:
-    """Samples to draw per split, as Megatron-LM computes them."""
+    """Samples per split: the run's training samples (as Megatron-LM counts them), and the
+    `--eval-iters` global batches every evaluation reads (validation) or the test reads. Neither
+    validation nor test depends on the run's length, so extending a run keeps its validation set."""
     t = cfg.train
     gbs = t.global_batch_size
     if t.train_samples is not None:
-        train, iters = t.train_samples, t.train_samples // gbs
+        train = t.train_samples
     elif t.train_iters is not None:
-        train, iters = t.train_iters * gbs, t.train_iters
+        train = t.train_iters * gbs
     else:
         raise ConfigError("--train-iters or --train-samples is needed to size the training set")
-    valid = (iters // t.eval_interval + 1) * t.eval_iters * gbs
-    return train, valid, t.eval_iters * gbs
+    return train, t.eval_iters * gbs, t.eval_iters * gbs
 
 
 def domain_names(prefixes: list) -> list:
@@ -306,14 +310,22 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
     megatron-core's MockGPTDataset (no tokenizer needed: the vocabulary comes from the model config).
     """
     sizes = list(dataset_sizes(cfg))
+    # megatron-core builds each domain's train split for one epoch (a sample is all it is asked
+    # for); `mixture.TrainingSamples` reads those epochs in an order that is a stable prefix
+    train_streams = [1, *sizes[1:]]
     d = cfg.data
     if d.mock_data:
         vocab = tokenizer.vocab_size if tokenizer else cfg.model.vocab_size
         adapter = (MegatronTokenizerAdapter.wrap(tokenizer) if tokenizer
                    else MegatronTokenizerAdapter(vocab, eod=vocab - 1, name="mock"))
         config = _gpt_config(cfg, adapter, None)
-        return build_once_per_node(lambda: DataSets(
-            *BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, lambda: True, config).build()))
+
+        def build_mock():
+            train, valid, test = BlendedMegatronDatasetBuilder(MockGPTDataset, train_streams, lambda: True,
+                                                               config).build()
+            return DataSets(_training_samples(cfg, [train], {MOCK_KEY: 1.0}, {MOCK_KEY: "mock"}), valid, test)
+
+        return build_once_per_node(build_mock)
     if not d.data_path:
         raise ConfigError("--data-path is required (or --mock-data)")
 
@@ -321,8 +333,13 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
     prefixes = list(dict.fromkeys(p for _, p in pairs))
     parse_split(d.split)
     split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(d.split))
-    # A weight of 0 keeps a prefix out of the blend; it is still validated on as its own domain.
-    blended = [(w, p) for w, p in pairs if w > 0]
+    # A weight of 0 keeps a prefix out of the blend; it is still validated on as its own domain. A
+    # prefix listed twice is one domain with the sum of its weights (not two copies of one order).
+    weight_of = {}
+    for w, p in pairs:
+        if w > 0:
+            weight_of[p] = weight_of.get(p, 0.0) + w
+    blended = [(w, p) for p, w in weight_of.items()]
     for prefix in prefixes:
         in_blend = any(p == prefix for _, p in blended)
         _check_prefix(prefix, split_matrix, cfg, SPLIT_NAMES if in_blend else ("valid",))
@@ -342,7 +359,8 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
 
     def build():
         try:
-            train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+            train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, train_streams, lambda: True,
+                                                               config).build()
             per_domain = {}
             if len(prefixes) > 1 and split_matrix[Split.valid.value] is not None:
                 per_domain = {name: _domain_valid_set(prefix, config, domain_size)
@@ -351,6 +369,19 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
             where = d.data_cache_path or "next to the data, as --data-cache-path is not set"
             raise ConfigError(f"--data-cache-path: cannot write the dataset index cache ({where}): "
                               f"{err.strerror or err}: {err.filename}") from err
+        if train is not None:
+            keys = [os.path.abspath(p) for _, p in blended]
+            names = dict(zip(map(os.path.abspath, prefixes), domain_names(prefixes)))
+            one_epochs = list(train.datasets) if isinstance(train, BlendedDataset) else [train]
+            train = _training_samples(cfg, one_epochs, {k: w for k, (w, _) in zip(keys, blended)}, names)
         return DataSets(train, valid, test, per_domain)
 
     return build_once_per_node(build)
+
+
+def _training_samples(cfg: Config, one_epochs: list, weights: dict, names: dict) -> Optional[TrainingSamples]:
+    """A fresh run's training samples: one blend segment from sample 0, every domain at its start."""
+    if one_epochs[0] is None:
+        return None
+    streams = {key: DomainStream(ds, cfg.train.seed) for key, ds in zip(weights, one_epochs)}
+    return TrainingSamples(streams, names, [segment(0, weights, {k: 0 for k in weights})], dataset_sizes(cfg)[0])
