@@ -11,7 +11,7 @@ import torch.distributed as dist
 from engine_harness import spawn_gloo
 from torch import nn
 
-from megatron_mellama.config import Config, parse_config
+from megatron_mellama.config import Config, ConfigError, parse_config, validate
 from megatron_mellama.model.llama import Llama
 from megatron_mellama.training.optim import (LossScaler, LRScheduler, build_lr_scheduler, build_optimizer,
                                              clip_grad_norm_, get_grad_norm)
@@ -181,6 +181,39 @@ def test_scheduler_state_dict_round_trip():
         changed.load_state_dict(state)
     changed.load_state_dict(state, override=True)
     assert changed.num_steps == 68 and changed.max_lr == 2e-3
+
+
+def test_extending_a_run_and_the_schedule_flags():
+    cfg = _config("--lr", "1e-3", "--lr-warmup-iters", "2", "--train-iters", "10")
+    sched = LRScheduler.from_config(_optimizer(), cfg)
+    _lrs(sched, 10, 4)
+    state = sched.state_dict()
+    longer = _config("--lr", "1e-3", "--lr-warmup-iters", "2", "--train-iters", "100")
+    with pytest.raises(ValueError, match=r"decay_steps: checkpoint 40, now 400\): --override-opt_param-scheduler "
+                                         r"continues .* --use-checkpoint-opt_param-scheduler with the checkpoint's"):
+        LRScheduler.from_config(_optimizer(), longer).load_state_dict(state)
+    # override: the new, longer cosine from the checkpoint's position (40 of 400 samples)
+    new = LRScheduler.from_config(_optimizer(), longer)
+    new.load_state_dict(state, override=True)
+    fresh = LRScheduler.from_config(_optimizer(), longer)
+    fresh.step(40)
+    assert new.get_lr() == fresh.get_lr() and 0 < new.get_lr() < 1e-3
+    # use the checkpoint's: the old schedule, already decayed to --min-lr
+    old = LRScheduler.from_config(_optimizer(), longer)
+    old.load_state_dict(state, use_checkpoint=True)
+    assert old.decay_steps == 40 and old.get_lr() == sched.get_lr() == 0.0
+    with pytest.raises(ValueError, match="exclude each other"):
+        old.load_state_dict(state, override=True, use_checkpoint=True)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        validate(parse_config(["--model", "tiny", "--train-iters", "10", "--override-opt_param-scheduler",
+                               "--use-checkpoint-opt_param-scheduler"]))
+
+    # a constant rate has no decay span: a longer run resumes without either flag
+    const = LRScheduler.from_config(_optimizer(), _config("--lr-decay-style", "constant", "--train-iters", "10"))
+    _lrs(const, 10, 4)
+    extended = LRScheduler.from_config(_optimizer(), _config("--lr-decay-style", "constant", "--train-iters", "100"))
+    extended.load_state_dict(const.state_dict())
+    assert extended.num_steps == 40
 
 
 # ---------------------------------------------------------------- loss scaler

@@ -185,3 +185,71 @@ def test_resuming_a_finished_run_says_it_is_complete(tmp_path, capsys):
     run = train(load_run_config(RUN + ["--train-samples", "8", "--lr-warmup-iters", "0", "--load", str(save),
                                        "--no-load-optim"]))
     assert run["losses"] == [] and "--train-samples 8 (2 iterations)" in run["stopped"]
+
+
+# -- changes on resume: a longer run, another blend ------------------------------------------------
+def _logged_lrs(log):
+    return [json.loads(line) for line in log.read_text().splitlines() if '"lr"' in line]
+
+
+def _corpus(root):
+    from indexed_corpus import write_domains
+
+    root.mkdir()
+    # 20 documents a domain, ~25 samples an epoch: 8 iterations of 8 read bio's second epoch
+    return write_domains(root, num_docs=20)
+
+
+def _blend_run(corpus, tokenizer, blend=(15, 1, 4)):
+    path = [t for w, name in zip(blend, ("bio", "clin", "gen")) for t in (str(w), corpus[name])]
+    return (["--model", "tiny", "--data-path", *path, "--tokenizer-model", tokenizer, "--split", "90,10,0",
+             "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3", "--lr-decay-style", "cosine",
+               "--lr-warmup-iters", "2", "--eval-iters", "1", "--eval-interval", "100", "--log-interval", "1",
+               "--num-workers", "0"])
+
+
+def test_extending_a_run_continues_exactly(tmp_path, sentencepiece_model, capsys):
+    run = _blend_run(_corpus(tmp_path / "data"), sentencepiece_model)
+    whole_log = tmp_path / "whole.jsonl"
+    whole = train(load_run_config(run + ["--train-iters", "8", "--lr-decay-iters", "8", "--log-file", str(whole_log)]))
+    save = str(tmp_path / "ckpt")
+    first = train(load_run_config(run + ["--train-iters", "4", "--lr-decay-iters", "8", "--save", save]))
+    second = train(load_run_config(run + ["--train-iters", "8", "--lr-decay-iters", "8", "--load", save]))
+    assert first["losses"] + second["losses"] == whole["losses"]  # bitwise: the same samples, the same steps
+
+    # without --lr-decay-iters the decay span is --train-iters: extending needs one of Megatron-LM's flags
+    short = str(tmp_path / "short")
+    train(load_run_config(run + ["--train-iters", "4", "--save", short]))
+    capsys.readouterr()
+    assert main(run + ["--train-iters", "8", "--load", short]) == 2  # as every bad input
+    err = capsys.readouterr().err
+    assert "decay_steps: checkpoint 32, now 64" in err and "--override-opt_param-scheduler" in err
+    lrs = {}
+    for flag in ("--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"):
+        log = tmp_path / f"{flag}.jsonl"
+        assert train(load_run_config(run + ["--train-iters", "8", "--load", short, flag, "--log-file", str(log)])
+                     )["iteration"] == 8
+        lrs[flag] = [json.loads(line)["lr"] for line in log.read_text().splitlines() if '"lr"' in line]
+    # the new cosine over 64 samples from sample 32 on; the checkpoint's had decayed to --min-lr 0
+    assert lrs["--override-opt_param-scheduler"] == [r["lr"] for r in _logged_lrs(whole_log)][4:]
+    assert lrs["--use-checkpoint-opt_param-scheduler"] == [0.0] * 4
+
+
+def test_another_blend_on_resume_continues_every_domain(tmp_path, sentencepiece_model, capsys):
+    corpus = _corpus(tmp_path / "data")
+    save, log = str(tmp_path / "ckpt"), tmp_path / "metrics.jsonl"
+    train(load_run_config(_blend_run(corpus, sentencepiece_model) + ["--train-iters", "4", "--save", save]))
+    capsys.readouterr()
+    resumed = train(load_run_config(_blend_run(corpus, sentencepiece_model, blend=(1, 1, 2)) + [
+        "--train-iters", "8", "--load", save, "--save", save, "--override-opt_param-scheduler",
+        "--log-file", str(log)]))
+    assert resumed["iteration"] == 8
+    out = capsys.readouterr().out
+    changed = [line for line in out.splitlines() if line.startswith("data blend changed")]
+    assert len(changed) == 1 and "at sample 32: bio 0.7500 -> 0.2500; clin 0.0500 -> 0.2500; gen 0.2000 -> " \
+                                  "0.5000; each domain continues where it stopped (bio at its sample 24" in changed[0]
+    assert re.search(r"consumed samples: +64 \(bio 32, clin 10, gen 22\)", out)
+    assert _logged_lrs(log)[-1]["consumed_samples_per_domain"] == {"bio": 32, "clin": 10, "gen": 22}
+    state = json.loads((tmp_path / "ckpt" / "iter_0000008" / "train_state.json").read_text())
+    order = state["extra"]["data_order"]
+    assert [s["start"] for s in order["segments"]] == [0, 32] and sum(order["consumed"].values()) == 64

@@ -128,6 +128,12 @@ class OptimizerConfig:
     adam_beta2: float = opt(0.999, "AdamW beta2")
     adam_eps: float = opt(1e-8, "AdamW epsilon")
     clip_grad: float = opt(1.0, "clip the global gradient norm to this (0 disables)")
+    override_opt_param_scheduler: bool = opt(
+        False, "on resume, use this run's learning-rate flags where they differ from the checkpoint's, from "
+        "the checkpoint's position (e.g. decaying over a longer --train-iters)", flag="--override-opt_param-scheduler")
+    use_checkpoint_opt_param_scheduler: bool = opt(
+        False, "on resume, continue the checkpoint's learning-rate schedule, ignoring this run's flags",
+        flag="--use-checkpoint-opt_param-scheduler")
 
 
 @dataclass

@@ -205,6 +205,8 @@ def validate_training(cfg: Config) -> None:
         _require(0 <= beta < 1, f"{flag} must lie in [0, 1), got {beta}")
     _require(o.adam_eps > 0, f"--adam-eps must be positive, got {o.adam_eps}")
     _require(o.clip_grad >= 0, f"--clip-grad must not be negative, got {o.clip_grad}")
+    _require(not (o.override_opt_param_scheduler and o.use_checkpoint_opt_param_scheduler),
+             "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
 
 
 def validate_data(cfg: Config) -> None:

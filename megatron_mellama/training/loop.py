@@ -1,8 +1,9 @@
 """The pretraining loop: the engine over the blended data, with logging, per-domain evaluation,
 checkpoints that resume exactly, and run control (signals, exit limits, skipped steps).
 
-The data position is `consumed_samples` alone: a resumed run reads exactly the samples an
-uninterrupted run would have read next.
+The data position is `consumed_samples` with each domain's own count (`data/mixture.py`): a resumed
+run reads exactly the samples an uninterrupted run would have read next, and a resumed run with
+another blend continues every domain where it stopped.
 """
 
 from __future__ import annotations
@@ -99,8 +100,13 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl) -
     state = checkpoints.load(ckpt) or {}
     iteration = state.get("iteration", 0)
     consumed = state.get("consumed_samples", 0)
+    samples = data.train
     if iteration:
         _print0(f"resumed from {cfg.checkpoint.load} at iteration {iteration}, consumed samples {consumed}")
+        # each domain continues its own order where the checkpoint left it, whatever the blend now
+        samples, changes = samples.continued(state.get("data_order"), consumed)
+        for line in changes:
+            _print0(line)
 
     history = dict(losses=[], validation=[], stopped=None, start_iteration=iteration, kernels=kernels.selected(),
                    iteration=iteration, consumed_samples=consumed)
@@ -120,10 +126,10 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl) -
             history["stopped"] = "a stop signal arrived during start-up"
             _print0(f"stopping before the first iteration: {history['stopped']}")
             return history
-        batches = train_batches(cfg, data.train, consumed_samples=consumed, dp_rank=coords["dp"], dp_size=dims.dp)
+        batches = train_batches(cfg, samples, consumed_samples=consumed, dp_rank=coords["dp"], dp_size=dims.dp)
         try:
             _Steps(cfg, engine, checkpoints, metrics, control, history, coords["dp"], dims.dp).run(
-                batches, _validation_sets(data), state.get("skipped_total", 0))
+                batches, samples, _validation_sets(data), state.get("skipped_total", 0))
         finally:
             batches.close()
     finally:
@@ -139,7 +145,7 @@ class _Steps:
         self.cfg, self.engine, self.checkpoints, self.metrics = cfg, engine, checkpoints, metrics
         self.control, self.history, self.dp_rank, self.dp_size = control, history, dp_rank, dp_size
 
-    def run(self, batches, validation: dict, skipped_total: int) -> None:
+    def run(self, batches, samples, validation: dict, skipped_total: int) -> None:
         cfg, engine, control, history = self.cfg, self.engine, self.control, self.history
         iteration, iterations = history["iteration"], train_iterations(cfg)
         last_saved = iteration
@@ -160,7 +166,8 @@ class _Steps:
             if iteration % cfg.logging.log_interval == 0 or iteration in (1, iterations):
                 self.metrics.log_train(iteration, consumed, result, time.perf_counter() - window_start, window_steps,
                                        skipped_total,
-                                       loss_scale=engine.scaler.loss_scale if cfg.train.fp16 else None)
+                                       loss_scale=engine.scaler.loss_scale if cfg.train.fp16 else None,
+                                       per_domain=samples.named(samples.consumed_per_domain(consumed)))
                 window_start, window_steps = time.perf_counter(), 0
             too_many = control.too_many_skipped() or (iteration == iterations and control.every_step_skipped())
             if too_many:
@@ -182,7 +189,8 @@ class _Steps:
                                           "model diverged; no checkpoint was saved")
             periodic = cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0
             if cfg.checkpoint.save and (periodic or stop.save or iteration == iterations) and last_saved != iteration:
-                self.checkpoints.save(iteration, consumed, dict(skipped_total=skipped_total))
+                self.checkpoints.save(iteration, consumed, dict(skipped_total=skipped_total,
+                                                                data_order=samples.state(consumed)))
                 last_saved = iteration
             if stop.stop:
                 history["stopped"] = stop.reason

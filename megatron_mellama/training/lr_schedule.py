@@ -133,15 +133,34 @@ class LRScheduler:
     def state_dict(self) -> dict:
         return {"num_steps": self.num_steps, **{k: getattr(self, k) for k in _SETTINGS}}
 
-    def load_state_dict(self, state: dict, *, override: bool = False) -> None:
-        """Restore the position. The schedule's settings must match the checkpoint's unless
-        `override`, in which case the current settings are kept and continue from that position.
-        """
-        if not override:
+    def _settings_that_matter(self) -> tuple:
+        """The settings `get_lr` reads for this decay style (a constant schedule has no decay span)."""
+        if self.decay_style == "constant":
+            return ("max_lr", "warmup_steps", "decay_style")
+        if self.decay_style != "WSD":
+            return tuple(k for k in _SETTINGS if not k.startswith("wsd_"))
+        return _SETTINGS
+
+    def load_state_dict(self, state: dict, *, override: bool = False, use_checkpoint: bool = False) -> None:
+        """Restore the position (samples consumed), with Megatron-LM's three ways for the settings:
+        by default they must match the checkpoint's (those this decay style reads); `override`
+        keeps this run's settings (`--override-opt_param-scheduler`, e.g. a run extended to more
+        iterations decays over the new length); `use_checkpoint` takes the checkpoint's
+        (`--use-checkpoint-opt_param-scheduler`: the run continues the schedule it started)."""
+        if override and use_checkpoint:
+            raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+                             "exclude each other")
+        if use_checkpoint:
+            for k in _SETTINGS:
+                if k in state:
+                    setattr(self, k, state[k])
+        elif not override:
+            keys = self._settings_that_matter()
             changed = [f"{k}: checkpoint {state[k]!r}, now {getattr(self, k)!r}"
-                       for k in _SETTINGS if k in state and state[k] != getattr(self, k)]
+                       for k in _SETTINGS if k in keys and k in state and state[k] != getattr(self, k)]
             if changed:
                 raise ValueError("the learning-rate schedule differs from the checkpoint's ("
-                                 + "; ".join(changed) + ")")
+                                 + "; ".join(changed) + "): --override-opt_param-scheduler continues with "
+                                 "this run's schedule, --use-checkpoint-opt_param-scheduler with the checkpoint's")
         self.num_steps = 0
         self.step(state["num_steps"])

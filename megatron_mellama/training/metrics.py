@@ -122,8 +122,10 @@ class MetricsLogger:
 
     # -- training -------------------------------------------------------------------------------
     def log_train(self, iteration: int, consumed_samples: int, result, elapsed_seconds_since_last_log: float,
-                  steps_since_last_log: int, skipped_total: int, loss_scale: float | None = None) -> dict:
-        """Log one training iteration; returns the computed metrics (on every rank)."""
+                  steps_since_last_log: int, skipped_total: int, loss_scale: float | None = None,
+                  per_domain: dict | None = None) -> dict:
+        """Log one training iteration; returns the computed metrics (on every rank). `per_domain`:
+        consumed samples of each domain (shown when the run blends more than one)."""
         steps = max(steps_since_last_log, 1)
         elapsed = max(elapsed_seconds_since_last_log, 1e-9)
         batch = self.cfg.train.global_batch_size
@@ -136,6 +138,8 @@ class MetricsLogger:
                        skipped_total=skipped_total, tokens_per_sec=tokens_per_sec, tflops_per_device=tflops,
                        mfu=mfu, memory_gib=next(iter(memory.values()), None), iteration_time_s=elapsed / steps,
                        time=time.time())
+        if per_domain and len(per_domain) > 1:
+            metrics["consumed_samples_per_domain"] = dict(per_domain)
         if not self.is_writer:
             return metrics
 
@@ -150,14 +154,18 @@ class MetricsLogger:
             scalars["mfu"] = mfu
         if metrics["memory_gib"] is not None:
             scalars["memory"] = metrics["memory_gib"]
+        for name, count in metrics.get("consumed_samples_per_domain", {}).items():
+            scalars[f"consumed samples/{name}"] = count
         self._scalars(scalars, iteration, consumed_samples, vs_samples=("lm loss", "learning-rate"))
         self._json(metrics)
         return metrics
 
     def _train_line(self, m: dict, batch: int, memory: dict, loss_scale) -> str:
         width = len(str(self.total_iters))
+        per_domain = m.get("consumed_samples_per_domain")
         parts = [f" iteration {m['iteration']:>{max(width, 8)}}/{self.total_iters:>{max(width, 8)}}",
-                 f"consumed samples: {m['consumed_samples']:>12}",
+                 f"consumed samples: {m['consumed_samples']:>12}"
+                 + (" (" + ", ".join(f"{k} {v}" for k, v in per_domain.items()) + ")" if per_domain else ""),
                  f"elapsed time per iteration (ms): {m['iteration_time_s'] * 1000:.1f}",
                  f"learning rate: {m['lr']:.6E}",
                  f"global batch size: {batch:>5}",
