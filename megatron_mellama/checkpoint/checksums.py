@@ -72,11 +72,19 @@ def write_checksums(directory: str, files: dict) -> None:
     """`directory/checksums.json`, atomically and durably."""
     path = os.path.join(directory, CHECKSUMS)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(dict(format=FORMAT, algorithm=ALGORITHM, files=files), fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(dict(format=FORMAT, algorithm=ALGORITHM, files=files), fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # a full disk must not also keep the half-written temporary file
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def read_checksums(directory: str) -> dict | None:

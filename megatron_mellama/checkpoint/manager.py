@@ -18,6 +18,12 @@ A save writes `iter_N.partial/`, and only after every rank finished does rank 0 
 complete checkpoint and no incomplete directory under a final name. The checksum list is written
 after every file (an async save's too) and before the rename and `latest`.
 
+A save that fails (a full disk, a quota, any other error of a write or rename, on any rank) stops
+every rank with the same one-line CheckpointError naming the step or file, the error and, for a
+full disk or quota, the free space. It leaves no `iter_N.partial/` and no temporary file; `latest`
+and the checkpoints before stay as they were. Should only `latest` fail to move, the new
+`iter_N/` it would have named is removed too: nothing would ever resume from it.
+
 A load refuses, each with one line: a --load that finds no checkpoint (but the first launch of
 `--save X --load X`), architecture flags that differ from the checkpoint's, on resume data
 settings that differ (blend, split, seed, sequence length, tokenizer: `consumed_samples` would
@@ -26,7 +32,9 @@ index another sample sequence), and a file that does not match its checksum.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -42,6 +50,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -331,12 +340,24 @@ def write_latest(root: str, iteration: int) -> None:
 def _fsync_write(path: str, text: str) -> None:
     """Write `text` to `path` atomically: a reader sees the old file or the whole new one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # a full disk must not also keep the half-written temporary file
+        _remove_file(tmp)
+        raise
     _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _remove_file(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _fsync_dir(path: str) -> None:
@@ -371,6 +392,100 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+class _StepFailed(Exception):
+    """A step of a save failed on this rank; the message is the line every rank raises."""
+
+
+def _failure_line(root: str, iteration: int, step: str, exc: BaseException, name_file: bool) -> str:
+    """`cannot save checkpoint iteration N to ROOT: REASON (STEP; X GiB free on that filesystem)`.
+
+    `name_file`: the step wrote several files, so the one the error names (if any) says more."""
+    cause = _root_cause(exc)
+    if isinstance(cause, OSError):
+        reason = cause.strerror or str(cause)
+        if name_file and cause.filename:
+            step = f"writing {_relative(os.fspath(cause.filename), root)}"
+    else:
+        reason = f"{type(cause).__name__}: {cause}"
+    if getattr(cause, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            step += f"; {_size_text(shutil.disk_usage(root).free)} free on that filesystem"
+        except OSError:
+            pass
+    return " ".join(f"cannot save checkpoint iteration {iteration} to {root}: {reason} ({step})".split())
+
+
+@contextlib.contextmanager
+def _failing_as(root: str, iteration: int, step: str, name_file: bool):
+    try:
+        yield
+    except _StepFailed:
+        raise
+    except (Exception, CheckpointException) as exc:
+        raise _StepFailed(_failure_line(root, iteration, step, exc, name_file)) from exc
+
+
+def _relative(path: str, root: str) -> str:
+    rel = os.path.relpath(path, root)
+    return path if rel.startswith("..") else rel
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def _attempt(fn, *args):
+    """`fn(*args)`, or the `_StepFailed` it raised: a rank must reach the agreement that follows
+    whether its step failed or not."""
+    try:
+        return fn(*args)
+    except _StepFailed as exc:
+        return exc
+
+
+class _NamingFileSystem(FileSystem):
+    """DCP's file system, but an error while writing a file names it (a failed write() does not)."""
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        try:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = os.fspath(path)
+            raise
+
+
+def _replace_dir(partial: str, final: str) -> None:
+    """Rename `partial` to `final`. An existing `final` (the same iteration saved again) stays
+    until the rename succeeded, and comes back if it failed."""
+    if not os.path.exists(final):
+        os.rename(partial, final)
+        return
+    stale = final + ".old"
+    shutil.rmtree(stale, ignore_errors=True)
+    os.rename(final, stale)
+    try:
+        os.rename(partial, final)
+    except OSError:
+        os.rename(stale, final)
+        raise
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def _remove_unnamed(root: str, iteration: int) -> None:
+    """After `latest` failed to move: checkpoint `iteration` goes unless `latest` names it anyway
+    (it had, or the failure came after the rename). Nothing resumes from a checkpoint `latest`
+    does not name, and a full disk needs the space back."""
+    try:
+        named = latest_iteration(root)
+    except CheckpointError:
+        named = None
+    if named != iteration:
+        shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)
+
+
 class CheckpointManager:
     """Saves and resumes the engine's whole training state. Every rank calls every method."""
 
@@ -391,6 +506,10 @@ class CheckpointManager:
             self._async_group = dist.new_group(backend="gloo")
 
     # -- save --------------------------------------------------------------------------------------
+    # Every step only some ranks take is followed by an agreement (one all_gather of each rank's
+    # error line or None): all ranks raise the same line together and none waits in a collective
+    # for a rank that stopped. Whatever fails, a save runs the same collectives: two agreements
+    # before DCP's, one gather of the checksums (or failures) after them, one agreement at the end.
     def save(self, iteration: int, consumed_samples: int, extra: dict | None = None) -> None:
         """Write checkpoint `iteration`; returns once it is complete, or staged when saving async."""
         root = self.cfg.checkpoint.save
@@ -398,24 +517,13 @@ class CheckpointManager:
             raise CheckpointError("save() needs --save")
         self.wait()
         started = time.perf_counter()
-        final = checkpoint_dir(root, iteration)
-        partial = final + PARTIAL_SUFFIX
-        if self.rank == 0:
-            os.makedirs(root, exist_ok=True)
-            # nothing is being written now (wait() finalised any async save): partial
-            # directories are leftovers of a crashed run
-            for name in os.listdir(root):
-                if name.endswith(PARTIAL_SUFFIX):
-                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-            os.makedirs(os.path.join(partial, "rng"))
-            d = self.engine.dims
-            write_train_state(partial, iteration=iteration, consumed_samples=consumed_samples, config=self.cfg,
-                              extra=extra, world_size=self.world, layout=dict(tp=d.tp, pp=d.pp, dp=d.dp),
-                              scheduler=self.engine.scheduler.state_dict(), scaler=self.engine.scaler.state_dict(),
-                              data=self._data_identity())
-        self._barrier()
-        torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{self.rank:05d}.pt"))
+        partial = checkpoint_dir(root, iteration) + PARTIAL_SUFFIX
+        failed = _attempt(self._prepare, partial, iteration, consumed_samples, extra) if self.rank == 0 else None
+        self._agree(failed, partial)
+        rng = os.path.join(partial, "rng", f"rank_{self.rank:05d}.pt")
+        self._agree(_attempt(self._write_rng, rng, iteration), partial)
         writer = dcp.FileSystemWriter(partial, sync_files=True)
+        writer.fs = _NamingFileSystem()
         state = self._state_dict(optimizer=True)
         if self.cfg.checkpoint.async_save:
             future = dcp.async_save(state, storage_writer=writer, process_group=self._async_group,
@@ -427,8 +535,39 @@ class CheckpointManager:
             self._print(f"checkpoint of iteration {iteration} staged in {time.perf_counter() - started:.1f} s; "
                         "writing it in the background")
         else:
+            # DCP's own collectives make every rank raise when one rank's write fails
+            self._finalise(iteration, partial, started, _attempt(self._write_tensors, state, writer, iteration))
+
+    def _prepare(self, partial: str, iteration: int, consumed_samples: int, extra: dict | None) -> None:
+        """Rank 0: the empty `partial` directory and its train_state.json."""
+        root = os.path.dirname(partial)
+        with self._step(iteration, f"creating {root}"):
+            os.makedirs(root, exist_ok=True)
+            # nothing is being written now (wait() finalised any async save): partial
+            # directories are leftovers of a crashed run
+            for name in os.listdir(root):
+                if name.endswith(PARTIAL_SUFFIX):
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        with self._step(iteration, f"creating {_relative(partial, root)}/rng"):
+            os.makedirs(os.path.join(partial, "rng"))
+        with self._step(iteration, f"writing {_relative(os.path.join(partial, TRAIN_STATE), root)}"):
+            d = self.engine.dims
+            write_train_state(partial, iteration=iteration, consumed_samples=consumed_samples, config=self.cfg,
+                              extra=extra, world_size=self.world, layout=dict(tp=d.tp, pp=d.pp, dp=d.dp),
+                              scheduler=self.engine.scheduler.state_dict(), scaler=self.engine.scaler.state_dict(),
+                              data=self._data_identity())
+
+    def _write_rng(self, path: str, iteration: int) -> None:
+        with self._step(iteration, f"writing {_relative(path, self.cfg.checkpoint.save)}"):
+            torch.save(_rng_state(), path)
+
+    def _write_tensors(self, state: dict, writer, iteration: int) -> dict:
+        """The DCP files (every rank together); this rank's checksums of its files."""
+        partial = os.fspath(writer.path)
+        with self._step(iteration, f"writing {_relative(partial, self.cfg.checkpoint.save)}/", name_file=True):
             dcp.save(state, storage_writer=writer, no_dist=not self.distributed)
-            self._finalise(iteration, partial, started, self._own_checksums(partial))
+        with self._step(iteration, f"checksumming {_relative(partial, self.cfg.checkpoint.save)}/"):
+            return self._own_checksums(partial)
 
     def wait(self) -> None:
         """Block until a pending async save is written, then finalise it (rename, `latest`)."""
@@ -436,11 +575,12 @@ class CheckpointManager:
             return
         future, iteration, partial, started = self._pending
         self._pending = None
-        try:
-            sums = future.result()
-        except BaseException as exc:
-            raise CheckpointError(f"{partial}: the background save failed: {_root_cause(exc)}") from exc
-        self._finalise(iteration, partial, started, sums)
+        self._finalise(iteration, partial, started, _attempt(self._background_result, future, iteration, partial))
+
+    def _background_result(self, future, iteration: int, partial: str) -> dict:
+        where = f"writing {_relative(partial, self.cfg.checkpoint.save)}/ in the background"
+        with self._step(iteration, where, name_file=True):
+            return future.result()
 
     def close(self) -> None:
         self.wait()
@@ -460,39 +600,68 @@ class CheckpointManager:
         mine = re.compile(rf"^(__{self.rank}_\d+\.distcp|rng/rank_{self.rank:05d}\.pt)$")
         return checksums.checksum_files(partial, [n for n in checksums.files_under(partial) if mine.match(n)])
 
-    def _finalise(self, iteration: int, partial: str, started: float, sums: dict) -> None:
-        # every rank's files are written and checksummed; rank 0 checksums the rest (.metadata,
-        # train_state.json) and writes the list before the rename and `latest`
-        if self.distributed:
-            gathered = [None] * self.world
-            dist.all_gather_object(gathered, sums)
-        else:
-            gathered = [sums]
-        if self.rank == 0:
+    def _finalise(self, iteration: int, partial: str, started: float, sums: dict | _StepFailed) -> None:
+        # every rank's files are written and checksummed (or failed); rank 0 checksums the rest
+        # (.metadata, train_state.json) and writes the list before the rename and `latest`
+        gathered = self._gather(str(sums) if isinstance(sums, _StepFailed) else sums)
+        self._settle(gathered, sums, partial)
+        failed = _attempt(self._publish, iteration, partial, started, gathered) if self.rank == 0 else None
+        self._agree(failed, partial)
+
+    def _publish(self, iteration: int, partial: str, started: float, gathered: list[dict]) -> None:
+        """Rank 0: the checksum list, the final name, `latest`."""
+        root = os.path.dirname(partial)
+        final = checkpoint_dir(root, iteration)
+        with self._step(iteration, f"writing {_relative(partial, root)}/{checksums.CHECKSUMS}"):
             files = {k: v for part in gathered for k, v in part.items()}
             rest = [n for n in checksums.files_under(partial) if n not in files]
             files.update(checksums.checksum_files(partial, rest))
             checksums.write_checksums(partial, files)
             _fsync_dir(partial)
-            root = os.path.dirname(partial)
-            final = checkpoint_dir(root, iteration)
-            if os.path.exists(final):  # saving an iteration again (e.g. after a resume): keep it until replaced
-                stale = final + ".old"
-                shutil.rmtree(stale, ignore_errors=True)
-                os.rename(final, stale)
-                os.rename(partial, final)
-                shutil.rmtree(stale)
-            else:
-                os.rename(partial, final)
-            _fsync_dir(root)
-            write_latest(root, iteration)
+        with self._step(iteration, f"renaming {_relative(partial, root)} to {_relative(final, root)}"):
+            _replace_dir(partial, final)
+        try:
+            with self._step(iteration, f"syncing {root}"):
+                _fsync_dir(root)
+            with self._step(iteration, f"writing {LATEST}"):
+                write_latest(root, iteration)
+        except _StepFailed:
+            _remove_unnamed(root, iteration)
+            raise
+        try:
             # what a preemption's lead time (--signal=USR1@N) must cover, measured on every save
             seconds = time.perf_counter() - started
             size = _bytes_under(final)
             print(f"saved checkpoint {final}: {size / 2 ** 30:.2f} GiB in {seconds:.1f} s "
                   f"({size / 2 ** 30 / max(seconds, 1e-9):.2f} GiB/s)", flush=True)
             self._prune(root, iteration)
-        self._barrier()
+        except OSError as exc:
+            # the checkpoint is complete and `latest` names it: not a failed save
+            print(f"saved checkpoint {final}; removing older ones failed: {exc}", flush=True)
+
+    def _step(self, iteration: int, step: str, name_file: bool = False):
+        """A context in which any failure becomes `_StepFailed` with the line naming `step`."""
+        return _failing_as(self.cfg.checkpoint.save, iteration, step, name_file)
+
+    def _agree(self, failed: _StepFailed | None, partial: str) -> None:
+        """After a step some ranks took: every rank raises the first rank's failure, if any."""
+        self._settle(self._gather(str(failed) if failed is not None else None), failed, partial)
+
+    def _settle(self, gathered: list, own, partial: str) -> None:
+        lines = [g for g in gathered if isinstance(g, str)]
+        if not lines:
+            return
+        # every rank is past its writes: the incomplete directory can go
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(lines[0]) from (own if isinstance(own, _StepFailed) else None)
+
+    def _gather(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
 
     def _prune(self, root: str, latest: int) -> None:
         keep = self.cfg.checkpoint.keep_last
@@ -524,10 +693,6 @@ class CheckpointManager:
         if optimizer:
             state["optimizer"] = get_optimizer_state_dict(self.model, self.engine.optimizer, options=_OPTIONS)
         return state
-
-    def _barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
 
     # -- load --------------------------------------------------------------------------------------
     def load(self, path: str | None = None) -> dict | None:
