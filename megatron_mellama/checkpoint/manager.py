@@ -26,8 +26,11 @@ and the checkpoints before stay as they were. Should only `latest` fail to move,
 
 A load refuses, each with one line: a --load that finds no checkpoint (but the first launch of
 `--save X --load X`), architecture flags that differ from the checkpoint's, on resume data
-settings that differ (blend, split, seed, sequence length, tokenizer: `consumed_samples` would
-index another sample sequence), and a file that does not match its checksum.
+settings that differ (split, seed, sequence length, tokenizer, the files of a prefix it read: the
+data positions would index another sample sequence), and a file that does not match its checksum.
+The blend's weights may change on resume, and prefixes be added or dropped: every domain continues
+its own sample order where it stopped (`data/mixture.py`; the positions are in the train state's
+`extra.data_order`).
 """
 
 from __future__ import annotations
@@ -297,8 +300,7 @@ def _split_fractions(split: str):
 
 
 def _same_prefix(a: dict, b: dict) -> bool:
-    if a.get("path") == b.get("path"):
-        return True
+    """The same files, maybe moved: the same name and sizes."""
     return (os.path.basename(a.get("path") or "") == os.path.basename(b.get("path") or "")
             and a.get("bin") is not None and (a.get("bin"), a.get("idx")) == (b.get("bin"), b.get("idx")))
 
@@ -311,12 +313,15 @@ def data_differences(saved: dict, ours: dict) -> list[str]:
             return "--mock-data" if d.get("mock_data") else f"--data-path {' '.join(d.get('data_path') or [])}"
         diffs.append(f"{what(ours)} but the checkpoint was trained on {what(saved)}")
     elif ours["blend"]:
-        theirs, mine = saved["blend"], ours["blend"]
-        same = len(theirs) == len(mine) and all(
-            abs(a["weight"] - b["weight"]) <= 1e-9 and _same_prefix(a, b) for a, b in zip(theirs, mine))
-        if not same:
-            diffs.append(f"--data-path {' '.join(ours['data_path'])} but the checkpoint was trained on "
-                         f"--data-path {' '.join(saved.get('data_path') or [])}")
+        # Weights may change and prefixes come and go (data/mixture.py continues every domain where
+        # it stopped); a prefix the checkpoint read must still hold the same data.
+        for theirs in saved["blend"]:
+            for mine in ours["blend"]:
+                same_name = os.path.basename(mine["path"]) == os.path.basename(theirs.get("path") or "")
+                if (mine["path"] == theirs.get("path") or same_name) and not _same_prefix(theirs, mine):
+                    diffs.append(f"--data-path {mine['path']} is not the data the checkpoint read as "
+                                 f"{theirs.get('path')} (.bin {mine['bin']} bytes, .idx {mine['idx']}; it read "
+                                 f".bin {theirs.get('bin')}, .idx {theirs.get('idx')})")
     if _split_fractions(saved.get("split")) != _split_fractions(ours["split"]) and not ours["mock_data"]:
         diffs.append(f"--split {ours['split']} but the checkpoint has {saved.get('split')}")
     for flag, key in (("--seed", "seed"), ("--seq-length", "seq_length"), ("--tokenizer-type", "tokenizer_type"),
@@ -725,9 +730,11 @@ class CheckpointManager:
         self._load_tensors(ckpt, load_optim)
         if load_optim:
             try:
-                self.engine.scheduler.load_state_dict(saved["scheduler"])
+                o = self.cfg.optim
+                self.engine.scheduler.load_state_dict(saved["scheduler"], override=o.override_opt_param_scheduler,
+                                                      use_checkpoint=o.use_checkpoint_opt_param_scheduler)
             except ValueError as exc:
-                raise CheckpointError(f"{ckpt}: {exc} (--no-load-optim starts a fresh schedule)") from None
+                raise CheckpointError(f"{ckpt}: {exc}") from None
             self.engine.scaler.load_state_dict(saved["scaler"])
         if not weights_only and not c.no_load_rng:
             self._load_rng(ckpt, saved)
