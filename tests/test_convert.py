@@ -172,6 +172,7 @@ def test_meta_rope_layout_is_what_the_permutation_assumes():
     """Meta's interleaved-pair RoPE on Meta's q/k rows = rotate-half RoPE on the permuted rows."""
     from megatron_mellama.checkpoint.meta import interleaved_to_half
     from megatron_mellama.kernels.reference import apply_rotary
+    from megatron_mellama.config import ModelConfig
     from megatron_mellama.model.llama import rotary_tables
 
     heads, head_dim, dim, seq = 2, 8, 16, 5
@@ -183,7 +184,7 @@ def test_meta_rope_layout_is_what_the_permutation_assumes():
     rot = torch.polar(torch.ones(seq, head_dim // 2), torch.outer(torch.arange(seq).float(), freqs))
     meta = torch.view_as_real(torch.view_as_complex(q.contiguous()) * rot[:, None]).flatten(2)
     hf_q = (x @ interleaved_to_half(wq, heads).T).view(seq, heads, head_dim).transpose(0, 1)[None]
-    cos, sin = rotary_tables(head_dim, seq, 10000.0)
+    cos, sin = rotary_tables(ModelConfig(hidden_size=head_dim, num_attention_heads=1, max_position_embeddings=seq))
     half = apply_rotary(hf_q, cos, sin)[0].transpose(0, 1)  # (seq, heads, head_dim)
     # same rotated vectors up to the order of each head's coordinates: dot products agree
     scores_meta = torch.einsum("shd,thd->hst", meta, meta)

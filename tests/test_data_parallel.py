@@ -43,8 +43,8 @@ def _init(model, cfg):
     """Materialise a meta-built model and fill it with the layout-independent initial values."""
     model.to_empty(device="cpu")
     with torch.no_grad():
-        model.rope_cos.copy_(rotary_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rotary_base)[0])
-        model.rope_sin.copy_(rotary_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rotary_base)[1])
+        model.rope_cos.copy_(rotary_tables(cfg)[0])
+        model.rope_sin.copy_(rotary_tables(cfg)[1])
         for name, p in model.named_parameters():
             full = initial_value(cfg, name, tuple(p.shape), SEED)
             if isinstance(p, DTensor):

@@ -65,7 +65,7 @@ def _layer_and_inputs():
     layer = DecoderLayer(m)
     for p in layer.parameters():
         torch.nn.init.normal_(p, 0.0, 0.02)
-    cos, sin = rotary_tables(m.head_dim, m.max_position_embeddings, m.rotary_base)
+    cos, sin = rotary_tables(m)
     return layer, torch.randn(2, 16, m.hidden_size), cos, sin
 
 

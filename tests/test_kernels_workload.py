@@ -77,7 +77,7 @@ def _model_calls(cfg, tp_mesh=None, param_dtype=None) -> set:
     with torch.no_grad():
         for p in model.parameters():
             getattr(p, "_local_tensor", p).normal_(0.0, 0.02)
-        cos, sin = rotary_tables(m.head_dim, m.max_position_embeddings, m.rotary_base)
+        cos, sin = rotary_tables(m)
         model.rope_cos.copy_(cos)
         model.rope_sin.copy_(sin)
         if param_dtype is not None:  # the parameters only, as FSDP's mixed precision casts them

@@ -6,7 +6,10 @@ backbone, and the math is the same (rotate-half RoPE), so weights move without r
 
 from __future__ import annotations
 
+import math
+
 from ..config import ModelConfig
+from ..model import rope as rope_tables
 
 _HF_PREFIX = "model."
 
@@ -54,25 +57,113 @@ def _refuse(field: str, value, supported: str) -> ValueError:
     return ValueError(f"{field} is {value!r}; supported: {supported}")
 
 
-def _rope_theta(hf: dict) -> float:
-    """`rope_theta` from transformers 5's `rope_parameters`, or 4's `rope_theta` + `rope_scaling` (default only)."""
-    theta = hf.get("rope_theta")
+# the keys each rope_type may carry (beside rope_type / type and rope_theta), as transformers reads them
+_ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+             "attention_factor", "truncate"),
+}
+
+
+def _rope_settings(hf: dict) -> dict:
+    """ModelConfig's RoPE fields from transformers 5's `rope_parameters` or 4's `rope_theta` + `rope_scaling`."""
+    theta, found = hf.get("rope_theta"), None
     for field in ("rope_scaling", "rope_parameters"):
         rope = hf.get(field)
         if rope is None:
             continue
         if not isinstance(rope, dict):
-            raise _refuse(field, rope, "null or {\"rope_type\": \"default\", \"rope_theta\": ...}")
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        extra = sorted(set(rope) - {"rope_type", "type", "rope_theta"})
-        if kind != "default" or extra:
-            raise _refuse(field, rope, "plain RoPE only, {\"rope_type\": \"default\", \"rope_theta\": ...} "
-                          "(no RoPE scaling)")
+            raise _refuse(field, rope, "null or a dict with rope_type " + ", ".join(_ROPE_KEYS))
         if "rope_theta" in rope:
             if theta is not None and float(theta) != float(rope["rope_theta"]):
                 raise _refuse(f"{field}.rope_theta", rope["rope_theta"], f"the same as rope_theta ({theta})")
             theta = rope["rope_theta"]
-    return float(10000.0 if theta is None else theta)
+        scaling = _rope_scaling(field, rope, hf["max_position_embeddings"])
+        if found is not None and scaling != found[1]:
+            raise ValueError(f"{field} is {rope!r}, but {found[0]} says otherwise ({hf[found[0]]!r})")
+        found = (field, scaling)
+    return dict(rotary_base=float(10000.0 if theta is None else theta), **(found[1] if found is not None else {}))
+
+
+def _rope_scaling(field: str, rope: dict, max_positions: int) -> dict:
+    """The ModelConfig fields of one rope_scaling / rope_parameters dict."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in _ROPE_KEYS:
+        raise _refuse(f"{field}.rope_type", kind, ", ".join(_ROPE_KEYS) + " (RoPE scalings this model computes)")
+    extra = sorted(set(rope) - {"rope_type", "type", "rope_theta"} - set(_ROPE_KEYS[kind]))
+    if extra:
+        raise _refuse(f"{field}.{extra[0]}", rope[extra[0]], f"only {', '.join(_ROPE_KEYS[kind]) or 'rope_theta'} "
+                      f"with rope_type {kind}")
+
+    def need(key):
+        if rope.get(key) is None:
+            raise _refuse(f"{field}.{key}", None, f"a number (rope_type {kind} needs it)")
+        return rope[key]
+
+    if kind == "linear":
+        return dict(rotary_seq_len_interpolation_factor=float(need("factor")))
+    # transformers takes a missing original length to be max_position_embeddings
+    original = rope.get("original_max_position_embeddings") or max_positions
+    if kind == "llama3":
+        return dict(use_rope_scaling=True, rope_scaling_factor=float(need("factor")),
+                    rope_scaling_low_freq_factor=float(need("low_freq_factor")),
+                    rope_scaling_high_freq_factor=float(need("high_freq_factor")),
+                    rope_scaling_original_max_position_embeddings=int(original))
+    if kind == "yarn":
+        return _yarn_settings(field, rope, original, max_positions)
+    return {}
+
+
+def _yarn_settings(field: str, rope: dict, original: int, max_positions: int) -> dict:
+    if rope.get("truncate", True) is not True:
+        raise _refuse(f"{field}.truncate", rope["truncate"], "true (the correction range rounded to whole dimensions)")
+    factor = rope.get("factor")
+    factor = float(max_positions / original if factor is None else factor)
+    # transformers reads mscale and mscale_all_dim only when both are set, and an explicit
+    # attention_factor before either; ours is Megatron-LM's ratio of the two
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if rope.get("attention_factor") is None and not (mscale and mscale_all_dim):
+        mscale, mscale_all_dim = 1.0, 0.0
+    mscale = 1.0 if mscale is None else float(mscale)
+    mscale_all_dim = 0.0 if mscale_all_dim is None else float(mscale_all_dim)
+    implied = rope_tables.yarn_attention_factor(factor, mscale, mscale_all_dim)
+    if rope.get("attention_factor") is not None and not math.isclose(rope["attention_factor"], implied,
+                                                                     rel_tol=1e-9):
+        raise _refuse(f"{field}.attention_factor", rope["attention_factor"],
+                      f"absent, or the value factor, mscale and mscale_all_dim give ({implied})")
+    return dict(position_embedding_type="yarn", yarn_rotary_scaling_factor=factor,
+                yarn_original_max_position_embeddings=int(original),
+                yarn_beta_fast=float(rope.get("beta_fast") or 32.0), yarn_beta_slow=float(rope.get("beta_slow") or 1.0),
+                yarn_mscale=mscale, yarn_mscale_all_dim=mscale_all_dim)
+
+
+def _hf_rope(cfg: ModelConfig) -> dict:
+    """`cfg`'s RoPE as the config.json fields transformers reads."""
+    kind = rope_tables.kind(cfg)
+    if kind == "default":
+        return dict(rope_theta=cfg.rotary_base)
+    if kind == "linear":
+        scaling = dict(rope_type="linear", factor=cfg.rotary_seq_len_interpolation_factor)
+    elif kind == "llama3":
+        scaling = dict(rope_type="llama3", factor=cfg.rope_scaling_factor,
+                       low_freq_factor=cfg.rope_scaling_low_freq_factor,
+                       high_freq_factor=cfg.rope_scaling_high_freq_factor,
+                       original_max_position_embeddings=cfg.rope_scaling_original_max_position_embeddings)
+    else:
+        factor = cfg.yarn_rotary_scaling_factor
+        # the attention factor written out: transformers' own rule reads mscale and mscale_all_dim
+        # differently from Megatron-LM's when only one of them is set
+        scaling = dict(rope_type="yarn", factor=factor,
+                       original_max_position_embeddings=cfg.yarn_original_max_position_embeddings,
+                       beta_fast=cfg.yarn_beta_fast, beta_slow=cfg.yarn_beta_slow, mscale=cfg.yarn_mscale,
+                       mscale_all_dim=cfg.yarn_mscale_all_dim,
+                       attention_factor=rope_tables.yarn_attention_factor(factor, cfg.yarn_mscale,
+                                                                          cfg.yarn_mscale_all_dim))
+    # transformers 5 reads rope_parameters, 4 reads rope_scaling (5 prefers it when both are there)
+    return dict(rope_theta=cfg.rotary_base, rope_scaling=scaling,
+                rope_parameters=dict(scaling, rope_theta=cfg.rotary_base))
 
 
 def model_config_from_hf(hf: dict) -> ModelConfig:
@@ -80,11 +171,16 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
 
     Every field is accounted for; none is dropped silently:
     - read: num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads (dividing the heads),
-      intermediate_size, max_position_embeddings, rms_norm_eps, vocab_size, rope_theta;
+      intermediate_size, max_position_embeddings, rms_norm_eps, vocab_size, rope_theta, and
+      rope_scaling (transformers 4) / rope_parameters (transformers 5) of rope_type default, linear
+      (factor), llama3 (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+      or yarn (factor, original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim,
+      attention_factor when it is the value those give, truncate true), with a rope_theta inside equal
+      to any top-level one, and the two fields, when both are there, describing the same RoPE;
     - accepted only at the value our model computes: model_type "llama" (or absent), hidden_act "silu"
-      (its alias "swish"), head_dim absent/null or hidden_size / num_attention_heads, rope_scaling and
-      rope_parameters null or plain RoPE (`{"rope_type": "default", "rope_theta": ...}`, equal to any
-      top-level rope_theta), attention_bias / mlp_bias / tie_word_embeddings false, sliding_window null,
+      (its alias "swish"), head_dim absent/null or hidden_size / num_attention_heads, any other
+      rope_type (dynamic, longrope, su, mrope, ...) or RoPE key refused, naming it,
+      attention_bias / mlp_bias / tie_word_embeddings false, sliding_window null,
       use_sliding_window false, attention_dropout / mlp_dropout / hidden_dropout 0, is_encoder_decoder /
       is_decoder false, no quantization_config;
     - ignored, whatever their value (they do not change the function): `IGNORED_FIELDS`, e.g. dtype,
@@ -124,16 +220,17 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         num_layers=hf["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
         group_query_attention=kv_heads != heads, num_query_groups=kv_heads if kv_heads != heads else None,
         ffn_hidden_size=hf["intermediate_size"], max_position_embeddings=hf["max_position_embeddings"],
-        norm_epsilon=hf.get("rms_norm_eps", 1e-6), rotary_base=_rope_theta(hf),
-        vocab_size=hf["vocab_size"], init_method_std=hf.get("initializer_range", 0.02))
+        norm_epsilon=hf.get("rms_norm_eps", 1e-6), vocab_size=hf["vocab_size"],
+        init_method_std=hf.get("initializer_range", 0.02), **_rope_settings(hf))
 
 
 def hf_config_dict(cfg: ModelConfig) -> dict:
-    """The LlamaConfig fields that describe `cfg`."""
+    """The LlamaConfig fields that describe `cfg`; a RoPE scaling goes in both rope_parameters and
+    rope_scaling, so that transformers 5 and 4 both read it."""
     return dict(
         model_type="llama", architectures=["LlamaForCausalLM"], num_hidden_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.ffn_size, head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_epsilon,
-        rope_theta=cfg.rotary_base, vocab_size=cfg.padded_vocab_size, hidden_act="silu",
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, initializer_range=cfg.init_method_std)
+        vocab_size=cfg.padded_vocab_size, hidden_act="silu", tie_word_embeddings=False, attention_bias=False,
+        mlp_bias=False, initializer_range=cfg.init_method_std, **_hf_rope(cfg))

@@ -59,6 +59,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from ..config import Config, ModelConfig, parse_data_path, parse_split
+from ..model import rope
 from . import checksums
 from .reader import ShardReader
 
@@ -84,6 +85,8 @@ _ARCH_FLAGS = (
     ("--vocab-size (padded)", ("vocab_size",), lambda m: m.padded_vocab_size),
     ("--norm-epsilon", ("norm_epsilon",), lambda m: m.norm_epsilon),
     ("--rotary-base", ("rotary_base",), lambda m: m.rotary_base),
+    # an older checkpoint records no scaling: its defaults are the plain RoPE it was trained with
+    ("RoPE scaling", (), rope.describe),
 )
 # Optimizer settings that depend on the layout (DTensors cannot take the fused kernel): the
 # running optimizer's own values are kept, whatever the checkpoint's layout was.

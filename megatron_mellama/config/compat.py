@@ -18,7 +18,6 @@ ALWAYS_ON = (
 # flags with a value: the one value LLaMA2 allows, and why.
 FIXED_VALUES = {
     "normalization": ("RMSNorm", "LLaMA2 normalises with RMSNorm"),
-    "position_embedding_type": ("rope", "LLaMA2 uses rotary position embeddings"),
     "attention_dropout": (0.0, "LLaMA2 is trained without dropout"),
     "hidden_dropout": (0.0, "LLaMA2 is trained without dropout"),
 }

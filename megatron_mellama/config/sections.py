@@ -15,6 +15,7 @@ TOKENIZER_TYPES = ("Llama2Tokenizer", "HuggingFaceTokenizer", "SentencePieceToke
 DP_SHARDING = ("none", "optimizer", "full")
 PIPELINE_SCHEDULES = ("1f1b", "interleaved-1f1b", "zero-bubble")
 KERNEL_BACKENDS = ("auto", "torch", "triton", "te", "apex")
+POSITION_EMBEDDING_TYPES = ("rope", "yarn")
 
 
 def opt(default, help, *, flag=None, choices=None, metavar=None):
@@ -34,6 +35,29 @@ class ModelConfig:
     max_position_embeddings: Optional[int] = opt(None, "longest sequence the rotary tables cover")
     norm_epsilon: float = opt(1e-5, "RMSNorm epsilon")
     rotary_base: float = opt(10000.0, "RoPE base (theta)")
+    # RoPE scaling for contexts past the pretraining length: at most one kind (model/rope.py)
+    position_embedding_type: str = opt(
+        "rope", "rope, or yarn: YaRN scaling set by the --yarn-* flags", choices=POSITION_EMBEDDING_TYPES)
+    rotary_seq_len_interpolation_factor: Optional[float] = opt(
+        None, "linear position interpolation: positions divided by this factor (Hugging Face's rope_type linear)")
+    use_rope_scaling: bool = opt(False, "LLaMA-3 frequency scaling (Hugging Face's rope_type llama3)")
+    rope_scaling_factor: float = opt(8.0, "--use-rope-scaling: factor dividing the low frequencies")
+    rope_scaling_low_freq_factor: float = opt(
+        1.0, "--use-rope-scaling: wavelengths above original length / this are divided by the factor")
+    rope_scaling_high_freq_factor: float = opt(
+        4.0, "--use-rope-scaling: wavelengths below original length / this are kept")
+    rope_scaling_original_max_position_embeddings: int = opt(
+        8192, "--use-rope-scaling: the context length the frequencies were trained for")
+    yarn_rotary_scaling_factor: Optional[float] = opt(
+        None, "--position-embedding-type yarn: context extension factor (required with yarn)")
+    yarn_original_max_position_embeddings: int = opt(
+        4096, "--position-embedding-type yarn: the context length the model was pretrained with")
+    yarn_beta_fast: float = opt(32.0, "--position-embedding-type yarn: rotations above which a frequency is kept")
+    yarn_beta_slow: float = opt(
+        1.0, "--position-embedding-type yarn: rotations below which a frequency is divided by the factor")
+    yarn_mscale: float = opt(1.0, "--position-embedding-type yarn: attention scale numerator's log coefficient")
+    yarn_mscale_all_dim: float = opt(
+        0.0, "--position-embedding-type yarn: attention scale denominator's log coefficient (0: none)")
     vocab_size: Optional[int] = opt(None, "vocabulary size; default: the tokenizer's, else the preset's")
     make_vocab_size_divisible_by: int = opt(
         1, "pad the embedding rows to a multiple of this (must leave the padded size divisible by TP)")

@@ -70,6 +70,35 @@ def validate_model(cfg: Config) -> None:
     _require(m.norm_epsilon > 0, f"--norm-epsilon must be positive, got {m.norm_epsilon}")
     _require(m.rotary_base > 0, f"--rotary-base must be positive, got {m.rotary_base}")
     _require(m.init_method_std > 0, f"--init-method-std must be positive, got {m.init_method_std}")
+    validate_rope_scaling(cfg)
+
+
+def validate_rope_scaling(cfg: Config) -> None:
+    """At most one RoPE scaling, and its values in the range its formula is defined on."""
+    m = cfg.model
+    chosen = [flag for flag, on in (("--position-embedding-type yarn", m.position_embedding_type == "yarn"),
+                                    ("--use-rope-scaling", m.use_rope_scaling),
+                                    ("--rotary-seq-len-interpolation-factor",
+                                     m.rotary_seq_len_interpolation_factor is not None)) if on]
+    _require(len(chosen) <= 1, f"{' and '.join(chosen)}: choose one RoPE scaling")
+    if m.rotary_seq_len_interpolation_factor is not None:
+        _positive(m.rotary_seq_len_interpolation_factor, "--rotary-seq-len-interpolation-factor")
+    if m.use_rope_scaling:
+        _positive(m.rope_scaling_factor, "--rope-scaling-factor")
+        _positive(m.rope_scaling_low_freq_factor, "--rope-scaling-low-freq-factor")
+        _positive(m.rope_scaling_original_max_position_embeddings, "--rope-scaling-original-max-position-embeddings")
+        # the ramp between the two wavelengths divides by their factors' difference
+        _require(m.rope_scaling_high_freq_factor > m.rope_scaling_low_freq_factor,
+                 f"--rope-scaling-high-freq-factor {m.rope_scaling_high_freq_factor} must exceed "
+                 f"--rope-scaling-low-freq-factor {m.rope_scaling_low_freq_factor}")
+    if m.position_embedding_type == "yarn":
+        _require(m.yarn_rotary_scaling_factor is not None,
+                 "--position-embedding-type yarn needs --yarn-rotary-scaling-factor")
+        _positive(m.yarn_rotary_scaling_factor, "--yarn-rotary-scaling-factor")
+        _positive(m.yarn_original_max_position_embeddings, "--yarn-original-max-position-embeddings")
+        # both are rotation counts inside a logarithm
+        _positive(m.yarn_beta_fast, "--yarn-beta-fast")
+        _positive(m.yarn_beta_slow, "--yarn-beta-slow")
 
 
 def validate_parallel(cfg: Config, world_size: int) -> None:

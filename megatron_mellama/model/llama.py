@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
+from .rope import rotary_tables
 
 
 class RMSNorm(nn.Module):
@@ -29,14 +30,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # statistics in fp32: bf16 loses the small variances of early layers
         return kernels.rms_norm(x, self.weight, self.eps)
-
-
-def rotary_tables(head_dim: int, max_positions: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every (position, frequency), laid out for rotate-half: (max_positions, head_dim)."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
 
 
 class Attention(nn.Module):
@@ -100,7 +93,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
-        cos, sin = rotary_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rotary_base)
+        cos, sin = rotary_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -123,7 +116,7 @@ class Llama(nn.Module):
         """Fill every parameter and buffer, e.g. after `to_empty()` from the meta device."""
         cfg = self.cfg
         device = self.rope_cos.device
-        cos, sin = rotary_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rotary_base, device=device)
+        cos, sin = rotary_tables(cfg, device=device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         for name, param in self.named_parameters():

@@ -121,7 +121,7 @@ class Engine:
     @torch.no_grad()
     def _rotary_tables(self, part: Llama) -> None:
         m = self.cfg.model
-        cos, sin = rotary_tables(m.head_dim, m.max_position_embeddings, m.rotary_base, device=self.device)
+        cos, sin = rotary_tables(m, device=self.device)
         part.rope_cos.copy_(cos)
         part.rope_sin.copy_(sin)
 
