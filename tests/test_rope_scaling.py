@@ -162,6 +162,8 @@ def test_resume_with_another_rope_scaling_is_refused_in_one_line(linear_checkpoi
             load_with(["--load", linear_checkpoint] + flags)
         assert f"RoPE scaling {ours} " in str(err.value) and "\n" not in str(err.value)
         assert "but the checkpoint has --rotary-seq-len-interpolation-factor 2.0" in str(err.value)
+    with pytest.raises(CheckpointError, match="RoPE scaling --rotary-seq-len-interpolation-factor 4.0 but"):
+        load_with(["--load", linear_checkpoint, "--finetune", "--rotary-seq-len-interpolation-factor", "4"])
     # a checkpoint from before RoPE scaling was recorded computed plain RoPE
     root = copy_checkpoint(linear_checkpoint, tmp_path / "old")
 
