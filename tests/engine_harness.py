@@ -21,16 +21,39 @@ TINY = ["--model", "tiny", "--vocab-size", "128", "--seq-length", "16", "--num-l
         "--seed", "11", "--micro-batch-size", "2", "--global-batch-size", "8"]
 
 
-def global_batches(cfg, steps: int, seed: int = 0) -> list[dict]:
-    """`steps` global batches of random tokens, the same for every layout."""
+def global_batches(cfg, steps: int, seed: int = 0, eod_every: int = 5) -> list[dict]:
+    """`steps` global batches of random tokens, the same for every layout.
+
+    With --reset-position-ids (packed documents) about one token in `eod_every` is the EOD (the
+    vocabulary's last id), and the batch is what the loader makes of megatron-core's samples:
+    position ids restarting after each EOD, the --eod-mask-loss loss mask, the document ids."""
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(steps):
         data = torch.randint(0, cfg.model.vocab_size, (cfg.train.global_batch_size, cfg.seq_length + 1), generator=g)
         mask = torch.ones(cfg.train.global_batch_size, cfg.seq_length)
         mask[0, -3:] = 0  # a few masked tokens, so the token count is not simply batch x seq
-        batches.append(dict(tokens=data[:, :-1], labels=data[:, 1:], loss_mask=mask))
+        batch = dict(tokens=data[:, :-1], labels=data[:, 1:], loss_mask=mask)
+        if cfg.data.reset_position_ids:
+            batch = packed_documents(cfg, data, mask, g, eod_every)
+        batches.append(batch)
     return batches
+
+
+def packed_documents(cfg, data: torch.Tensor, mask: torch.Tensor, g: torch.Generator, eod_every: int) -> dict:
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    from megatron_mellama.data.loader import collate_for
+
+    eod = cfg.model.vocab_size - 1
+    data = torch.where(torch.rand(data.shape, generator=g) < 1 / eod_every, eod, data)
+    samples = []
+    for row, row_mask in zip(data, mask):
+        tokens = row[:-1]
+        _, loss_mask, position_ids = _get_ltor_masks_and_position_ids(
+            tokens, eod, cfg.data.reset_position_ids, cfg.data.reset_attention_mask, cfg.data.eod_mask_loss, False)
+        samples.append(dict(tokens=tokens, labels=row[1:], loss_mask=loss_mask * row_mask, position_ids=position_ids))
+    return collate_for(cfg)(samples)
 
 
 def micro_batches_of(batch: dict, cfg, dp_rank: int, dp_size: int) -> list[dict]:

@@ -134,6 +134,12 @@ class DataConfig:
     tokenizer_type: str = opt("Llama2Tokenizer", "tokenizer kind", choices=TOKENIZER_TYPES)
     tokenizer_model: Optional[str] = opt(None, "SentencePiece .model file, or a Hugging Face tokenizer directory")
     num_workers: int = opt(2, "data-loader worker processes")
+    # Megatron-LM's packed-sequence flags: a sample concatenates documents separated by EOD
+    reset_position_ids: bool = opt(False, "positions restart at 0 after each EOD token (packed documents)")
+    reset_attention_mask: bool = opt(
+        False, "tokens attend only within their own document (the token after an EOD starts a new one); "
+        "needs --reset-position-ids")
+    eod_mask_loss: bool = opt(False, "no loss on EOD tokens")
 
 
 @dataclass

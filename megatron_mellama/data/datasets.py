@@ -260,7 +260,10 @@ def _gpt_config(cfg: Config, tokenizer: MegatronTokenizerAdapter, blend) -> GPTD
     return GPTDatasetConfig(
         random_seed=cfg.train.seed, sequence_length=cfg.data.seq_length, blend=blend,
         split=cfg.data.split if blend else None, path_to_cache=cfg.data.data_cache_path, tokenizer=tokenizer,
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
+        reset_position_ids=cfg.data.reset_position_ids, reset_attention_mask=cfg.data.reset_attention_mask,
+        eod_mask_loss=cfg.data.eod_mask_loss,
+        # the model builds its document mask from the position ids (no seq x seq mask per sample)
+        create_attention_mask=False)
 
 
 def _domain_valid_set(prefix: str, config: GPTDatasetConfig, num_samples: int) -> GPTDataset:

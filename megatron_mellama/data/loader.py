@@ -12,12 +12,15 @@ of a validation dataset, so that losses of successive evaluations are comparable
 
 from __future__ import annotations
 
+import functools
 import signal
 from typing import Optional
 
 import torch
 
 KEYS = ("tokens", "labels", "loss_mask")
+# with --reset-position-ids (megatron-core computes them per sample; otherwise they are 0..s-1)
+POSITION_KEYS = KEYS + ("position_ids",)
 
 
 class GlobalBatchSampler:
@@ -56,9 +59,28 @@ class GlobalBatchSampler:
                 yield list(range(start, start + self.micro_batch_size))
 
 
-def collate(samples: list) -> dict:
-    """Stack samples into a micro-batch: `tokens`, `labels` int64 [b, s]; `loss_mask` float [b, s]."""
-    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in KEYS}
+def collate(samples: list, keys: tuple = KEYS, document_ids: bool = False) -> dict:
+    """Stack samples into a micro-batch: `tokens`, `labels` int64 [b, s]; `loss_mask` float [b, s];
+    with `keys` POSITION_KEYS also `position_ids` int64 [b, s], and with `document_ids` the index
+    of each token's document within its sample (`document_ids_of`)."""
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}
+    if document_ids:
+        batch["document_ids"] = document_ids_of(batch["position_ids"])
+    return batch
+
+
+def document_ids_of(position_ids: torch.Tensor) -> torch.Tensor:
+    """Which packed document each token belongs to, 0, 1, ... along each row, from position ids that
+    restart at 0 where a document starts (megatron-core's --reset-position-ids: right after each
+    EOD, so an EOD belongs to the document it ends). Non-decreasing along the row."""
+    return torch.cumsum(position_ids == 0, dim=-1) - 1
+
+
+def collate_for(cfg) -> functools.partial:
+    """The collate function of `cfg`'s data flags: without them the batch is exactly `collate`'s."""
+    d = cfg.data
+    keys = POSITION_KEYS if d.reset_position_ids else KEYS
+    return functools.partial(collate, keys=keys, document_ids=d.reset_attention_mask)
 
 
 # what schedulers send before a preemption or time limit (SIGUSR1 does not exist on Windows)
@@ -76,9 +98,10 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def make_loader(dataset, sampler: GlobalBatchSampler, num_workers: int = 0) -> torch.utils.data.DataLoader:
+def make_loader(dataset, sampler: GlobalBatchSampler, num_workers: int = 0,
+                collate_fn=collate) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                                       collate_fn=collate_fn, pin_memory=torch.cuda.is_available(),
                                        worker_init_fn=ignore_stop_signals if num_workers else None)
 
 
@@ -89,13 +112,13 @@ class TrainBatches:
 
     def __init__(self, dataset, *, micro_batch_size: int, global_batch_size: int, dp_rank: int = 0,
                  dp_size: int = 1, consumed_samples: int = 0, num_workers: int = 0,
-                 total_samples: Optional[int] = None):
+                 total_samples: Optional[int] = None, collate_fn=collate):
         total = len(dataset) if total_samples is None else total_samples
         self.sampler = GlobalBatchSampler(total, consumed_samples, micro_batch_size, global_batch_size,
                                           dp_rank, dp_size)
         self.consumed_samples = consumed_samples
         self.global_batch_size = global_batch_size
-        self._micro_batches = iter(make_loader(dataset, self.sampler, num_workers))
+        self._micro_batches = iter(make_loader(dataset, self.sampler, num_workers, collate_fn))
 
     def __iter__(self):
         return self
@@ -120,14 +143,14 @@ class EvalBatches:
     batches (lists of micro-batch dicts for this rank)."""
 
     def __init__(self, dataset, *, eval_iters: int, micro_batch_size: int, global_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0):
+                 dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0, collate_fn=collate):
         total = eval_iters * global_batch_size
         if len(dataset) < total:
             raise ValueError(f"validation set of {len(dataset)} samples is shorter than --eval-iters {eval_iters} x "
                              f"--global-batch-size {global_batch_size}")
         self.eval_iters = eval_iters
         self.sampler = GlobalBatchSampler(total, 0, micro_batch_size, global_batch_size, dp_rank, dp_size)
-        self.loader = make_loader(dataset, self.sampler, num_workers)
+        self.loader = make_loader(dataset, self.sampler, num_workers, collate_fn)
 
     def __len__(self) -> int:
         return self.eval_iters
@@ -143,7 +166,7 @@ def train_batches(cfg, dataset, *, consumed_samples: int, dp_rank: int, dp_size:
     t = cfg.train
     return TrainBatches(dataset, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
                         dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples,
-                        num_workers=cfg.data.num_workers)
+                        num_workers=cfg.data.num_workers, collate_fn=collate_for(cfg))
 
 
 def eval_batches(cfg, dataset, *, dp_rank: int, dp_size: int) -> EvalBatches:
@@ -151,4 +174,4 @@ def eval_batches(cfg, dataset, *, dp_rank: int, dp_size: int) -> EvalBatches:
     t = cfg.train
     return EvalBatches(dataset, eval_iters=t.eval_iters, micro_batch_size=t.micro_batch_size,
                        global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                       num_workers=cfg.data.num_workers)
+                       num_workers=cfg.data.num_workers, collate_fn=collate_for(cfg))

@@ -14,8 +14,9 @@ from ..config.sections import KERNEL_BACKENDS as KERNEL_BACKEND_CHOICES
 from .choice import configure, use_backends
 from .dispatch import OPERATIONS, selected
 from .fused_loss import IGNORE_INDEX, linear_cross_entropy
-from .ops import apply_rotary_qk, attention, rms_norm, swiglu
+from .ops import apply_rotary_qk, attention, document_mask, rms_norm, swiglu
 from .workload import run_shapes
 
 __all__ = ["KERNEL_BACKEND_CHOICES", "OPERATIONS", "IGNORE_INDEX", "configure", "selected", "use_backends",
-           "run_shapes", "rms_norm", "apply_rotary_qk", "swiglu", "attention", "linear_cross_entropy"]
+           "run_shapes", "rms_norm", "apply_rotary_qk", "swiglu", "attention", "document_mask",
+           "linear_cross_entropy"]

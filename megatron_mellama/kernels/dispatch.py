@@ -160,3 +160,8 @@ def implementation(op: str, example: torch.Tensor) -> ModuleType:
         if module is not None:
             return module
     return backend_module(REFERENCE, example.device.type)
+
+
+def reference_for(example: torch.Tensor) -> ModuleType:
+    """The reference module, for calls with arguments only the reference takes (per-token tables)."""
+    return backend_module(REFERENCE, example.device.type)

@@ -7,7 +7,8 @@ import torch
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from .dispatch import implementation
+from . import documents as packed_documents
+from .dispatch import implementation, reference_for
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -53,8 +54,13 @@ def _sequence_parallel_norm(x: DTensor, weight: DTensor, eps: float) -> DTensor:
 
 
 def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotate-half RoPE of q (batch, heads, seq, head_dim) and k (batch, kv_heads, seq, head_dim)."""
-    return implementation("rotary", q).apply_rotary_qk(q, k, cos, sin)
+    """Rotate-half RoPE of q (batch, heads, seq, head_dim) and k (batch, kv_heads, seq, head_dim).
+
+    cos/sin are the whole tables (rows, head_dim), or per token (batch, seq, head_dim) where
+    positions restart within a sequence; the backends' kernels take whole tables only, so per-token
+    tables go to the reference."""
+    module = implementation("rotary", q) if cos.dim() == 2 else reference_for(q)
+    return module.apply_rotary_qk(q, k, cos, sin)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -62,6 +68,17 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return implementation("swiglu", gate).swiglu(gate, up)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention; k/v may have fewer heads than q (grouped-query attention)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              documents: packed_documents.Documents | None = None) -> torch.Tensor:
+    """Causal attention; k/v may have fewer heads than q (grouped-query attention). With `documents`
+    (`document_mask`), within each packed document only: no backend's kernel takes that mask, so
+    those calls run flex attention or the tiled torch path (`documents.py`)."""
+    if documents is not None:
+        return packed_documents.attention(q, k, v, documents)
     return implementation("attention", q).attention(q, k, v)
+
+
+def document_mask(document_ids: torch.Tensor) -> packed_documents.Documents:
+    """The attention mask of packed documents, from each token's document id (batch, seq); made once
+    per forward, never a (seq, seq) tensor."""
+    return packed_documents.document_mask(document_ids)

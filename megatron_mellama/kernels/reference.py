@@ -8,6 +8,8 @@ Shapes and dtypes, shared by every backend:
   casts it to the autocast dtype when autocast is on, for every backend alike.
 - `apply_rotary_qk(q, k, cos, sin)`: q (batch, heads, seq, head_dim), k (batch, kv_heads, seq,
   head_dim), any strides; cos/sin fp32 tables of at least seq rows, (rows, head_dim), rotate-half layout.
+  The reference alone also takes per-token tables (batch, seq, head_dim), gathered at each token's
+  position where positions restart (packed documents); `ops.apply_rotary_qk` sends those here.
 - `swiglu(gate, up)`: silu(gate) * up.
 - `attention(q, k, v)`: causal attention, q (batch, heads, seq, head_dim), k/v with kv_heads dividing heads.
 - the two pieces of the chunked cross-entropy (see `fused_loss.py`): `logsumexp_rows(logits)` -> fp32
@@ -39,8 +41,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    seq = x.shape[2]
-    return x * cos[:seq].to(x.dtype) + rotate_half(x) * sin[:seq].to(x.dtype)
+    if cos.dim() == 3:
+        # per token (batch, seq, head_dim): the same angle for every head
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    else:
+        seq = x.shape[2]
+        cos, sin = cos[:seq], sin[:seq]
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
 def apply_rotary_qk(q, k, cos, sin):

@@ -41,7 +41,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, documents=None) -> torch.Tensor:
         batch, seq, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds only its share of the heads
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -49,7 +49,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = kernels.apply_rotary_qk(q, k, cos, sin)
         # query head h reads key/value head h // (heads / kv_heads), as Hugging Face's repeat_kv
-        out = kernels.attention(q, k, v)
+        out = kernels.attention(q, k, v, documents)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -72,8 +72,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, documents=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, documents)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -82,6 +82,8 @@ class Llama(nn.Module):
 
     `model(tokens, labels)` returns the cross-entropy summed over the tokens whose label is not -100,
     computed chunk by chunk without materialising the logits (`kernels.linear_cross_entropy`).
+    Packed documents: `position_ids` (batch, seq) restart the rotary positions at each document, and
+    `document_ids` (batch, seq), each token's document, keep attention within documents.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -97,13 +99,19 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         # A pipeline stage replaces the parts it does not own with None; on the first stage the
         # input is token ids, on the others the previous stage's hidden states.
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        # whole tables, or gathered for the whole sequence: with sequence parallelism h holds only
+        # a slice of the sequence here, attention sees all of it
+        cos, sin = self.rope_cos, self.rope_sin
+        if position_ids is not None:
+            cos, sin = cos[position_ids], sin[position_ids]
+        documents = kernels.document_mask(document_ids) if document_ids is not None else None
         for layer in self.layers.values():
-            # whole tables: with sequence parallelism h holds only a slice of the sequence here
-            h = layer(h, self.rope_cos, self.rope_sin)
+            h = layer(h, cos, sin, documents)
         h = self.norm(h) if self.norm is not None else h
         if self.lm_head is None:
             return h

@@ -143,10 +143,13 @@ def build_schedule(parts: list[tuple[int, nn.Module]], pp_group_or_mesh: dist.Pr
 
 
 def run_pipeline_step(schedule, parts: list[tuple[int, nn.Module]], tokens: torch.Tensor,
-                      labels: torch.Tensor, *, train: bool = True) -> list[torch.Tensor] | None:
+                      labels: torch.Tensor, *, train: bool = True,
+                      **per_token: torch.Tensor) -> list[torch.Tensor] | None:
     """Forward (and, when training, backward) over one batch, split into microbatches along dim 0.
 
-    Every stage is called as `part(x, labels=labels)`: the last one returns its micro-batch's
+    Every stage is called as `part(x, labels=labels, **per_token)`: keyword arguments reach every
+    stage (positional ones only the first), cut into the same micro-batches, so each stage gets
+    its micro-batch's `position_ids` and `document_ids`. The last stage returns its micro-batch's
     summed token loss, which the schedule's `loss_fn(output, labels)` normalises. Returns the
     per-microbatch losses on the rank holding the last stage, None elsewhere. Every rank of the
     pipeline group must call it with the same `train`.
@@ -155,8 +158,8 @@ def run_pipeline_step(schedule, parts: list[tuple[int, nn.Module]], tokens: torc
     losses: list[torch.Tensor] | None = [] if has_last_stage(parts) else None
     target = labels if losses is not None else None
     if train:
-        schedule.step(*args, target=target, losses=losses, return_outputs=False, labels=labels)
+        schedule.step(*args, target=target, losses=losses, return_outputs=False, labels=labels, **per_token)
     else:
         with torch.no_grad():
-            schedule.eval(*args, target=target, losses=losses, return_outputs=False, labels=labels)
+            schedule.eval(*args, target=target, losses=losses, return_outputs=False, labels=labels, **per_token)
     return losses

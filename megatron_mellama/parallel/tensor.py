@@ -39,8 +39,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
 
     for layer in model.layers.values():
         plan = {
-            "self_attn": PrepareModuleInput(input_layouts=(residual, None, None),
-                                            desired_input_layouts=(Replicate(), None, None)),
+            # (x, cos, sin, documents): the rotary tables and the documents cover the whole sequence
+            "self_attn": PrepareModuleInput(input_layouts=(residual, None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None)),
             "self_attn.q_proj": ColwiseParallel(),
             "self_attn.k_proj": ColwiseParallel(),
             "self_attn.v_proj": ColwiseParallel(),

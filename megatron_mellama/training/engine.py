@@ -49,6 +49,9 @@ from ..parallel.tensor import apply_tensor_parallel
 from .optim import LossScaler, build_lr_scheduler, build_optimizer, clip_grad_norm_
 
 IGNORE_INDEX = kernels.IGNORE_INDEX
+# micro-batch keys of packed documents (--reset-position-ids, --reset-attention-mask), handed to
+# every model part (every pipeline stage) as keyword arguments when the batch has them
+DOCUMENT_KEYS = ("position_ids", "document_ids")
 
 
 @dataclass
@@ -163,13 +166,15 @@ class Engine:
                      for mb in micro_batches]
         labels = [mb["labels"].masked_fill(mb["loss_mask"] == 0, IGNORE_INDEX) for mb in on_device]
         tokens = [mb["tokens"] for mb in on_device]
+        documents = [{k: mb[k].to(self.device, non_blocking=True) for k in DOCUMENT_KEYS if k in mb}
+                     for mb in micro_batches]
         global_tokens = self._dp_sum(torch.stack([(lab != IGNORE_INDEX).sum() for lab in labels]).sum())
         # float64 keeps counts beyond 2^24 exact; a batch without targets weighs its zero loss by 1
         self._loss_weight = (self.dims.dp / global_tokens.clamp(min=1).double()).float()
         if self.schedule is None:
-            loss = self._accumulate(tokens, labels, train)
+            loss = self._accumulate(tokens, labels, documents, train)
         else:
-            loss = self._pipeline(tokens, labels, train)
+            loss = self._pipeline(tokens, labels, documents, train)
         return self._dp_sum(loss)
 
     def evaluate(self, micro_batches: list[dict]) -> float:
@@ -207,24 +212,26 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped, lr=lr)
 
-    def _accumulate(self, tokens, labels, train: bool) -> torch.Tensor:
+    def _accumulate(self, tokens, labels, documents, train: bool) -> torch.Tensor:
         model = self.modules[0]
         total = torch.zeros((), device=self.device)
-        for i, (t, lab) in enumerate(zip(tokens, labels)):
+        for i, (t, lab, docs) in enumerate(zip(tokens, labels, documents)):
             if train:
                 # a part without data parallelism ignores this
                 set_gradient_sync(model, i == len(tokens) - 1)
             with torch.set_grad_enabled(train):
                 with self._autocast():
-                    loss = self._normalised(model(t, lab))
+                    loss = self._normalised(model(t, lab, **docs))
                 if train:
                     self.scaler.scale(loss).backward()
             total += _local_value(loss.detach()).float()
         return total / self.dims.dp  # back from the DP-scaled backward loss to this rank's share
 
-    def _pipeline(self, tokens, labels, train: bool) -> torch.Tensor:
+    def _pipeline(self, tokens, labels, documents, train: bool) -> torch.Tensor:
+        per_token = {k: torch.cat([d[k] for d in documents]) for k in documents[0]}
         with self._autocast():
-            losses = run_pipeline_step(self.schedule, self.parts, torch.cat(tokens), torch.cat(labels), train=train)
+            losses = run_pipeline_step(self.schedule, self.parts, torch.cat(tokens), torch.cat(labels), train=train,
+                                       **per_token)
         total = torch.zeros((), device=self.device)
         if losses is not None:
             summed = torch.stack([_local_value(x.detach()).float() for x in losses]).sum()
