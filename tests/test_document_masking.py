@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine_harness import TINY, global_batches, micro_batches_of, reference, run_distributed
 from megatron_mellama.config import ConfigError, parse_config
+from megatron_mellama.config.validate import ZERO_BUBBLE_TORCH, torch_at_least
 from megatron_mellama.data.datasets import build_datasets
 from megatron_mellama.data.loader import KEYS, document_ids_of, train_batches
 from megatron_mellama.kernels import documents
@@ -142,6 +143,7 @@ LAYOUTS = {
     "tp2-sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     "pp2-1f1b": (2, ["--pipeline-model-parallel-size", "2"]),
     "pp2-interleaved": (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
+    "pp2-zero-bubble": (2, ["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "zero-bubble"]),
     "dp2-fsdp": (2, ["--data-parallel-sharding", "full"]),
 }
 PACKED_TINY = TINY + ["--seq-length", "32"] + PACKED
@@ -156,7 +158,10 @@ def _rel(a, b):
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.skipif("zero-bubble" in n and not torch_at_least(ZERO_BUBBLE_TORCH),
+                                             reason=f"zero-bubble needs torch {ZERO_BUBBLE_TORCH}"))
+    for n in LAYOUTS])
 def test_layout_with_packed_documents_equals_one_process(name, packed_reference, tmp_path):
     world, flags = LAYOUTS[name]
     results = run_distributed(PACKED_TINY + flags, world, STEPS, str(tmp_path))
