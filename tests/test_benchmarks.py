@@ -26,3 +26,10 @@ def test_kernel_benchmark_runs_and_every_checked_backend_is_within_tolerance():
     assert "fused      :" in out.stdout
     for side in ("engine torch:", "engine auto:", "transformers:"):
         assert side in out.stdout
+
+
+def test_checkpoint_benchmark_runs():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "checkpoint.py"), "--hidden", "64", "--layers", "2",
+                          "--vocab", "256", "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "save:" in out.stdout and "load:" in out.stdout and "of which checksums" in out.stdout
