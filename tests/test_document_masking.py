@@ -201,7 +201,7 @@ def test_compiled_flex_attention_with_the_block_mask_matches_the_tiled_path():
     q, k, v = (torch.randn(2, h, 300, 16, generator=g) for h in (4, 2, 2))
     mask = documents.document_block_mask(ids)
     flex = documents._compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)
-    tiled = documents._attention_by_tiles(q, k, v, ids, gqa=True)
+    tiled = documents.attention_by_tiles(q, k, v, ids, gqa=True)
     torch.testing.assert_close(flex, tiled, rtol=1e-5, atol=1e-5)
 
 

@@ -87,6 +87,9 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = opt(1, "tensor-parallel size (TP)")
     pipeline_model_parallel_size: int = opt(1, "pipeline-parallel size (PP)")
+    context_parallel_size: int = opt(
+        1, "context-parallel size (CP): each sequence split over this many ranks, load-balanced for causal "
+        "attention (rank i holds chunks i and 2 CP - 1 - i); keys and values all-gathered per layer")
     num_layers_per_virtual_pipeline_stage: Optional[int] = opt(
         None, "layers per virtual stage (interleaved 1F1B); default: one stage per PP rank")
     sequence_parallel: bool = opt(False, "shard norms and activations along the sequence under TP (ignored at TP 1)")
@@ -120,7 +123,7 @@ class ParallelConfig:
 
     @property
     def data_parallel_size(self) -> int:
-        return self.world_size // self.model_parallel_size
+        return self.world_size // (self.model_parallel_size * self.context_parallel_size)
 
 
 @dataclass

@@ -126,13 +126,20 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     if p.pipeline_schedule == "interleaved-1f1b":
         _require(p.num_layers_per_virtual_pipeline_stage is not None,
                  "--pipeline-schedule interleaved-1f1b needs --num-layers-per-virtual-pipeline-stage")
+    cp = p.context_parallel_size
+    _positive(cp, "--context-parallel-size")
+    if cp > 1:
+        _require(cfg.data.seq_length % (2 * cp) == 0,
+                 f"--context-parallel-size {cp}: --seq-length {cfg.data.seq_length} must be divisible by 2 x {cp} "
+                 "(each rank holds two of the 2 x CP chunks)")
     if p.sequence_parallel:
-        _require(cfg.data.seq_length % tp == 0,
+        _require(cfg.data.seq_length % (tp * cp) == 0,
                  f"--sequence-parallel: --seq-length {cfg.data.seq_length} must be divisible by "
-                 f"--tensor-model-parallel-size {tp}")
-    _require(world_size % (tp * pp) == 0,
+                 f"--tensor-model-parallel-size {tp}" + (f" x --context-parallel-size {cp}" if cp > 1 else ""))
+    _require(world_size % (tp * pp * cp) == 0,
              f"the world size {world_size} (WORLD_SIZE / --nproc-per-node) must be a multiple of "
-             f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}")
+             f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}"
+             + (f" x --context-parallel-size {cp}" if cp > 1 else ""))
     _require(p.distributed_timeout_minutes > 0,
              f"--distributed-timeout-minutes must be positive, got {p.distributed_timeout_minutes}")
     p.world_size = world_size

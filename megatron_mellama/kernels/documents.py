@@ -46,7 +46,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Docu
         # inside a compiled layer, flex attention is traced into the layer's graph
         flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
         return flex(q, k, v, block_mask=documents.block_mask, enable_gqa=gqa)
-    return _attention_by_tiles(q, k, v, documents.ids, gqa)
+    return attention_by_tiles(q, k, v, documents.ids, gqa)
 
 
 @functools.cache
@@ -55,14 +55,17 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-def _attention_by_tiles(q, k, v, document_ids, gqa: bool) -> torch.Tensor:
-    seq = q.shape[2]
+def attention_by_tiles(q, k, v, document_ids, gqa: bool, query_start: int = 0) -> torch.Tensor:
+    """Causal attention within documents, BLOCK queries at a time. The queries are the sequence's
+    positions [query_start, query_start + q's length) (a context-parallel chunk), the keys its
+    positions from 0, `document_ids` those of the whole sequence."""
     out = []
-    for start in range(0, seq, BLOCK):
-        end = min(start + BLOCK, seq)
-        # a query attends to keys up to itself only: the tile needs keys [0, end)
-        out.append(checkpoint(_attend_tile, q[:, :, start:end], k[:, :, :end], v[:, :, :end], document_ids, start,
-                              gqa, use_reentrant=False))
+    for start in range(0, q.shape[2], BLOCK):
+        rows = min(start + BLOCK, q.shape[2]) - start
+        # a query attends to keys up to itself only: the tile needs keys up to its last row
+        end = query_start + start + rows
+        out.append(checkpoint(_attend_tile, q[:, :, start:start + rows], k[:, :, :end], v[:, :, :end], document_ids,
+                              query_start + start, gqa, use_reentrant=False))
     return torch.cat(out, dim=2)
 
 

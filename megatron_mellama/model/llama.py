@@ -32,6 +32,14 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
+class CausalAttention(nn.Module):
+    """Each query attends to the keys at or before its position (within its document, when packed).
+    A module of its own so that context parallelism (`parallel/context.py`) can replace it."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents=None) -> torch.Tensor:
+        return kernels.attention(q, k, v, documents)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -40,6 +48,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.attend = CausalAttention()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, documents=None) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -49,7 +58,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = kernels.apply_rotary_qk(q, k, cos, sin)
         # query head h reads key/value head h // (heads / kv_heads), as Hugging Face's repeat_kv
-        out = kernels.attention(q, k, v, documents)
+        out = self.attend(q, k, v, documents)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 

@@ -11,7 +11,8 @@ parameters that are already DTensors on the TP mesh.
 | `optimizer` (ZeRO-2 like) | `fully_shard`, no reshard after forward | 1/N | 1/N | 1/N | whole, forward to backward |
 | `full` (ZeRO-3, FSDP) | `fully_shard`, reshard after forward | 1/N | 1/N | 1/N | one or two layers at a time |
 
-N is the number of ranks a parameter is sharded over: the data-parallel size D, or D / R with HSDP
+N is the number of ranks a parameter is sharded over: the data-parallel size D (times the
+context-parallel size: those ranks hold the same parameters), or D / R with HSDP
 (`optimizer` or `full` with `--data-parallel-replicate-size` R > 1: shard within each of R replica
 groups, then all-reduce the gradient shards across the groups). Per parameter, mixed precision keeps 4 bytes of fp32 master weight, 4 of
 gradient and 8 of Adam state; `optimizer` and `full` divide those 16 bytes by N. `optimizer`
@@ -64,7 +65,8 @@ def apply_data_parallel(module: nn.Module, meshes: Meshes, sharding: str, param_
     """
     if sharding not in SHARDING_MODES:
         raise ValueError(f"data-parallel sharding must be one of {SHARDING_MODES}, not {sharding!r}")
-    dp_size = meshes.dp.size()
+    # context-parallel ranks hold the same parameters and split the loss: data parallel for gradients
+    dp_size = meshes.dp_cp.size()
     if dp_size == 1 and param_dtype in (None, torch.float32):
         return module
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
@@ -72,10 +74,10 @@ def apply_data_parallel(module: nn.Module, meshes: Meshes, sharding: str, param_
         # FSDP2's own DDP: the same hooks and gradient-sync switches as the sharded modes, and the
         # flattened dp mesh covers HSDP-shaped meshes as one replica group
         def wrap(m: nn.Module, last: bool) -> None:
-            replicate(m, mesh=meshes.dp, mp_policy=mp)
+            replicate(m, mesh=meshes.dp_cp, mp_policy=mp)
     else:
         # a 1-D mesh when there is one replica group: HSDP's all-reduce over 1 rank is pure cost
-        mesh = meshes.dp_2d if meshes.dp_2d["dp_replicate"].size() > 1 else meshes.dp_2d["dp_shard"]
+        mesh = meshes.dp_cp_2d if meshes.dp_cp_2d["dp_replicate"].size() > 1 else meshes.dp_cp_shard
         reshard = sharding == "full"
 
         def wrap(m: nn.Module, last: bool) -> None:

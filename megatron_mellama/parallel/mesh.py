@@ -1,8 +1,13 @@
-"""ParallelDims: how the world splits into pipeline x data x tensor parallel groups, and its DeviceMesh.
+"""ParallelDims: how the world splits into pipeline x data x context x tensor parallel groups, and its DeviceMesh.
 
 Rank layout follows Megatron-LM: tensor parallel innermost (neighbouring ranks, one node's fast
-links), then data parallel, then pipeline outermost. Data parallel may itself split into
-replicate x shard (HSDP: shard within a node, replicate across nodes).
+links), then context parallel, then data parallel, then pipeline outermost. Data parallel may
+itself split into replicate x shard (HSDP: shard within a node, replicate across nodes).
+
+Context-parallel ranks read the same micro-batches (they share the data-parallel index) and hold
+the same parameters, each computing the loss of its part of the sequence: for gradients they are
+data-parallel ranks. So parameters are replicated or sharded over data x context parallel
+(`Meshes.dp_cp`, `dp_cp_2d`), as torchtitan does, while the data is split over `dp` alone.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..config import Config, ConfigError
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -26,15 +31,16 @@ class ParallelDims:
     dp_replicate: int
     dp_shard: int
     tp: int
+    cp: int = 1
 
     @classmethod
     def from_config(cls, cfg: Config, world_size: int) -> "ParallelDims":
         p = cfg.parallel
-        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        if world_size % (tp * pp):
+        tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+        if world_size % (tp * pp * cp):
             raise ConfigError(f"the world size {world_size} must be a multiple of --tensor-model-parallel-size {tp} "
-                              f"x --pipeline-model-parallel-size {pp}")
-        dp = world_size // (tp * pp)
+                              f"x --pipeline-model-parallel-size {pp} x --context-parallel-size {cp}")
+        dp = world_size // (tp * pp * cp)
         if p.data_parallel_sharding == "none":
             replicate, shard = dp, 1
         else:
@@ -42,7 +48,7 @@ class ParallelDims:
             if dp % replicate:
                 raise ConfigError(f"--data-parallel-replicate-size {replicate} must divide the data-parallel size {dp}")
             shard = dp // replicate
-        return cls(pp=pp, dp_replicate=replicate, dp_shard=shard, tp=tp)
+        return cls(pp=pp, dp_replicate=replicate, dp_shard=shard, tp=tp, cp=cp)
 
     @property
     def dp(self) -> int:
@@ -50,20 +56,27 @@ class ParallelDims:
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp * self.tp
+        return self.pp * self.dp * self.cp * self.tp
 
     def build_mesh(self, device_type: str) -> "Meshes":
-        world = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp),
+        world = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp),
                                  mesh_dim_names=MESH_DIMS)
-        return Meshes(world=world, pp=world["pp"], tp=world["tp"], dp_2d=world["dp_replicate", "dp_shard"],
-                      dp=world["dp_replicate", "dp_shard"]._flatten("dp"))
+        dp = world["dp_replicate", "dp_shard"]._flatten("dp")
+        if self.cp == 1:  # the same groups as without context parallelism
+            dp_cp, dp_cp_2d = dp, world["dp_replicate", "dp_shard"]
+        else:
+            dp_cp = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+            dp_cp_2d = dp_cp._unflatten(0, (self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", "dp_shard_cp"))
+        return Meshes(world=world, pp=world["pp"], tp=world["tp"], cp=world["cp"], dp=dp, dp_cp=dp_cp,
+                      dp_cp_2d=dp_cp_2d)
 
     def coordinates(self, rank: int) -> dict:
-        """pp / dp / tp index of a global rank, from the layout alone (no process group needed)."""
+        """pp / dp / cp / tp index of a global rank, from the layout alone (no process group needed)."""
         tp = rank % self.tp
-        dp = (rank // self.tp) % self.dp
-        pp = rank // (self.tp * self.dp)
-        return dict(pp=pp, dp=dp, tp=tp)
+        cp = (rank // self.tp) % self.cp
+        dp = (rank // (self.tp * self.cp)) % self.dp
+        pp = rank // (self.tp * self.cp * self.dp)
+        return dict(pp=pp, dp=dp, cp=cp, tp=tp)
 
 
 @dataclass(frozen=True)
@@ -73,8 +86,15 @@ class Meshes:
     world: DeviceMesh
     pp: DeviceMesh
     tp: DeviceMesh
-    dp: DeviceMesh  # replicate x shard flattened: all ranks holding the same model part
-    dp_2d: DeviceMesh  # (dp_replicate, dp_shard), for FSDP2 / HSDP
+    cp: DeviceMesh
+    dp: DeviceMesh  # replicate x shard flattened: the ranks that read different micro-batches
+    dp_cp: DeviceMesh  # dp x cp flattened: all ranks holding the same model part (gradients reduce here)
+    dp_cp_2d: DeviceMesh  # (dp_replicate, dp_shard [x cp]), for FSDP2 / HSDP
+
+    @property
+    def dp_cp_shard(self) -> DeviceMesh:
+        """The ranks a parameter is sharded over: dp_shard, times cp when there is context parallelism."""
+        return self.dp_cp_2d[self.dp_cp_2d.mesh_dim_names[1]]
 
 
 def local_device() -> torch.device:

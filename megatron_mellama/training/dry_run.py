@@ -66,7 +66,7 @@ class RankTrace:
 def default_ranks(dims: ParallelDims) -> list[int]:
     """Rank 0 (first stage: the most micro-batches in flight) and the first rank of the last stage
     (the output layer and the loss)."""
-    last = (dims.pp - 1) * dims.dp * dims.tp
+    last = (dims.pp - 1) * dims.dp * dims.cp * dims.tp
     return sorted({0, last})
 
 
@@ -193,8 +193,9 @@ def _trace_rank(cfg: Config, dims: ParallelDims, rank: int, notes: list[str], mi
 
 def _group_names(meshes) -> dict[str, str]:
     names = {}
-    for label, mesh in (("dp", meshes.dp), ("dp-shard", meshes.dp_2d["dp_shard"]),
-                        ("dp-replicate", meshes.dp_2d["dp_replicate"]), ("tp", meshes.tp), ("pp", meshes.pp)):
+    for label, mesh in (("dp", meshes.dp), ("dp-cp", meshes.dp_cp), ("dp-shard", meshes.world["dp_shard"]),
+                        ("dp-shard-cp", meshes.dp_cp_shard), ("dp-replicate", meshes.dp_cp_2d["dp_replicate"]),
+                        ("cp", meshes.cp), ("tp", meshes.tp), ("pp", meshes.pp)):
         names.setdefault(mesh.get_group().group_name, label)
     return names
 

@@ -1,4 +1,4 @@
-"""One optimizer step over one global batch, for any TP x PP x DP layout.
+"""One optimizer step over one global batch, for any TP x PP x DP x CP layout.
 
 The model is built on the meta device, cut into pipeline stages, tensor-parallelised,
 checkpointed/compiled, initialised (every parameter from its name, so all layouts start equal),
@@ -8,6 +8,8 @@ and wrapped for data parallelism. `step()` runs the micro-batches through the pi
 The loss is the token mean over the whole global batch: every micro-batch contributes its summed
 token loss divided by the token count of the global batch (all DP ranks together). Data-parallel
 reduction averages gradients, so the backward loss is multiplied by the DP size to make it a sum.
+With context parallelism (`parallel/context.py`) each rank computes the loss of its part of every
+sequence: DP x CP ranks split the batch, count its tokens and average gradients.
 The model's last stage computes the summed token loss itself (`model(tokens, labels)`: the fused,
 chunked, vocabulary-parallel output layer and cross-entropy), so the logits never exist.
 
@@ -41,6 +43,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from .. import kernels
 from ..config import Config
 from ..model.llama import Llama, initial_value, rotary_tables
+from ..parallel.context import apply_context_parallel, split_micro_batch
 from ..parallel.data import apply_data_parallel, set_gradient_sync
 from ..parallel.mesh import Meshes, ParallelDims
 from ..parallel.pipeline import build_schedule, run_pipeline_step, split_into_stages
@@ -97,6 +100,8 @@ class Engine:
         for _, part in self.parts:
             if self.dims.tp > 1:
                 apply_tensor_parallel(part, meshes.tp, p.sequence_parallel)
+            if self.dims.cp > 1:
+                apply_context_parallel(part, meshes.cp)
             if p.recompute_granularity:
                 apply_activation_checkpointing(part, p.recompute_granularity)
             part.to_empty(device=self.device)
@@ -168,9 +173,13 @@ class Engine:
         tokens = [mb["tokens"] for mb in on_device]
         documents = [{k: mb[k].to(self.device, non_blocking=True) for k in DOCUMENT_KEYS if k in mb}
                      for mb in micro_batches]
+        if self.dims.cp > 1:
+            cp_rank = self.meshes.cp.get_local_rank()
+            tokens, labels, documents = map(list, zip(*(split_micro_batch(t, lab, docs, self.dims.cp, cp_rank)
+                                                         for t, lab, docs in zip(tokens, labels, documents))))
         global_tokens = self._dp_sum(torch.stack([(lab != IGNORE_INDEX).sum() for lab in labels]).sum())
         # float64 keeps counts beyond 2^24 exact; a batch without targets weighs its zero loss by 1
-        self._loss_weight = (self.dims.dp / global_tokens.clamp(min=1).double()).float()
+        self._loss_weight = (self._grad_ranks / global_tokens.clamp(min=1).double()).float()
         if self.schedule is None:
             loss = self._accumulate(tokens, labels, documents, train)
         else:
@@ -225,7 +234,7 @@ class Engine:
                 if train:
                     self.scaler.scale(loss).backward()
             total += _local_value(loss.detach()).float()
-        return total / self.dims.dp  # back from the DP-scaled backward loss to this rank's share
+        return total / self._grad_ranks  # back from the DP-scaled backward loss to this rank's share
 
     def _pipeline(self, tokens, labels, documents, train: bool) -> torch.Tensor:
         per_token = {k: torch.cat([d[k] for d in documents]) for k in documents[0]}
@@ -235,15 +244,21 @@ class Engine:
         total = torch.zeros((), device=self.device)
         if losses is not None:
             summed = torch.stack([_local_value(x.detach()).float() for x in losses]).sum()
-            total = summed / (self.scaler.loss_scale * self.dims.dp)
+            total = summed / (self.scaler.loss_scale * self._grad_ranks)
         # the loss lives on the last stage; every rank reports it
         dist.all_reduce(total, group=self.meshes.pp.get_group())
         return total
 
+    @property
+    def _grad_ranks(self) -> int:
+        """The ranks whose gradients are averaged: data x context parallel, which split the batch."""
+        return self.dims.dp * self.dims.cp
+
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.dims.dp > 1:
+        """Summed over the ranks that split the global batch (data x context parallel)."""
+        if self._grad_ranks > 1:
             value = value.clone()
-            dist.all_reduce(value, group=self.meshes.dp.get_group())
+            dist.all_reduce(value, group=self.meshes.dp_cp.get_group())
         return value
 
     # -- inspection -----------------------------------------------------------------------------
