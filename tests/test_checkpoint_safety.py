@@ -9,7 +9,7 @@ import pytest
 from checkpoint_harness import copy_checkpoint, drop_checksums, edit_train_state, load_with
 from engine_harness import TINY, spawn_gloo
 from megatron_mellama.checkpoint.manager import CheckpointError, CheckpointManager, checkpoint_to_load
-from megatron_mellama.config import parse_config
+from megatron_mellama.config import ConfigError, parse_config
 from megatron_mellama.training.engine import Engine
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -95,6 +95,25 @@ def test_architecture_values_are_compared(saved, flag, value, want, extra):
     with pytest.raises(CheckpointError, match=r"the model flags do not match the checkpoint: " + want) as info:
         load_with(["--load", saved, flag, value] + extra)
     assert "\n" not in str(info.value)
+
+
+def test_extend_context_changes_the_positions_of_a_new_run_only(saved, capsys):
+    longer = ["--rotary-base", "500000", "--max-position-embeddings", "512", "--use-rope-scaling",
+              "--rope-scaling-factor", "2"]
+    with pytest.raises(CheckpointError, match=r"--rotary-base 500000.0 but .*--max-position-embeddings 512 but the "
+                                              r"checkpoint has 256 \(a new run that changes the positions on purpose: "
+                                              r"--finetune --extend-context\)$"):
+        load_with(["--load", saved, "--finetune"] + longer)
+    capsys.readouterr()
+    assert load_with(["--load", saved, "--finetune", "--extend-context"] + longer)["iteration"] == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if "extending the context" in x]
+    assert len(line) == 1 and "--rotary-base 500000.0 but the checkpoint has 10000.0" in line[0]
+    assert "RoPE scaling --use-rope-scaling --rope-scaling-factor 2.0" in line[0]
+    # weights and other architecture values still must match
+    with pytest.raises(CheckpointError, match=r"--norm-epsilon 1e-06 but the checkpoint has 1e-05$"):
+        load_with(["--load", saved, "--finetune", "--extend-context", "--norm-epsilon", "1e-6"] + longer)
+    with pytest.raises(ConfigError, match=r"--extend-context .* needs --finetune"):
+        load_with(["--load", saved, "--extend-context"] + longer)
 
 
 def test_every_difference_is_named_at_once(saved):

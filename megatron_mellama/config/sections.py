@@ -204,6 +204,9 @@ class CheckpointConfig:
     load: Optional[str] = opt(None, "directory to resume (or, with --finetune, start) from")
     save_interval: Optional[int] = opt(None, "save every this many iterations")
     finetune: bool = opt(False, "load weights only and start at iteration 0")
+    extend_context: bool = opt(
+        False, "with --finetune: the RoPE base, RoPE scaling and --max-position-embeddings may differ from the "
+        "checkpoint's (continual pretraining to a longer context); the new values are saved and exported")
     keep_last: Optional[int] = opt(None, "keep only the newest N checkpoints")
     no_load_optim: bool = opt(False, "do not load the optimizer state")
     no_load_rng: bool = opt(False, "do not load the random-number-generator state")
