@@ -54,6 +54,12 @@ def test_layout_equals_one_process(name, packed, references, tmp_path):
     _assert_equal(run_distributed(argv, world, STEPS, str(tmp_path)), references[packed], (name, packed))
 
 
+@pytest.mark.parametrize("flags", [["--recompute-granularity", "selective"], ["--compile"]],
+                         ids=["selective-recompute", "compile"])
+def test_cp2_composes_with_recompute_and_compile(flags, references, tmp_path):
+    _assert_equal(run_distributed(TINY + CP2 + flags, 2, STEPS, str(tmp_path)), references[False], flags)
+
+
 def test_the_layout_pairs_early_and_late_chunks():
     assert chunk_positions(16, 2, 0).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
     assert chunk_positions(16, 2, 1).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]

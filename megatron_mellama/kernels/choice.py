@@ -48,6 +48,10 @@ def configure(choice: str, device: torch.device | str = "cpu", timing_shapes: di
     else:
         table = _forced(choice, device.type, compiled)
     dispatch.set_table(table)
+    # every module the table names is imported now: an import inside a compiled block (the first
+    # forward of a fresh process under --compile) breaks its graph
+    for backend in {REFERENCE, *table.values()}:
+        dispatch.backend_module(backend, device.type, report=logging.INFO)
     log.info("kernels: %s", ", ".join(f"{op}={b}" for op, b in table.items()))
     return dict(table)
 

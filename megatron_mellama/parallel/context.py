@@ -62,9 +62,14 @@ def split_micro_batch(tokens: torch.Tensor, labels: torch.Tensor, documents: dic
 class ContextParallelAttention(nn.Module):
     """Causal attention of this rank's two chunks of queries over the keys of the whole sequence."""
 
-    def __init__(self, group: dist.ProcessGroup, cp: int, rank: int):
+    def __init__(self, group: dist.ProcessGroup, cp: int, rank: int, seq_length: int):
         super().__init__()
         self.group, self.cp, self.rank = group, cp, rank
+        # built here, not per call: under torch.compile and selective recompute a tensor subclass
+        # cannot be constructed inside the traced region
+        chunk = seq_length // (2 * cp)
+        self._causal = {end: causal_lower_right(chunk, end)
+                        for end in ((rank + 1) * chunk, (2 * cp - rank) * chunk)}
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents=None) -> torch.Tensor:
         chunk = q.shape[2] // 2
@@ -77,8 +82,8 @@ class ContextParallelAttention(nn.Module):
             q_chunk = q[:, :, half * chunk:(half + 1) * chunk]
             k_seen, v_seen = k[:, :, :end], v[:, :, :end]
             if documents is None:
-                out.append(F.scaled_dot_product_attention(q_chunk, k_seen, v_seen, enable_gqa=gqa,
-                                                          attn_mask=causal_lower_right(chunk, end)))
+                causal = self._causal[end] if end in self._causal else causal_lower_right(chunk, end)
+                out.append(F.scaled_dot_product_attention(q_chunk, k_seen, v_seen, enable_gqa=gqa, attn_mask=causal))
             else:
                 out.append(packed_documents.attention_by_tiles(q_chunk, k_seen, v_seen, documents.ids, gqa,
                                                                query_start=start))
@@ -91,11 +96,11 @@ class ContextParallelAttention(nn.Module):
         return gathered.index_select(2, torch.argsort(held))
 
 
-def apply_context_parallel(model: nn.Module, cp_mesh) -> nn.Module:
+def apply_context_parallel(model: nn.Module, cp_mesh, seq_length: int) -> nn.Module:
     """Give every attention layer of `model` (a Llama or a pipeline stage of it) the context-parallel
-    attention over `cp_mesh`; in place. The model then takes this rank's share of each sequence
-    (`split_micro_batch`)."""
+    attention over `cp_mesh` for sequences of `seq_length`; in place. The model then takes this
+    rank's share of each sequence (`split_micro_batch`)."""
     group, cp, rank = cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank()
     for layer in model.layers.values():
-        layer.self_attn.attend = ContextParallelAttention(group, cp, rank)
+        layer.self_attn.attend = ContextParallelAttention(group, cp, rank, seq_length)
     return model

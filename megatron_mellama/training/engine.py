@@ -101,7 +101,7 @@ class Engine:
             if self.dims.tp > 1:
                 apply_tensor_parallel(part, meshes.tp, p.sequence_parallel)
             if self.dims.cp > 1:
-                apply_context_parallel(part, meshes.cp)
+                apply_context_parallel(part, meshes.cp, cfg.seq_length)
             if p.recompute_granularity:
                 apply_activation_checkpointing(part, p.recompute_granularity)
             part.to_empty(device=self.device)
