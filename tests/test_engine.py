@@ -119,4 +119,4 @@ def test_parallel_dims_from_config():
                                "--data-parallel-replicate-size", "2", "--global-batch-size", "8"], world_size=8)
     dims = ParallelDims.from_config(cfg, 8)
     assert (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp, dims.dp) == (1, 2, 2, 2, 4)
-    assert dims.coordinates(5) == dict(pp=0, dp=2, tp=1)
+    assert dims.coordinates(5) == dict(pp=0, dp=2, cp=0, tp=1)
