@@ -1,8 +1,11 @@
 """The planner (`parallel/memory_model.py`) predicts the peak the dry run traces, within 10%, on small
-shapes of every kind of layout the Me-LLaMA recipes use; and the dry run's own command line.
+shapes of every kind of layout the Me-LLaMA recipes use; the dry run of context-parallel layouts;
+and the dry run's own command line.
 
 The shapes are small enough to trace in seconds but keep the proportions that matter: sequence,
-width and FFN large beside the vocabulary, so activations and weights dominate as at 13B/70B."""
+width and FFN large beside the vocabulary, so activations and weights dominate as at 13B/70B.
+Context-parallel layouts run twice the sequence, so that each rank holds as many tokens as the
+others' ranks do."""
 
 import subprocess
 import sys
@@ -11,13 +14,16 @@ import pytest
 
 from megatron_mellama.config import parse_config
 from megatron_mellama.parallel.memory_model import predict_rank
-from megatron_mellama.training.dry_run import dry_run
+from megatron_mellama.parallel.mesh import ParallelDims
+from megatron_mellama.training.dry_run import default_ranks, dry_run
 
 SMALL = ["--num-layers", "4", "--hidden-size", "512", "--num-attention-heads", "8", "--group-query-attention",
          "--num-query-groups", "4", "--ffn-hidden-size", "1408", "--vocab-size", "512",
          "--max-position-embeddings", "1024", "--seq-length", "1024", "--bf16", "--mock-data", "--train-iters", "1"]
 TP2_PP2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel",
            "--data-parallel-sharding", "optimizer", "--global-batch-size", "16"]
+CP2 = ["--context-parallel-size", "2", "--seq-length", "2048", "--max-position-embeddings", "2048"]
+ZERO2 = ["--data-parallel-sharding", "optimizer", "--global-batch-size", "16"]
 
 LAYOUTS = {
     "dp8 ddp": ["--data-parallel-sharding", "none", "--global-batch-size", "16"],
@@ -32,6 +38,11 @@ LAYOUTS = {
     "tp2 pp2 1f1b once per step": TP2_PP2 + ["--reduce-grads-once-per-step"],
     "dp8 zero2 once per step": ["--data-parallel-sharding", "optimizer", "--global-batch-size", "16",
                                 "--reduce-grads-once-per-step"],
+    "cp2 dp4 zero2": CP2 + ZERO2,
+    "cp2 dp4 zero2 selective": CP2 + ZERO2 + ["--recompute-granularity", "selective"],
+    "cp2 tp2 sp zero2": CP2 + ZERO2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    "cp2 dp4 zero3": CP2 + ["--data-parallel-sharding", "full", "--global-batch-size", "16"],
+    "cp2 pp2 1f1b": CP2 + ZERO2 + ["--pipeline-model-parallel-size", "2"],
 }
 
 
@@ -64,6 +75,29 @@ def test_sharded_modes_hold_sharded_gradients_and_zero3_holds_fewer_weights():
     assert sum(v["calls"] for k, v in comm.items() if k.startswith("reduce-scatter dp")) >= 8 * 4, comm
 
 
+@pytest.mark.parametrize("flags", [[], ["--tensor-model-parallel-size", "2", "--sequence-parallel"]],
+                         ids=["cp2", "cp2-tp2-sp"])
+def test_context_parallel_dry_run_counts_the_key_value_all_gather(flags):
+    """Every layer all-gathers keys and values over the cp group, and its backward reduce-scatters
+    their gradients: 2 of each per layer and micro-batch, of the whole sequence's keys."""
+    cfg = parse_config(SMALL + CP2 + ZERO2 + flags, world_size=8)
+    (trace,) = dry_run(cfg, progress=lambda line: None)
+    comm, layers, micro_batches = trace.peak.communication, 4, cfg.num_microbatches
+    tp = cfg.parallel.tensor_model_parallel_size
+    for name in ("all-gather cp", "reduce-scatter cp"):
+        assert comm[name]["calls"] == 2 * layers * micro_batches, comm
+    # bf16 keys of 4 of 8 heads of 64 over the whole sequence, each call
+    whole = 2048 * (4 // tp) * 64 * 2
+    assert comm["all-gather cp"]["bytes"] == 2 * layers * micro_batches * whole
+    assert trace.coordinates == dict(pp=0, dp=0, cp=0, tp=0)
+
+
+def test_default_ranks_skip_the_context_parallel_ranks():
+    dims = ParallelDims(pp=2, dp_replicate=2, dp_shard=1, tp=2, cp=2)
+    first, last = default_ranks(dims)
+    assert first == 0 and dims.coordinates(last) == dict(pp=1, dp=0, cp=0, tp=0)
+
+
 def test_pretrain_dry_run_prints_each_rank_and_fits_line():
     out = subprocess.run(
         [sys.executable, "-m", "megatron_mellama.pretrain", *SMALL, *TP2_PP2, "--dry-run", "--world-size", "8",
@@ -73,6 +107,18 @@ def test_pretrain_dry_run_prints_each_rank_and_fits_line():
     assert "tracing rank 0 of 8" in out.stdout and "tracing rank 4 of 8" in out.stdout
     assert "rank 4 communication per step:" in out.stdout and "send pp" in out.stdout
     assert "on a 1 GiB card: fits" in out.stdout
+
+
+def test_pretrain_dry_run_of_cp2_tp2_pp2_names_the_cp_collectives():
+    out = subprocess.run(
+        [sys.executable, "-m", "megatron_mellama.pretrain", *SMALL, *TP2_PP2, *CP2, "--dry-run", "--world-size", "16"],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tracing rank 0 of 16" in out.stdout and "tracing rank 8 of 16" in out.stdout
+    assert "x CP 2 (16 GPUs)" in out.stdout and "context-parallel rank 0" in out.stdout
+    for rank in (0, 8):
+        line = next(x for x in out.stdout.splitlines() if x.startswith(f"rank {rank} communication"))
+        assert "all-gather cp" in line and "reduce-scatter cp" in line and "send pp" in line, line
 
 
 def test_dry_run_flags_need_dry_run():

@@ -1,4 +1,5 @@
-"""The layout planner: its model-state bytes match what the engine allocates, and its command line."""
+"""The layout planner: its model-state bytes match what the engine allocates, and its command line,
+with and without context parallelism."""
 
 import json
 
@@ -13,6 +14,9 @@ from megatron_mellama.training.engine import Engine
 
 PLAN_13B = ["--model", "llama2-13b", "--seq-length", "4096", "--micro-batch-size", "1", "--global-batch-size",
             "1024", "--gpu-memory-gb", "80", "--num-gpus", "160"]
+PLAN_13B_32K = ["--model", "llama2-13b", "--seq-length", "32768", "--max-position-embeddings", "32768",
+                "--rotary-base", "500000", "--micro-batch-size", "1", "--global-batch-size", "128",
+                "--gpu-memory-gb", "80", "--num-gpus", "64"]
 
 
 def _local_bytes(tensors) -> int:
@@ -103,12 +107,48 @@ def test_trace_adds_the_dry_run_peak_beside_the_estimate(capsys):
     assert row["traced_gb"] == pytest.approx(row["total_gb"], rel=0.25)
 
 
+def test_without_context_parallel_sizes_the_output_has_no_cp(capsys):
+    assert main(PLAN_13B + ["--top", "3"]) == 0
+    assert "CP" not in capsys.readouterr().out.splitlines()[0].split()
+    assert main(PLAN_13B + ["--top", "0", "--json"]) == 0
+    assert all("cp" not in r for r in json.loads(capsys.readouterr().out))
+
+
+def test_context_parallel_sizes_enumerate_cp_layouts(capsys):
+    assert main(PLAN_13B_32K + ["--context-parallel-sizes", "1", "2", "4", "--top", "0", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["cp"] for r in rows} == {1, 2, 4}
+    assert all(r["tp"] * r["pp"] * r["dp"] * r["cp"] == 64 and 128 % r["dp"] == 0 for r in rows)
+    # at 32k tokens the fastest layout that fits splits the sequence
+    best = rows[0]
+    assert best["fits"] and best["cp"] > 1
+    same = {(r["tp"], r["pp"], r["dp"] * r["cp"]): r for r in rows if r["cp"] == 1}
+    with_cp = [r for r in rows if r["cp"] > 1 and (r["tp"], r["pp"], r["dp"] * r["cp"]) in same]
+    assert with_cp and all(r["activations_gb"] < same[r["tp"], r["pp"], r["dp"] * r["cp"]]["activations_gb"]
+                           for r in with_cp)
+    assert main(PLAN_13B_32K + ["--context-parallel-sizes", "2", "--top", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["TP", "PP", "DP", "CP"] and lines[1].split()[3] == "2"
+
+
+def test_trace_runs_the_context_parallel_layout(capsys):
+    assert main(["--model", "tiny", "--seq-length", "256", "--micro-batch-size", "1", "--global-batch-size", "8",
+                 "--num-gpus", "2", "--gpu-memory-gb", "1", "--top", "1", "--trace", "--recompute", "none",
+                 "--context-parallel-sizes", "2", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "x CP 2" in out
+    row = json.loads(out[out.index("["):])[0]
+    assert row["cp"] == 2 and row["dp"] == 1
+    assert row["traced_gb"] == pytest.approx(row["total_gb"], rel=0.25)
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--num-gpus", "0"], "--num-gpus"),
     (["--recompute", "some"], "--recompute"),
     (["--model", "gpt9"], "--model"),
     (["--seq-length", "8192"], "--seq-length"),
     (["--num-gpus", "7"], "--num-gpus"),
+    (["--context-parallel-sizes", "0"], "--context-parallel-sizes"),
 ])
 def test_bad_flags_give_one_line_naming_the_flag(flags, named, capsys):
     assert main(PLAN_13B + flags) == 2  # a repeated flag's last value wins

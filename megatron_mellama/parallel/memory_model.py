@@ -4,7 +4,7 @@ The figures count the tensors the engine creates, as the dry run (`pretrain --dr
 `training/dry_run.py`) traces them; `benchmarks/memory.py` and `tests/test_memory_model.py` hold
 this model to the trace. Per rank, in bytes, with P the parameters of the rank's pipeline
 stages (its TP share; norms are not split) and N the ranks a sharded data-parallel mode splits
-them over:
+them over (data x context parallel: context-parallel ranks hold the same parameters):
 
     weights      4 P / N        fp32 master weights (N = 1 for `none`)
     gradients    4 P / N        fp32, reduce-scattered every micro-batch by the sharded modes;
@@ -35,6 +35,13 @@ f = ffn / h, t = TP:
 The attention core is SDPA's flash/memory-efficient kernel (on the CPU, its flash kernel), which
 keeps a logsumexp per head and token, not the scores.
 
+Context parallelism over C ranks (`parallel/context.py`): s is the rank's s / C tokens, and
+attention keeps q, each chunk's output and their concatenation, and the keys and values of the
+whole sequence all-gathered for backward: 2 (3 + 2 r C) / t in place of 2 (2 + 2 r) / t
+(selective keeps the gathered keys and values too, a collective's output). The lower-right causal
+mask is a flag to the GPU's kernels, no tensor (the dry run traces it so). Model state is as
+without it, the sharded modes splitting it over dp x C.
+
 Micro-batches in flight: 1 without PP (each micro-batch runs forward and backward before the
 next); 1F1B's stage i holds min(PP - i, n) micro-batches' activations; the interleaved
 schedule's rank r holds the forward chunks of its warm-up, (v - 1) * PP + 2 (PP - 1 - r), plus
@@ -46,8 +53,10 @@ A layout fits when its peak is within 90% of the card: the rest goes to the CUDA
 buffers and allocator fragmentation, none of which is a tensor.
 
 Step time: training FLOPs per step / (GPUs x peak x efficiency), times the recompute overhead,
-the pipeline bubble (1 + (PP - 1) / (v micro-batches)) and a rough TP communication penalty
-(5% per doubling of TP, inside one NVLink node). Data-parallel reduction is assumed overlapped.
+the pipeline bubble (1 + (PP - 1) / (v micro-batches)) and rough, assumed (not measured)
+communication penalties: 5% per doubling of TP, inside one NVLink node, and 5% per doubling of
+CP for its per-layer key/value all-gather, not overlapped with compute. Data-parallel reduction
+is assumed overlapped.
 """
 
 from __future__ import annotations
@@ -63,6 +72,7 @@ GIB = 2 ** 30
 # of the card: the rest goes to the CUDA context, communication buffers and allocator fragmentation
 USABLE_FRACTION = 0.9
 TP_PENALTY_PER_DOUBLING = 0.05
+CP_PENALTY_PER_DOUBLING = 0.05
 PARTS = ("weights", "gathered", "gradients", "optimizer", "activations", "temporaries")
 # logits elements per chunk of the fused loss (kernels/fused_loss.py)
 LOSS_CHUNK_ELEMENTS = 1 << 24
@@ -96,6 +106,7 @@ class Estimate:
     total_gb: float
     fits: bool
     step_s: float
+    cp: int = 1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -106,8 +117,8 @@ class Estimate:
 class _Layout:
     tp: int
     pp: int
-    dp: int
-    shards: int  # ranks a sharded DP mode splits a parameter over (1 for `none`)
+    dp: int  # ranks that read different micro-batches
+    shards: int  # ranks a sharded DP mode splits a parameter over: dp_shard x cp (1 for `none`)
     v: int  # stages per pipeline rank
     sharding: str
     sequence_parallel: bool
@@ -118,13 +129,20 @@ class _Layout:
     compute_bytes: int  # 2 for bf16/fp16, 4 for fp32
     mixed: bool  # bf16/fp16 compute weights exist beside the fp32 master weights
     whole_grads: bool = False  # a sharded mode keeps whole fp32 gradients through the micro-batches
+    cp: int = 1
+
+    @property
+    def local_seq(self) -> int:
+        """Tokens of a sequence on one rank: context parallelism splits it."""
+        return self.seq // self.cp
 
     @classmethod
     def of(cls, cfg: Config) -> "_Layout":
         p, world = cfg.parallel, cfg.parallel.world_size
-        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        dp = world // (tp * pp)
-        shards = 1 if p.data_parallel_sharding == "none" else dp // p.data_parallel_replicate_size
+        tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+        dp = world // (tp * pp * cp)
+        # context-parallel ranks hold the same parameters: the sharded modes split them over dp x cp
+        shards = 1 if p.data_parallel_sharding == "none" else dp // p.data_parallel_replicate_size * cp
         v = stages_per_rank(cfg.model.num_layers, pp, p.num_layers_per_virtual_pipeline_stage, p.pipeline_schedule)
         low = cfg.train.bf16 or cfg.train.fp16
         return cls(tp=tp, pp=pp, dp=dp, shards=shards, v=v,
@@ -132,7 +150,7 @@ class _Layout:
                    recompute=p.recompute_granularity or "none", micro_batch=cfg.train.micro_batch_size,
                    seq=cfg.seq_length, microbatches=cfg.num_microbatches, compute_bytes=2 if low else 4,
                    mixed=low,
-                   whole_grads=shards > 1 and p.reduce_grads_once_per_step and cfg.num_microbatches > 1)
+                   whole_grads=shards > 1 and p.reduce_grads_once_per_step and cfg.num_microbatches > 1, cp=cp)
 
 
 def _stages(lay: _Layout, pp_rank: int) -> list[int]:
@@ -168,7 +186,7 @@ def layer_activation_bytes(m: ModelConfig, lay: _Layout, recompute: str | None =
     """Stored activations of one layer for one micro-batch (module doc), in bytes."""
     recompute = recompute or lay.recompute
     t, e = lay.tp, lay.compute_bytes
-    B = lay.micro_batch * lay.seq * m.hidden_size
+    B = lay.micro_batch * lay.local_seq * m.hidden_size
     sp = lay.sequence_parallel
     g = 1 / t if sp else 1.0
     r = m.kv_heads / m.num_attention_heads
@@ -182,11 +200,16 @@ def layer_activation_bytes(m: ModelConfig, lay: _Layout, recompute: str | None =
         # norms, RoPE, SiLU x up (parallel/recompute.py)
         qkv, out = e * (1 + 2 * r) / t, e / t
         partial = 2 * e if sp else 0.0  # o_proj's and down_proj's outputs before their reduce-scatter
-        return B * (gathered_inputs + qkv + out + partial + 2 * e * g + 2 * e * f / t + e * g)
+        kv_gathered = 2 * e * r * lay.cp / t if lay.cp > 1 else 0.0  # a collective's output: kept
+        return B * (gathered_inputs + qkv + out + partial + 2 * e * g + 2 * e * f / t + e * g + kv_gathered)
     # two norms: an fp32 copy and the normalised value each; under SP their sharded outputs stay
     # referenced by the all-gather's autograd node
     norms = 2 * (4 + e) * g + (2 * e * g if sp else 0.0)
     attention = e * (2 + 2 * r) / t  # q and k after RoPE, v, and the attention output
+    if lay.cp > 1:
+        # q, each chunk's attention output and their concatenation, and the keys and values of the
+        # whole sequence (cp times the rank's tokens) gathered for the chunks' attention
+        attention = e * 3 / t + 2 * e * r * lay.cp / t
     mlp = 4 * e * f / t  # gate, SiLU(gate), up and their product
     return B * (norms + gathered_inputs + attention + mlp)
 
@@ -208,7 +231,7 @@ def _in_flight(lay: _Layout, pp_rank: int) -> float:
 def activation_bytes(m: ModelConfig, lay: _Layout, pp_rank: int) -> float:
     layers = _rank_layers(m, lay)
     in_flight = _in_flight(lay, pp_rank)
-    B = lay.micro_batch * lay.seq * m.hidden_size
+    B = lay.micro_batch * lay.local_seq * m.hidden_size
     g = 1 / lay.tp if lay.sequence_parallel else 1.0
     total = in_flight * layers * layer_activation_bytes(m, lay)
     if lay.recompute == "full":  # the layer recomputed in backward holds all of its activations
@@ -223,7 +246,7 @@ def activation_bytes(m: ModelConfig, lay: _Layout, pp_rank: int) -> float:
 def loss_bytes(m: ModelConfig, lay: _Layout) -> float:
     """The last stage's fused loss, forward to backward: final norm, gathered hidden state, the
     fp32 output-layer gradient and the hidden-state gradient."""
-    B = lay.micro_batch * lay.seq * m.hidden_size
+    B = lay.micro_batch * lay.local_seq * m.hidden_size
     g = 1 / lay.tp if lay.sequence_parallel else 1.0
     norm = (4 + lay.compute_bytes) * g * B
     gathered = lay.compute_bytes * B
@@ -246,7 +269,7 @@ def temporary_bytes(m: ModelConfig, lay: _Layout, pp_rank: int) -> float:
     ends_forward = lay.pp == 1 or not _holds_loss(lay, pp_rank)
     if ends_forward and lay.v == 1 and lay.recompute == "none":
         grads = max(0.0, grads - layers * layer_activation_bytes(m, lay, "none"))
-    chunk = min(LOSS_CHUNK_ELEMENTS, lay.micro_batch * lay.seq * m.padded_vocab_size / lay.tp) * (4 + 2)
+    chunk = min(LOSS_CHUNK_ELEMENTS, lay.micro_batch * lay.local_seq * m.padded_vocab_size / lay.tp) * (4 + 2)
     return grads + chunk
 
 
@@ -276,7 +299,7 @@ def gathered_bytes(m: ModelConfig, lay: _Layout, pp_rank: int, params: float) ->
 def predict_rank(cfg: Config, rank: int) -> Prediction:
     """The predicted peak of global rank `rank` of the run `cfg` was validated for, by part."""
     m, lay = cfg.model, _Layout.of(cfg)
-    pp_rank = rank // (lay.tp * lay.dp)
+    pp_rank = rank // (lay.tp * lay.cp * lay.dp)
     params = rank_parameters(m, lay, pp_rank)
     parts = dict(weights=4 * params / lay.shards,
                  gathered=gathered_bytes(m, lay, pp_rank, params),
@@ -291,7 +314,7 @@ def predict_rank(cfg: Config, rank: int) -> Prediction:
 def heaviest(cfg: Config) -> Prediction:
     """The rank with the largest predicted peak: one of the first and last pipeline stage."""
     lay = _Layout.of(cfg)
-    ranks = {0, (lay.pp - 1) * lay.tp * lay.dp}
+    ranks = {0, (lay.pp - 1) * lay.tp * lay.cp * lay.dp}
     return max((predict_rank(cfg, r) for r in sorted(ranks)), key=lambda p: p.total_bytes)
 
 
@@ -305,7 +328,8 @@ def step_seconds(cfg: Config, gpus: int, peak_tflops: float, efficiency: float) 
         flops *= 1.02
     ideal = flops / (gpus * peak_tflops * 1e12 * efficiency)
     bubble = 1 + (lay.pp - 1) / (lay.microbatches * lay.v)
-    return ideal * bubble * (1 + TP_PENALTY_PER_DOUBLING * math.log2(lay.tp))
+    return (ideal * bubble * (1 + TP_PENALTY_PER_DOUBLING * math.log2(lay.tp))
+            * (1 + CP_PENALTY_PER_DOUBLING * math.log2(lay.cp)))
 
 
 def estimate(cfg: Config, *, gpu_memory_gb: float, peak_tflops: float, efficiency: float = 0.45) -> Estimate:
@@ -317,7 +341,7 @@ def estimate(cfg: Config, *, gpu_memory_gb: float, peak_tflops: float, efficienc
                     optimizer_gb=gb["optimizer"], gathered_gb=gb["gathered"], activations_gb=gb["activations"],
                     temporaries_gb=gb["temporaries"], total_gb=total,
                     fits=total <= USABLE_FRACTION * gpu_memory_gb,
-                    step_s=step_seconds(cfg, cfg.parallel.world_size, peak_tflops, efficiency))
+                    step_s=step_seconds(cfg, cfg.parallel.world_size, peak_tflops, efficiency), cp=lay.cp)
 
 
 __all__ = ["Estimate", "Prediction", "estimate", "predict_rank", "heaviest", "model_state_bytes",

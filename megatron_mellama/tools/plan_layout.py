@@ -1,11 +1,12 @@
-"""Rank every TP x PP x DP layout of a model on a cluster by estimated memory per GPU and step time.
+"""Rank every TP x PP x DP (x CP) layout of a model on a cluster by estimated memory per GPU and step time.
 
     mellama-plan-layout --model llama2-13b --seq-length 4096 --micro-batch-size 1 \\
         --global-batch-size 1024 --gpu-memory-gb 80 --num-gpus 160 --recompute selective
 
 A layout is listed when TP is a power of two of at most 8 (one node), dividing the query and
 key/value heads, PP divides the layers, and the project's own config validation accepts it with
-the given batch sizes. Layouts that fit come first, fastest first. The estimates and their
+the given batch sizes. Context parallelism is tried at the sizes `--context-parallel-sizes` lists
+(default: none, CP 1); for sequences past the preset's length give `--max-position-embeddings`. Layouts that fit come first, fastest first. The estimates and their
 assumptions are in megatron_mellama/parallel/memory_model.py; `--trace` also runs the dry run
 (`pretrain --dry-run`) of each layout shown and prints the traced peak beside the estimate.
 """
@@ -19,7 +20,7 @@ from megatron_mellama.parallel.memory_model import GIB, estimate
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
 
 PROG = "mellama-plan-layout"
-COLUMNS = (("TP", "tp", "d"), ("PP", "pp", "d"), ("DP", "dp", "d"), ("micro", "microbatches", "d"),
+COLUMNS = (("TP", "tp", "d"), ("PP", "pp", "d"), ("DP", "dp", "d"), ("CP", "cp", "d"), ("micro", "microbatches", "d"),
            ("weights", "weights_gb", ".1f"), ("grads", "grads_gb", ".1f"), ("optim", "optimizer_gb", ".1f"),
            ("gathered", "gathered_gb", ".1f"), ("activ", "activations_gb", ".1f"), ("temp", "temporaries_gb", ".1f"),
            ("total GiB", "total_gb", ".1f"), ("fits", "fits", ""), ("step s", "step_s", ".2f"))
@@ -42,6 +43,11 @@ def build_parser() -> OneLineParser:
                    help="as the training flag (default: optimizer)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                    help="compute precision (default: bf16, with fp32 master weights)")
+    p.add_argument("--context-parallel-sizes", type=int, nargs="+", default=[1], metavar="CP",
+                   help="context-parallel sizes to try (default: 1, no context parallelism)")
+    p.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="longest sequence the rotary tables cover (default: the preset's)")
+    p.add_argument("--rotary-base", type=float, default=None, help="RoPE base (default: the preset's)")
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="interleaved 1F1B with this many layers per virtual stage, where PP > 1 allows it")
     p.add_argument("--trace", action="store_true",
@@ -61,14 +67,20 @@ def _check(args) -> None:
         raise UsageError(f"--efficiency must lie in (0, 1], got {args.efficiency}")
     if args.top < 0:
         raise UsageError(f"--top must not be negative, got {args.top}")
+    if any(cp <= 0 for cp in args.context_parallel_sizes):
+        raise UsageError(f"--context-parallel-sizes must be positive, got {args.context_parallel_sizes}")
 
 
-def _config(args, tp: int, pp: int, world: int):
+def _config(args, tp: int, pp: int, world: int, cp: int = 1):
     argv = ["--model", args.model, "--seq-length", str(args.seq_length),
             "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
             "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-            "--data-parallel-sharding", args.data_parallel_sharding,
+            "--context-parallel-size", str(cp), "--data-parallel-sharding", args.data_parallel_sharding,
             "--mock-data", "--train-iters", "1"]  # what a traced step needs; the estimates ignore them
+    if args.max_position_embeddings:
+        argv += ["--max-position-embeddings", str(args.max_position_embeddings)]
+    if args.rotary_base:
+        argv += ["--rotary-base", str(args.rotary_base)]
     if args.dtype != "fp32":
         argv.append(f"--{args.dtype}")
     if args.num_layers_per_virtual_pipeline_stage and pp > 1:
@@ -88,17 +100,14 @@ def plan(args) -> list[dict]:
         raise UsageError(str(e)) from None
     m = base.model
     rows = []
-    for tp in (1, 2, 4, 8):
-        for pp in range(1, m.num_layers + 1):
-            if m.num_layers % pp or args.num_gpus % (tp * pp):
-                continue
-            try:
-                cfg = _config(args, tp, pp, args.num_gpus)
-            except ConfigError:
-                continue
-            row = estimate(cfg, gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
-                           efficiency=args.efficiency).as_dict()
-            rows.append(dict(row, cfg=cfg))
+    for tp, pp, cp in _candidates(m.num_layers, args.num_gpus, sorted(set(args.context_parallel_sizes))):
+        try:
+            cfg = _config(args, tp, pp, args.num_gpus, cp)
+        except ConfigError:
+            continue
+        row = estimate(cfg, gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
+                       efficiency=args.efficiency).as_dict()
+        rows.append(dict(row, cfg=cfg))
     if not rows:
         raise UsageError(f"--num-gpus {args.num_gpus}: no TP x PP x DP layout of {args.model} is valid with "
                          f"--global-batch-size {args.global_batch_size} and --micro-batch-size "
@@ -107,18 +116,30 @@ def plan(args) -> list[dict]:
     return rows
 
 
+def _candidates(layers: int, gpus: int, cp_sizes: list[int]):
+    """(TP, PP, CP) with TP a power of two up to a node, PP dividing the layers, and all three the GPUs."""
+    for tp in (1, 2, 4, 8):
+        for pp in range(1, layers + 1):
+            for cp in cp_sizes:
+                if layers % pp == 0 and gpus % (tp * pp * cp) == 0:
+                    yield tp, pp, cp
+
+
 def trace(rows: list[dict]) -> None:
     """Add each row's traced peak (its heaviest traced rank), from the dry run."""
     from megatron_mellama.training.dry_run import dry_run
 
     for i, row in enumerate(rows):
-        print(f"tracing layout {i + 1} of {len(rows)}: TP {row['tp']} x PP {row['pp']} x DP {row['dp']} ...",
+        cp = f" x CP {row['cp']}" if row["cp"] > 1 else ""
+        print(f"tracing layout {i + 1} of {len(rows)}: TP {row['tp']} x PP {row['pp']} x DP {row['dp']}{cp} ...",
               flush=True)
         row["traced_gb"] = max(t.peak.total for t in dry_run(row["cfg"], progress=lambda line: None)) / GIB
 
 
 def format_table(rows: list[dict]) -> str:
     columns = COLUMNS + ((TRACED,) if rows and "traced_gb" in rows[0] else ())
+    if all(r.get("cp", 1) == 1 for r in rows):  # the table as before context parallelism
+        columns = tuple(c for c in columns if c[1] != "cp")
     cells = [[h for h, _, _ in columns]]
     for r in rows:
         cells.append([("yes" if r[k] else "no") if k == "fits" else format(r[k], f) for _, k, f in columns])
@@ -139,5 +160,7 @@ def _run(args) -> int:
         trace(rows)
     for row in rows:
         del row["cfg"]
+        if args.context_parallel_sizes == [1]:  # the JSON as before context parallelism
+            del row["cp"]
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     return 0

@@ -18,6 +18,9 @@ What is traced, and what is not:
   (its deferred weight gradients are not held). Stage-to-stage sends and receives are counted
   from the tensors' sizes.
 - Kernels are the torch reference (on a GPU, fused kernels may hold less); `--compile` is not traced.
+- Context parallelism: the rank runs its chunks of each sequence, as the engine splits them, and
+  its chunks' lower-right causal attention is traced as a GPU's flash kernel runs it, without the
+  (queries, keys) mask SDPA on the CPU would build and keep for backward.
 - The CUDA context, NCCL buffers and allocator fragmentation are not tensors: the planner keeps
   10% of the card for them.
 """
@@ -34,11 +37,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias
 
 from ..config import Config
 from ..model.llama import Llama
 from torch.distributed.fsdp import FSDPModule
 
+from ..parallel.context import split_micro_batch
 from ..parallel.data import pipeline_backward_flags, reduces_every_micro_batch, set_gradient_sync
 from ..parallel.mesh import ParallelDims
 from ..parallel.pipeline import stages_per_rank
@@ -109,14 +115,18 @@ def dry_run(cfg: Config, ranks: list[int] | None = None, progress=print) -> list
 
 def _where(dims: ParallelDims, rank: int) -> str:
     c = dims.coordinates(rank)
-    return f"pipeline stage {c['pp']} of {dims.pp}, data-parallel rank {c['dp']}, tensor-parallel rank {c['tp']}"
+    cp = f", context-parallel rank {c['cp']}" if dims.cp > 1 else ""
+    return (f"pipeline stage {c['pp']} of {dims.pp}, data-parallel rank {c['dp']}{cp}, "
+            f"tensor-parallel rank {c['tp']}")
 
 
 @contextlib.contextmanager
 def _fake_world(rank: int, world: int):
     from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.distributed.device_mesh import DeviceMesh
+    from torch.nn.attention.bias import CausalVariant
     from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch.utils._python_dispatch import _disable_current_modes
 
     if dist.is_initialized():
         raise RuntimeError("a dry run needs a process without a process group")
@@ -136,6 +146,7 @@ def _fake_world(rank: int, world: int):
         with unset_fake_temporarily():
             original_model_init(self, *args, **kwargs)
 
+    from ..parallel import context
     from . import engine
 
     original_split = engine.split_into_stages
@@ -144,16 +155,39 @@ def _fake_world(rank: int, world: int):
         with unset_fake_temporarily():
             return original_split(*args, **kwargs)
 
+    # context parallelism's lower-right causal mask: a tensor subclass holding no data, which cannot
+    # be made under a dispatch mode (the fake one, the tracer)
+    original_causal = context.causal_lower_right
+
+    def real_causal(seq_len_q: int, seq_len_kv: int):
+        with _disable_current_modes():
+            return _FlashLowerRight(CausalVariant.LOWER_RIGHT, seq_len_q, seq_len_kv)
+
     DeviceMesh.__init__ = real_mesh_init
     Llama.__init__ = meta_model_init
     engine.split_into_stages = meta_split
+    context.causal_lower_right = real_causal
     try:
         yield
     finally:
         DeviceMesh.__init__ = original_init
         Llama.__init__ = original_model_init
         engine.split_into_stages = original_split
+        context.causal_lower_right = original_causal
         dist.destroy_process_group()
+
+
+class _FlashLowerRight(CausalBias):
+    """Lower-right causal attention as a GPU runs it: the flash (or memory-efficient) kernel takes the
+    mask as a flag and holds what causal attention does. The CPU would instead materialise a
+    (queries, keys) mask and keep it for backward, gigabytes per layer at 32k tokens that no GPU
+    run holds. The causal triangle's alignment changes no shape, so the kernel traced is SDPA's
+    causal one over the same queries and keys."""
+
+    @classmethod
+    def _dispatch(cls, query, key, value, attn_mask, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True, scale=scale,
+                                              enable_gqa=enable_gqa)
 
 
 def _trace_rank(cfg: Config, dims: ParallelDims, rank: int, notes: list[str], micro_batches: int) -> RankTrace:
@@ -268,13 +302,26 @@ def _actions(engine, n: int) -> list[tuple[str, int, int]]:
     return out
 
 
+def _rank_share(engine, micro_batch: dict) -> dict:
+    """The tokens, labels and per-token keyword arguments a pipeline rank's stages run on: with
+    context parallelism its chunks of the sequence and their positions, as the engine splits them."""
+    tokens, labels = micro_batch["tokens"], micro_batch["labels"]
+    if engine.dims.cp == 1:
+        return dict(tokens=tokens, labels=labels, documents={})
+    tokens, labels, documents = split_micro_batch(tokens, labels, {}, engine.dims.cp,
+                                                  engine.meshes.cp.get_local_rank())
+    return dict(tokens=tokens, labels=labels, documents=documents)
+
+
 def _pipeline_step(engine, micro_batches: list[dict], tracer: StepTracer) -> None:
     """This rank's stages over every micro-batch, forward and backward; sends and receives are
     counted into `tracer`'s communication."""
     cfg, m = engine.cfg, engine.cfg.model
     parts = dict(engine.parts)
     last_stage = engine.dims.pp * len(parts) - 1
-    seq = cfg.seq_length // engine.dims.tp if cfg.parallel.sequence_parallel else cfg.seq_length
+    micro_batches = [_rank_share(engine, mb) for mb in micro_batches]
+    seq = cfg.seq_length // engine.dims.cp
+    seq = seq // engine.dims.tp if cfg.parallel.sequence_parallel else seq
     dtype = engine.autocast_dtype or torch.float32
     hidden_shape = (cfg.train.micro_batch_size, seq, m.hidden_size)
     actions = _actions(engine, len(micro_batches))
@@ -299,7 +346,7 @@ def _pipeline_step(engine, micro_batches: list[dict], tracer: StepTracer) -> Non
                 x = torch.empty(hidden_shape, dtype=dtype).requires_grad_()
                 count("recv", x)
             with engine._autocast():
-                out = part(x, labels=micro_batches[mb]["labels"])
+                out = part(x, labels=micro_batches[mb]["labels"], **micro_batches[mb]["documents"])
             if stage != last_stage:
                 count("send", out)
             in_flight[stage, mb] = (x, out)
@@ -326,8 +373,9 @@ def _pipeline_step(engine, micro_batches: list[dict], tracer: StepTracer) -> Non
 
 def format_report(cfg: Config, traces: list[RankTrace], gpu_memory_gb: float | None = None) -> str:
     p = cfg.parallel
+    cp = f" x CP {p.context_parallel_size}" if p.context_parallel_size > 1 else ""
     lines = [f"dry run: TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x "
-             f"DP {p.data_parallel_size} ({p.world_size} GPUs), micro-batch {cfg.train.micro_batch_size} x "
+             f"DP {p.data_parallel_size}{cp} ({p.world_size} GPUs), micro-batch {cfg.train.micro_batch_size} x "
              f"{cfg.num_microbatches}, sequence {cfg.seq_length}, "
              f"{'bf16' if cfg.train.bf16 else 'fp16' if cfg.train.fp16 else 'fp32'}, "
              f"sharding {p.data_parallel_sharding}, recompute {p.recompute_granularity or 'none'}"
