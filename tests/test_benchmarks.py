@@ -33,3 +33,17 @@ def test_checkpoint_benchmark_runs():
                           "--vocab", "256", "--repeats", "1"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "save:" in out.stdout and "load:" in out.stdout and "of which checksums" in out.stdout
+
+
+def test_context_parallel_benchmark_prints_cp1_cp2_and_their_ratios():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "context_parallel.py"), "--seq-lengths", "256",
+                          "--steps", "1", "--hidden", "64", "--layers", "2", "--vocab", "256"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("causal", "packed"))]
+    # masking, seq, CP, then tokens/s and the two memory figures (with their unit, or a ratio each)
+    assert [row[:3] for row in rows] == [[m, "256", cp] for m in ("causal", "packed") for cp in ("1", "2", "2/1")], \
+        out.stdout
+    for row in rows:
+        ratios = row[2] == "2/1"
+        assert all(f.endswith("x") or f == "-" for f in row[3:]) if ratios else row[5::2] == ["MiB", "MiB"], row
