@@ -180,9 +180,9 @@ def _fake_world(rank: int, world: int):
 class _FlashLowerRight(CausalBias):
     """Lower-right causal attention as a GPU runs it: the flash (or memory-efficient) kernel takes the
     mask as a flag and holds what causal attention does. The CPU would instead materialise a
-    (queries, keys) mask and keep it for backward, gigabytes per layer at 32k tokens that no GPU
-    run holds. The causal triangle's alignment changes no shape, so the kernel traced is SDPA's
-    causal one over the same queries and keys."""
+    (queries, keys) mask and keep it for backward, which no GPU run holds: by the shapes, 8192 x
+    32768 bf16, half a GiB per layer at 32k tokens over CP2. The causal triangle's alignment
+    changes no shape, so the kernel traced is SDPA's causal one over the same queries and keys."""
 
     @classmethod
     def _dispatch(cls, query, key, value, attn_mask, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
