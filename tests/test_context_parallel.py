@@ -60,6 +60,23 @@ def test_cp2_composes_with_recompute_and_compile(flags, references, tmp_path):
     _assert_equal(run_distributed(TINY + CP2 + flags, 2, STEPS, str(tmp_path)), references[False], flags)
 
 
+def _fused_lower_right_rank(rank, world, argv, steps):
+    from engine_harness import _engine_rank
+
+    from megatron_mellama.parallel import context
+
+    # the CUDA path (one SDPA call per chunk with a lower-right causal mask), here on the CPU
+    context.FUSED_LOWER_RIGHT_DEVICES = ("cpu",)
+    return _engine_rank(rank, world, argv, steps)
+
+
+def test_the_fused_lower_right_path_equals_one_process(references, tmp_path):
+    from engine_harness import spawn_gloo
+
+    results = spawn_gloo(_fused_lower_right_rank, 2, (TINY + CP2, STEPS), str(tmp_path))
+    _assert_equal(results, references[False], "fused lower-right")
+
+
 def test_the_layout_pairs_early_and_late_chunks():
     assert chunk_positions(16, 2, 0).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
     assert chunk_positions(16, 2, 1).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]

@@ -19,9 +19,10 @@ with LLaMA2-70B's 8 key/value heads that is small beside the activations. A ring
 blocks and overlap the transfers with compute: the better choice for many key/value heads or
 sequences far beyond 32k.
 
-Without document masking each chunk's attention is one `scaled_dot_product_attention` over the keys
-up to the chunk's end with a lower-right-aligned causal mask (flash and memory-efficient kernels
-take it). With document masking, queries go tile by tile (`kernels.documents`), as without CP.
+Without document masking, on CUDA, each chunk's attention is one `scaled_dot_product_attention`
+over the keys up to the chunk's end with a lower-right-aligned causal mask (flash and
+memory-efficient kernels take it without building it). With document masking, and on the CPU,
+queries go tile by tile (`kernels.documents`), as packed documents do without CP.
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ from ..kernels import documents as packed_documents
 
 # torch 2.13 renamed it; the old name warns there and is the only one before
 _all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
+# Where scaled_dot_product_attention runs a lower-right causal mask in its fused kernels (flash,
+# memory-efficient). Elsewhere (the CPU) it would build the chunk x keys mask as a float tensor,
+# kept for backward in every layer, and compute the blocks it hides: there the queries go tile by
+# tile (kernels/documents.py), at most one tile's (BLOCK x keys) mask at a time.
+FUSED_LOWER_RIGHT_DEVICES = ("cuda",)
+
+
+def _one_document(batch: int, seq_len: int, device) -> torch.Tensor:
+    return torch.zeros(batch, seq_len, dtype=torch.long, device=device)
 
 
 def chunk_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -81,12 +93,12 @@ class ContextParallelAttention(nn.Module):
             start, end = index * chunk, (index + 1) * chunk
             q_chunk = q[:, :, half * chunk:(half + 1) * chunk]
             k_seen, v_seen = k[:, :, :end], v[:, :, :end]
-            if documents is None:
+            if documents is None and q.device.type in FUSED_LOWER_RIGHT_DEVICES:
                 causal = self._causal[end] if end in self._causal else causal_lower_right(chunk, end)
                 out.append(F.scaled_dot_product_attention(q_chunk, k_seen, v_seen, enable_gqa=gqa, attn_mask=causal))
             else:
-                out.append(packed_documents.attention_by_tiles(q_chunk, k_seen, v_seen, documents.ids, gqa,
-                                                               query_start=start))
+                ids = documents.ids if documents is not None else _one_document(q.shape[0], seq_len, q.device)
+                out.append(packed_documents.attention_by_tiles(q_chunk, k_seen, v_seen, ids, gqa, query_start=start))
         return torch.cat(out, dim=2)
 
     def _gather_in_order(self, t: torch.Tensor, seq_len: int) -> torch.Tensor:
