@@ -19,8 +19,8 @@ What is traced, and what is not:
   from the tensors' sizes.
 - Kernels are the torch reference (on a GPU, fused kernels may hold less); `--compile` is not traced.
 - Context parallelism: the rank runs its chunks of each sequence, as the engine splits them, and
-  its chunks' lower-right causal attention is traced as a GPU's flash kernel runs it, without the
-  (queries, keys) mask SDPA on the CPU would build and keep for backward.
+  its chunks' lower-right causal attention is traced as on a GPU, one flash-kernel call per chunk,
+  not the CPU's tiles.
 - The CUDA context, NCCL buffers and allocator fragmentation are not tensors: the planner keeps
   10% of the card for them.
 """
@@ -155,9 +155,10 @@ def _fake_world(rank: int, world: int):
         with unset_fake_temporarily():
             return original_split(*args, **kwargs)
 
-    # context parallelism's lower-right causal mask: a tensor subclass holding no data, which cannot
-    # be made under a dispatch mode (the fake one, the tracer)
-    original_causal = context.causal_lower_right
+    # context parallelism as it runs on a GPU: one fused attention call per chunk (on the CPU its
+    # queries go tile by tile), with a lower-right causal mask, a tensor subclass holding no data
+    # that cannot be made under a dispatch mode (the fake one, the tracer)
+    original_causal, original_fused = context.causal_lower_right, context.FUSED_LOWER_RIGHT_DEVICES
 
     def real_causal(seq_len_q: int, seq_len_kv: int):
         with _disable_current_modes():
@@ -167,6 +168,7 @@ def _fake_world(rank: int, world: int):
     Llama.__init__ = meta_model_init
     engine.split_into_stages = meta_split
     context.causal_lower_right = real_causal
+    context.FUSED_LOWER_RIGHT_DEVICES = original_fused + ("cpu",)
     try:
         yield
     finally:
@@ -174,6 +176,7 @@ def _fake_world(rank: int, world: int):
         Llama.__init__ = original_model_init
         engine.split_into_stages = original_split
         context.causal_lower_right = original_causal
+        context.FUSED_LOWER_RIGHT_DEVICES = original_fused
         dist.destroy_process_group()
 
 
