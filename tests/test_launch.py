@@ -79,7 +79,7 @@ def test_sbatch_outside_slurm_without_nodes_says_how():
     assert result.returncode == 2 and "DRY_RUN_NODES" in result.stderr
 
 
-@pytest.mark.parametrize("size", ["13b", "70b"])
+@pytest.mark.parametrize("size", ["13b", "70b", "13b_long"])
 def test_run_script_finetunes_first_then_resumes(tmp_path, size):
     script = f"examples/me_llama/run_{size}.sh"
     save = tmp_path / "save"
@@ -89,12 +89,23 @@ def test_run_script_finetunes_first_then_resumes(tmp_path, size):
     assert submit[0] == "sbatch" and "launch/slurm_multi_node.sbatch" in submit
     assert f"examples/me_llama/me_llama_{size}.yaml" in submit
     assert submit[submit.index("--load") + 1] == "imp" and "--finetune" in submit
+    assert ("--extend-context" in submit) == size.endswith("long")
     save.mkdir()
     (save / "latest").write_text("500")
     again = shlex.split(_run(script, "train", DRY_RUN="1", SAVE=str(save), IMPORTED="imp").stdout.splitlines()[-1])
     assert again[again.index("--load") + 1] == str(save) and "--finetune" not in again
+    assert "--extend-context" not in again
     for step in ("prepare", "export"):
         assert _run(script, step, DRY_RUN="1").returncode == 0
+
+
+def test_the_long_context_recipe_is_the_planned_layout():
+    cfg = parse_config(["--config", str(REPO / "examples/me_llama/me_llama_13b_long.yaml")], world_size=64)
+    p, d, m = cfg.parallel, cfg.data, cfg.model
+    assert (p.tensor_model_parallel_size, p.context_parallel_size, p.data_parallel_size) == (4, 2, 8)
+    assert d.seq_length == m.max_position_embeddings == 32768 and m.rotary_base == 500000
+    assert cfg.train.global_batch_size * d.seq_length == 1024 * 4096  # the 4k recipe's tokens per step
+    assert not cfg.checkpoint.extend_context  # given on the first command only (run.sh)
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES))

@@ -7,26 +7,32 @@
 #   bash examples/me_llama/run.sh 13b train     # step 3: submit (again after a preemption/time-out)
 #   bash examples/me_llama/run.sh 13b export    # step 4: once training has finished
 #   DRY_RUN=1 bash examples/me_llama/run.sh 70b train   # print the commands, run nothing
+#   bash examples/me_llama/run.sh 13b-long train  # extend Me-LLaMA 13B to a 16k context (after 13b)
 #
 # Run it from the repository root; every path below is a variable and may be set from outside.
 set -euo pipefail
 
 SIZE="${1:-}"
+START=(--finetune)  # how the first submission starts from $IMPORTED
 case "$SIZE" in
     13b) DEFAULT_NODES=8 ;;   # x 8 GPUs: the recipe's TP 4 x DP 16
     70b) DEFAULT_NODES=16 ;;  # x 8 GPUs: the recipe's TP 8 x PP 4 x DP 4
-    *) echo "usage: $0 13b|70b prepare|train|export" >&2; exit 2 ;;
+    # the long-context stage starts from Me-LLaMA 13B's own checkpoint, with new RoPE values
+    13b-long) DEFAULT_NODES=8; START=(--finetune --extend-context)
+              IMPORTED="${IMPORTED:-checkpoints/me-llama-13b}" ;;
+    *) echo "usage: $0 13b|70b|13b-long prepare|train|export" >&2; exit 2 ;;
 esac
+MODEL_SIZE="${SIZE%-long}"
 
 # --- paths and sizes ---------------------------------------------------------------------------
-HF_LLAMA="${HF_LLAMA:-checkpoints/Llama-2-$SIZE-hf}"      # meta-llama/Llama-2-<size>-hf, downloaded
+HF_LLAMA="${HF_LLAMA:-checkpoints/Llama-2-$MODEL_SIZE-hf}"  # meta-llama/Llama-2-<size>-hf, downloaded
 TOKENIZER="${TOKENIZER:-$HF_LLAMA/tokenizer.model}"       # LLaMA2's SentencePiece model
 RAW_DIR="${RAW_DIR:-raw}"                                 # raw/{bio,clin,gen}/*.jsonl, {"text": ...}
 DATA_DIR=data                                             # fixed: the recipe's --data-path reads data/*
 IMPORTED="${IMPORTED:-checkpoints/llama2-$SIZE-hf-import}"  # LLaMA2 weights as our iteration 0
 SAVE="${SAVE:-checkpoints/me-llama-$SIZE}"                  # training checkpoints
 EXPORT="${EXPORT:-checkpoints/Me-LLaMA-$SIZE-hf}"           # the final Hugging Face folder
-CONFIG="examples/me_llama/me_llama_$SIZE.yaml"
+CONFIG="examples/me_llama/me_llama_${SIZE//-/_}.yaml"
 NODES="${NODES:-$DEFAULT_NODES}"
 WORKERS="${WORKERS:-32}"                                  # tokenizing processes per domain
 DRY_RUN="${DRY_RUN:-0}"
@@ -48,7 +54,7 @@ prepare() {
 
     # 2. Import LLaMA2 from Hugging Face as iteration 0 of our checkpoint format (weights only,
     #    in fp32: the training keeps fp32 master weights). Any TP/PP layout can load it.
-    if [[ ! -f "$IMPORTED/latest" ]]; then
+    if [[ "$SIZE" != *-long && ! -f "$IMPORTED/latest" ]]; then
         run python checkpoints_convert/hf_to_mellama.py --hf-dir "$HF_LLAMA" --save "$IMPORTED" --dtype fp32
     fi
 }
@@ -63,7 +69,7 @@ train() {
     if [[ -f "$SAVE/latest" ]]; then
         LOAD=(--load "$SAVE")
     else
-        LOAD=(--load "$IMPORTED" --finetune)
+        LOAD=(--load "$IMPORTED" "${START[@]}")
     fi
     run mkdir -p logs
     run sbatch --nodes "$NODES" --job-name "me-llama-$SIZE" launch/slurm_multi_node.sbatch \
@@ -81,5 +87,5 @@ case "${2:-}" in
     prepare) prepare ;;
     train) train ;;
     export) export_hf ;;
-    *) echo "usage: $0 13b|70b prepare|train|export" >&2; exit 2 ;;
+    *) echo "usage: $0 13b|70b|13b-long prepare|train|export" >&2; exit 2 ;;
 esac
