@@ -34,6 +34,7 @@ setup(
         "console_scripts": [
             "mellama-pretrain=megatron_mellama.pretrain:main",
             "mellama-preprocess-data=megatron_mellama.tools.preprocess_data:main",
+            "mellama-preprocess-sft=megatron_mellama.tools.preprocess_sft:main",
             "mellama-merge-datasets=megatron_mellama.tools.merge_datasets:main",
             "mellama-inspect-dataset=megatron_mellama.tools.inspect_dataset:main",
             "mellama-hf-to-mellama=megatron_mellama.tools.hf_to_mellama:main",
