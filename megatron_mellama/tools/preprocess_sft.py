@@ -306,7 +306,7 @@ def _compile_jinja(source: str, directory: str):
         try:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                    documents=None, **special_tokens)
-        except (TemplateError, jinja2.TemplateError) as err:
+        except Exception as err:  # a template's own bug (a TypeError too) shows on some records, not all
             raise Reject(f"template error: {_one_line(err)}") from None
 
     return render
