@@ -143,6 +143,10 @@ class DataConfig:
         False, "tokens attend only within their own document (the token after an EOD starts a new one); "
         "needs --reset-position-ids")
     eod_mask_loss: bool = opt(False, "no loss on EOD tokens")
+    sft: bool = opt(
+        False, "instruction tuning: --data-path names prefixes of tools/preprocess_sft.py (token and loss-mask "
+        "pairs); whole conversations are packed per sample, loss on the answers only; implies "
+        "--reset-position-ids and --reset-attention-mask")
 
 
 @dataclass

@@ -255,6 +255,10 @@ def validate_data(cfg: Config) -> None:
     parse_split(d.split)
     if d.data_path and not d.mock_data:
         _require(d.tokenizer_model is not None, f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
+    _require(not (d.sft and d.mock_data), "--sft trains on the conversations of --data-path, not on --mock-data")
+    if d.sft:
+        # conversations are packed: each must see only itself
+        d.reset_position_ids = d.reset_attention_mask = True
     # documents are told apart by their restarting positions (the loader knows no EOD id)
     _require(not d.reset_attention_mask or d.reset_position_ids,
              "--reset-attention-mask needs --reset-position-ids (documents are found where positions restart)")

@@ -343,17 +343,19 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
         if w > 0:
             weight_of[p] = weight_of.get(p, 0.0) + w
     blended = [(w, p) for p, w in weight_of.items()]
+    if d.sft:
+        from .sft_dataset import build_sft_datasets, check_pair, pair_of
+
+        tokenizer, vocab = _tokenizer_and_vocab(cfg, tokenizer)
+        for prefix in prefixes:
+            check_pair(prefix, cfg)
+            _check_token_ids(pair_of(prefix)[0], vocab)
+        return build_once_per_node(lambda: build_sft_datasets(cfg, prefixes, weight_of, tokenizer, split_matrix))
     for prefix in prefixes:
         in_blend = any(p == prefix for _, p in blended)
         _check_prefix(prefix, split_matrix, cfg, SPLIT_NAMES if in_blend else ("valid",))
     weights = None if len(blended) == 1 else [w for w, _ in blended]
-    if tokenizer is None:
-        if d.tokenizer_model is None:
-            raise ConfigError(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
-        tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
-    m = cfg.model
-    # the model's padded vocabulary; the tokenizer's, padded the same way, when none is set
-    vocab = (m if m.vocab_size is not None else replace(m, vocab_size=tokenizer.vocab_size)).padded_vocab_size
+    tokenizer, vocab = _tokenizer_and_vocab(cfg, tokenizer)
     for prefix in prefixes:
         _check_token_ids(prefix, vocab)
     config = _gpt_config(cfg, MegatronTokenizerAdapter.wrap(tokenizer), ([p for _, p in blended], weights))
@@ -380,6 +382,18 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
         return DataSets(train, valid, test, per_domain)
 
     return build_once_per_node(build)
+
+
+def _tokenizer_and_vocab(cfg: Config, tokenizer: Optional[Tokenizer]) -> tuple:
+    """The run's tokenizer (the one given, or --tokenizer-type/--tokenizer-model's) and the model's
+    padded vocabulary (the tokenizer's, padded the same way, when --vocab-size is not set)."""
+    d, m = cfg.data, cfg.model
+    if tokenizer is None:
+        if d.tokenizer_model is None:
+            raise ConfigError(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
+        tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
+    vocab = (m if m.vocab_size is not None else replace(m, vocab_size=tokenizer.vocab_size)).padded_vocab_size
+    return tokenizer, vocab
 
 
 def _training_samples(cfg: Config, one_epochs: list, weights: dict, names: dict) -> Optional[TrainingSamples]:

@@ -1,0 +1,151 @@
+"""--sft: whole conversations packed per sample with the preprocess loss mask, every conversation once
+per epoch, packed losses equal to each conversation's alone, a run end to end, mismatched pairs."""
+
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from corpus_helpers import read_documents, write_jsonl
+from megatron_mellama.config import ConfigError, parse_config
+from megatron_mellama.data.datasets import build_datasets
+from megatron_mellama.data.loader import collate_for
+from megatron_mellama.data.sft_dataset import SFTDataset, pair_of
+from megatron_mellama.model.llama import build_model
+from megatron_mellama.pretrain import load_run_config
+from megatron_mellama.tools.preprocess_sft import main as preprocess_sft
+from megatron_mellama.training.loop import train
+
+SEQ = 128
+EOS = 2  # the sentencepiece_model fixture's
+WORDS = "the patient trial dose risk treatment small large after test care health doctor".split()
+
+
+def conversation(rng, turns, words):
+    """`turns` turns of up to `words` random words each."""
+    def text(n):
+        return " ".join(rng.choice(WORDS, n))
+
+    messages = []
+    for _ in range(turns):
+        messages += [{"role": "user", "content": text(rng.randint(1, words))},
+                     {"role": "assistant", "content": text(rng.randint(1, words))}]
+    return {"messages": messages}
+
+
+@pytest.fixture(scope="module")
+def sft_prefix(sentencepiece_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    rng = np.random.RandomState(0)
+    records = [conversation(rng, rng.randint(1, 4), 5) for _ in range(60)]
+    records[7] = conversation(rng, 8, 12)  # longer than a sample: cut to one
+    prefix = root / "med_sft"
+    rc = preprocess_sft(["--input", str(write_jsonl(root / "chat.jsonl", records)), "--output-prefix", str(prefix),
+                         "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", sentencepiece_model,
+                         "--seq-length", "200", "--overlong", "truncate"])
+    assert rc == 0
+    return str(prefix)
+
+
+def conversations_of(prefix):
+    tokens, masks = (read_documents(p) for p in pair_of(prefix))
+    return tokens, masks
+
+
+def _write_documents(prefix, documents):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint8)
+    for doc in documents:
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(prefix + ".idx")
+
+
+def test_samples_hold_whole_conversations_with_their_masks(sft_prefix):
+    tokens, masks = conversations_of(sft_prefix)
+    ds = SFTDataset(sft_prefix, (0.0, 1.0), SEQ, seed=1, eod=EOS)
+    assert len(ds) > 1 and 0 < ds.padding_fraction < 1
+    for i in range(len(ds)):
+        sample = ds[i]
+        seq = torch.cat([sample["tokens"], sample["labels"][-1:]]).numpy()
+        # the mask of a sequence of SEQ + 1 tokens, shifted like the labels
+        full_mask = np.concatenate([[0], sample["loss_mask"].numpy()])
+        positions = sample["position_ids"].numpy()
+        at = 0
+        for doc in ds.conversations(i):
+            n = min(len(tokens[doc]), SEQ + 1)
+            assert np.array_equal(seq[at:at + n], tokens[doc][:n])
+            assert np.array_equal(full_mask[at + 1:at + n], masks[doc][1:n])  # its first token is BOS, mask 0
+            assert np.array_equal(positions[at:min(at + n, SEQ)], np.arange(min(n, SEQ - at)))
+            at += n
+        assert (seq[at:] == EOS).all() and not full_mask[at:].any()
+        if at < SEQ:  # the padding is a document of its own
+            assert np.array_equal(positions[at:], np.arange(SEQ - at))
+        assert sample["labels"].dtype == torch.int64 and sample["loss_mask"].dtype == torch.float32
+
+
+def test_every_conversation_of_the_split_once_per_epoch(sft_prefix):
+    n = len(read_documents(pair_of(sft_prefix)[0]))
+    bounds = (0.25, 0.75)
+    beg, end = round(0.25 * n), round(0.75 * n)
+    ds = SFTDataset(sft_prefix, bounds, SEQ, seed=7, eod=EOS)
+    seen = np.concatenate([ds.conversations(i) for i in range(len(ds))])
+    assert sorted(seen.tolist()) == list(range(beg, end))
+    other = SFTDataset(sft_prefix, bounds, SEQ, seed=8, eod=EOS)
+    assert not np.array_equal(np.concatenate([other.conversations(i) for i in range(len(other))]), seen)
+    # the order is fixed by the seed alone
+    again = SFTDataset(sft_prefix, bounds, SEQ, seed=7, eod=EOS)
+    assert all(torch.equal(again[i]["tokens"], ds[i]["tokens"]) for i in range(len(ds)))
+
+
+def test_packed_loss_is_the_sum_of_the_conversations_alone(sft_prefix):
+    cfg = parse_config(["--model", "tiny", "--vocab-size", "512", "--seq-length", str(SEQ), "--sft",
+                        "--data-path", sft_prefix, "--tokenizer-model", "unused"])
+    model = build_model(cfg.model, seed=3)
+    ds = SFTDataset(sft_prefix, (0.0, 1.0), SEQ, seed=1, eod=EOS)
+    tokens, masks = conversations_of(sft_prefix)
+    i = max(range(len(ds)), key=lambda k: len(ds.conversations(k)))
+    assert len(ds.conversations(i)) >= 3
+    batch = collate_for(cfg)([ds[i]])
+    with torch.no_grad():
+        logits = model(batch["tokens"], position_ids=batch["position_ids"], document_ids=batch["document_ids"])
+        packed = (F.cross_entropy(logits[0].float(), batch["labels"][0], reduction="none")
+                  * batch["loss_mask"][0]).sum()
+        alone = 0.0
+        for doc in ds.conversations(i):
+            seq = torch.as_tensor(tokens[doc][:SEQ + 1], dtype=torch.int64)
+            mask = torch.as_tensor(masks[doc][:SEQ + 1], dtype=torch.float32)
+            logits = model(seq[None, :-1])[0]
+            alone = alone + (F.cross_entropy(logits.float(), seq[1:], reduction="none") * mask[1:]).sum()
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_sft_run_end_to_end(sft_prefix, sentencepiece_model, tmp_path, capsys):
+    run = ["--model", "tiny", "--sft", "--data-path", sft_prefix, "--tokenizer-model", sentencepiece_model,
+           "--split", "80,20,0", "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4",
+           "--lr", "3e-3", "--train-iters", "3", "--eval-iters", "1", "--eval-interval", "3", "--log-interval", "1",
+           "--num-workers", "0"]
+    history = train(load_run_config(run))
+    assert history["iteration"] == 3 and len(history["losses"]) == 3
+    assert all(math.isfinite(loss) for loss in history["losses"])
+    assert "% padding" in capsys.readouterr().out
+
+
+def test_mismatched_pair_fails_with_one_line(sft_prefix, sentencepiece_model, tmp_path):
+    broken = str(tmp_path / "broken")
+    text, mask = pair_of(sft_prefix)
+    for ext in (".bin", ".idx"):
+        shutil.copy(text + ext, pair_of(broken)[0] + ext)
+    # a loss mask that lost its last conversation
+    _write_documents(pair_of(broken)[1], read_documents(mask)[:-1])
+    cfg = parse_config(["--model", "tiny", "--sft", "--data-path", broken, "--tokenizer-model", sentencepiece_model,
+                        "--seq-length", str(SEQ), "--train-iters", "1", "--global-batch-size", "1"])
+    with pytest.raises(ConfigError) as err:
+        build_datasets(cfg)
+    message = str(err.value)
+    assert "\n" not in message and pair_of(broken)[1] in message and "documents" in message
+    assert os.path.basename(broken) in message
