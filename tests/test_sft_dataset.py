@@ -125,14 +125,29 @@ def test_packed_loss_is_the_sum_of_the_conversations_alone(sft_prefix):
 
 
 def test_sft_run_end_to_end(sft_prefix, sentencepiece_model, tmp_path, capsys):
-    run = ["--model", "tiny", "--sft", "--data-path", sft_prefix, "--tokenizer-model", sentencepiece_model,
+    # a second dataset, validated on its own as pretraining's domains are
+    other = str(tmp_path / "clin_sft")
+    for source, target in zip(pair_of(sft_prefix), pair_of(other)):
+        for ext in (".bin", ".idx"):
+            shutil.copy(source + ext, target + ext)
+    run = ["--model", "tiny", "--sft", "--data-path", "3", sft_prefix, "1", other,
+           "--tokenizer-model", sentencepiece_model,
            "--split", "80,20,0", "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4",
            "--lr", "3e-3", "--train-iters", "3", "--eval-iters", "1", "--eval-interval", "3", "--log-interval", "1",
            "--num-workers", "0"]
     history = train(load_run_config(run))
     assert history["iteration"] == 3 and len(history["losses"]) == 3
     assert all(math.isfinite(loss) for loss in history["losses"])
-    assert "% padding" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.count("% padding") == 2
+    assert "lm loss validation/med_sft" in out and "lm loss validation/clin_sft" in out
+
+
+def test_sft_flags():
+    cfg = parse_config(["--model", "tiny", "--sft", "--data-path", "p", "--tokenizer-model", "t"])
+    assert cfg.data.reset_position_ids and cfg.data.reset_attention_mask
+    with pytest.raises(ConfigError, match="--sft .* --mock-data"):
+        parse_config(["--model", "tiny", "--sft", "--mock-data"])
 
 
 def test_mismatched_pair_fails_with_one_line(sft_prefix, sentencepiece_model, tmp_path):
