@@ -33,8 +33,25 @@ class BlockResult:
     tokens: int = 0
 
 
-class _Reject(Exception):
-    pass
+class RecordRejected(Exception):
+    """A JSONL record that cannot be used; the message says why."""
+
+
+def json_object(raw: bytes) -> dict:
+    """One JSONL line as a JSON object, or RecordRejected naming what is wrong with it."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecordRejected(f"invalid UTF-8 at byte {err.start}") from None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise RecordRejected(f"malformed JSON: {err.msg} at column {err.colno}") from None
+    except RecursionError:
+        raise RecordRejected("malformed JSON: nested too deeply") from None
+    if not isinstance(record, dict):
+        raise RecordRejected(f"not a JSON object but {type(record).__name__}")
+    return record
 
 
 class RecordEncoder:
@@ -47,27 +64,16 @@ class RecordEncoder:
         self.dtype = dtype
 
     def _texts(self, raw: bytes) -> list[str]:
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise _Reject(f"invalid UTF-8 at byte {err.start}") from None
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise _Reject(f"malformed JSON: {err.msg} at column {err.colno}") from None
-        except RecursionError:
-            raise _Reject("malformed JSON: nested too deeply") from None
-        if not isinstance(record, dict):
-            raise _Reject(f"not a JSON object but {type(record).__name__}")
+        record = json_object(raw)
         texts = []
         for key in self.keys:
             if key not in record:
-                raise _Reject(f"missing key {key!r}")
+                raise RecordRejected(f"missing key {key!r}")
             text = record[key]
             if not isinstance(text, str):
-                raise _Reject(f"key {key!r} holds {type(text).__name__}, not a string")
+                raise RecordRejected(f"key {key!r} holds {type(text).__name__}, not a string")
             if not text.strip():
-                raise _Reject(f"empty document under key {key!r}")
+                raise RecordRejected(f"empty document under key {key!r}")
             texts.append(text)
         return texts
 
@@ -92,7 +98,7 @@ class RecordEncoder:
                 continue
             try:
                 encoded = [self._encode_text(text) for text in self._texts(raw)]
-            except _Reject as reason:
+            except RecordRejected as reason:
                 result.rejects.append((block.first_line + offset, str(reason)))
                 continue
             except UnicodeEncodeError:  # a JSON escape produced a lone surrogate

@@ -199,7 +199,7 @@ def _run_locked(args) -> int:
     rejected_path = f"{args.output_prefix}_rejected.jsonl"
     init_args = (args.tokenizer_type, args.tokenizer_model, args.json_keys, args.append_eod, splitter_spec, dtype)
     progress = _Progress(args.log_interval)
-    rejects = _Rejects()
+    rejects = Rejects()
     writers = {}
     rejected = rejected_tmp = None
     committed = False
@@ -253,7 +253,7 @@ def _run_locked(args) -> int:
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class _Rejects:
+class Rejects:
     """Counts rejected records by kind of reason and keeps the first few, for the threshold's message."""
 
     FIRST = 3
@@ -295,7 +295,7 @@ def _starts_with(path: str, magic: bytes) -> bool:
         return False
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         return f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
     return " ".join(str(err).split()) or type(err).__name__
@@ -306,24 +306,26 @@ def _raise_terminated(signum, frame):
 
 
 def main(argv=None) -> int:
-    return run_tool(PROG, lambda: parse_args(argv), _run_until_signalled)
+    return run_tool(PROG, lambda: parse_args(argv), lambda args: run_until_signalled(PROG, run, args))
 
 
-def _run_until_signalled(args) -> int:
+def run_until_signalled(prog: str, run_fn, args) -> int:
+    """`run_fn(args)` of a preprocessing tool, with SIGTERM, Ctrl-C and a failure each ending as one
+    line and an exit code; the tool's outputs stay unwritten (its temporaries are its own to remove)."""
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return run(args)
+        return run_fn(args)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
+        print(f"{prog}: interrupted; no output written", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"{PROG}: terminated; no output written", file=sys.stderr)
+        print(f"{prog}: terminated; no output written", file=sys.stderr)
         return 143
     except (PreprocessError, InputError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
     except (OSError, EOFError, zlib.error) as err:  # a full disk, an unreadable or corrupt input
-        print(f"{PROG}: error: {_one_line(err)}; no output written, temporary files removed", file=sys.stderr)
+        print(f"{prog}: error: {one_line(err)}; no output written, temporary files removed", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)

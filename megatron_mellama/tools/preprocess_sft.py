@@ -50,21 +50,19 @@ import functools
 import json
 import os
 import re
-import signal
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from megatron_mellama.data.indexed_writer import IndexedWriter, OutputLocked, optimal_dtype, output_lock, temp_path
-from megatron_mellama.data.jsonl_reader import MAX_LINE_BYTES, InputError, expand_inputs, read_blocks
+from megatron_mellama.data.jsonl_reader import MAX_LINE_BYTES, expand_inputs, read_blocks
+from megatron_mellama.data.record_encoder import RecordRejected, json_object
 from megatron_mellama.data.tokenizer import (TOKENIZER_TYPES, HuggingFaceTokenizer, Llama2Tokenizer,
                                              TokenizerError, build_tokenizer)
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
-from megatron_mellama.tools.preprocess_data import (PreprocessError, Terminated, _one_line, _raise_terminated,
-                                                    _Rejects)
+from megatron_mellama.tools.preprocess_data import PreprocessError, Rejects, one_line, run_until_signalled
 
 PROG = "mellama-preprocess-sft"
 DEFAULT_SEQ_LENGTH = 4096  # LLaMA-2's context
@@ -133,18 +131,9 @@ class Reject(Exception):
 
 def parse_line(raw: bytes) -> dict:
     try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise Reject(f"invalid UTF-8 at byte {err.start}") from None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise Reject(f"malformed JSON: {err.msg} at column {err.colno}") from None
-    except RecursionError:
-        raise Reject("malformed JSON: nested too deeply") from None
-    if not isinstance(record, dict):
-        raise Reject(f"not a JSON object but {type(record).__name__}")
-    return record
+        return json_object(raw)
+    except RecordRejected as err:
+        raise Reject(str(err)) from None
 
 
 def conversation(record: dict, system: str | None) -> list[dict]:
@@ -265,7 +254,7 @@ def _read_template_source(directory: str) -> tuple[str, dict]:
             with open(config_path, encoding="utf-8") as f:
                 config = json.load(f)
         except (OSError, ValueError) as err:
-            raise UsageError(f"{flag}: {config_path} is not readable JSON ({_one_line(err)})") from None
+            raise UsageError(f"{flag}: {config_path} is not readable JSON ({one_line(err)})") from None
     source = config.get("chat_template") if isinstance(config, dict) else None
     if isinstance(source, list):  # named templates, as some tokenizers ship them
         source = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}.get("default")
@@ -300,14 +289,14 @@ def _compile_jinja(source: str, directory: str):
         template = env.from_string(source)
     except jinja2.TemplateError as err:
         raise UsageError(f"--chat-template-from {directory}: the chat template does not compile: "
-                         f"{_one_line(err)}") from None
+                         f"{one_line(err)}") from None
 
     def render(messages, add_generation_prompt=False, **special_tokens):
         try:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                    documents=None, **special_tokens)
         except Exception as err:  # a template's own bug (a TypeError too) shows on some records, not all
-            raise Reject(f"template error: {_one_line(err)}") from None
+            raise Reject(f"template error: {one_line(err)}") from None
 
     return render
 
@@ -416,7 +405,7 @@ def _output_paths(prefix: str, name: str) -> tuple[str, str]:
 
 def _run_locked(args) -> int:
     convert = Converter(args)
-    totals, rejects = Totals(), _Rejects()
+    totals, rejects = Totals(), Rejects()
     rejected_path = f"{args.output_prefix}_rejected.jsonl"
     start = time.time()
     text = mask = rejected = rejected_tmp = None
@@ -488,27 +477,7 @@ def summary(args, totals: Totals, rejects) -> str:
 
 
 def main(argv=None) -> int:
-    return run_tool(PROG, lambda: parse_args(argv), _run_until_signalled)
-
-
-def _run_until_signalled(args) -> int:
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"{PROG}: terminated; no output written", file=sys.stderr)
-        return 143
-    except (PreprocessError, InputError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
-    except (OSError, EOFError, zlib.error) as err:  # a full disk, an unreadable or corrupt input
-        print(f"{PROG}: error: {_one_line(err)}; no output written, temporary files removed", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return run_tool(PROG, lambda: parse_args(argv), lambda args: run_until_signalled(PROG, run, args))
 
 
 if __name__ == "__main__":
