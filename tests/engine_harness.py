@@ -147,6 +147,29 @@ def merged_params(results: list[dict]) -> dict:
     return params
 
 
+def rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def assert_matches(results, ref, rtol):
+    """Every rank's losses, grad norms and validation loss, and the merged final parameters, equal
+    the single-process reference `ref` within `rtol`, and no step was skipped."""
+    for r in results:
+        for got, want in zip(r["losses"], ref["losses"]):
+            assert rel(got, want) <= rtol, (r["coords"], r["losses"], ref["losses"])
+        for got, want in zip(r["grad_norms"], ref["grad_norms"]):
+            assert rel(got, want) <= rtol, (r["coords"], r["grad_norms"], ref["grad_norms"])
+        assert not any(r["skipped"])
+        assert rel(r["eval_loss"], ref["eval_loss"]) <= rtol
+    params = merged_params(results)
+    assert set(params) == set(ref["params"])
+    for name, want in ref["params"].items():
+        # relative difference of the whole tensor: Adam's normalised update turns the last bit
+        # of a near-zero gradient into a full lr-sized step for that one element
+        diff = ((params[name] - want).norm() / want.norm()).item()
+        assert diff <= rtol, (name, diff)
+
+
 if __name__ == "__main__":  # python tests/engine_harness.py WORLD flags...: a quick manual check
     world = int(sys.argv[1])
     import tempfile

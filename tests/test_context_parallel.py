@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkpoint_harness import train_segment, train_segment_distributed
-from engine_harness import TINY, reference, run_distributed
+from engine_harness import TINY, assert_matches, reference, rel as _rel, run_distributed
 from megatron_mellama.config import ConfigError, parse_config
 from megatron_mellama.parallel.context import chunk_positions
 from megatron_mellama.parallel.mesh import ParallelDims
@@ -24,26 +24,9 @@ LAYOUTS = {
 }
 
 
-def _rel(a, b):
-    return abs(a - b) / max(abs(b), 1e-12)
-
-
 @pytest.fixture(scope="module")
 def references():
     return {packed: reference(TINY + (PACKED if packed else []), STEPS) for packed in (False, True)}
-
-
-def _assert_equal(results, ref, what):
-    for r in results:
-        for key in ("losses", "grad_norms"):
-            assert all(_rel(g, w) <= 1e-5 for g, w in zip(r[key], ref[key])), (what, key, r[key], ref[key])
-        assert _rel(r["eval_loss"], ref["eval_loss"]) <= 1e-5, what
-    params = {}
-    for r in results:
-        params.update(r["params"])
-    assert set(params) == set(ref["params"])
-    for name, want in ref["params"].items():
-        assert ((params[name] - want).norm() / want.norm()).item() <= 1e-5, (what, name)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed-documents"])
@@ -51,13 +34,13 @@ def _assert_equal(results, ref, what):
 def test_layout_equals_one_process(name, packed, references, tmp_path):
     world, flags = LAYOUTS[name]
     argv = TINY + (PACKED if packed else []) + flags
-    _assert_equal(run_distributed(argv, world, STEPS, str(tmp_path)), references[packed], (name, packed))
+    assert_matches(run_distributed(argv, world, STEPS, str(tmp_path)), references[packed], 1e-5)
 
 
 @pytest.mark.parametrize("flags", [["--recompute-granularity", "selective"], ["--compile"]],
                          ids=["selective-recompute", "compile"])
 def test_cp2_composes_with_recompute_and_compile(flags, references, tmp_path):
-    _assert_equal(run_distributed(TINY + CP2 + flags, 2, STEPS, str(tmp_path)), references[False], flags)
+    assert_matches(run_distributed(TINY + CP2 + flags, 2, STEPS, str(tmp_path)), references[False], 1e-5)
 
 
 def _fused_lower_right_rank(rank, world, argv, steps):
@@ -74,7 +57,7 @@ def test_the_fused_lower_right_path_equals_one_process(references, tmp_path):
     from engine_harness import spawn_gloo
 
     results = spawn_gloo(_fused_lower_right_rank, 2, (TINY + CP2, STEPS), str(tmp_path))
-    _assert_equal(results, references[False], "fused lower-right")
+    assert_matches(results, references[False], 1e-5)
 
 
 def test_the_layout_pairs_early_and_late_chunks():

@@ -9,7 +9,8 @@ from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine_harness import TINY, global_batches, micro_batches_of, reference, run_distributed
+from engine_harness import (TINY, assert_matches, global_batches, micro_batches_of, reference, rel as _rel,
+                            run_distributed)
 from megatron_mellama.config import ConfigError, parse_config
 from megatron_mellama.config.validate import ZERO_BUBBLE_TORCH, torch_at_least
 from megatron_mellama.data.datasets import build_datasets
@@ -154,22 +155,13 @@ def packed_reference():
     return reference(PACKED_TINY, STEPS)
 
 
-def _rel(a, b):
-    return abs(a - b) / max(abs(b), 1e-12)
-
-
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=pytest.mark.skipif("zero-bubble" in n and not torch_at_least(ZERO_BUBBLE_TORCH),
                                              reason=f"zero-bubble needs torch {ZERO_BUBBLE_TORCH}"))
     for n in LAYOUTS])
 def test_layout_with_packed_documents_equals_one_process(name, packed_reference, tmp_path):
     world, flags = LAYOUTS[name]
-    results = run_distributed(PACKED_TINY + flags, world, STEPS, str(tmp_path))
-    for r in results:
-        for key in ("losses", "grad_norms"):
-            for got, want in zip(r[key], packed_reference[key]):
-                assert _rel(got, want) <= 1e-5, (name, key, r[key], packed_reference[key])
-        assert _rel(r["eval_loss"], packed_reference["eval_loss"]) <= 1e-5
+    assert_matches(run_distributed(PACKED_TINY + flags, world, STEPS, str(tmp_path)), packed_reference, 1e-5)
     # the masking is on: the same batches without it train differently
     unmasked = reference(TINY + ["--seq-length", "32", "--reset-position-ids", "--eod-mask-loss"], 1)
     assert _rel(unmasked["losses"][0], packed_reference["losses"][0]) > 1e-4

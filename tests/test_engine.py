@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from engine_harness import TINY, merged_params, reference, run_distributed
+from engine_harness import TINY, assert_matches, reference, rel as _rel, run_distributed
 from megatron_mellama.config import ConfigError, parse_config
 from megatron_mellama.config.validate import ZERO_BUBBLE_TORCH, torch_at_least
 from megatron_mellama.parallel.mesh import ParallelDims
@@ -28,27 +28,6 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def fp32_reference():
     return reference(TINY, STEPS)
-
-
-def _rel(a, b):
-    return abs(a - b) / max(abs(b), 1e-12)
-
-
-def assert_matches(results, ref, rtol):
-    for r in results:
-        for got, want in zip(r["losses"], ref["losses"]):
-            assert _rel(got, want) <= rtol, (r["coords"], r["losses"], ref["losses"])
-        for got, want in zip(r["grad_norms"], ref["grad_norms"]):
-            assert _rel(got, want) <= rtol, (r["coords"], r["grad_norms"], ref["grad_norms"])
-        assert not any(r["skipped"])
-        assert _rel(r["eval_loss"], ref["eval_loss"]) <= rtol
-    params = merged_params(results)
-    assert set(params) == set(ref["params"])
-    for name, want in ref["params"].items():
-        # relative difference of the whole tensor: Adam's normalised update turns the last bit
-        # of a near-zero gradient into a full lr-sized step for that one element
-        diff = ((params[name] - want).norm() / want.norm()).item()
-        assert diff <= rtol, (name, diff)
 
 
 @pytest.mark.parametrize("name", [
