@@ -102,6 +102,8 @@ def test_changing_the_blend_continues_every_domain(corpus, sentencepiece_model, 
     again, lines = build_datasets(config(corpus, sentencepiece_model, tmp_path)).train.continued(saved, position)
     assert lines == [] and [again.locate(i) for i in range(position, 4000)] == [before.locate(i) for i in
                                                                                 range(position, 4000)]
+    fresh = build_datasets(config(corpus, sentencepiece_model, tmp_path)).train
+    assert fresh.continued(saved, position)[0]._domain is fresh._domain  # the blend is not built twice
 
 
 def test_a_dropped_domain_keeps_its_place(corpus, sentencepiece_model, tmp_path):
