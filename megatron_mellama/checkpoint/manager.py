@@ -88,8 +88,8 @@ _ARCH_FLAGS = (
     # an older checkpoint records no scaling: its defaults are the plain RoPE it was trained with
     ("RoPE scaling", (), rope.describe),
 )
-# The differences of the values that place tokens (RoPE and its tables): see _context_extension
-_POSITION_DIFFS = ("--rotary-base", "RoPE scaling", "--max-position-embeddings")
+# The values that place tokens (RoPE and its tables), which --finetune --extend-context may change
+_POSITION_FLAGS = frozenset({"--rotary-base", "RoPE scaling", "--max-position-embeddings"})
 # Optimizer settings that depend on the layout (DTensors cannot take the fused kernel): the
 # running optimizer's own values are kept, whatever the checkpoint's layout was.
 _KEEP_GROUP_KEYS = ("fused", "foreach", "capturable", "differentiable")
@@ -775,39 +775,33 @@ class CheckpointManager:
     def _check_model(self, saved: dict, ckpt: str) -> None:
         """Every architecture value the checkpoint recorded must equal this run's: one line naming
         each flag that differs and both values. Under --finetune, --max-position-embeddings (the
-        length of the rotary tables, no weight) may be shorter than the checkpoint's, and the
-        position values may differ with --extend-context (`_context_extension`)."""
+        length of the rotary tables, no weight) may be shorter than the checkpoint's; with
+        --finetune --extend-context the position values (`_POSITION_FLAGS`: RoPE base, RoPE scaling,
+        the tables' length) may differ, as LLaMA2-Long changed them (base 10,000 -> 500,000, longer
+        sequences); they are no weight. On a resume they must match."""
         names = {f.name for f in dataclasses.fields(ModelConfig)}
         recorded = {k: v for k, v in saved["config"]["model"].items() if k in names}
         theirs = ModelConfig(**recorded)
         ours = self.cfg.model
-        diffs = [f"{flag} {get(ours)} but the checkpoint has {get(theirs)}"
-                 for flag, needs, get in _ARCH_FLAGS if all(n in recorded for n in needs) and get(ours) != get(theirs)]
+        diffs = {flag: f"{flag} {get(ours)} but the checkpoint has {get(theirs)}"
+                 for flag, needs, get in _ARCH_FLAGS if all(n in recorded for n in needs) and get(ours) != get(theirs)}
         theirs_max, ours_max = recorded.get("max_position_embeddings"), ours.max_position_embeddings
         if theirs_max is not None and ours_max != theirs_max:
-            diffs.append(f"--max-position-embeddings {ours_max} but the checkpoint has {theirs_max}")
-        extension = self._context_extension(diffs)
+            diffs["--max-position-embeddings"] = f"--max-position-embeddings {ours_max} but the checkpoint has {theirs_max}"
+        c = self.cfg.checkpoint
+        extension = [flag for flag in diffs if flag in _POSITION_FLAGS] if c.finetune and c.extend_context else []
         if extension:
-            diffs = [d for d in diffs if d not in extension]
-            self._print(f"extending the context of {ckpt} (--finetune --extend-context): " + "; ".join(extension))
-        elif self.cfg.checkpoint.finetune and theirs_max is not None and ours_max < theirs_max:
+            self._print(f"extending the context of {ckpt} (--finetune --extend-context): "
+                        + "; ".join(diffs.pop(flag) for flag in extension))
+        elif c.finetune and theirs_max is not None and ours_max < theirs_max:
             # shorter rotary tables hold no weight: a --finetune may train on shorter sequences
-            diffs = [d for d in diffs if not d.startswith("--max-position-embeddings")]
+            diffs.pop("--max-position-embeddings")
         if diffs:
             hint = ""
-            if any(d.startswith(_POSITION_DIFFS) for d in diffs) and not self.cfg.checkpoint.extend_context:
+            if not c.extend_context and any(flag in _POSITION_FLAGS for flag in diffs):
                 hint = " (a new run that changes the positions on purpose: --finetune --extend-context)"
-            raise CheckpointError(f"{ckpt}: the model flags do not match the checkpoint: {'; '.join(diffs)}{hint}")
-
-    def _context_extension(self, diffs: list[str]) -> list[str]:
-        """The differences `--finetune --extend-context` allows: the RoPE base, the RoPE scaling and
-        the length of the rotary tables. They are no weight, so a new run may change them, as
-        LLaMA2-Long did (base 10,000 -> 500,000, longer sequences); without that flag, or on a
-        resume, they must match."""
-        c = self.cfg.checkpoint
-        if not (c.finetune and c.extend_context):
-            return []
-        return [d for d in diffs if d.startswith(_POSITION_DIFFS)]
+            raise CheckpointError(f"{ckpt}: the model flags do not match the checkpoint: "
+                                  f"{'; '.join(diffs.values())}{hint}")
 
     def _load_tensors(self, ckpt: str, load_optim: bool) -> None:
         state = self._state_dict(optimizer=load_optim)
