@@ -315,7 +315,7 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
     sizes = list(dataset_sizes(cfg))
     # megatron-core builds each domain's train split for one epoch (a sample is all it is asked
     # for); `mixture.TrainingSamples` reads those epochs in an order that is a stable prefix
-    train_streams = [1, *sizes[1:]]
+    builder_sizes = [1, *sizes[1:]]
     d = cfg.data
     if d.mock_data:
         vocab = tokenizer.vocab_size if tokenizer else cfg.model.vocab_size
@@ -324,7 +324,7 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
         config = _gpt_config(cfg, adapter, None)
 
         def build_mock():
-            train, valid, test = BlendedMegatronDatasetBuilder(MockGPTDataset, train_streams, lambda: True,
+            train, valid, test = BlendedMegatronDatasetBuilder(MockGPTDataset, builder_sizes, lambda: True,
                                                                config).build()
             return DataSets(_training_samples(cfg, [train], {MOCK_KEY: 1.0}, {MOCK_KEY: "mock"}), valid, test)
 
@@ -364,7 +364,7 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
 
     def build():
         try:
-            train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, train_streams, lambda: True,
+            train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, builder_sizes, lambda: True,
                                                                config).build()
             per_domain = {}
             if len(prefixes) > 1 and split_matrix[Split.valid.value] is not None:
