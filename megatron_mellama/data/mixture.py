@@ -22,7 +22,7 @@ So a run with one segment reads, within the first epoch of every domain, exactly
 Megatron-LM reads for the same data, split, seed and sequence length.
 
 Host memory: the blend of the current segment is two arrays over its remaining samples, 10 bytes per
-sample (310 MB for 31M samples, 129B tokens at 4096); a later epoch of a domain holds one
+sample (315 MB for 31.5M samples, 129B tokens at 4096, measured); a later epoch of a domain holds one
 permutation of its samples (8 bytes each) per data-loader process.
 """
 
