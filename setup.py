@@ -27,7 +27,9 @@ setup(
     extras_require={
         # Triton runs the kernel tests on the CPU through its interpreter (CUDA builds of torch
         # already bring it)
-        "test": ["pytest>=7", "transformers>=4.45", "tokenizers", "triton>=3.0; platform_system == 'Linux'"],
+        "test": ["pytest>=7", "transformers>=4.45", "tokenizers", "triton>=3.0; platform_system == 'Linux'",
+                 # the reference the evaluation's scoring is held to (tests/test_evaluation_vs_lm_eval.py)
+                 "lm-eval>=0.4.13"],
         "te": ["transformer_engine[pytorch]"],
     },
     entry_points={
@@ -41,6 +43,7 @@ setup(
             "mellama-to-hf=megatron_mellama.tools.mellama_to_hf:main",
             "mellama-plan-layout=megatron_mellama.tools.plan_layout:main",
             "mellama-verify-checkpoint=megatron_mellama.tools.verify_checkpoint:main",
+            "mellama-evaluate=megatron_mellama.tools.evaluate:main",
         ],
     },
 )

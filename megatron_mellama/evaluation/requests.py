@@ -1,0 +1,112 @@
+"""Items -> fixed-shape token rows, tokenized exactly as lm-evaluation-harness's HF model does.
+
+lm-eval scores a choice by the log-likelihood of a (context, continuation) pair. Its HF model
+(`lm_eval.models.huggingface.HFLM`, 0.4.x) turns the pair into tokens so:
+
+1. trailing whitespace of the context moves to the front of the continuation;
+2. `whole = encode(context + continuation)`, `context_enc = encode(context)`,
+   `continuation_enc = whole[len(context_enc):]` (the continuation's tokens are those of the whole
+   text past the context's, so a word split differently inside the whole text is still scored);
+3. the model reads `(context_enc + continuation_enc)[-(S + 1):][:-1]` (left-truncated to its length S)
+   and the last `len(continuation_enc)` predictions are scored.
+
+`encode` is the tokenizer's own `encode(text)` with its default special tokens (HFLM's
+`add_bos_token=None`): a LLaMA tokenizer prepends BOS to both encodings. `add_bos=True/False`
+forces it as HFLM's `add_bos_token` does. A text that already starts with the BOS string is
+encoded without special tokens, as HFLM does.
+
+One row per (item, choice): `tokens[S]` (the model's input), `labels[S]` (the next token at each
+position) and `loss_mask[S]` (1 on the continuation's labels only). Rows are padded at the end with
+token 0 and mask 0; attention is causal, so padding after a row's tokens never changes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+
+from .tasks import Item
+
+Encode = Callable[[str], list]  # text -> token ids, special tokens included as the model expects them
+
+
+def hf_encoder(tokenizer, add_bos: bool | None = None) -> Encode:
+    """A `transformers` tokenizer's encoding as HFLM's `tok_encode` does it.
+
+    `add_bos=None` keeps the tokenizer's default (`add_special_tokens` unset: LLaMA adds BOS)."""
+    bos_text = tokenizer.decode(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else None
+
+    def encode(text: str) -> list:
+        kwargs = {} if add_bos is None else {"add_special_tokens": add_bos}
+        if add_bos is None and bos_text and text.startswith(bos_text):
+            kwargs = {"add_special_tokens": False}
+        return list(tokenizer.encode(text, **kwargs))
+
+    return encode
+
+
+def sentencepiece_encoder(tokenizer, add_bos: bool = True) -> Encode:
+    """One of our SentencePiece tokenizers (`data.tokenizer.Llama2Tokenizer` or
+    `SentencePieceTokenizer`), BOS first by default as the LLaMA tokenizer's HF form does."""
+    from ..data.tokenizer import Llama2Tokenizer
+
+    def encode(text: str) -> list:
+        if isinstance(tokenizer, Llama2Tokenizer):
+            return tokenizer.tokenize(text, bos=add_bos)
+        return ([tokenizer.bos] if add_bos else []) + tokenizer.tokenize(text)
+
+    return encode
+
+
+def encode_pair(encode: Encode, context: str, continuation: str) -> tuple[list, list]:
+    """(context tokens, continuation tokens), split as HFLM's `_encode_pair` splits them."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = encode(context + continuation)
+    context_enc = encode(context)
+    return context_enc, whole[len(context_enc):]
+
+
+@dataclasses.dataclass
+class Rows:
+    """One row per (item, choice), in item order then choice order."""
+
+    tokens: torch.Tensor  # int64 [rows, S]
+    labels: torch.Tensor  # int64 [rows, S]
+    loss_mask: torch.Tensor  # float32 [rows, S]
+    item: list  # the item index of each row
+    choice: list  # the choice index of each row
+
+    def __len__(self) -> int:
+        return len(self.item)
+
+
+def build_rows(items: Sequence[Item], encode: Encode, seq_length: int) -> Rows:
+    """Every choice of every item as a fixed-shape row of `seq_length` tokens."""
+    n = sum(len(item.choices) for item in items)
+    tokens = torch.zeros(n, seq_length, dtype=torch.long)
+    labels = torch.zeros(n, seq_length, dtype=torch.long)
+    loss_mask = torch.zeros(n, seq_length, dtype=torch.float32)
+    item_of, choice_of = [], []
+    row = 0
+    for i, item in enumerate(items):
+        for c, continuation in enumerate(item.continuations):
+            context_enc, continuation_enc = encode_pair(encode, item.prompt, continuation)
+            if not continuation_enc:
+                raise ValueError(f"item {i}, choice {c}: the continuation {continuation!r} has no tokens of its own")
+            if len(continuation_enc) > seq_length:
+                raise ValueError(f"item {i}, choice {c}: the continuation alone is {len(continuation_enc)} tokens, "
+                                 f"longer than the sequence length {seq_length}")
+            # the last S + 1 tokens: S inputs and their S next tokens (HFLM's left truncation)
+            window = (context_enc + continuation_enc)[-(seq_length + 1):]
+            length = len(window) - 1
+            tokens[row, :length] = torch.tensor(window[:-1])
+            labels[row, :length] = torch.tensor(window[1:])
+            loss_mask[row, length - len(continuation_enc):length] = 1.0
+            item_of.append(i)
+            choice_of.append(c)
+            row += 1
+    return Rows(tokens=tokens, labels=labels, loss_mask=loss_mask, item=item_of, choice=choice_of)
