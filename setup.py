@@ -29,7 +29,7 @@ setup(
         # already bring it)
         "test": ["pytest>=7", "transformers>=4.45", "tokenizers", "triton>=3.0; platform_system == 'Linux'",
                  # the reference the evaluation's scoring is held to (tests/test_evaluation_vs_lm_eval.py)
-                 "lm-eval>=0.4.13"],
+                 "lm-eval[hf]>=0.4.13"],
         "te": ["transformer_engine[pytorch]"],
     },
     entry_points={
