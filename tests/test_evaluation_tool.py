@@ -1,0 +1,127 @@
+"""tools/evaluate.py: a Hugging Face folder and our checkpoint of the same weights score the same;
+the rows, the metrics and the batching behave as documented; bad input is one line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from evaluation_helpers import make_hf_llama, task_lines, write_task  # noqa: E402
+
+from megatron_mellama.evaluation.requests import build_rows, encode_pair, hf_encoder  # noqa: E402
+from megatron_mellama.evaluation.scoring import row_loglikelihoods, score_items  # noqa: E402
+from megatron_mellama.evaluation.tasks import Item  # noqa: E402
+from megatron_mellama.tools.evaluate import main as evaluate  # noqa: E402
+from megatron_mellama.tools.hf_to_mellama import main as hf_to_mellama  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_hf_folder_and_our_checkpoint_score_the_same(tmp_path, hf_tokenizer_dir, sentencepiece_model):
+    make_hf_llama(hf_tokenizer_dir, out_dir=tmp_path / "hf")
+    assert hf_to_mellama(["--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / "ours"), "--no-progress"]) == 0
+    tasks = ["--tasks", f"a={write_task(tmp_path / 'a.jsonl', task_lines(12, seed=1))}",
+             f"b={write_task(tmp_path / 'b.jsonl', task_lines(6, seed=2))}", "--batch-size", "5", "--no-progress"]
+    assert evaluate([*tasks, "--hf-dir", str(tmp_path / "hf"), "--output", str(tmp_path / "hf.json")]) == 0
+    # our checkpoint with our SentencePiece tokenizer: the ids must equal the HF tokenizer's too
+    assert evaluate([*tasks, "--load", str(tmp_path / "ours"), "--tokenizer-type", "Llama2Tokenizer",
+                     "--tokenizer-model", sentencepiece_model, "--output", str(tmp_path / "ours.json")]) == 0
+    hf = json.loads((tmp_path / "hf.json").read_text())
+    ours = json.loads((tmp_path / "ours.json").read_text())
+    assert hf["seq_length"] == ours["seq_length"] == 64
+    for name, items in (("a", 12), ("b", 6)):
+        h, o = hf["tasks"][name], ours["tasks"][name]
+        assert h["items"] == o["items"] == items and len(o["predictions"]) == items
+        lls_h = torch.tensor([p["loglikelihoods"] for p in h["predictions"]])
+        lls_o = torch.tensor([p["loglikelihoods"] for p in o["predictions"]])
+        assert lls_h.shape == (items, 4) and (lls_h - lls_o).abs().max().item() <= 1e-5
+        assert [p["pred"] for p in h["predictions"]] == [p["pred"] for p in o["predictions"]]
+        assert h["acc"] == o["acc"] and h["acc_norm"] == o["acc_norm"]
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
+
+
+def test_limit_and_table(tmp_path, hf_tokenizer_dir, capsys):
+    make_hf_llama(hf_tokenizer_dir, out_dir=tmp_path / "hf")
+    task = write_task(tmp_path / "t.jsonl", task_lines(9))
+    assert evaluate(["--tasks", f"medqa={task}", "--hf-dir", str(tmp_path / "hf"), "--limit", "3",
+                     "--no-progress"]) == 0
+    header, row = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["task", "items", "acc", "acc_norm", "seconds"]
+    assert row.split()[:2] == ["medqa", "3"]
+
+
+def test_wrapper_runs_from_a_clone(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), "--help"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 0 and "--tasks NAME=PATH" in proc.stdout, proc.stderr
+
+
+def _error(argv, capsys) -> str:
+    assert evaluate(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("evaluate: error: ")
+    return err
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    good = write_task(tmp_path / "good.jsonl", task_lines(2))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(task_lines(1)[0]) + "\n" + '{"question": "q", "choices": ["a"], "answer": 0}\n')
+    # the task files are checked before the model is looked at
+    assert f"{bad}:2: " in _error(["--tasks", f"x={bad}", "--hf-dir", str(tmp_path / "nope")], capsys)
+    assert "no such directory" in _error(["--tasks", f"x={good}", "--hf-dir", str(tmp_path / "nope")], capsys)
+    assert "expected NAME=PATH" in _error(["--tasks", good, "--hf-dir", str(tmp_path)], capsys)
+    assert "--load needs --tokenizer-type" in _error(["--tasks", f"x={good}", "--load", str(tmp_path)], capsys)
+    assert "--batch-size 0" in _error(["--tasks", f"x={good}", "--hf-dir", str(tmp_path), "--batch-size", "0"],
+                                      capsys)
+    assert "one of the arguments --hf-dir --load is required" in _error(["--tasks", f"x={good}"], capsys)
+    assert evaluate(["--help"]) == 0
+
+
+def test_rows_follow_lm_eval_layout(hf_tokenizer_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_tokenizer_dir)
+    encode = hf_encoder(tokenizer)
+    # trailing spaces of the context belong to the continuation
+    context_enc, continuation_enc = encode_pair(encode, "Answer: ", "yes")
+    assert context_enc == encode("Answer:")
+    assert context_enc + continuation_enc == encode("Answer: yes")
+    item = Item(prompt="Question: does the dose matter?\nAnswer:", choices=("yes", "no"), answer=0)
+    rows = build_rows([item], encode, seq_length=32)
+    whole = encode(item.prompt + " yes")
+    n = len(whole) - 1
+    assert rows.tokens.shape == rows.labels.shape == rows.loss_mask.shape == (2, 32)
+    assert rows.tokens[0, :n].tolist() == whole[:-1] and rows.labels[0, :n].tolist() == whole[1:]
+    assert rows.loss_mask[0].nonzero().flatten().tolist() == list(range(n - len(continuation_of(encode, item)), n))
+    assert rows.item == [0, 0] and rows.choice == [0, 1]
+    # too short a window keeps the last S + 1 tokens
+    short = build_rows([item], encode, seq_length=6)
+    assert short.tokens[0].tolist() == whole[-7:-1] and short.labels[0].tolist() == whole[-6:]
+
+
+def continuation_of(encode, item):
+    return encode_pair(encode, item.prompt, item.continuations[0])[1]
+
+
+def test_metrics_and_fixed_batches():
+    items = [Item(prompt="q", choices=("aa", "b", "cccc"), answer=2)] * 3
+    # item 0: summed, choice 0 (-2.0); per character (not per token), choice 2 (-2.4 / 4 = -0.6);
+    # items 1 and 2: ties go to the first choice, per character (-1.0 each) and summed
+    scores = score_items(items, [[-2.0, -3.0, -2.4], [-2.0, -1.0, -9.0], [-1.0, -1.0, -9.0]])
+    assert [(s.pred, s.pred_norm) for s in scores.items] == [(0, 2), (1, 0), (0, 0)]
+    assert scores.acc == 0.0 and scores.acc_norm == pytest.approx(1 / 3)
+
+    rows = build_rows(items, lambda text: [ord(ch) for ch in text], seq_length=8)  # 3 items x 3 choices
+    shapes = []
+
+    def loglikelihood_fn(tokens, labels, loss_mask):
+        shapes.append(tuple(tokens.shape))
+        return (labels.float() * loss_mask).sum(-1)
+
+    values = row_loglikelihoods(rows, loglikelihood_fn, batch_size=4)
+    assert shapes == [(4, 8)] * 3  # the last batch, one real row, is filled up to the same shape
+    assert values == [float(sum(ord(ch) for ch in " " + c)) for c in items[0].choices] * 3
