@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from evaluation_helpers import make_hf_llama, task_lines, write_task  # noqa: E402
 
-from megatron_mellama.evaluation.requests import build_rows, encode_pair, hf_encoder  # noqa: E402
+from megatron_mellama.evaluation.requests import build_rows, encode_pair, encode_requests, hf_encoder  # noqa: E402
 from megatron_mellama.evaluation.scoring import row_loglikelihoods, score_items  # noqa: E402
 from megatron_mellama.evaluation.tasks import Item  # noqa: E402
 from megatron_mellama.tools.evaluate import main as evaluate  # noqa: E402
@@ -115,13 +115,13 @@ def test_metrics_and_fixed_batches():
     assert [(s.pred, s.pred_norm) for s in scores.items] == [(0, 2), (1, 0), (0, 0)]
     assert scores.acc == 0.0 and scores.acc_norm == pytest.approx(1 / 3)
 
-    rows = build_rows(items, lambda text: [ord(ch) for ch in text], seq_length=8)  # 3 items x 3 choices
+    requests = encode_requests(items, lambda text: [ord(ch) for ch in text])  # 3 items x 3 choices
     shapes = []
 
     def loglikelihood_fn(tokens, labels, loss_mask):
         shapes.append(tuple(tokens.shape))
         return (labels.float() * loss_mask).sum(-1)
 
-    values = row_loglikelihoods(rows, loglikelihood_fn, batch_size=4)
+    values = row_loglikelihoods(requests, 8, loglikelihood_fn, batch_size=4)
     assert shapes == [(4, 8)] * 3  # the last batch, one real row, is filled up to the same shape
     assert values == [float(sum(ord(ch) for ch in " " + c)) for c in items[0].choices] * 3

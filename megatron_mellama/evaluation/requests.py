@@ -15,7 +15,8 @@ lm-eval scores a choice by the log-likelihood of a (context, continuation) pair.
 forces it as HFLM's `add_bos_token` does. A text that already starts with the BOS string is
 encoded without special tokens, as HFLM does.
 
-One row per (item, choice): `tokens[S]` (the model's input), `labels[S]` (the next token at each
+`encode_requests` turns each (item, choice) into a `Request` (its two token lists, cheap to keep for
+a whole task); `rows_from_requests` makes rows of some of them at a time, one per request: `tokens[S]` (the model's input), `labels[S]` (the next token at each
 position) and `loss_mask[S]` (1 on the continuation's labels only). Rows are padded at the end with
 token 0 and mask 0; attention is causal, so padding after a row's tokens never changes them.
 """
@@ -70,9 +71,31 @@ def encode_pair(encode: Encode, context: str, continuation: str) -> tuple[list, 
     return context_enc, whole[len(context_enc):]
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One (item, choice) as token ids: what the model reads before the choice, and the choice."""
+
+    item: int
+    choice: int
+    context: list
+    continuation: list
+
+
+def encode_requests(items: Sequence[Item], encode: Encode) -> list:
+    """Every choice of every item, in item order then choice order."""
+    requests = []
+    for i, item in enumerate(items):
+        for c, continuation in enumerate(item.continuations):
+            context_enc, continuation_enc = encode_pair(encode, item.prompt, continuation)
+            if not continuation_enc:
+                raise ValueError(f"item {i}, choice {c}: the continuation {continuation!r} has no tokens of its own")
+            requests.append(Request(item=i, choice=c, context=context_enc, continuation=continuation_enc))
+    return requests
+
+
 @dataclasses.dataclass
 class Rows:
-    """One row per (item, choice), in item order then choice order."""
+    """Fixed-shape rows, one per request, in the requests' order."""
 
     tokens: torch.Tensor  # int64 [rows, S]
     labels: torch.Tensor  # int64 [rows, S]
@@ -84,29 +107,25 @@ class Rows:
         return len(self.item)
 
 
-def build_rows(items: Sequence[Item], encode: Encode, seq_length: int) -> Rows:
-    """Every choice of every item as a fixed-shape row of `seq_length` tokens."""
-    n = sum(len(item.choices) for item in items)
+def rows_from_requests(requests: Sequence[Request], seq_length: int) -> Rows:
+    n = len(requests)
     tokens = torch.zeros(n, seq_length, dtype=torch.long)
     labels = torch.zeros(n, seq_length, dtype=torch.long)
     loss_mask = torch.zeros(n, seq_length, dtype=torch.float32)
-    item_of, choice_of = [], []
-    row = 0
-    for i, item in enumerate(items):
-        for c, continuation in enumerate(item.continuations):
-            context_enc, continuation_enc = encode_pair(encode, item.prompt, continuation)
-            if not continuation_enc:
-                raise ValueError(f"item {i}, choice {c}: the continuation {continuation!r} has no tokens of its own")
-            if len(continuation_enc) > seq_length:
-                raise ValueError(f"item {i}, choice {c}: the continuation alone is {len(continuation_enc)} tokens, "
-                                 f"longer than the sequence length {seq_length}")
-            # the last S + 1 tokens: S inputs and their S next tokens (HFLM's left truncation)
-            window = (context_enc + continuation_enc)[-(seq_length + 1):]
-            length = len(window) - 1
-            tokens[row, :length] = torch.tensor(window[:-1])
-            labels[row, :length] = torch.tensor(window[1:])
-            loss_mask[row, length - len(continuation_enc):length] = 1.0
-            item_of.append(i)
-            choice_of.append(c)
-            row += 1
-    return Rows(tokens=tokens, labels=labels, loss_mask=loss_mask, item=item_of, choice=choice_of)
+    for row, r in enumerate(requests):
+        if len(r.continuation) > seq_length:
+            raise ValueError(f"item {r.item}, choice {r.choice}: the continuation alone is {len(r.continuation)} "
+                             f"tokens, longer than the sequence length {seq_length}")
+        # the last S + 1 tokens: S inputs and their S next tokens (HFLM's left truncation)
+        window = (r.context + r.continuation)[-(seq_length + 1):]
+        length = len(window) - 1
+        tokens[row, :length] = torch.tensor(window[:-1])
+        labels[row, :length] = torch.tensor(window[1:])
+        loss_mask[row, length - len(r.continuation):length] = 1.0
+    return Rows(tokens=tokens, labels=labels, loss_mask=loss_mask, item=[r.item for r in requests],
+                choice=[r.choice for r in requests])
+
+
+def build_rows(items: Sequence[Item], encode: Encode, seq_length: int) -> Rows:
+    """Every choice of every item as a fixed-shape row of `seq_length` tokens."""
+    return rows_from_requests(encode_requests(items, encode), seq_length)

@@ -8,9 +8,9 @@ For each item lm-eval's multiple-choice task takes
 Ties go to the first choice (numpy's argmax). A task's score is the mean over its items.
 
 `score_task` runs any `loglikelihood_fn(tokens, labels, loss_mask) -> Tensor[B]` (the summed fp32
-log-probability of the masked labels of each row) over a task's rows in batches of a fixed size:
-the last batch is filled up with padding rows (mask 0, their results dropped), so a parallel
-engine that needs a constant batch shape can serve as `loglikelihood_fn` too.
+log-probability of the masked labels of each row, see `requests` for the rows) over a task's rows
+in batches of a fixed size: the last batch is filled up with padding rows (mask 0, their results
+dropped), so a parallel engine that needs a constant batch shape can serve as `loglikelihood_fn` too.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .requests import Encode, Rows, build_rows
+from .requests import Encode, Request, encode_requests, rows_from_requests
 from .tasks import Item
 
 LoglikelihoodFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,37 +59,41 @@ def score_items(items: Sequence[Item], loglikelihoods: Sequence[Sequence[float]]
     return TaskScore(items=scores)
 
 
-def row_loglikelihoods(rows: Rows, loglikelihood_fn: LoglikelihoodFn, batch_size: int,
-                       progress: Callable[[int], None] | None = None) -> list:
-    """`loglikelihood_fn` over `rows` in batches of exactly `batch_size`; one float per row.
+def row_loglikelihoods(requests: Sequence[Request], seq_length: int, loglikelihood_fn: LoglikelihoodFn,
+                       batch_size: int, progress: Callable[[int], None] | None = None) -> list:
+    """`loglikelihood_fn` over the requests' rows in batches of exactly `batch_size`; one float per request.
 
-    `progress(n)` is called after each batch with the number of real rows it held."""
+    Rows are made one batch at a time (all of a large task at the model's length would not fit in
+    memory), longest first so that a batch holds rows of similar length: a `loglikelihood_fn` that
+    cuts the padding columns then computes little of it. `progress(n)` is called after each batch
+    with the number of real rows it held."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    out = []
-    for start in range(0, len(rows), batch_size):
-        tokens = rows.tokens[start:start + batch_size]
-        labels = rows.labels[start:start + batch_size]
-        loss_mask = rows.loss_mask[start:start + batch_size]
-        real = tokens.shape[0]
-        if real < batch_size:
-            fill = batch_size - real
-            tokens = torch.cat([tokens, tokens.new_zeros(fill, tokens.shape[1])])
-            labels = torch.cat([labels, labels.new_zeros(fill, labels.shape[1])])
-            loss_mask = torch.cat([loss_mask, loss_mask.new_zeros(fill, loss_mask.shape[1])])
-        values = loglikelihood_fn(tokens, labels, loss_mask)
-        out.extend(values[:real].float().tolist())
+    order = sorted(range(len(requests)), key=lambda k: -len(requests[k].context + requests[k].continuation))
+    out = [0.0] * len(requests)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        rows = rows_from_requests([requests[k] for k in chosen], seq_length)
+        tokens, labels, loss_mask = rows.tokens, rows.labels, rows.loss_mask
+        fill = batch_size - len(chosen)
+        if fill:
+            tokens = torch.cat([tokens, tokens.new_zeros(fill, seq_length)])
+            labels = torch.cat([labels, labels.new_zeros(fill, seq_length)])
+            loss_mask = torch.cat([loss_mask, loss_mask.new_zeros(fill, seq_length)])
+        values = loglikelihood_fn(tokens, labels, loss_mask)[:len(chosen)].float().tolist()
+        for k, value in zip(chosen, values):
+            out[k] = value
         if progress is not None:
-            progress(real)
+            progress(len(chosen))
     return out
 
 
 def score_task(items: Sequence[Item], encode: Encode, seq_length: int, loglikelihood_fn: LoglikelihoodFn,
                batch_size: int, progress: Callable[[int], None] | None = None) -> TaskScore:
     """Tokenize every (item, choice), score the rows with `loglikelihood_fn`, and take lm-eval's metrics."""
-    rows = build_rows(items, encode, seq_length)
-    values = row_loglikelihoods(rows, loglikelihood_fn, batch_size, progress)
+    requests = encode_requests(items, encode)
+    values = row_loglikelihoods(requests, seq_length, loglikelihood_fn, batch_size, progress)
     per_item = [[] for _ in items]
-    for i, value in zip(rows.item, values):
-        per_item[i].append(value)
+    for request, value in zip(requests, values):
+        per_item[request.item].append(value)
     return score_items(items, per_item)
