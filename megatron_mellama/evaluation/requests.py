@@ -15,10 +15,11 @@ lm-eval scores a choice by the log-likelihood of a (context, continuation) pair.
 forces it as HFLM's `add_bos_token` does. A text that already starts with the BOS string is
 encoded without special tokens, as HFLM does.
 
-`encode_requests` turns each (item, choice) into a `Request` (its two token lists, cheap to keep for
-a whole task); `rows_from_requests` makes rows of some of them at a time, one per request: `tokens[S]` (the model's input), `labels[S]` (the next token at each
-position) and `loss_mask[S]` (1 on the continuation's labels only). Rows are padded at the end with
-token 0 and mask 0; attention is causal, so padding after a row's tokens never changes them.
+`encode_requests` turns each (item, choice) into a `Request`, its two token lists (cheap to keep
+for a whole task); `rows_from_requests` makes fixed-shape rows of some of them, one per request:
+`tokens[S]` (the model's input), `labels[S]` (the next token at each position) and `loss_mask[S]`
+(1 on the continuation's labels only). Rows are padded at the end with token 0 and mask 0;
+attention is causal, so padding after a row's tokens never changes them.
 """
 
 from __future__ import annotations
