@@ -62,6 +62,7 @@ def test_wrapper_runs_from_a_clone(tmp_path):
 
 
 def _error(argv, capsys) -> str:
+    capsys.readouterr()
     assert evaluate(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("evaluate: error: ")
@@ -81,6 +82,15 @@ def test_bad_input_is_one_line(tmp_path, capsys):
                                       capsys)
     assert "one of the arguments --hf-dir --load is required" in _error(["--tasks", f"x={good}"], capsys)
     assert evaluate(["--help"]) == 0
+
+
+def test_choice_longer_than_the_window_names_its_line(tmp_path, hf_tokenizer_dir, capsys):
+    make_hf_llama(hf_tokenizer_dir, out_dir=tmp_path / "hf")
+    task = write_task(tmp_path / "t.jsonl", [{"question": "q?", "choices": ["a", "b"], "answer": 0},
+                                             {"question": "q?", "choices": ["a", "heart blood cancer"], "answer": 0}])
+    err = _error(["--tasks", f"t={task}", "--hf-dir", str(tmp_path / "hf"), "--seq-length", "2", "--no-progress"],
+                 capsys)
+    assert f"{task}:2: choice 1: the continuation alone is" in err and "longer than the sequence length 2" in err
 
 
 def test_rows_follow_lm_eval_layout(hf_tokenizer_dir):

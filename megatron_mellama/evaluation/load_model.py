@@ -18,7 +18,7 @@ class ModelLoadError(ValueError):
     """A model folder or checkpoint that cannot be loaded; one line naming the path."""
 
 
-def load_hf_model(hf_dir: str, device: str = "cpu", dtype: str = "fp32"):
+def load_hf_model(hf_dir: str, device: str = "cpu", dtype: str = "fp32", progress: bool = True):
     """(transformers causal LM, its tokenizer, its maximum sequence length) from a local folder."""
     if not os.path.isdir(hf_dir):
         raise ModelLoadError(f"--hf-dir {hf_dir}: no such directory")
@@ -26,6 +26,8 @@ def load_hf_model(hf_dir: str, device: str = "cpu", dtype: str = "fp32"):
         raise ModelLoadError(f"--hf-dir {hf_dir}: no config.json (expected a Hugging Face model folder)")
     import transformers
 
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     except Exception as exc:

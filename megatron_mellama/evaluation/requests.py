@@ -34,6 +34,14 @@ from .tasks import Item
 Encode = Callable[[str], list]  # text -> token ids, special tokens included as the model expects them
 
 
+class RequestError(ValueError):
+    """A choice that cannot be scored; `item` is the index of its item."""
+
+    def __init__(self, item: int, message: str):
+        super().__init__(message)
+        self.item = item
+
+
 def hf_encoder(tokenizer, add_bos: bool | None = None) -> Encode:
     """A `transformers` tokenizer's encoding as HFLM's `tok_encode` does it.
 
@@ -89,7 +97,7 @@ def encode_requests(items: Sequence[Item], encode: Encode) -> list:
         for c, continuation in enumerate(item.continuations):
             context_enc, continuation_enc = encode_pair(encode, item.prompt, continuation)
             if not continuation_enc:
-                raise ValueError(f"item {i}, choice {c}: the continuation {continuation!r} has no tokens of its own")
+                raise RequestError(i, f"choice {c}: the continuation {continuation!r} has no tokens of its own")
             requests.append(Request(item=i, choice=c, context=context_enc, continuation=continuation_enc))
     return requests
 
@@ -115,8 +123,8 @@ def rows_from_requests(requests: Sequence[Request], seq_length: int) -> Rows:
     loss_mask = torch.zeros(n, seq_length, dtype=torch.float32)
     for row, r in enumerate(requests):
         if len(r.continuation) > seq_length:
-            raise ValueError(f"item {r.item}, choice {r.choice}: the continuation alone is {len(r.continuation)} "
-                             f"tokens, longer than the sequence length {seq_length}")
+            raise RequestError(r.item, f"choice {r.choice}: the continuation alone is {len(r.continuation)} tokens, "
+                               f"longer than the sequence length {seq_length}")
         # the last S + 1 tokens: S inputs and their S next tokens (HFLM's left truncation)
         window = (r.context + r.continuation)[-(seq_length + 1):]
         length = len(window) - 1

@@ -46,6 +46,7 @@ class Item:
     prompt: str
     choices: tuple[str, ...]
     answer: int
+    line: int = 0  # its line in the task file, for messages
 
     @property
     def continuations(self) -> list[str]:
@@ -87,7 +88,7 @@ def load_task(name: str, path: str) -> Task:
         with open(path, encoding="utf-8") as fh:
             for number, line in enumerate(fh, start=1):
                 if line.strip():
-                    items.append(parse_item(line, f"{path}:{number}"))
+                    items.append(dataclasses.replace(parse_item(line, f"{path}:{number}"), line=number))
     except UnicodeDecodeError as exc:
         raise TaskError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:

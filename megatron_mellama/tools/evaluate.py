@@ -83,6 +83,7 @@ def _run(args) -> int:
 
     from tqdm import tqdm
 
+    from ..evaluation.requests import RequestError
     from ..evaluation.scoring import score_task
 
     results = {}
@@ -93,8 +94,8 @@ def _run(args) -> int:
                   dynamic_ncols=True, file=sys.stderr) as bar:
             try:
                 score = score_task(items, encode, seq_length, loglikelihood_fn, args.batch_size, bar.update)
-            except ValueError as exc:
-                raise UsageError(f"task {task.name} ({task.path}): {exc}") from None
+            except RequestError as exc:
+                raise UsageError(f"{task.path}:{items[exc.item].line}: {exc}") from None
         results[task.name] = dict(path=task.path, items=len(items), acc=score.acc, acc_norm=score.acc_norm,
                                   seconds=round(time.perf_counter() - start, 3),
                                   predictions=[vars(s) for s in score.items])
@@ -114,7 +115,7 @@ def _model(args, device):
 
     add_bos = False if args.no_bos else None
     if args.hf_dir:
-        model, tokenizer, max_length = load_hf_model(args.hf_dir, device, args.dtype)
+        model, tokenizer, max_length = load_hf_model(args.hf_dir, device, args.dtype, progress=not args.no_progress)
         return hf_loglikelihood_fn(model), hf_encoder(tokenizer, add_bos), max_length
     encode = _tokenizer_encoder(args.tokenizer_type, args.tokenizer_model, add_bos)
     model, max_length = load_our_checkpoint(args.load, device, args.dtype)
