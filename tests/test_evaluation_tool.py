@@ -91,6 +91,9 @@ def test_choice_longer_than_the_window_names_its_line(tmp_path, hf_tokenizer_dir
     err = _error(["--tasks", f"t={task}", "--hf-dir", str(tmp_path / "hf"), "--seq-length", "2", "--no-progress"],
                  capsys)
     assert f"{task}:2: choice 1: the continuation alone is" in err and "longer than the sequence length 2" in err
+    err = _error(["--tasks", f"t={task}", "--hf-dir", str(tmp_path / "hf"), "--seq-length", "65", "--no-progress"],
+                 capsys)
+    assert "--seq-length 65: longer than the model's 64 positions" in err
 
 
 def test_rows_follow_lm_eval_layout(hf_tokenizer_dir):

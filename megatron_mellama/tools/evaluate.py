@@ -71,20 +71,21 @@ def _parse(argv):
 
 
 def _run(args) -> int:
+    # imported here, not at the top, so that --help and flag errors answer without loading torch
     import torch
+    from tqdm import tqdm
 
+    from ..evaluation.requests import RequestError
+    from ..evaluation.scoring import score_task
     from ..evaluation.tasks import load_tasks, parse_task_specs
 
     # every task file is read and checked before any model is loaded
     tasks = load_tasks(parse_task_specs(args.tasks))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loglikelihood_fn, encode, max_length = _model(args, device)
+    if args.seq_length and args.seq_length > max_length:
+        raise UsageError(f"--seq-length {args.seq_length}: longer than the model's {max_length} positions")
     seq_length = args.seq_length or max_length
-
-    from tqdm import tqdm
-
-    from ..evaluation.requests import RequestError
-    from ..evaluation.scoring import score_task
 
     results = {}
     for task in tasks:
