@@ -32,6 +32,7 @@ def test_every_documented_format_loads(tmp_path):
     assert len(medqa.choices) == 5
     assert medmcqa.prompt == "Question: 2+2?\nAnswer: 4\n\nQuestion: Drug of choice for absence seizures?\nAnswer:"
     assert pubmedqa.prompt == PUBMEDQA["context"] and pubmedqa.choices == ("yes", "no", "maybe")
+    assert [item.line for item in task.items] == [1, 2, 4, 5]
 
 
 BAD_LINES = [

@@ -1,6 +1,6 @@
 """Multiple-choice task files: the format and its loader.
 
-A task is a JSONL file, one item per line, every line an object with:
+A task is a JSONL file (UTF-8), one item per line (blank lines are skipped), every line an object with:
 
 - `question` (string): the prompt is lm-evaluation-harness's usual `"Question: {question}\\nAnswer:"`;
   or `context` (string): the prompt, used exactly as written. Exactly one of the two.
@@ -85,10 +85,11 @@ def load_tasks(specs: dict[str, str]) -> list[Task]:
 def load_task(name: str, path: str) -> Task:
     items = []
     try:
-        with open(path, encoding="utf-8") as fh:
+        # utf-8-sig: a byte-order mark some editors write is not part of the first item
+        with open(path, encoding="utf-8-sig") as fh:
             for number, line in enumerate(fh, start=1):
                 if line.strip():
-                    items.append(dataclasses.replace(parse_item(line, f"{path}:{number}"), line=number))
+                    items.append(parse_item(line, path, number))
     except UnicodeDecodeError as exc:
         raise TaskError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
@@ -98,8 +99,9 @@ def load_task(name: str, path: str) -> Task:
     return Task(name=name, path=path, items=tuple(items))
 
 
-def parse_item(line: str, where: str) -> Item:
-    """One JSONL line -> Item; `where` ("FILE:LINE") starts every error message."""
+def parse_item(line: str, path: str, number: int) -> Item:
+    """Line `number` of the task file `path` -> Item; every error message starts with `PATH:NUMBER:`."""
+    where = f"{path}:{number}"
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -134,7 +136,7 @@ def parse_item(line: str, where: str) -> Item:
     if not isinstance(fewshot, str):
         raise TaskError(f"{where}: \"fewshot\" must be a string, got {_json_type(fewshot)}")
     prompt = QUESTION_TEMPLATE.format(question=text) if key == "question" else text
-    return Item(prompt=fewshot + prompt, choices=tuple(choices), answer=answer)
+    return Item(prompt=fewshot + prompt, choices=tuple(choices), answer=answer, line=number)
 
 
 def _json_type(value) -> str:
