@@ -1,7 +1,7 @@
 """Items -> fixed-shape token rows, tokenized exactly as lm-evaluation-harness's HF model does.
 
 lm-eval scores a choice by the log-likelihood of a (context, continuation) pair. Its HF model
-(`lm_eval.models.huggingface.HFLM`, 0.4.x) turns the pair into tokens so:
+(`lm_eval.models.huggingface.HFLM`, read in 0.4.13) turns the pair into tokens so:
 
 1. trailing whitespace of the context moves to the front of the continuation;
 2. `whole = encode(context + continuation)`, `context_enc = encode(context)`,
@@ -46,11 +46,13 @@ def hf_encoder(tokenizer, add_bos: bool | None = None) -> Encode:
     """A `transformers` tokenizer's encoding as HFLM's `tok_encode` does it.
 
     `add_bos=None` keeps the tokenizer's default (`add_special_tokens` unset: LLaMA adds BOS)."""
-    bos_text = tokenizer.decode(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else None
+    # HFLM's `prefix_token_id`: BOS, or EOS for a tokenizer without one
+    prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prefix_text = tokenizer.decode(prefix_id) if prefix_id is not None else None
 
     def encode(text: str) -> list:
         kwargs = {} if add_bos is None else {"add_special_tokens": add_bos}
-        if add_bos is None and bos_text and text.startswith(bos_text):
+        if add_bos is None and prefix_text and text.startswith(prefix_text):
             kwargs = {"add_special_tokens": False}
         return list(tokenizer.encode(text, **kwargs))
 
