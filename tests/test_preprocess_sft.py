@@ -9,22 +9,9 @@ import numpy as np
 import pytest
 
 from corpus_helpers import read_documents, write_jsonl
+from megatron_mellama.data.chat_template import LLAMA2_CHAT_TEMPLATE
 from megatron_mellama.data.indexed_writer import output_lock
 from megatron_mellama.tools.preprocess_sft import main
-
-# meta-llama/Llama-2-7b-chat-hf's tokenizer_config.json `chat_template`, as published.
-LLAMA2_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
-    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
-    "{% endfor %}")
 
 ONE_TURN = [{"role": "user", "content": "What is the risk of the treatment?"},
             {"role": "assistant", "content": "The risk is small in the trial."}]
@@ -118,6 +105,8 @@ def test_ids_equal_apply_chat_template(tmp_path, sentencepiece_model, llama2_cha
     ids, _ = outputs(prefix)
     assert ids == [reference_ids(llama2_chat, m) for m in CONVERSATIONS.values()]
     assert ids[0][0] == 1 and ids[0][-1] == 2 and ids[1].count(1) == 3 and ids[1].count(2) == 3
+    # the template is kept beside the data, for training to carry to the export
+    assert Path(f"{prefix}_chat_template.jinja").read_text() == LLAMA2_CHAT_TEMPLATE
 
 
 def test_hf_tokenizer_encodes_as_apply_chat_template(tmp_path, llama2_chat_dir, llama2_chat, hf_tokenizer_dir):

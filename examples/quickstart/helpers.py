@@ -65,10 +65,13 @@ def corpus(out: Path) -> None:
 def tokenizer(out: Path) -> None:
     import sentencepiece
 
-    # LLaMA2's settings: BPE, byte fallback, unk/bos/eos = 0/1/2, no pad
+    # LLaMA2's settings: BPE, byte fallback, digits split, unk/bos/eos = 0/1/2, no pad, and text kept as
+    # it is (no NFKC, whitespace and newlines kept), which is what a Hugging Face export of the model
+    # assumes: transformers' LlamaTokenizer does not apply SentencePiece's normaliser
     sentencepiece.SentencePieceTrainer.train(
         input=str(out / "all.txt"), model_prefix=str(out / "tokenizer"), vocab_size=VOCAB_SIZE, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
         minloglevel=2)
     print(f"tokenizer: {out / 'tokenizer.model'} ({VOCAB_SIZE} pieces)")
 

@@ -270,14 +270,19 @@ def _safetensors_header(names: list[str], shapes: dict, dtype: dict) -> tuple[by
 
 
 def export_checkpoint(load: str, hf_dir: str, max_shard_size: int = 5 * 10**9, dtype: str = "keep",
-                      tokenizer_model: str | None = None, progress: bool = True, overwrite: bool = False) -> list[str]:
+                      tokenizer_model: str | None = None, progress: bool = True, overwrite: bool = False,
+                      chat_template: str | None = None) -> list[str]:
     """Our checkpoint -> a Hugging Face LLaMA folder; returns the files written.
 
-    `hf_dir` must be empty or absent unless `overwrite`; it is then replaced whole (see the module doc)."""
+    `hf_dir` must be empty or absent unless `overwrite`; it is then replaced whole (see the module doc).
+    `chat_template` (Jinja source) goes into the tokenizer's `tokenizer_config.json`."""
     ckpt = find_checkpoint(load)
     _check_target(hf_dir, "--hf-dir", overwrite, ckpt)
     if tokenizer_model and not os.path.isfile(tokenizer_model):
         raise ConvertError(f"--tokenizer-model {tokenizer_model}: no such file")
+    if chat_template is not None and not tokenizer_model:
+        raise ConvertError(f"{ckpt}: a chat template is exported with the tokenizer: give --tokenizer-model "
+                           "(or --chat-template none)")
     cfg = _saved_model_config(ckpt)
     reader = ShardReader(ckpt)  # refuses tensors its chunks do not cover (they would export garbage)
     meta = {k: v for k, v in reader.read_metadata().state_dict_metadata.items()
@@ -293,12 +298,13 @@ def export_checkpoint(load: str, hf_dir: str, max_shard_size: int = 5 * 10**9, d
     shards = _plan_shards(names, nbytes, max_shard_size)
     with _Staged(hf_dir) as staged:
         written = _export_into(staged.dir, reader, ckpt, cfg, meta, names, shapes, out, nbytes, shards,
-                               tokenizer_model, progress)
+                               tokenizer_model, progress, chat_template)
         staged.commit()
     return written
 
 
-def _export_into(hf_dir, reader, ckpt, cfg, meta, names, shapes, out, nbytes, shards, tokenizer_model, progress):
+def _export_into(hf_dir, reader, ckpt, cfg, meta, names, shapes, out, nbytes, shards, tokenizer_model, progress,
+                 chat_template):
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     bar = _progress(sum(nbytes.values()), "export", progress)
@@ -332,19 +338,32 @@ def _export_into(hf_dir, reader, ckpt, cfg, meta, names, shapes, out, nbytes, sh
                 dict(metadata=dict(total_size=sum(nbytes.values())), weight_map=weight_map))
     names_out = files + ["config.json", "generation_config.json", "model.safetensors.index.json"]
     if tokenizer_model:
-        names_out += write_tokenizer(tokenizer_model, hf_dir, cfg.max_position_embeddings)
+        names_out += write_tokenizer(tokenizer_model, hf_dir, cfg.max_position_embeddings, chat_template)
     return names_out
 
 
-def write_tokenizer(model_file: str, hf_dir: str, max_length: int) -> list[str]:
-    """LLaMA2's SentencePiece model as a `LlamaTokenizer` folder."""
+def saved_chat_template(ckpt: str) -> str | None:
+    """The chat template an instruction-tuning run recorded in checkpoint `ckpt` (None for pretraining)."""
+    with open(os.path.join(ckpt, TRAIN_STATE)) as fh:
+        return json.load(fh).get("extra", {}).get("chat_template")
+
+
+def write_tokenizer(model_file: str, hf_dir: str, max_length: int, chat_template: str | None = None) -> list[str]:
+    """LLaMA2's SentencePiece model as a `LlamaTokenizer` folder.
+
+    `legacy=True` is the original LLaMA-2 tokenizer's behaviour, and the one our tokenizer and
+    tools/preprocess_sft.py encode with: text after a special token in a string (the `<s>[INST]` of
+    a chat template) gets SentencePiece's leading space, so `apply_chat_template` gives the ids the
+    model was trained on."""
     if not os.path.isfile(model_file):
         raise ConvertError(f"--tokenizer-model {model_file}: no such file")
     shutil.copyfile(model_file, os.path.join(hf_dir, "tokenizer.model"))
-    _write_json(os.path.join(hf_dir, "tokenizer_config.json"), dict(
-        tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=None,
-        add_bos_token=True, add_eos_token=False, legacy=False, model_max_length=max_length,
-        clean_up_tokenization_spaces=False))
+    config = dict(tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                  pad_token=None, add_bos_token=True, add_eos_token=False, legacy=True,
+                  model_max_length=max_length, clean_up_tokenization_spaces=False)
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    _write_json(os.path.join(hf_dir, "tokenizer_config.json"), config)
     _write_json(os.path.join(hf_dir, "special_tokens_map.json"),
                 dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"))
     return ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]

@@ -103,6 +103,10 @@ class DataSets:
     valid: Optional[torch.utils.data.Dataset]
     test: Optional[torch.utils.data.Dataset]
     valid_per_domain: dict = field(default_factory=dict)
+    # --sft: the chat template every prefix was rendered with (None when they disagree or have
+    # none; `notes` then says so), which checkpoints record for the export
+    chat_template: Optional[str] = None
+    notes: list = field(default_factory=list)  # lines for the run to print once
 
 
 def dataset_sizes(cfg: Config) -> tuple:
@@ -344,13 +348,17 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
             weight_of[p] = weight_of.get(p, 0.0) + w
     blended = [(w, p) for p, w in weight_of.items()]
     if d.sft:
+        from .chat_template import run_template
         from .sft_dataset import build_sft_datasets, check_pair, pair_of
 
         tokenizer, vocab = _tokenizer_and_vocab(cfg, tokenizer)
         for prefix in prefixes:
             check_pair(prefix, cfg)
             _check_token_ids(pair_of(prefix)[0], vocab)
-        return build_once_per_node(lambda: build_sft_datasets(cfg, prefixes, weight_of, tokenizer, split_matrix))
+        sets = build_once_per_node(lambda: build_sft_datasets(cfg, prefixes, weight_of, tokenizer, split_matrix))
+        sets.chat_template, note = run_template(prefixes)
+        sets.notes += [note] if note else []
+        return sets
     for prefix in prefixes:
         in_blend = any(p == prefix for _, p in blended)
         _check_prefix(prefix, split_matrix, cfg, SPLIT_NAMES if in_blend else ("valid",))

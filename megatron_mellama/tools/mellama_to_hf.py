@@ -1,12 +1,16 @@
 """Export a megatron_mellama checkpoint (any parallel layout) as a Hugging Face LLaMA folder.
 
     mellama_to_hf.py --load ckpt/13b --hf-dir out/13b-hf [--max-shard-size 5GB] [--dtype keep|bf16|fp16|fp32]
-                     [--tokenizer-model tokenizer.model] [--overwrite]
+                     [--tokenizer-model tokenizer.model] [--chat-template saved|none|llama-2|FILE] [--overwrite]
 
 The export owns --hf-dir: a folder that holds anything (an older model, say, whose weights
 `from_pretrained` would otherwise load beside the new config) is refused unless --overwrite, which
 replaces it whole. It is written as a hidden sibling folder and renamed in at the end, so an error
 leaves --hf-dir as it was. --dtype fp16 refuses a tensor with values beyond fp16's range.
+
+The chat template of an instruction-tuned checkpoint (the one `pretrain --sft` read beside its data)
+is written into tokenizer_config.json with the tokenizer, so transformers' `apply_chat_template` then
+`generate` prompt the model as it was trained; --chat-template replaces or drops it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ def build_parser() -> OneLineParser:
                    help="dtype of the written tensors; keep: the checkpoint's. fp16 refuses a tensor with "
                    "values beyond its range (|x| > 65504) rather than write inf")
     p.add_argument("--tokenizer-model", help="LLaMA2 SentencePiece tokenizer.model to ship with the model")
+    p.add_argument("--chat-template", default="saved", metavar="saved|none|llama-2|FILE",
+                   help="chat template for tokenizer_config.json: saved (default): the one the checkpoint's "
+                   "instruction tuning recorded, if any; none; llama-2: LLaMA-2-chat's; FILE: a Jinja file")
     p.add_argument("--overwrite", action="store_true", help="replace a --hf-dir folder that is not empty, whole "
                    "(every file in it), once the new one is complete")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -53,13 +60,40 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     limit = parse_size(args.max_shard_size)
-    from ..checkpoint.convert import export_checkpoint
 
+    from ..checkpoint.convert import export_checkpoint, find_checkpoint, saved_chat_template
+
+    if args.chat_template == "saved":
+        template = saved_chat_template(find_checkpoint(args.load))
+        if template is not None and not args.tokenizer_model:
+            print("the checkpoint's chat template is not exported: it goes with the tokenizer (--tokenizer-model)")
+            template = None
+    else:
+        template = chat_template(args.chat_template)
     start = time.time()
     files = export_checkpoint(args.load, args.hf_dir, limit, args.dtype, args.tokenizer_model,
-                              progress=not args.no_progress, overwrite=args.overwrite)
-    print(f"wrote {len(files)} files to {args.hf_dir} in {time.time() - start:.1f}s")
+                              progress=not args.no_progress, overwrite=args.overwrite, chat_template=template)
+    print(f"wrote {len(files)} files to {args.hf_dir} in {time.time() - start:.1f}s"
+          + (", the chat template in tokenizer_config.json" if template is not None else ""))
     return 0
+
+
+def chat_template(choice: str) -> str | None:
+    """--chat-template other than `saved`: Jinja source or None."""
+    from ..data.chat_template import LLAMA2_CHAT_TEMPLATE
+
+    named = {"none": None, "llama-2": LLAMA2_CHAT_TEMPLATE}
+    if choice in named:
+        return named[choice]
+    try:
+        with open(choice, encoding="utf-8") as f:
+            source = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--chat-template {choice}: expected saved, none, llama-2 or a readable Jinja file "
+                         f"({err.strerror if isinstance(err, OSError) else 'not UTF-8'})") from None
+    if not source.strip():
+        raise UsageError(f"--chat-template {choice}: the file is empty")
+    return source
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ of two ways: a Hugging Face tokenizer encodes the whole text with its own specia
 and EOS strings piece by piece, as Meta's code (and the original, legacy LLaMA-2 tokenizer) does.
 
 Writes PREFIX_text_document.{bin,idx} (token ids) and PREFIX_loss_mask_document.{bin,idx} (uint8,
-one per token: 1 where the loss is taken), one document per conversation in both, and
-PREFIX_rejected.jsonl listing the records skipped (file, line, reason).
+one per token: 1 where the loss is taken), one document per conversation in both,
+PREFIX_chat_template.jinja (the template's Jinja source: training records it in its checkpoints and
+the Hugging Face export writes it into tokenizer_config.json), and PREFIX_rejected.jsonl listing the
+records skipped (file, line, reason).
 
 Which tokens are trained. Guessing where an answer starts by tokenizing it alone goes wrong where
 tokens merge across the boundary, so the answers' spans are measured on the template itself: for
@@ -56,6 +58,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_mellama.data.chat_template import LLAMA2_CHAT_TEMPLATE, template_path
 from megatron_mellama.data.indexed_writer import IndexedWriter, OutputLocked, optimal_dtype, output_lock, temp_path
 from megatron_mellama.data.jsonl_reader import MAX_LINE_BYTES, expand_inputs, read_blocks
 from megatron_mellama.data.record_encoder import RecordRejected, json_object
@@ -119,7 +122,8 @@ def parse_args(argv):
         args.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
     except TokenizerError as err:
         raise UsageError(f"--tokenizer-model: {err}") from None
-    args.template, args.special_tokens = load_template(args.chat_template_from, args.tokenizer)
+    args.template, args.special_tokens, args.template_source = load_template(args.chat_template_from,
+                                                                             args.tokenizer)
     return args
 
 
@@ -224,19 +228,19 @@ def _raise_template_error(message):
 
 
 def load_template(directory: str | None, tokenizer):
-    """(render, special-token strings): LLaMA-2-chat's, or the Jinja template of `directory`."""
+    """(render, special-token strings, Jinja source): LLaMA-2-chat's, or the template of `directory`."""
     special = dict(LLAMA2_SPECIAL_TOKENS)
     if isinstance(tokenizer, HuggingFaceTokenizer):
         special.update(_hf_special_tokens(tokenizer))
     if directory is None:
-        return render_llama2_chat, special
+        return render_llama2_chat, special, LLAMA2_CHAT_TEMPLATE
     source, config = _read_template_source(directory)
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
         value = config.get(key)
         value = value.get("content") if isinstance(value, dict) else value
         if isinstance(value, str):
             special[key] = value
-    return _compile_jinja(source, directory), special
+    return _compile_jinja(source, directory), special, source
 
 
 def _hf_special_tokens(tokenizer) -> dict:
@@ -408,7 +412,7 @@ def _run_locked(args) -> int:
     totals, rejects = Totals(), Rejects()
     rejected_path = f"{args.output_prefix}_rejected.jsonl"
     start = time.time()
-    text = mask = rejected = rejected_tmp = None
+    text = mask = rejected = rejected_tmp = template_tmp = None
     committed = False
     try:  # from the first temporary file on: any failure removes them all
         text = IndexedWriter(*_output_paths(args.output_prefix, "text"), optimal_dtype(args.tokenizer.vocab_size))
@@ -416,6 +420,11 @@ def _run_locked(args) -> int:
         rejected_tmp = temp_path(os.path.dirname(os.path.abspath(rejected_path)), os.path.basename(rejected_path),
                                  ".tmp")
         rejected = open(rejected_tmp, "w", encoding="utf-8")
+        final_template = template_path(args.output_prefix)
+        template_tmp = temp_path(os.path.dirname(os.path.abspath(final_template)), os.path.basename(final_template),
+                                 ".tmp")
+        with open(template_tmp, "w", encoding="utf-8") as f:
+            f.write(args.template_source)
         for path, line, raw, reason in _lines(args):
             totals.read += 1
             totals.bytes += len(raw) + 1 if raw is not None else 0
@@ -446,25 +455,27 @@ def _run_locked(args) -> int:
             writer.finalize()
         for writer in (text, mask):
             writer.commit()
+        os.replace(template_tmp, final_template)
         os.replace(rejected_tmp, rejected_path)
         committed = True
     finally:
         if not committed:
-            _remove_temporaries(rejected, rejected_tmp, (text, mask))
+            _remove_temporaries(rejected, (rejected_tmp, template_tmp), (text, mask))
     print(summary(args, totals, rejects))
     return 0
 
 
-def _remove_temporaries(rejected, rejected_tmp, writers) -> None:
+def _remove_temporaries(rejected, temporaries, writers) -> None:
     if rejected is not None:
         with contextlib.suppress(OSError):
             rejected.close()
     for writer in writers:
         if writer is not None:
             writer.abort()
-    if rejected_tmp is not None:
-        with contextlib.suppress(OSError):
-            os.remove(rejected_tmp)
+    for path in temporaries:
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 def summary(args, totals: Totals, rejects) -> str:

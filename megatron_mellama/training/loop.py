@@ -87,6 +87,8 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl) -
     coords = dims.coordinates(rank)
 
     data = build_datasets(cfg)
+    for line in data.notes:
+        _print0(line)
     # a checkpoint to load provides every weight (a load that lacks one fails): no random values
     # are generated only to be overwritten (minutes at 70B)
     ckpt = checkpoint_to_load(cfg)
@@ -128,8 +130,10 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl) -
             return history
         batches = train_batches(cfg, samples, consumed_samples=consumed, dp_rank=coords["dp"], dp_size=dims.dp)
         try:
+            # what a checkpoint keeps besides the data position: an SFT run's chat template, for the export
+            kept = dict(chat_template=data.chat_template) if data.chat_template is not None else {}
             _Steps(cfg, engine, checkpoints, metrics, control, history, coords["dp"], dims.dp).run(
-                batches, samples, _validation_sets(data), state.get("skipped_total", 0))
+                batches, samples, _validation_sets(data), state.get("skipped_total", 0), kept)
         finally:
             batches.close()
     finally:
@@ -145,7 +149,7 @@ class _Steps:
         self.cfg, self.engine, self.checkpoints, self.metrics = cfg, engine, checkpoints, metrics
         self.control, self.history, self.dp_rank, self.dp_size = control, history, dp_rank, dp_size
 
-    def run(self, batches, samples, validation: dict, skipped_total: int) -> None:
+    def run(self, batches, samples, validation: dict, skipped_total: int, kept: dict) -> None:
         cfg, engine, control, history = self.cfg, self.engine, self.control, self.history
         iteration, iterations = history["iteration"], train_iterations(cfg)
         last_saved = iteration
@@ -189,7 +193,7 @@ class _Steps:
                                           "model diverged; no checkpoint was saved")
             periodic = cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0
             if cfg.checkpoint.save and (periodic or stop.save or iteration == iterations) and last_saved != iteration:
-                self.checkpoints.save(iteration, consumed, dict(skipped_total=skipped_total,
+                self.checkpoints.save(iteration, consumed, dict(kept, skipped_total=skipped_total,
                                                                 data_order=samples.state(consumed)))
                 last_saved = iteration
             if stop.stop:
