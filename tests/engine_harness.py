@@ -64,15 +64,33 @@ def micro_batches_of(batch: dict, cfg, dp_rank: int, dp_size: int) -> list[dict]
     return [{k: v[i:i + mbs] for k, v in batch.items()} for i in range(lo, lo + share, mbs)]
 
 
+def loader_batches(cfg, steps: int, dp_rank: int, dp_size: int) -> list[list[dict]]:
+    """This DP rank's micro-batches of the run's first `steps` global batches, from `--data-path`
+    through the datasets and loader a training run uses."""
+    from megatron_mellama.data.datasets import build_datasets
+    from megatron_mellama.data.loader import train_batches
+
+    stream = train_batches(cfg, build_datasets(cfg).train, consumed_samples=0, dp_rank=dp_rank, dp_size=dp_size)
+    try:
+        return [next(stream) for _ in range(steps)]
+    finally:
+        stream.close()
+
+
 def run_steps(cfg, engine, steps: int, dp_rank: int = 0, dp_size: int = 1) -> dict:
+    """`steps` optimizer steps on random global batches, or on the run's own data when it has a
+    `--data-path`; then the validation loss of the first batch."""
     losses, norms, skipped = [], [], []
-    batches = global_batches(cfg, steps)
-    for batch in batches:
-        result = engine.step(micro_batches_of(batch, cfg, dp_rank, dp_size))
+    if cfg.data.data_path:
+        batches = loader_batches(cfg, steps, dp_rank, dp_size)
+    else:
+        batches = [micro_batches_of(batch, cfg, dp_rank, dp_size) for batch in global_batches(cfg, steps)]
+    for micro_batches in batches:
+        result = engine.step(micro_batches)
         losses.append(result.loss)
         norms.append(result.grad_norm)
         skipped.append(result.skipped)
-    eval_loss = engine.evaluate(micro_batches_of(batches[0], cfg, dp_rank, dp_size))
+    eval_loss = engine.evaluate(batches[0])
     return dict(losses=losses, grad_norms=norms, skipped=skipped, eval_loss=eval_loss, params=engine.full_state())
 
 

@@ -1,6 +1,7 @@
 """--sft: whole conversations packed per sample with the preprocess loss mask, every conversation once
 per epoch, packed losses equal to each conversation's alone, a run end to end, mismatched pairs."""
 
+import json
 import math
 import os
 import shutil
@@ -141,6 +142,84 @@ def test_sft_run_end_to_end(sft_prefix, sentencepiece_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("% padding") == 2
     assert "lm loss validation/med_sft" in out and "lm loss validation/clin_sft" in out
+
+
+def sft_run(prefix, tokenizer, *flags):
+    return ["--model", "tiny", "--vocab-size", "512", "--sft", "--data-path", prefix, "--tokenizer-model", tokenizer,
+            "--split", "100,0,0", "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--lr", "3e-3", "--log-interval", "1", "--num-workers", "0", *flags]
+
+
+def test_sft_resumes_exactly_and_exports_its_chat_template(sft_prefix, sentencepiece_model, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from megatron_mellama.data.chat_template import LLAMA2_CHAT_TEMPLATE
+    from megatron_mellama.tools.mellama_to_hf import main as export
+
+    whole = train(load_run_config(sft_run(sft_prefix, sentencepiece_model, "--train-iters", "4")))
+    save = str(tmp_path / "ckpt")
+    train(load_run_config(sft_run(sft_prefix, sentencepiece_model, "--train-iters", "4", "--save", save,
+                                  "--exit-interval", "2")))
+    resumed = train(load_run_config(sft_run(sft_prefix, sentencepiece_model, "--train-iters", "4", "--save", save,
+                                            "--load", save)))
+    assert resumed["start_iteration"] == 2 and resumed["losses"] == whole["losses"][2:]  # bitwise
+    state = json.loads((tmp_path / "ckpt" / "iter_0000004" / "train_state.json").read_text())
+    assert state["extra"]["chat_template"] == LLAMA2_CHAT_TEMPLATE
+
+    # the export carries the template: transformers renders a conversation into the ids trained on
+    hf_dir = tmp_path / "hf"
+    assert export(["--load", save, "--hf-dir", str(hf_dir), "--tokenizer-model", sentencepiece_model,
+                   "--no-progress"]) == 0
+    assert "the chat template in tokenizer_config.json" in capsys.readouterr().out
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    record = conversation(np.random.RandomState(5), 2, 5)
+    rc = preprocess_sft(["--input", str(write_jsonl(tmp_path / "one.jsonl", [record])), "--output-prefix",
+                         str(tmp_path / "one"), "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model",
+                         sentencepiece_model])
+    assert rc == 0
+    trained_on = conversations_of(str(tmp_path / "one"))[0][0].tolist()
+    assert tok.apply_chat_template(record["messages"], tokenize=True, return_dict=False) == trained_on
+    assert export(["--load", save, "--hf-dir", str(tmp_path / "plain"), "--tokenizer-model", sentencepiece_model,
+                   "--chat-template", "none", "--no-progress"]) == 0
+    assert "chat_template" not in json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())
+
+
+def test_prefixes_without_one_template_record_none(sft_prefix, sentencepiece_model, tmp_path, capsys):
+    other = str(tmp_path / "other")
+    for source, target in zip(pair_of(sft_prefix), pair_of(other)):
+        for ext in (".bin", ".idx"):
+            shutil.copy(source + ext, target + ext)
+    save = str(tmp_path / "ckpt")
+    train(load_run_config(sft_run(sft_prefix, sentencepiece_model, "--train-iters", "1", "--save", save,
+                                  "--data-path", "1", sft_prefix, "1", other)))
+    assert f"no chat template beside {other}" in capsys.readouterr().out
+    state = json.loads((tmp_path / "ckpt" / "iter_0000001" / "train_state.json").read_text())
+    assert "chat_template" not in state["extra"]
+
+
+# --- every layout trains the same on SFT batches ----------------------------------------------------
+
+SFT_LAYOUTS = {"tp2-pp2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                               "--pipeline-model-parallel-size", "2"]),
+               "dp2-fsdp": (2, ["--data-parallel-sharding", "full"])}
+
+
+@pytest.fixture(scope="module")
+def sft_layout_run(sft_prefix, sentencepiece_model):
+    from engine_harness import reference
+
+    argv = sft_run(sft_prefix, sentencepiece_model, "--num-layers", "4", "--global-batch-size", "8",
+                   "--train-iters", "3", "--seed", "11", "--clip-grad", "1.0", "--lr", "1e-3")
+    return argv, reference(argv, 3)
+
+
+@pytest.mark.parametrize("name", sorted(SFT_LAYOUTS))
+def test_sft_layout_equals_one_process(name, sft_layout_run, tmp_path):
+    from engine_harness import assert_matches, run_distributed
+
+    argv, ref = sft_layout_run
+    world, flags = SFT_LAYOUTS[name]
+    assert_matches(run_distributed(argv + flags, world, 3, str(tmp_path)), ref, 1e-5)
 
 
 def test_sft_flags():

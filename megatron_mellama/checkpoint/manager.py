@@ -270,13 +270,17 @@ def tokenizer_hash(path: str | None) -> str | None:
         return None
 
 
-def _prefix_record(prefix: str) -> dict:
+def _prefix_record(prefix: str, sft: bool) -> dict:
     """A --data-path prefix: its absolute path and the sizes of its files (the same dataset moved
-    elsewhere has the same names and sizes)."""
-    sizes = {}
+    elsewhere has the same names and sizes); for --sft, those of its token file."""
+    sizes, files = {}, prefix
+    if sft:
+        from ..data.sft_dataset import pair_of
+
+        files = pair_of(prefix)[0]
     for ext in ("bin", "idx"):
         try:
-            sizes[ext] = os.path.getsize(f"{prefix}.{ext}")
+            sizes[ext] = os.path.getsize(f"{files}.{ext}")
         except OSError:
             sizes[ext] = None
     return dict(path=os.path.abspath(prefix), **sizes)
@@ -289,11 +293,11 @@ def data_identity(cfg: Config, tokenizer_sha256: str | None = None) -> dict:
     if d.data_path:
         pairs = parse_data_path(d.data_path)
         total = sum(w for w, _ in pairs)
-        blend = [dict(weight=w / total, **_prefix_record(p)) for w, p in pairs]
+        blend = [dict(weight=w / total, **_prefix_record(p, d.sft)) for w, p in pairs]
     return dict(mock_data=bool(d.mock_data), data_path=list(d.data_path or []), blend=blend, split=d.split,
                 seed=cfg.train.seed, seq_length=cfg.seq_length, tokenizer_type=d.tokenizer_type,
                 tokenizer_model=d.tokenizer_model, tokenizer_sha256=tokenizer_sha256,
-                vocab_size=cfg.model.vocab_size)
+                vocab_size=cfg.model.vocab_size, sft=bool(d.sft))
 
 
 def _split_fractions(split: str):
@@ -333,6 +337,9 @@ def data_differences(saved: dict, ours: dict) -> list[str]:
                       ("--vocab-size", "vocab_size")):
         if key in saved and saved[key] != ours[key]:
             diffs.append(f"{flag} {ours[key]} but the checkpoint has {saved[key]}")
+    if saved.get("sft", False) != ours["sft"]:
+        diffs.append("--sft, but the checkpoint's run trained without it" if ours["sft"] else
+                     "no --sft, but the checkpoint's run instruction-tuned with it")
     theirs_hash, our_hash = saved.get("tokenizer_sha256"), ours["tokenizer_sha256"]
     if theirs_hash != our_hash and (theirs_hash or saved.get("tokenizer_model")):
         def tok(model, digest):
