@@ -1,12 +1,15 @@
 """`megatron_mellama.pretrain`: the training run on mock and blended data, the built-in example,
 and its command line."""
 
+import json
 import math
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from indexed_corpus import write_domains
 from megatron_mellama.pretrain import load_run_config, main
@@ -59,22 +62,45 @@ def test_missing_inputs_are_refused_clearly(tmp_path, sentencepiece_model, capsy
     assert missing_ckpt in err and err.count("\n") == 1
 
 
-def test_quickstart_runs_the_whole_pipeline(tmp_path):
-    """examples/quickstart.sh: corpus, tokenizer, preprocessing, HF import, TP2 x PP2 training on the
-    15:1:4 blend with a stop and a resume, per-domain evaluation, HF export and a generation."""
-    env = dict(os.environ, NPROC="4", ITERS="20", OUT=str(tmp_path / "quickstart"))
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """examples/quickstart.sh, run once for the tests of both examples: (its output folder, stdout)."""
+    out = tmp_path_factory.mktemp("examples") / "quickstart"
+    env = dict(os.environ, NPROC="4", ITERS="20", OUT=str(out))
     proc = subprocess.run(["bash", str(REPO / "examples" / "quickstart.sh")], capture_output=True, text=True,
                           env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    return out, proc.stdout
+
+
+def test_quickstart_runs_the_whole_pipeline(quickstart):
+    """examples/quickstart.sh: corpus, tokenizer, preprocessing, HF import, TP2 x PP2 training on the
+    15:1:4 blend with a stop and a resume, per-domain evaluation, HF export and a generation."""
+    root, out = quickstart
     losses = [float(m) for m in re.findall(r"^ iteration .*\| lm loss: ([0-9.E+-]+)", out, re.M)]
     assert len(losses) >= 3 and losses[-1] < losses[0] - 1.0
     assert "TP 2 x PP 2 x DP 1" in out and "resumed from" in out and "iteration 10" in out
     for domain in ("bio", "clin", "gen"):
         assert f"lm loss validation/{domain}" in out
     assert "generation by the exported model" in out and "== summary" in out
-    assert (tmp_path / "quickstart" / "hf_final" / "config.json").is_file()
-    assert (tmp_path / "quickstart" / "checkpoints" / "latest").read_text().strip() == "20"
+    assert (root / "hf_final" / "config.json").is_file()
+    assert (root / "checkpoints" / "latest").read_text().strip() == "20"
+
+
+def test_chat_example_instruction_tunes_the_quickstart_model(quickstart):
+    """examples/quickstart_chat.sh: the quickstart's model, instruction-tuned with DP2 FSDP on questions
+    about made-up patient records, answers held-out ones through transformers' chat template."""
+    root, _ = quickstart
+    proc = subprocess.run(["bash", str(REPO / "examples" / "quickstart_chat.sh")], capture_output=True, text=True,
+                          env=dict(os.environ, OUT=str(root)), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    accuracy = {m.group(1): int(m.group(2)) for m in
+                re.finditer(r"^chat accuracy (before|after) instruction tuning: (\d+)/100", out, re.M)}
+    assert accuracy["before"] <= 20 and accuracy["after"] >= 90, out[-3000:]
+    assert "TP 1 x PP 1 x DP 2 (full sharding)" in out
+    tokenizer_config = json.loads((root / "chat" / "hf_chat" / "tokenizer_config.json").read_text())
+    assert "[/INST]" in tokenizer_config["chat_template"]
 
 
 def test_help():
