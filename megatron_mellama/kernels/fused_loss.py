@@ -35,9 +35,19 @@ CHUNK_ELEMENTS = 1 << 24
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         ignore_index: int = IGNORE_INDEX, chunk_tokens: int | None = None) -> torch.Tensor:
-    """Summed cross-entropy of the tokens whose label is not `ignore_index`; an fp32 scalar."""
+                         ignore_index: int = IGNORE_INDEX, chunk_tokens: int | None = None,
+                         per_row: bool = False) -> torch.Tensor:
+    """Summed cross-entropy of the tokens whose label is not `ignore_index`; an fp32 scalar.
+
+    `per_row=True` (without gradients: scoring, not training) sums each row of `labels` (its
+    leading dim) apart instead: an fp32 tensor [labels.shape[0]], the same on every TP rank."""
     group, vocab_start, seq_group = None, 0, None
+    row_ids, num_rows = None, None
+    if per_row:
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            raise RuntimeError("linear_cross_entropy(per_row=True) has no backward: call it under torch.no_grad()")
+        shape, num_rows = labels.shape, labels.shape[0]
+        row_ids = torch.arange(shape[0], device=labels.device).view(-1, *[1] * (len(shape) - 1)).expand(shape)
     if isinstance(weight, DTensor):
         weight, group, vocab_start = _vocab_shard(weight)
     if isinstance(hidden, DTensor):
@@ -45,18 +55,23 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         if sharded is not None:
             # gathered inside the autograd function, its gradient reduce-scattered back there
             hidden, seq_group, labels = sharded[0], group, _rank_major(labels, *sharded[1:])
+            if row_ids is not None:
+                # each token keeps its row through the gathered order
+                row_ids = _rank_major(row_ids, *sharded[1:])
         else:
             # every rank needs every token against its vocabulary rows (or the whole vocabulary)
             hidden = hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim).to_local()
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(hidden.device)
+    if row_ids is not None:
+        row_ids = row_ids.reshape(-1).to(hidden.device)
     if chunk_tokens is None:
         chunk_tokens = max(1, CHUNK_ELEMENTS // weight.shape[0])
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_tokens, compute_dtype,
-                                     group, vocab_start, with_grad, seq_group)
+                                     group, vocab_start, with_grad, seq_group, row_ids, num_rows)
 
 
 def _sequence_shard(hidden: DTensor, group) -> tuple[torch.Tensor, int, int] | None:
@@ -106,7 +121,7 @@ def _vocab_shard(weight: DTensor) -> tuple[torch.Tensor, dist.ProcessGroup, int]
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_tokens, compute_dtype, group, vocab_start,
-                with_grad, seq_group=None):
+                with_grad, seq_group=None, row_ids=None, num_rows=None):
         local_hidden = hidden
         if seq_group is not None:
             # every rank's sequence slice, rank after rank (the labels were put in this order)
@@ -120,7 +135,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         local_labels = labels - vocab_start
         valid = (labels != ignore_index).float()
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # one sum, or one per row of the labels (row_ids: each token's row)
+        total = torch.zeros(() if row_ids is None else (num_rows,), dtype=torch.float32, device=hidden.device)
         # fp32: backward multiplies by the incoming gradient, which carries fp16's loss scale
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if with_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
@@ -133,7 +149,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h = hidden[rows].to(dtype)
                 logits = h @ w.t()
                 lse, target = _logsumexp_and_target(ops, logits, local_labels[rows], group)
-                total += ((lse - target) * valid[rows]).sum()
+                token_loss = (lse - target) * valid[rows]
+                if row_ids is None:
+                    total += token_loss.sum()
+                else:
+                    total.index_add_(0, row_ids[rows], token_loss.float())
                 if with_grad:
                     # the gradient of the summed loss, now, while the chunk's logits exist: backward
                     # then only scales it (no second pass over the output layer)
@@ -169,7 +189,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight.mul_(grad_loss)
             ctx.scaled = True
         return (grad_hidden.to(hidden_dtype), grad_weight.to(weight_dtype), None, None, None, None, None, None,
-                None, None)
+                None, None, None, None)
 
 
 def _logsumexp_and_target(ops, logits, local_labels, group):

@@ -107,6 +107,9 @@ class Llama(nn.Module):
         cos, sin = rotary_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # with labels: the loss summed per sequence (a [batch] tensor, no gradients) rather than over
+        # all of them, for scoring choices by log-likelihood
+        self.loss_per_row = False
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,7 +128,7 @@ class Llama(nn.Module):
         if self.lm_head is None:
             return h
         if labels is not None:
-            return kernels.linear_cross_entropy(h, self.lm_head.weight, labels)
+            return kernels.linear_cross_entropy(h, self.lm_head.weight, labels, per_row=self.loss_per_row)
         return self.lm_head(h)
 
     @torch.no_grad()

@@ -69,6 +69,10 @@ def _local_value(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+# torch 2.13 names it `all_gather_single` (the `_into_tensor` spelling warns); earlier releases have only that
+_collective_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class Engine:
     def __init__(self, cfg: Config, meshes: Meshes | None = None, device: str | torch.device = "cpu",
                  initialise: bool = True):
@@ -125,6 +129,7 @@ class Engine:
             self.schedule = build_schedule(self.parts, meshes.pp, self.device, cfg.num_microbatches,
                                            self._pipeline_loss, p.pipeline_schedule)
         self._loss_weight = None  # set per global batch: DP size / global token count, on the device
+        self._per_row = False  # set while `sequence_loglikelihoods` runs the pipeline
 
     @torch.no_grad()
     def _rotary_tables(self, part: Llama) -> None:
@@ -157,14 +162,16 @@ class Engine:
         return summed_loss * self._loss_weight
 
     def _pipeline_loss(self, summed_loss, labels):
+        if self._per_row:
+            return summed_loss  # scoring: each row's own summed loss, no weight, no loss scale
         return self.scaler.scale(self._normalised(summed_loss))
 
     # -- one step -----------------------------------------------------------------------------
     # Host synchronisation: the step keeps every scalar (token count, loss, gradient norm) on the
     # run's device and reads them once, together, at its end. Nothing is read per micro-batch.
-    def _global_batch_loss(self, micro_batches: list[dict], train: bool) -> torch.Tensor:
-        """Forward (and backward when training) over one global batch; its token-mean loss as a
-        0-dim fp32 tensor on the run's device, the same on every rank."""
+    def _model_inputs(self, micro_batches: list[dict]) -> tuple[list, list, list]:
+        """(tokens, labels with -100 where the loss mask is 0, document keys) of each micro-batch, on
+        the device and, under context parallelism, this rank's part of each sequence."""
         # the batch moves to the device first (from pinned memory, without waiting), so that
         # everything computed from it stays there
         on_device = [{k: mb[k].to(self.device, non_blocking=True) for k in ("tokens", "labels", "loss_mask")}
@@ -177,6 +184,12 @@ class Engine:
             cp_rank = self.meshes.cp.get_local_rank()
             tokens, labels, documents = map(list, zip(*(split_micro_batch(t, lab, docs, self.dims.cp, cp_rank)
                                                          for t, lab, docs in zip(tokens, labels, documents))))
+        return tokens, labels, documents
+
+    def _global_batch_loss(self, micro_batches: list[dict], train: bool) -> torch.Tensor:
+        """Forward (and backward when training) over one global batch; its token-mean loss as a
+        0-dim fp32 tensor on the run's device, the same on every rank."""
+        tokens, labels, documents = self._model_inputs(micro_batches)
         global_tokens = self._dp_sum(torch.stack([(lab != IGNORE_INDEX).sum() for lab in labels]).sum())
         # float64 keeps counts beyond 2^24 exact; a batch without targets weighs its zero loss by 1
         self._loss_weight = (self._grad_ranks / global_tokens.clamp(min=1).double()).float()
@@ -195,6 +208,55 @@ class Engine:
         finally:
             for m in self.modules:
                 m.train()
+
+    @torch.no_grad()
+    def sequence_loglikelihoods(self, micro_batches: list[dict]) -> torch.Tensor:
+        """The summed log-probability of the masked labels of every row of one global batch (this DP
+        rank's micro-batches in, every rank's rows out): fp32 [global batch rows] on the run's device,
+        in global row order, the same on every rank. No gradients, no update, nothing read by the host.
+
+        The model's last stage sums its fused loss per row (`Llama.loss_per_row`), unweighted; the
+        rows then come together: from the last pipeline stage to every stage, summed over the context
+        parallel ranks (each holds part of every row), gathered over data parallel ranks (each holds a
+        contiguous slice of the global batch)."""
+        tokens, labels, documents = self._model_inputs(micro_batches)
+        for m in self.modules:
+            m.eval()
+            m.loss_per_row = True
+        try:
+            rows = self._per_row_losses(tokens, labels, documents)
+        finally:
+            for m in self.modules:
+                m.train()
+                m.loss_per_row = False
+        if self.dims.cp > 1:
+            dist.all_reduce(rows, group=self.meshes.cp.get_group())
+        if self.dims.dp > 1:
+            gathered = torch.empty(self.dims.dp * rows.shape[0], dtype=rows.dtype, device=rows.device)
+            _collective_all_gather(gathered, rows, group=self.meshes.dp.get_group())
+            rows = gathered
+        return -rows
+
+    def _per_row_losses(self, tokens, labels, documents) -> torch.Tensor:
+        """Each of this rank's rows' summed token loss (its part of the sequence under CP), fp32 [rows]."""
+        if self.schedule is None:
+            with self._autocast():
+                return torch.cat([_local_value(self.modules[0](t, lab, **docs)).float()
+                                  for t, lab, docs in zip(tokens, labels, documents)])
+        per_token = {k: torch.cat([d[k] for d in documents]) for k in documents[0]}
+        self._per_row = True  # the schedule's loss function passes the rows through as they are
+        try:
+            with self._autocast():
+                losses = run_pipeline_step(self.schedule, self.parts, torch.cat(tokens), torch.cat(labels),
+                                           train=False, **per_token)
+        finally:
+            self._per_row = False
+        rows = torch.zeros(sum(t.shape[0] for t in tokens), device=self.device)
+        if losses is not None:
+            rows = torch.cat([_local_value(x).float() for x in losses])
+        # the rows live on the last stage; every rank returns them
+        dist.all_reduce(rows, group=self.meshes.pp.get_group())
+        return rows
 
     def compute_gradients(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over one global batch, gradients unscaled and clipped; the loss and

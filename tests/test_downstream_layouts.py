@@ -1,0 +1,96 @@
+"""Per-row log-likelihoods from the parallel engine (`Engine.sequence_loglikelihoods`), the scores of
+downstream evaluation during training: one process equals the standalone scorer
+(`evaluation/loglikelihood.py`) on the same weights, and TP2 x PP2 with sequence parallelism and DP2
+(FSDP) equal one process, before and after a training step."""
+
+import pytest
+import torch
+
+from engine_harness import TINY, micro_batches_of, spawn_gloo
+from megatron_mellama.evaluation.requests import build_rows
+from megatron_mellama.evaluation.tasks import Item
+
+TOL = 1e-5
+LAYOUTS = {
+    "tp2-pp2-sp": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                       "--sequence-parallel"]),
+    "dp2-fsdp": (2, ["--data-parallel-sharding", "full"]),
+}
+
+
+def _encode(text: str) -> list:
+    """A toy tokenizer for the tiny model's 128 ids: BOS (1), then one id per character."""
+    return [1] + [2 + ord(c) % 120 for c in text]
+
+
+def task_batch(cfg) -> dict:
+    """One global batch of task rows: two 4-choice items, prompts short and left-truncated."""
+    items = [Item(prompt="Question: ab?\nAnswer:", choices=("c", "dd", "eee", "f g"), answer=1),
+             Item(prompt="a much longer prompt than the sixteen tokens of a row", choices=("x", "yy", "z", "w"),
+                  answer=0)]
+    rows = build_rows(items, _encode, cfg.seq_length)
+    assert len(rows) == cfg.train.global_batch_size
+    return dict(tokens=rows.tokens, labels=rows.labels, loss_mask=rows.loss_mask)
+
+
+def _train_batch(cfg) -> dict:
+    g = torch.Generator().manual_seed(3)
+    data = torch.randint(0, cfg.model.vocab_size, (cfg.train.global_batch_size, cfg.seq_length + 1), generator=g)
+    return dict(tokens=data[:, :-1], labels=data[:, 1:], loss_mask=torch.ones(data.shape[0], cfg.seq_length))
+
+
+def before_and_after_a_step(cfg, engine, dp_rank: int, dp_size: int) -> dict:
+    task = micro_batches_of(task_batch(cfg), cfg, dp_rank, dp_size)
+    before = engine.sequence_loglikelihoods(task).cpu()
+    engine.step(micro_batches_of(_train_batch(cfg), cfg, dp_rank, dp_size))
+    after = engine.sequence_loglikelihoods(task).cpu()
+    return dict(before=before, after=after)
+
+
+def _layout_rank(rank, world, argv):
+    from megatron_mellama.config import parse_config
+    from megatron_mellama.parallel.mesh import ParallelDims
+    from megatron_mellama.training.engine import Engine
+
+    cfg = parse_config(argv, world_size=world)
+    dims = ParallelDims.from_config(cfg, world)
+    engine = Engine(cfg, dims.build_mesh("cpu"))
+    return before_and_after_a_step(cfg, engine, dims.coordinates(rank)["dp"], dims.dp)
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    from megatron_mellama.config import parse_config
+    from megatron_mellama.training.engine import Engine
+
+    cfg = parse_config(TINY)
+    engine = Engine(cfg)
+    initial = engine.full_state()
+    return cfg, initial, before_and_after_a_step(cfg, engine, 0, 1)
+
+
+def test_one_process_equals_the_standalone_scorer(one_process):
+    from megatron_mellama.evaluation.loglikelihood import llama_loglikelihood_fn
+    from megatron_mellama.model.llama import build_model
+
+    cfg, initial, got = one_process
+    model = build_model(cfg.model)
+    model.load_state_dict(initial, strict=False)  # the rotary tables are not parameters
+    batch = task_batch(cfg)
+    want = llama_loglikelihood_fn(model.eval())(batch["tokens"], batch["labels"], batch["loss_mask"])
+    assert got["before"].shape == (cfg.train.global_batch_size,)
+    assert (want < 0).all()
+    assert torch.allclose(got["before"], want, rtol=0, atol=TOL), (got["before"] - want).abs().max()
+    # the training step changed the scores: the "after" comparisons below test something
+    assert (got["after"] - got["before"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_equals_one_process(name, one_process, tmp_path):
+    _, _, want = one_process
+    world, flags = LAYOUTS[name]
+    results = spawn_gloo(_layout_rank, world, (TINY + flags,), str(tmp_path))
+    for rank, got in enumerate(results):
+        for when in ("before", "after"):
+            diff = (got[when] - want[when]).abs().max().item()
+            assert diff <= TOL, (name, rank, when, diff)
