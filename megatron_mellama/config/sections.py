@@ -200,6 +200,10 @@ class TrainingConfig:
         "or gradients; fp16 overflows the dynamic loss scale can still absorb are not counted; 0: never stop")
     eval_interval: int = opt(1000, "evaluate every this many iterations")
     eval_iters: int = opt(100, "validation batches per evaluation")
+    eval_tasks: Optional[list] = opt(
+        None, "multiple-choice tasks scored (acc, acc_norm) at every evaluation, on the run's tokenizer: NAME=FILE "
+        "per task, FILE a JSONL task (the format of tools/evaluate.py)", metavar="NAME=PATH")
+    eval_tasks_limit: Optional[int] = opt(None, "with --eval-tasks: score the first N items of each task (default all)")
 
 
 @dataclass

@@ -200,6 +200,10 @@ def validate_training(cfg: Config) -> None:
                  f"{t.global_batch_size}): the run would train zero iterations")
     _positive(t.eval_interval, "--eval-interval")
     _require(t.eval_iters >= 0, f"--eval-iters must not be negative, got {t.eval_iters}")
+    _positive(t.eval_tasks_limit, "--eval-tasks-limit", allow_none=True)
+    # the task files themselves are read and checked first thing in training (evaluation/in_training.py)
+    _require(not t.eval_tasks or cfg.data.tokenizer_model is not None,
+             "--eval-tasks needs the run's tokenizer (--tokenizer-model) to encode the questions")
     _positive(t.exit_interval, "--exit-interval", allow_none=True)
     _require(t.max_skipped_steps >= 0, f"--max-skipped-steps must not be negative (0: never stop), "
                                         f"got {t.max_skipped_steps}")

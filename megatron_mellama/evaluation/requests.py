@@ -72,6 +72,21 @@ def sentencepiece_encoder(tokenizer, add_bos: bool = True) -> Encode:
     return encode
 
 
+def tokenizer_encoder(tokenizer_type: str, tokenizer_model: str, add_bos: bool | None = None) -> Encode:
+    """The encoding of a run's tokenizer (`--tokenizer-type`, `--tokenizer-model`); `add_bos` as
+    `hf_encoder`'s (None: the tokenizer's default, BOS first for LLaMA)."""
+    from ..data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)  # one-line errors for a bad path
+    if tokenizer_type != "HuggingFaceTokenizer":
+        return sentencepiece_encoder(tokenizer, add_bos is not False)
+    # lm-eval encodes with the transformers tokenizer itself (its special-token defaults), which
+    # our HuggingFaceTokenizer wraps without exposing; it was just read from this folder
+    import transformers
+
+    return hf_encoder(transformers.AutoTokenizer.from_pretrained(tokenizer_model, local_files_only=True), add_bos)
+
+
 def encode_pair(encode: Encode, context: str, continuation: str) -> tuple[list, list]:
     """(context tokens, continuation tokens), split as HFLM's `_encode_pair` splits them."""
     spaces = len(context) - len(context.rstrip())

@@ -112,29 +112,15 @@ def _model(args, device):
     """(loglikelihood_fn, encode, the model's maximum sequence length) for --hf-dir or --load."""
     from ..evaluation.load_model import load_hf_model, load_our_checkpoint
     from ..evaluation.loglikelihood import hf_loglikelihood_fn, llama_loglikelihood_fn
-    from ..evaluation.requests import hf_encoder
+    from ..evaluation.requests import hf_encoder, tokenizer_encoder
 
     add_bos = False if args.no_bos else None
     if args.hf_dir:
         model, tokenizer, max_length = load_hf_model(args.hf_dir, device, args.dtype, progress=not args.no_progress)
         return hf_loglikelihood_fn(model), hf_encoder(tokenizer, add_bos), max_length
-    encode = _tokenizer_encoder(args.tokenizer_type, args.tokenizer_model, add_bos)
+    encode = tokenizer_encoder(args.tokenizer_type, args.tokenizer_model, add_bos)
     model, max_length = load_our_checkpoint(args.load, device, args.dtype)
     return llama_loglikelihood_fn(model), encode, max_length
-
-
-def _tokenizer_encoder(tokenizer_type: str, tokenizer_model: str, add_bos):
-    from ..data.tokenizer import build_tokenizer
-    from ..evaluation.requests import hf_encoder, sentencepiece_encoder
-
-    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)  # one-line errors for a bad path
-    if tokenizer_type != "HuggingFaceTokenizer":
-        return sentencepiece_encoder(tokenizer, add_bos is not False)
-    # lm-eval encodes with the transformers tokenizer itself (its special-token defaults), which
-    # our HuggingFaceTokenizer wraps without exposing; it was just read from this folder
-    import transformers
-
-    return hf_encoder(transformers.AutoTokenizer.from_pretrained(tokenizer_model, local_files_only=True), add_bos)
 
 
 def _print_table(results: dict) -> None:

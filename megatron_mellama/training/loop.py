@@ -20,6 +20,7 @@ from ..checkpoint.manager import CheckpointManager, adopt_checkpoint_values, che
 from ..config import Config
 from ..data.datasets import build_datasets
 from ..data.loader import eval_batches, train_batches
+from ..evaluation.in_training import DownstreamTasks
 from ..parallel.mesh import ParallelDims, init_distributed, local_device
 from .engine import Engine
 from .metrics import MetricsLogger
@@ -81,6 +82,8 @@ def train(cfg: Config, signals: StopSignals | None = None) -> dict:
 
 
 def _train(cfg: Config, world: int, device: torch.device, control: RunControl) -> dict:
+    # the task files are checked (and tokenized) before any data, model or checkpoint work
+    downstream = DownstreamTasks.from_config(cfg)
     dims = ParallelDims.from_config(cfg, world)
     meshes = dims.build_mesh(device.type) if world > 1 else None
     rank = dist.get_rank() if world > 1 else 0
@@ -132,7 +135,7 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl) -
         try:
             # what a checkpoint keeps besides the data position: an SFT run's chat template, for the export
             kept = dict(chat_template=data.chat_template) if data.chat_template is not None else {}
-            _Steps(cfg, engine, checkpoints, metrics, control, history, coords["dp"], dims.dp).run(
+            _Steps(cfg, engine, checkpoints, metrics, control, history, coords["dp"], dims.dp, downstream).run(
                 batches, samples, _validation_sets(data), state.get("skipped_total", 0), kept)
         finally:
             batches.close()
@@ -145,9 +148,10 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl) -
 class _Steps:
     """The iterations of one run, from where it (re)started; updates `history` as it goes."""
 
-    def __init__(self, cfg, engine, checkpoints, metrics, control, history, dp_rank, dp_size):
+    def __init__(self, cfg, engine, checkpoints, metrics, control, history, dp_rank, dp_size, downstream=None):
         self.cfg, self.engine, self.checkpoints, self.metrics = cfg, engine, checkpoints, metrics
         self.control, self.history, self.dp_rank, self.dp_size = control, history, dp_rank, dp_size
+        self.downstream = downstream
 
     def run(self, batches, samples, validation: dict, skipped_total: int, kept: dict) -> None:
         cfg, engine, control, history = self.cfg, self.engine, self.control, self.history
@@ -178,8 +182,8 @@ class _Steps:
                 raise TrainingStopped(too_many)
             # decided before evaluating: a preempted job has seconds left, and spends them saving
             stop = control.should_stop(iteration)
-            if validation and cfg.train.eval_iters > 0 and not stop.preempted and (
-                    iteration % cfg.train.eval_interval == 0 or iteration == iterations):
+            evaluating = not stop.preempted and (iteration % cfg.train.eval_interval == 0 or iteration == iterations)
+            if validation and cfg.train.eval_iters > 0 and evaluating:
                 losses = evaluate(cfg, engine, validation, self.dp_rank, self.dp_size)
                 history["validation"].append(dict(iteration=iteration, **losses))
                 self.metrics.log_eval(iteration, consumed, losses)
@@ -191,6 +195,11 @@ class _Steps:
                                       for n, v in broken.items())
                     raise TrainingStopped(f"validation loss is not finite at iteration {iteration} ({names}): the "
                                           "model diverged; no checkpoint was saved")
+            if self.downstream is not None and evaluating:
+                scores = self.downstream.score(engine, self.dp_rank, self.dp_size)
+                history.setdefault("downstream", []).append(dict(iteration=iteration, **scores))
+                self.metrics.log_downstream(iteration, consumed, scores)
+                window_start = time.perf_counter()
             periodic = cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0
             if cfg.checkpoint.save and (periodic or stop.save or iteration == iterations) and last_saved != iteration:
                 self.checkpoints.save(iteration, consumed, dict(kept, skipped_total=skipped_total,

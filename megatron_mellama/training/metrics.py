@@ -206,6 +206,18 @@ class MetricsLogger:
                     "eval": {name: {k: _finite_or_none(v) for k, v in e.items()} for name, e in evals.items()},
                     "time": time.time()})
 
+    def log_downstream(self, iteration: int, consumed_samples: int, scores: dict[str, dict]) -> None:
+        """Log multiple-choice task scores: {task: {"acc", "acc_norm", "items", "seconds"}}."""
+        if not self.is_writer:
+            return
+        for name, r in scores.items():
+            print(f"downstream {name} acc {r['acc']:.3f} acc_norm {r['acc_norm']:.3f} "
+                  f"({r['items']} items, {r['seconds']:.1f} s)", flush=True)
+        scalars = {f"downstream/{name}/{k}": r[k] for name, r in scores.items() for k in ("acc", "acc_norm")}
+        self._scalars(scalars, iteration, consumed_samples, vs_samples=tuple(scalars))
+        self._json({"iteration": iteration, "consumed_samples": consumed_samples, "downstream": scores,
+                    "time": time.time()})
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.flush()
