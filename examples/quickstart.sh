@@ -18,6 +18,7 @@ rm -rf "$OUT" && mkdir -p "$OUT/data"
 
 echo "== 1. corpus and tokenizer"
 python examples/quickstart/helpers.py corpus "$OUT/raw"
+python examples/quickstart/helpers.py general-task "$OUT/raw"
 python examples/quickstart/helpers.py tokenizer "$OUT/raw"
 cp "$OUT/raw/tokenizer.model" "$OUT/tokenizer.model"
 
@@ -43,6 +44,7 @@ TRAIN=(
     --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-fraction 0.05
     --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 1e-5 --clip-grad 1.0
     --log-interval 10 --eval-interval $((ITERS / 2)) --eval-iters 2 --num-workers 0
+    --eval-tasks general="$OUT/raw/general_task.jsonl"
     --save "$OUT/checkpoints" --save-interval $((ITERS / 2))
     --tensorboard-dir "$OUT/tensorboard" --log-file "$OUT/metrics.jsonl" --seed 1234
 )

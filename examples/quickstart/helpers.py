@@ -1,7 +1,9 @@
-"""The quickstart's small pieces: a three-domain corpus, a SentencePiece tokenizer, a tiny Hugging
-Face LLaMA2 to start from, and a generation with the exported model.
+"""The quickstart's small pieces: a three-domain corpus, a multiple-choice task drawn from its general
+domain, a SentencePiece tokenizer, a tiny Hugging Face LLaMA2 to start from, and a generation with
+the exported model.
 
     python examples/quickstart/helpers.py corpus OUT_DIR
+    python examples/quickstart/helpers.py general-task OUT_DIR
     python examples/quickstart/helpers.py tokenizer OUT_DIR
     python examples/quickstart/helpers.py hf-model OUT_DIR
     python examples/quickstart/helpers.py generate HF_DIR PROMPT
@@ -62,6 +64,25 @@ def corpus(out: Path) -> None:
     print(f"corpus: {counts} in {out}")
 
 
+def general_task(out: Path, items: int = 40) -> None:
+    """A "general knowledge" task in the format of `--eval-tasks`: which object completes a general-domain
+    sentence (subject and verb given), against three objects of the biomedical and clinical domains.
+    A model that learnt the general domain's sentences picks it; chance is 25%."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(1)
+    gen = DOMAINS["gen"]
+    elsewhere = DOMAINS["bio"]["objects"] + DOMAINS["clin"]["objects"]
+    with open(out / "general_task.jsonl", "w") as fh:
+        for _ in range(items):
+            context = f"{rng.choice(gen['subjects'])} {rng.choice(gen['verbs'])}"
+            choices = rng.sample(elsewhere, 3)
+            answer = rng.randrange(4)
+            choices.insert(answer, rng.choice(gen["objects"]))
+            fh.write(json.dumps({"context": context[0].upper() + context[1:], "choices": choices,
+                                 "answer": answer}) + "\n")
+    print(f"general task: {items} four-choice items in {out / 'general_task.jsonl'}")
+
+
 def tokenizer(out: Path) -> None:
     import sentencepiece
 
@@ -105,4 +126,4 @@ if __name__ == "__main__":
     if command == "generate":
         generate(target, sys.argv[3])
     else:
-        {"corpus": corpus, "tokenizer": tokenizer, "hf-model": hf_model}[command](target)
+        {"corpus": corpus, "general-task": general_task, "tokenizer": tokenizer, "hf-model": hf_model}[command](target)
