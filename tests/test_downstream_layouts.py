@@ -33,6 +33,21 @@ def task_batch(cfg) -> dict:
     return dict(tokens=rows.tokens, labels=rows.labels, loss_mask=rows.loss_mask)
 
 
+def test_the_fused_loss_sums_each_row():
+    from megatron_mellama.kernels import IGNORE_INDEX, linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(3, 7, 16, generator=g), torch.randn(50, 16, generator=g)
+    labels = torch.randint(0, 50, (3, 7), generator=g)
+    labels[1, :4] = IGNORE_INDEX
+    want = torch.nn.functional.cross_entropy((hidden @ weight.T).transpose(1, 2), labels, reduction="none").sum(1)
+    # chunks of 5 tokens straddle the rows
+    got = linear_cross_entropy(hidden, weight, labels, chunk_tokens=5, per_row=True)
+    assert got.shape == (3,) and torch.allclose(got, want, rtol=1e-6, atol=1e-5), (got, want)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        linear_cross_entropy(hidden, weight.requires_grad_(), labels, per_row=True)
+
+
 def _train_batch(cfg) -> dict:
     g = torch.Generator().manual_seed(3)
     data = torch.randint(0, cfg.model.vocab_size, (cfg.train.global_batch_size, cfg.seq_length + 1), generator=g)
