@@ -1,5 +1,6 @@
 """--eval-tasks: multiple-choice tasks scored at every evaluation of a training run (console line,
-TensorBoard scalars, JSON-lines record), and a bad task file stopping the run before any work."""
+TensorBoard scalars, JSON-lines record) as the standalone tool scores the saved weights, and a bad
+task file stopping the run before any work."""
 
 import json
 import re
@@ -7,6 +8,7 @@ import re
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_mellama.pretrain import load_run_config, main
+from megatron_mellama.tools.evaluate import main as evaluate
 from megatron_mellama.training import loop
 
 RUN = ["--model", "tiny", "--mock-data", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
@@ -29,7 +31,7 @@ def test_each_evaluation_scores_the_tasks(sentencepiece_model, tmp_path, capsys)
     task = write_task(tmp_path / "general.jsonl", 6)
     cfg = load_run_config(RUN + ["--tokenizer-model", sentencepiece_model, "--eval-tasks", f"general={task}",
                                  "--eval-tasks-limit", "5", "--log-file", str(tmp_path / "run.jsonl"),
-                                 "--tensorboard-dir", str(tmp_path / "tb")])
+                                 "--tensorboard-dir", str(tmp_path / "tb"), "--save", str(tmp_path / "ckpt")])
     history = loop.train(cfg)
     out = capsys.readouterr().out
 
@@ -54,6 +56,14 @@ def test_each_evaluation_scores_the_tasks(sentencepiece_model, tmp_path, capsys)
         scalars = events.Scalars(f"downstream/general/{metric}")
         assert [e.step for e in scalars] == [2, 3]
         assert [round(e.value, 6) for e in scalars] == [round(r["downstream"]["general"][metric], 6) for r in records]
+
+    # the standalone tool on the checkpoint saved after the last evaluation scores the same
+    assert evaluate(["--tasks", f"general={task}", "--load", str(tmp_path / "ckpt"), "--tokenizer-type",
+                     "Llama2Tokenizer", "--tokenizer-model", sentencepiece_model, "--seq-length", "32", "--limit", "5",
+                     "--device", "cpu", "--no-progress", "--output", str(tmp_path / "standalone.json")]) == 0
+    standalone = json.loads((tmp_path / "standalone.json").read_text())["tasks"]["general"]
+    last = records[-1]["downstream"]["general"]
+    assert (standalone["acc"], standalone["acc_norm"]) == (last["acc"], last["acc_norm"])
 
 
 def test_a_bad_task_file_stops_the_run_before_any_work(sentencepiece_model, tmp_path, capsys):
