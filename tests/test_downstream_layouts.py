@@ -109,3 +109,26 @@ def test_layout_equals_one_process(name, one_process, tmp_path):
         for when in ("before", "after"):
             diff = (got[when] - want[when]).abs().max().item()
             assert diff <= TOL, (name, rank, when, diff)
+
+
+def test_cut_columns_score_as_whole_rows(monkeypatch):
+    """Without PP and CP the in-training scorer cuts the columns past the last scored position."""
+    from megatron_mellama.config import parse_config
+    from megatron_mellama.evaluation import in_training
+    from megatron_mellama.training.engine import Engine
+
+    cfg = parse_config(TINY)
+    engine = Engine(cfg)
+    items = [Item(prompt="ab:", choices=("c", "dd", "e", "ff"), answer=0),
+             Item(prompt="xyz?", choices=("u", "v w", "t", "s"), answer=1)]
+    rows = build_rows(items, _encode, cfg.seq_length)
+    whole = engine.sequence_loglikelihoods(micro_batches_of(
+        dict(tokens=rows.tokens, labels=rows.labels, loss_mask=rows.loss_mask), cfg, 0, 1))
+    widths = []
+    scored = engine.sequence_loglikelihoods
+    monkeypatch.setattr(engine, "sequence_loglikelihoods",
+                        lambda mbs: widths.append(mbs[0]["tokens"].shape[1]) or scored(mbs))
+    monkeypatch.setattr(in_training, "COLUMN_MULTIPLE", 4)
+    cut = in_training.engine_loglikelihood_fn(cfg, engine, 0, 1)(rows.tokens, rows.labels, rows.loss_mask)
+    assert widths == [8]  # the longest row scores up to its 8th column (BOS, 4 prompt, 3 choice tokens)
+    assert (cut - whole).abs().max() <= TOL

@@ -11,6 +11,7 @@ row's log-likelihood, so all ranks compute the same acc and acc_norm.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 from ..config import Config, ConfigError
@@ -77,14 +78,33 @@ class DownstreamTasks:
         return results
 
 
+# columns are cut to a multiple of this: few distinct shapes for the kernels' and allocator's caches
+COLUMN_MULTIPLE = 128
+
+
 def engine_loglikelihood_fn(cfg: Config, engine, dp_rank: int, dp_size: int):
     """A `loglikelihood_fn` over global batches of rows: this DP rank's contiguous slice, cut into
     micro-batches as the training data loader cuts a global batch; every row's value back (on the
-    CPU: the call's one host read)."""
+    CPU: the call's one host read).
+
+    Without pipeline and context parallelism (which fix the sequence's shape) and without compiled
+    layers (a new shape would compile again), the columns past the batch's last scored position are
+    cut first, as the standalone scorer cuts them: attention is causal, so they cannot change the
+    scored positions, and a task of short questions then costs its own length rather than
+    --seq-length. The cut is the same on every rank (each holds the whole global batch) and keeps a
+    multiple of the TP size, which sequence parallelism splits the sequence by."""
     share = cfg.train.global_batch_size // dp_size
     micro = cfg.train.micro_batch_size
+    p = cfg.parallel
+    cut = p.pipeline_model_parallel_size == 1 and p.context_parallel_size == 1 and not cfg.train.compile
+    multiple = math.lcm(COLUMN_MULTIPLE, p.tensor_model_parallel_size)
 
     def loglikelihood(tokens, labels, loss_mask):
+        if cut:
+            columns = loss_mask.any(dim=0).nonzero()  # the rows are still on the CPU: no device read
+            used = int(columns[-1]) + 1 if len(columns) else 1
+            keep = min(tokens.shape[1], -(-used // multiple) * multiple)
+            tokens, labels, loss_mask = tokens[:, :keep], labels[:, :keep], loss_mask[:, :keep]
         batch = dict(tokens=tokens, labels=labels, loss_mask=loss_mask)
         start = dp_rank * share
         micro_batches = [{k: v[i:i + micro] for k, v in batch.items()} for i in range(start, start + share, micro)]
