@@ -40,7 +40,7 @@ torchrun --standalone --nproc-per-node "$NPROC" -m megatron_mellama.pretrain \
     --ffn-hidden-size 344 --max-position-embeddings 256 --seq-length 256 \
     --tokenizer-type Llama2Tokenizer --tokenizer-model "$OUT/tokenizer.model" \
     --sft --data-path "$CHAT/data/records" --split 98,2,0 \
-    --data-parallel-sharding full --micro-batch-size 4 --global-batch-size 16 --train-iters "$ITERS" \
+    --data-parallel-sharding full --micro-batch-size 8 --global-batch-size 16 --train-iters "$ITERS" \
     --lr 3e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-fraction 0.05 \
     --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 1e-5 --clip-grad 1.0 \
     --log-interval 50 --eval-interval "$ITERS" --eval-iters 2 --num-workers 0 --seed 1234 \

@@ -200,9 +200,9 @@ def test_autotune_times_every_operation_on_small_shapes():
 @pytest.mark.parametrize("extra", [[], ["--recompute-granularity", "selective"]], ids=["plain", "selective-recompute"])
 def test_training_with_triton_kernels_follows_the_torch_loss_curve(extra):
     pytest.importorskip("triton")
-    steps = 3
-    torch_run = reference(TINY + extra + ["--kernel-backend", "torch"], steps)
-    triton_run = reference(TINY + extra + ["--kernel-backend", "triton"], steps)
+    steps, two_layers = 2, ["--num-layers", "2"]  # the interpreter runs the kernels slowly
+    torch_run = reference(TINY + two_layers + extra + ["--kernel-backend", "torch"], steps)
+    triton_run = reference(TINY + two_layers + extra + ["--kernel-backend", "triton"], steps)
     assert kernels.selected()["rms_norm"] == "triton"  # the run really used the Triton kernels
     torch.testing.assert_close(torch.tensor(triton_run["losses"]), torch.tensor(torch_run["losses"]),
                                rtol=1e-5, atol=1e-6)
@@ -224,10 +224,10 @@ def test_tensor_parallel_training_with_triton_kernels_equals_one_process(tmp_pat
 
 def test_fp16_training_with_triton_kernels_stays_within_fp16_rounding_of_fp32():
     pytest.importorskip("triton")
-    steps = 3
-    fp32 = reference(TINY + ["--kernel-backend", "torch"], steps)
+    steps, two_layers = 2, ["--num-layers", "2"]  # the interpreter runs the kernels slowly
+    fp32 = reference(TINY + two_layers + ["--kernel-backend", "torch"], steps)
     # a static loss scale: the dynamic one starts at 2^32 and skips steps until it has come down
-    fp16 = reference(TINY + ["--kernel-backend", "triton", "--fp16", "--loss-scale", "1024"], steps)
+    fp16 = reference(TINY + two_layers + ["--kernel-backend", "triton", "--fp16", "--loss-scale", "1024"], steps)
     assert fp16["skipped"] == [False] * steps
     torch.testing.assert_close(torch.tensor(fp16["losses"]), torch.tensor(fp32["losses"]), rtol=1e-3, atol=0)
     torch.testing.assert_close(torch.tensor(fp16["grad_norms"]), torch.tensor(fp32["grad_norms"]), rtol=1e-3, atol=0)
