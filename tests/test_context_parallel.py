@@ -29,8 +29,13 @@ def references():
     return {packed: reference(TINY + (PACKED if packed else []), STEPS) for packed in (False, True)}
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed-documents"])
-@pytest.mark.parametrize("name", list(LAYOUTS))
+# every layout with packed documents (the masks and positions cross the cp split); the plain causal
+# mask with the layouts that change attention itself
+CASES = [(name, True) for name in LAYOUTS] + [("cp2", False), ("cp2-tp2-sp", False)]
+
+
+@pytest.mark.parametrize("name,packed", CASES,
+                         ids=[f"{n}-{'packed-documents' if p else 'causal'}" for n, p in CASES])
 def test_layout_equals_one_process(name, packed, references, tmp_path):
     world, flags = LAYOUTS[name]
     argv = TINY + (PACKED if packed else []) + flags
