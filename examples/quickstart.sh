@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole Me-LLaMA pipeline in miniature, on one CPU machine (or GPUs when present):
-#   1. a small three-domain corpus (biomedical, clinical, general) and a SentencePiece tokenizer
+#   1. a small three-domain corpus (biomedical, clinical, general), a SentencePiece tokenizer, and
+#      a multiple-choice "general knowledge" task from the general domain's sentences
 #   2. each domain preprocessed to Megatron .bin/.idx
 #   3. a tiny LLaMA2 (GQA) created in Hugging Face format and imported
 #   4. continual pretraining on the 15:1:4 blend with TP 2 x PP 2 (4 processes), evaluating each
-#      domain; stopped half way (as a preemption would) and resumed from its checkpoint
+#      domain and scoring the general task (is general knowledge kept?); stopped half way (as a
+#      preemption would) and resumed from its checkpoint
 #   5. exported to Hugging Face, loaded with transformers, and asked for a short generation
 # Everything goes under $OUT (default outputs/quickstart). Extra arguments go to both training runs.
 set -euo pipefail
@@ -68,12 +70,16 @@ out = sys.argv[1]
 records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
 train = [r for r in records if "lm_loss" in r]
 evals = [r for r in records if "eval" in r]
+downstream = [r for r in records if "downstream" in r]
 print("\n== summary")
 print(f"lm loss: {train[0]['lm_loss']:.3f} at iteration {train[0]['iteration']} -> "
       f"{train[-1]['lm_loss']:.3f} at iteration {train[-1]['iteration']}")
 for r in evals:
     print(f"validation at iteration {r['iteration']}: " +
           ", ".join(f"{k} {v['lm_loss']:.3f}" for k, v in r["eval"].items()))
+for r in downstream:
+    print(f"downstream accuracy at iteration {r['iteration']}: " +
+          ", ".join(f"{k} acc {v['acc']:.3f} acc_norm {v['acc_norm']:.3f}" for k, v in r["downstream"].items()))
 print(f"TensorBoard logs:    {out}/tensorboard   (tensorboard --logdir {out}/tensorboard)")
 print(f"metrics (JSON lines): {out}/metrics.jsonl")
 print(f"checkpoints:         {out}/checkpoints (latest: {open(f'{out}/checkpoints/latest').read().strip()})")

@@ -83,6 +83,7 @@ def test_quickstart_runs_the_whole_pipeline(quickstart):
     for domain in ("bio", "clin", "gen"):
         assert f"lm loss validation/{domain}" in out
     assert "generation by the exported model" in out and "== summary" in out
+    assert re.search(r"^downstream accuracy at iteration 20: general acc [0-9.]+ acc_norm", out, re.M)
     assert (root / "hf_final" / "config.json").is_file()
     assert (root / "checkpoints" / "latest").read_text().strip() == "20"
 
