@@ -74,14 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv):
     args = build_parser().parse_args(argv)
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers} must be at least 1")
+    return check_common_args(args)
+
+
+def check_common_args(args):
+    """The checks this tool and preprocess_sft make of their shared flags before any work (inputs,
+    bad-record limits, output directory, tokenizer); sets `args.inputs` and `args.tokenizer`."""
     args.inputs = expand_inputs(args.input)
     if not args.inputs:
         raise UsageError(f"--input {args.input!r}: no such file, and no file matches it as a glob")
     for path in args.inputs:
         if not os.access(path, os.R_OK):
             raise UsageError(f"--input {path!r} is not readable")
-    if args.workers < 1:
-        raise UsageError(f"--workers {args.workers} must be at least 1")
     if not 0 <= args.max_reject_fraction <= 1:
         raise UsageError(f"--max-reject-fraction {args.max_reject_fraction} must be between 0 and 1")
     if args.max_line_bytes < 1:

@@ -60,12 +60,12 @@ import numpy as np
 
 from megatron_mellama.data.chat_template import LLAMA2_CHAT_TEMPLATE, template_path
 from megatron_mellama.data.indexed_writer import IndexedWriter, OutputLocked, optimal_dtype, output_lock, temp_path
-from megatron_mellama.data.jsonl_reader import MAX_LINE_BYTES, expand_inputs, read_blocks
+from megatron_mellama.data.jsonl_reader import MAX_LINE_BYTES, read_blocks
 from megatron_mellama.data.record_encoder import RecordRejected, json_object
-from megatron_mellama.data.tokenizer import (TOKENIZER_TYPES, HuggingFaceTokenizer, Llama2Tokenizer,
-                                             TokenizerError, build_tokenizer)
+from megatron_mellama.data.tokenizer import TOKENIZER_TYPES, HuggingFaceTokenizer, Llama2Tokenizer
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
-from megatron_mellama.tools.preprocess_data import PreprocessError, Rejects, one_line, run_until_signalled
+from megatron_mellama.tools.preprocess_data import (PreprocessError, Rejects, check_common_args, one_line,
+                                                     run_until_signalled)
 
 PROG = "mellama-preprocess-sft"
 DEFAULT_SEQ_LENGTH = 4096  # LLaMA-2's context
@@ -106,22 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv):
     args = build_parser().parse_args(argv)
-    args.inputs = expand_inputs(args.input)
-    if not args.inputs:
-        raise UsageError(f"--input {args.input!r}: no such file, and no file matches it as a glob")
-    for name, value, least in (("--seq-length", args.seq_length, 1), ("--log-interval", args.log_interval, 1),
-                               ("--max-line-bytes", args.max_line_bytes, 1)):
-        if value < least:
-            raise UsageError(f"{name} {value} must be at least {least}")
-    if not 0 <= args.max_reject_fraction <= 1:
-        raise UsageError(f"--max-reject-fraction {args.max_reject_fraction} must be between 0 and 1")
-    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-        raise UsageError(f"--output-prefix {args.output_prefix!r}: directory {out_dir!r} is missing or not writable")
-    try:
-        args.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-    except TokenizerError as err:
-        raise UsageError(f"--tokenizer-model: {err}") from None
+    if args.seq_length < 1:
+        raise UsageError(f"--seq-length {args.seq_length} must be at least 1")
+    check_common_args(args)
     args.template, args.special_tokens, args.template_source = load_template(args.chat_template_from,
                                                                              args.tokenizer)
     return args
