@@ -34,7 +34,6 @@ import itertools
 import json
 import os
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -50,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_mellama.config import parse_config  # noqa: E402
 from megatron_mellama.data.loader import document_ids_of  # noqa: E402
-from megatron_mellama.parallel.mesh import ParallelDims  # noqa: E402
+from megatron_mellama.parallel.mesh import ParallelDims, free_local_port  # noqa: E402
 from megatron_mellama.training.engine import Engine  # noqa: E402
 
 PACKED_FLAGS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
@@ -157,19 +156,13 @@ def _rank_main(rank: int, world: int, port: int, threads: int, out_dir: str, arg
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_configuration(args, seq: int, cp: int, packed: bool) -> dict:
     """`cp` fresh processes; the group's tokens/s and the largest memory figures of its ranks."""
     threads = args.threads_per_rank
     # read at process start (OpenMP, glibc), so set before spawning; the parent keeps its own
     env = dict(OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_=str(1 << 20), MALLOC_TRIM_THRESHOLD_=str(1 << 20))
     with tempfile.TemporaryDirectory() as out_dir, mock.patch.dict(os.environ, env):
-        mp.start_processes(_rank_main, args=(cp, _free_port(), threads, out_dir, args, seq, packed), nprocs=cp,
+        mp.start_processes(_rank_main, args=(cp, free_local_port(), threads, out_dir, args, seq, packed), nprocs=cp,
                            join=True, start_method="spawn")
         ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(cp)]
     seconds = max(r["seconds"] for r in ranks)

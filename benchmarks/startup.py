@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -95,12 +94,6 @@ def _rank(rank: int, world: int, port: int, argv: list, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4)
@@ -113,6 +106,7 @@ def main() -> int:
 
     import torch.multiprocessing as mp
 
+    from megatron_mellama.parallel.mesh import free_local_port
     from megatron_mellama.tools.hf_to_mellama import main as hf_to_mellama
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,7 +129,7 @@ def main() -> int:
         out = tmp / "out"
         out.mkdir()
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        mp.start_processes(_rank, args=(a.tp, _free_port(), argv, str(out)), nprocs=a.tp, start_method="spawn")
+        mp.start_processes(_rank, args=(a.tp, free_local_port(), argv, str(out)), nprocs=a.tp, start_method="spawn")
         ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(a.tp)]
 
     print(f"imported checkpoint: {size / 2**20:.1f} MiB on disk, stored as {', '.join(sorted(dtypes))} "

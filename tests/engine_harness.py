@@ -7,7 +7,6 @@ the test merges the pipeline stages and compares with the single-process referen
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import traceback
 from unittest import mock
@@ -102,12 +101,6 @@ def reference(argv: list, steps: int) -> dict:
     return run_steps(cfg, Engine(cfg), steps)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gloo_rank(rank: int, world: int, port: int, out_dir: str, body, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -128,11 +121,13 @@ def spawn_gloo(body, world: int, args: tuple, out_dir: str) -> list:
     """`body(rank, world, *args)` in `world` gloo processes; returns each rank's result, in rank order.
 
     `body` must be a module-level function (the processes are spawned)."""
+    from megatron_mellama.parallel.mesh import free_local_port
+
     # the ranks import torch, and OpenMP reads this, before `_gloo_rank` runs: more threads than cores
     # slow ranks that share a small machine. The ranks copy the environment as they start, so the
     # test process gets its own back at once.
     with mock.patch.dict(os.environ, OMP_NUM_THREADS="1"):
-        ranks = mp.start_processes(_gloo_rank, args=(world, _free_port(), out_dir, body, args), nprocs=world,
+        ranks = mp.start_processes(_gloo_rank, args=(world, free_local_port(), out_dir, body, args), nprocs=world,
                                    join=False, start_method="spawn")
     while not ranks.join():
         pass
