@@ -134,16 +134,20 @@ def spawn_gloo(body, world: int, args: tuple, out_dir: str) -> list:
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
 
 
-def _engine_rank(rank: int, world: int, argv: list, steps: int) -> dict:
+def rank_engine(rank: int, world: int, argv: list):
+    """This gloo rank's share of the layout `argv` describes: (config, engine, its coordinates, DP size)."""
     from megatron_mellama.config import parse_config
     from megatron_mellama.parallel.mesh import ParallelDims
     from megatron_mellama.training.engine import Engine
 
     cfg = parse_config(argv, world_size=world)
     dims = ParallelDims.from_config(cfg, world)
-    engine = Engine(cfg, dims.build_mesh("cpu"))
-    coords = dims.coordinates(rank)
-    result = run_steps(cfg, engine, steps, coords["dp"], dims.dp)
+    return cfg, Engine(cfg, dims.build_mesh("cpu")), dims.coordinates(rank), dims.dp
+
+
+def _engine_rank(rank: int, world: int, argv: list, steps: int) -> dict:
+    cfg, engine, coords, dp_size = rank_engine(rank, world, argv)
+    result = run_steps(cfg, engine, steps, coords["dp"], dp_size)
     result["coords"] = coords
     return result
 

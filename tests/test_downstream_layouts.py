@@ -6,7 +6,7 @@ downstream evaluation during training: one process equals the standalone scorer
 import pytest
 import torch
 
-from engine_harness import TINY, micro_batches_of, spawn_gloo
+from engine_harness import TINY, micro_batches_of, rank_engine, spawn_gloo
 from megatron_mellama.evaluation.requests import build_rows
 from megatron_mellama.evaluation.tasks import Item
 
@@ -63,14 +63,8 @@ def before_and_after_a_step(cfg, engine, dp_rank: int, dp_size: int) -> dict:
 
 
 def _layout_rank(rank, world, argv):
-    from megatron_mellama.config import parse_config
-    from megatron_mellama.parallel.mesh import ParallelDims
-    from megatron_mellama.training.engine import Engine
-
-    cfg = parse_config(argv, world_size=world)
-    dims = ParallelDims.from_config(cfg, world)
-    engine = Engine(cfg, dims.build_mesh("cpu"))
-    return before_and_after_a_step(cfg, engine, dims.coordinates(rank)["dp"], dims.dp)
+    cfg, engine, coords, dp_size = rank_engine(rank, world, argv)
+    return before_and_after_a_step(cfg, engine, coords["dp"], dp_size)
 
 
 @pytest.fixture(scope="module")

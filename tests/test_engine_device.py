@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from engine_harness import TINY, global_batches, micro_batches_of, reference, spawn_gloo
+from engine_harness import TINY, global_batches, micro_batches_of, rank_engine, reference, spawn_gloo
 from torch.overrides import TorchFunctionMode
 
 T = torch.Tensor
@@ -57,14 +57,8 @@ def _probed_steps(cfg, engine, dp_rank: int, dp_size: int) -> dict:
 
 
 def _rank(rank, world, argv):
-    from megatron_mellama.config import parse_config
-    from megatron_mellama.parallel.mesh import ParallelDims
-    from megatron_mellama.training.engine import Engine
-
-    cfg = parse_config(argv, world_size=world)
-    dims = ParallelDims.from_config(cfg, world)
-    engine = Engine(cfg, dims.build_mesh("cpu"))
-    return _probed_steps(cfg, engine, dims.coordinates(rank)["dp"], dims.dp)
+    cfg, engine, coords, dp_size = rank_engine(rank, world, argv)
+    return _probed_steps(cfg, engine, coords["dp"], dp_size)
 
 
 # 16 sequences in micro-batches of 2: 8, 4 or 2 micro-batches per rank per step, depending on DP
