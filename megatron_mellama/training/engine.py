@@ -69,10 +69,6 @@ def _local_value(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-# torch 2.13 names it `all_gather_single` (the `_into_tensor` spelling warns); earlier releases have only that
-_collective_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
 class Engine:
     def __init__(self, cfg: Config, meshes: Meshes | None = None, device: str | torch.device = "cpu",
                  initialise: bool = True):
@@ -232,9 +228,9 @@ class Engine:
         if self.dims.cp > 1:
             dist.all_reduce(rows, group=self.meshes.cp.get_group())
         if self.dims.dp > 1:
-            gathered = torch.empty(self.dims.dp * rows.shape[0], dtype=rows.dtype, device=rows.device)
-            _collective_all_gather(gathered, rows, group=self.meshes.dp.get_group())
-            rows = gathered
+            gathered = [torch.empty_like(rows) for _ in range(self.dims.dp)]
+            dist.all_gather(gathered, rows, group=self.meshes.dp.get_group())
+            rows = torch.cat(gathered)
         return -rows
 
     def _per_row_losses(self, tokens, labels, documents) -> torch.Tensor:
