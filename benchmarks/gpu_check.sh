@@ -7,7 +7,7 @@
 #
 # Steps, each under its own time limit; a failing step is reported and the next one still runs:
 #   triton_tests  the Triton kernel tests on the GPU, without the interpreter
-#   kernels       benchmarks/kernels.py --check at the ~1B shape in bf16: every backend against the
+#   kernels       benchmarks/kernel_speed.py --check at the ~1B shape in bf16: every backend against the
 #                 torch reference, the fused loss's memory, the engine with each backend
 #   engine        benchmarks/engine.py: the engine beside transformers at sequence 4096, with MFU
 #   resume        a 1-GPU bf16 pretrain of 20 iterations, against one stopped at 10 and resumed from
@@ -72,7 +72,7 @@ if [ "$MODE" = gpu ]; then
   TRITON_TESTS=(-m pytest -q -p no:cacheprovider tests/test_kernels_triton.py)
   # fewer timed steps than the benchmark's defaults: its training part builds the 1B model once per
   # backend and once for transformers, which at the defaults alone would take most of the budget
-  KERNELS=(benchmarks/kernels.py --shape 1b --bf16 --check --peak-tflops "$PEAK"
+  KERNELS=(benchmarks/kernel_speed.py --shape 1b --bf16 --check --peak-tflops "$PEAK"
            --global-batch-size 4 --steps 3 --warmup 1 --repeats 1)
   ENGINE=(benchmarks/engine.py --shape 1b --bf16 --seq-length 4096 --micro-batch-size 1
           --global-batch-size 4 --peak-tflops "$PEAK")
@@ -92,7 +92,7 @@ else
                 -k "exactly or gradient_of_q_alone or non_contiguous or column_slice")
   # the memory part starts two processes and the training part repeats the engine step's work:
   # on the CPU only the comparison with the reference is worth its time
-  KERNELS=(benchmarks/kernels.py --shape small --seq-length 16 --micro-batch-size 1 --global-batch-size 1
+  KERNELS=(benchmarks/kernel_speed.py --shape small --seq-length 16 --micro-batch-size 1 --global-batch-size 1
            --check --include-interpreter --skip memory training)
   ENGINE=(benchmarks/engine.py --shape small --seq-length 16 --micro-batch-size 1 --global-batch-size 1
           --steps 1 --warmup 1 --repeats 1)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_kernel_benchmark_runs_and_every_checked_backend_is_within_tolerance():
     pytest.importorskip("triton")
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--seq-length", "32", "--micro-batch-size", "2",
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_speed.py"), "--seq-length", "32", "--micro-batch-size", "2",
          "--steps", "1", "--warmup", "1", "--repeats", "1", "--memory-tokens", "64", "--memory-vocab", "100",
          "--check", "--include-interpreter"],
         capture_output=True, text=True, timeout=600)

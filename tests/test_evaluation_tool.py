@@ -1,4 +1,4 @@
-"""tools/evaluate.py: a Hugging Face folder and our checkpoint of the same weights score the same;
+"""tools/evaluate_tasks.py: a Hugging Face folder and our checkpoint of the same weights score the same;
 the rows, the metrics and the batching behave as documented; bad input is one line."""
 
 import json
@@ -56,7 +56,7 @@ def test_limit_and_table(tmp_path, hf_tokenizer_dir, capsys):
 
 
 def test_wrapper_runs_from_a_clone(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), "--help"], capture_output=True,
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate_tasks.py"), "--help"], capture_output=True,
                           text=True, cwd=tmp_path)
     assert proc.returncode == 0 and "--tasks NAME=PATH" in proc.stdout, proc.stderr
 

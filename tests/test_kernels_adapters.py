@@ -4,7 +4,7 @@ Neither package (nor a GPU) is here, so each test puts a small fake of the packa
 imports the adapter fresh, and checks what the adapter hands the package and returns: dtypes under
 autocast, layouts, caching. The fakes compute the same math in plain PyTorch and behave as the
 packages document (apex casts its inputs to the autocast dtype; TE takes `bshd` tensors and angles).
-The packages' own kernels are not run: `benchmarks/kernels.py --check` does that on a GPU.
+The packages' own kernels are not run: `benchmarks/kernel_speed.py --check` does that on a GPU.
 """
 
 import importlib

@@ -202,7 +202,7 @@ class TrainingConfig:
     eval_iters: int = opt(100, "validation batches per evaluation")
     eval_tasks: Optional[list] = opt(
         None, "multiple-choice tasks scored (acc, acc_norm) at every evaluation, on the run's tokenizer: NAME=FILE "
-        "per task, FILE a JSONL task (the format of tools/evaluate.py)", metavar="NAME=PATH")
+        "per task, FILE a JSONL task (the format of tools/evaluate_tasks.py)", metavar="NAME=PATH")
     eval_tasks_limit: Optional[int] = opt(None, "with --eval-tasks: score the first N items of each task (default all)")
 
 

@@ -3,7 +3,7 @@
 Importing this module fails where apex (built with its CUDA extensions) is not installed; the
 dispatcher then reports the backend missing once and uses the reference. Only the norm comes from
 apex. CI has no GPU and no apex: this adapter has run there only against a stand-in of apex's
-function (tests/test_kernels_adapters.py); `benchmarks/kernels.py --check` compares it with the
+function (tests/test_kernels_adapters.py); `benchmarks/kernel_speed.py --check` compares it with the
 reference on a GPU.
 """
 

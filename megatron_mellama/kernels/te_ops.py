@@ -16,7 +16,7 @@ they stay with the reference, or with Triton when `auto` finds it faster.
 
 CI has no GPU and no Transformer Engine: this adapter has run there only against stand-ins of TE's
 functions (tests/test_kernels_adapters.py). Its layouts follow TE's documented `bshd` format;
-`benchmarks/kernels.py --check` compares it with the reference on a GPU.
+`benchmarks/kernel_speed.py --check` compares it with the reference on a GPU.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Each kernel operation per backend, the fused loss's memory, and the engine with each backend.
 
-    python benchmarks/kernels.py                           # CPU: the torch reference only
-    python benchmarks/kernels.py --shape 1b --bf16         # on a GPU: every backend that imports
+    python benchmarks/kernel_speed.py                           # CPU: the torch reference only
+    python benchmarks/kernel_speed.py --shape 1b --bf16         # on a GPU: every backend that imports
 
 Three parts, all in one run:
 1. every operation (forward + backward) with every backend available on the device, on the
