@@ -2,6 +2,7 @@
 a blend that changes on resume with every domain continuing where it stopped."""
 
 import collections
+import os
 import warnings
 
 import numpy
@@ -125,3 +126,22 @@ def test_blend_indices_are_a_stable_prefix():
     weights = [0.75, 0.05, 0.2]
     short, long = blend_indices(weights, 1000), blend_indices(weights, 50_000)
     assert numpy.array_equal(short[0], long[0][:1000]) and numpy.array_equal(short[1], long[1][:1000])
+
+
+def test_one_prefix_spelt_two_ways_is_one_domain(corpus, sentencepiece_model, tmp_path, monkeypatch):
+    # `gen` under two spellings beside `clin`: every domain's stream must serve its own text
+    monkeypatch.chdir(os.path.dirname(corpus["gen"]))
+    gen, clin = os.path.basename(corpus["gen"]), os.path.basename(corpus["clin"])
+    cfg = data_config([2, gen, 2, f"./{gen}", 1, clin], tokenizer_model=sentencepiece_model, cache=str(tmp_path))
+    sets = build_datasets(cfg)
+    train = sets.train
+    assert sorted(train.names.values()) == ["clin", "gen"]
+    seen = collections.Counter()
+    for i in range(0, 500, 3):
+        key, _ = train.locate(i)
+        name = train.names[key]
+        assert domain_of(train[i]["tokens"]) == name
+        seen[name] += 1
+    assert seen["clin"] > 0 and abs(seen["gen"] / sum(seen.values()) - 0.8) < 0.05
+    assert [domain_of(s["tokens"]) for s in (sets.valid_per_domain["clin"][i] for i in range(5))] == ["clin"] * 5
+    assert any(f"'{gen}' and './{gen}' are one prefix" in line for line in sets.notes)

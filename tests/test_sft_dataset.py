@@ -243,3 +243,24 @@ def test_mismatched_pair_fails_with_one_line(sft_prefix, sentencepiece_model, tm
     message = str(err.value)
     assert "\n" not in message and pair_of(broken)[1] in message and "documents" in message
     assert os.path.basename(broken) in message
+
+
+def _copy_pair(source, target):
+    for src, dst in zip(pair_of(source), pair_of(target)):
+        for ext in (".bin", ".idx"):
+            shutil.copy(src + ext, dst + ext)
+
+
+def test_sft_prefix_spelt_two_ways_is_one_domain(sft_prefix, sentencepiece_model, tmp_path, monkeypatch):
+    _copy_pair(sft_prefix, str(tmp_path / "gen_sft"))
+    _copy_pair(sft_prefix, str(tmp_path / "clin_sft"))
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config(["--model", "tiny", "--sft", "--data-path", "2", "gen_sft", "2", "./gen_sft", "1", "clin_sft",
+                        "--tokenizer-model", sentencepiece_model, "--split", "80,20,0", "--seq-length", str(SEQ),
+                        "--train-iters", "2", "--global-batch-size", "4"])
+    sets = build_datasets(cfg)
+    streams = sets.train.streams
+    assert sorted(sets.train.names.values()) == ["clin_sft", "gen_sft"]
+    # each domain's stream reads its own prefix's conversations
+    assert all(os.path.abspath(s.one_epoch.prefix) == key for key, s in streams.items())
+    assert sets.train.segments[-1]["weights"][os.path.abspath("gen_sft")] == pytest.approx(0.8)

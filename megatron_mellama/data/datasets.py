@@ -9,7 +9,7 @@ Domain names (keys of `DataSets.valid_per_domain`, reported as `lm loss validati
 component of the prefix without the `_text_document` / `_document` suffix that `preprocess_data.py`
 appends (`data/pubmed_text_document` -> `pubmed`). Prefixes that would share a name take as many parent
 directories as tell them apart, joined by `-` (`a/train_text_document`, `b/train_text_document` ->
-`a-train`, `b-train`). A prefix listed twice is one domain.
+`a-train`, `b-train`). A prefix listed twice, under any spelling (`data/x`, `./data/x`), is one domain.
 """
 
 from __future__ import annotations
@@ -150,6 +150,27 @@ def domain_names(prefixes: list) -> list:
         if seen[n] > 1:
             names[i] = f"{n}-{seen[n]}"
     return names
+
+
+def same_prefix_once(pairs: list) -> tuple:
+    """`--data-path` pairs with every spelling of one prefix (`data/x`, `./data/x`, `/abs/data/x`,
+    a symlink to it) written as its first spelling, and a line per prefix spelt more than one way.
+
+    The datasets, their weights, domain names and checkpoint keys all follow from the prefix, so two
+    spellings of one prefix must be one domain with the sum of their weights (the blend the user
+    listed), as a prefix listed twice verbatim is; anything else pairs one domain's weight with
+    another's data. Merged rather than refused: Megatron-LM itself blends repeated prefixes."""
+    first, spellings = {}, {}
+    for _, prefix in pairs:
+        identity = os.path.realpath(prefix)
+        first.setdefault(identity, prefix)
+        names = spellings.setdefault(identity, [])
+        if prefix not in names:
+            names.append(prefix)
+    notes = [f"--data-path: {' and '.join(repr(s) for s in names)} are one prefix: one domain "
+             f"'{names[0]}' with the sum of their weights"
+             for names in spellings.values() if len(names) > 1]
+    return [(w, first[os.path.realpath(p)]) for w, p in pairs], notes
 
 
 def _check_prefix(prefix: str, split_matrix: list, cfg: Config, splits=SPLIT_NAMES) -> None:
@@ -336,7 +357,7 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
     if not d.data_path:
         raise ConfigError("--data-path is required (or --mock-data)")
 
-    pairs = parse_data_path(d.data_path)
+    pairs, notes = same_prefix_once(parse_data_path(d.data_path))
     prefixes = list(dict.fromkeys(p for _, p in pairs))
     parse_split(d.split)
     split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(d.split))
@@ -357,7 +378,7 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
             _check_token_ids(pair_of(prefix)[0], vocab)
         sets = build_once_per_node(lambda: build_sft_datasets(cfg, prefixes, weight_of, tokenizer, split_matrix))
         sets.chat_template, note = run_template(prefixes)
-        sets.notes += [note] if note else []
+        sets.notes += notes + ([note] if note else [])
         return sets
     for prefix in prefixes:
         in_blend = any(p == prefix for _, p in blended)
@@ -387,7 +408,7 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
             names = dict(zip(map(os.path.abspath, prefixes), domain_names(prefixes)))
             one_epochs = list(train.datasets) if isinstance(train, BlendedDataset) else [train]
             train = _training_samples(cfg, one_epochs, {k: w for k, (w, _) in zip(keys, blended)}, names)
-        return DataSets(train, valid, test, per_domain)
+        return DataSets(train, valid, test, per_domain, notes=list(notes))
 
     return build_once_per_node(build)
 
