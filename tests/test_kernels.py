@@ -90,6 +90,31 @@ def test_fused_loss_under_bf16_autocast_matches_the_autocast_naive_loss():
     assert fused.dtype == torch.float32
 
 
+def test_per_row_loss_sums_without_atomics_and_repeats_bit_for_bit(monkeypatch):
+    # index_add_ accumulates with atomics on CUDA, in an order that changes from run to run; the
+    # per-row sums must not go through it (nor through any op deterministic mode refuses)
+    def no_index_add(*args, **kwargs):
+        raise AssertionError("the per-row loss called index_add_")
+
+    monkeypatch.setattr(torch.Tensor, "index_add_", no_index_add)
+    monkeypatch.setattr(torch.Tensor, "index_add", no_index_add)
+    monkeypatch.setattr(torch, "index_add", no_index_add)
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(4, 9, 16, generator=g), torch.randn(37, 16, generator=g)
+    labels = torch.randint(0, 37, (4, 9), generator=g)
+    labels[2, :5] = -100
+    want = F.cross_entropy((hidden @ weight.T).transpose(1, 2), labels, reduction="none").sum(1)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.no_grad():
+            runs = [linear_cross_entropy(hidden, weight, labels, chunk_tokens=5, per_row=True) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert all(torch.equal(r, runs[0]) for r in runs)
+    torch.testing.assert_close(runs[0], want, rtol=1e-6, atol=1e-5)
+
+
 def _vocab_parallel_rank(rank, world, sequence_parallel):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor

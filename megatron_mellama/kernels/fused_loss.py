@@ -153,7 +153,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if row_ids is None:
                     total += token_loss.sum()
                 else:
-                    total.index_add_(0, row_ids[rows], token_loss.float())
+                    total += _sum_per_row(token_loss.float(), row_ids[rows], num_rows)
                 if with_grad:
                     # the gradient of the summed loss, now, while the chunk's logits exist: backward
                     # then only scales it (no second pass over the output layer)
@@ -190,6 +190,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.scaled = True
         return (grad_hidden.to(hidden_dtype), grad_weight.to(weight_dtype), None, None, None, None, None, None,
                 None, None, None, None)
+
+
+def _sum_per_row(values: torch.Tensor, row_ids: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(num_rows,) sums of `values` by their row: each row's values are laid out on its own line of
+    a (num_rows, chunk) buffer and summed along it. An `index_add_` would accumulate with atomics on
+    CUDA, in an order that changes from run to run (scores differing in their last bits between two
+    evaluations of one checkpoint). The buffer holds one value per row and chunk token: smaller
+    than the chunk's logits while there are fewer rows than vocabulary entries."""
+    mine = row_ids.unsqueeze(0) == torch.arange(num_rows, device=row_ids.device).unsqueeze(1)
+    return torch.where(mine, values.unsqueeze(0), 0.0).sum(dim=1)
 
 
 def _logsumexp_and_target(ops, logits, local_labels, group):
