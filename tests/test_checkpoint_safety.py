@@ -366,3 +366,71 @@ def test_values_not_set_by_this_run_are_taken_from_the_checkpoint(saved, tmp_pat
     assert cfg.model.rotary_base == 10000.0 and cfg.model.norm_epsilon == 1e-6
     with pytest.raises(CheckpointError, match=r"--rotary-base 10000.0 but the checkpoint has 500000.0"):
         CheckpointManager(cfg, Engine(cfg)).load()
+
+
+# -- issue 23: a run never writes over checkpoints it does not continue -------------------------------
+_RUN = ["--model", "tiny", "--mock-data", "--vocab-size", "256", "--seq-length", "32", "--micro-batch-size", "2",
+        "--global-batch-size", "4", "--eval-iters", "0", "--num-workers", "0", "--log-interval", "100",
+        "--lr-decay-iters", "10"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A finished 2-iteration run saved at iterations 1 and 2."""
+    from megatron_mellama.pretrain import main
+
+    root = tmp_path_factory.mktemp("pretrained") / "run"
+    assert main(_RUN + ["--train-iters", "2", "--save", str(root), "--save-interval", "1"]) == 0
+    return root
+
+
+def _files(root) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+def _refused(argv, root, capsys) -> str:
+    from megatron_mellama.pretrain import main
+
+    before = _files(root)
+    capsys.readouterr()
+    assert main(_RUN + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite-save" in err[0], err
+    assert _files(root) == before  # nothing written, moved or deleted
+    return err[0]
+
+
+@pytest.mark.parametrize("case", ["finetune-same-root", "fresh-run", "another-run", "older-iteration"])
+def test_a_run_that_does_not_continue_the_checkpoints_in_save_is_refused(pretrained, tmp_path, capsys, case):
+    root = tmp_path / "run"
+    shutil.copytree(pretrained, root)
+    other = tmp_path / "other"
+    shutil.copytree(pretrained, other)
+    argv = {"finetune-same-root": ["--finetune", "--load", str(root), "--keep-last", "1"],
+            "fresh-run": [],
+            "another-run": ["--load", str(other)],
+            "older-iteration": ["--load", str(root / "iter_0000001")]}[case]
+    err = _refused(argv + ["--train-iters", "4", "--save", str(root), "--save-interval", "1"], root, capsys)
+    assert f"--save {root} already holds the checkpoints of a run (latest: iteration 2)" in err
+
+
+def test_iterations_without_latest_in_save_are_refused_too(pretrained, tmp_path, capsys):
+    root = tmp_path / "run"
+    shutil.copytree(pretrained, root)
+    os.remove(root / "latest")
+    err = _refused(["--train-iters", "2", "--save", str(root)], root, capsys)
+    assert "iter_0000001, iter_0000002" in err and "no 'latest' file" in err
+
+
+def test_a_plain_resume_and_an_explicit_overwrite_may_write_there(pretrained, tmp_path, capsys):
+    from megatron_mellama.pretrain import main
+
+    root = tmp_path / "run"
+    shutil.copytree(pretrained, root)
+    # the same directory, spelled differently: a plain resume from its latest
+    assert main(_RUN + ["--train-iters", "3", "--save", str(root) + "/", "--load", str(root / "iter_0000002")]) == 0
+    assert (root / "latest").read_text().strip() == "3"
+    assert main(_RUN + ["--train-iters", "1", "--save", str(root), "--load", str(root), "--finetune",
+                        "--overwrite-save"]) == 0
+    assert (root / "latest").read_text().strip() == "1"
+    assert sorted(p.name for p in root.glob("iter_*")) == ["iter_0000001", "iter_0000002", "iter_0000003"]

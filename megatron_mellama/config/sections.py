@@ -212,6 +212,10 @@ class CheckpointConfig:
     load: Optional[str] = opt(None, "directory to resume (or, with --finetune, start) from")
     save_interval: Optional[int] = opt(None, "save every this many iterations")
     finetune: bool = opt(False, "load weights only and start at iteration 0")
+    overwrite_save: bool = opt(
+        False, "let this run write into a --save directory that holds checkpoints it does not resume (a "
+        "--finetune, a fresh run, another run's --load): its iterations replace theirs of the same number and "
+        "'latest' moves to its own; without it such a run is refused before any work")
     extend_context: bool = opt(
         False, "with --finetune: the RoPE base, RoPE scaling and --max-position-embeddings may differ from the "
         "checkpoint's (continual pretraining to a longer context); the new values are saved and exported")

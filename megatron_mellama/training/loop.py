@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from .. import kernels
 from ..checkpoint.manager import CheckpointManager, adopt_checkpoint_values, checkpoint_to_load
+from ..checkpoint.save_root import check_save_root
 from ..config import Config
 from ..data.datasets import build_datasets
 from ..data.loader import eval_batches, train_batches
@@ -63,7 +64,9 @@ def train(cfg: Config, signals: StopSignals | None = None) -> dict:
     """Run (or resume) the job on this process's share of the layout; returns its history.
 
     `signals`: a stop-signal catcher installed earlier (`pretrain` installs one first thing)."""
-    # First, before minutes of start-up (process group, data index, a 70B checkpoint load): a
+    # a run that would write over checkpoints it does not continue stops here, before any work
+    check_save_root(cfg)
+    # Then, before minutes of start-up (process group, data index, a 70B checkpoint load): a
     # preemption signal that arrives meanwhile is kept, and acted on as soon as training could
     # save, instead of killing the process.
     control = RunControl(cfg, signals=signals)
