@@ -298,6 +298,41 @@ def test_clip_matches_torch_on_plain_tensors(max_norm):
         torch.testing.assert_close(p.grad, q.grad)
 
 
+def test_the_norm_is_one_multi_tensor_kernel_and_equals_the_sum_of_squares(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.zeros(s)) for s in [(7, 5), (5,), (3, 3), (0,)]]
+    params.append(nn.Parameter(torch.zeros(11, dtype=torch.bfloat16)))  # a second dtype: its own call
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=g) * 3).to(p.dtype)
+    # the formula the norm was computed with before, one reduction per gradient
+    want = torch.stack([p.grad.float().square().sum() for p in params]).sum().sqrt()
+    calls = []
+    foreach_norm = torch._foreach_norm
+
+    def counting_foreach_norm(tensors, *args, **kwargs):
+        calls.append(len(tensors))
+        return foreach_norm(tensors, *args, **kwargs)
+
+    squares = []
+    square = torch.Tensor.square
+
+    def counting_square(t):
+        squares.append(t.numel())
+        return square(t)
+
+    monkeypatch.setattr(torch, "_foreach_norm", counting_foreach_norm)
+    monkeypatch.setattr(torch.Tensor, "square", counting_square)
+    norm = get_grad_norm(params)
+    monkeypatch.undo()
+    # one call per (device, dtype) and no element-wise square of a gradient: at most one of each
+    # group's stacked norms
+    assert sorted(calls) == [1, 4] and sorted(squares) in ([], [1, 4])
+    torch.testing.assert_close(norm, want, rtol=1e-6, atol=0)
+    # without torch._foreach_norm (a build that lacks it) the norm is the same
+    monkeypatch.delattr(torch, "_foreach_norm")
+    torch.testing.assert_close(get_grad_norm(params), want, rtol=1e-6, atol=0)
+
+
 def test_clip_disabled_and_non_finite_norms_leave_gradients_alone():
     p = nn.Parameter(torch.zeros(4))
     p.grad = torch.full((4,), 3.0)

@@ -28,27 +28,46 @@ def _materialize_partial(grad: DTensor) -> DTensor:
     return grad.redistribute(placements=[Replicate() if p.is_partial() else p for p in grad.placements])
 
 
+def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The fp32 L2 norm of each tensor (one device, one dtype): a few multi-tensor kernels for the
+    whole list rather than a reduction launched per tensor."""
+    foreach_norm = getattr(torch, "_foreach_norm", None)
+    if foreach_norm is not None:
+        try:
+            return list(foreach_norm(tensors, 2, dtype=torch.float32))
+        except (TypeError, NotImplementedError):
+            pass  # a build without the dtype argument, or without a kernel for this device
+    return [torch.linalg.vector_norm(t, 2, dtype=torch.float32) for t in tensors]
+
+
+def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of the squares of every element of `tensors`, an fp32 scalar on `device`."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for group in by_kind.values():
+        total = total + torch.stack(_norms(group)).square().sum().to(device)
+    return total
+
+
 def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Sum of squares of this pipeline stage's full gradients, identical on all its ranks."""
-    plain = torch.zeros((), dtype=torch.float32, device=device)
-    # Local sums of sharded gradients, keyed by (mesh, sharded mesh dims): each key needs one
+    plain: list[torch.Tensor] = []
+    # Local shards of sharded gradients, keyed by (mesh, sharded mesh dims): each key's sum needs one
     # all-reduce per sharded dim. Replicated dims are not reduced, so replicas count once.
-    sharded: dict[tuple, torch.Tensor] = {}
+    sharded: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
         if isinstance(g, DTensor):
             g = _materialize_partial(g)
             # not `is_shard()`: FSDP2 over a tensor-parallel dim uses _StridedShard, which says False
             dims = tuple(i for i, p in enumerate(g.placements) if not p.is_replicate())
-            local = g.to_local().float().square().sum()
-            if dims:
-                key = (g.device_mesh, dims)
-                sharded[key] = sharded[key] + local if key in sharded else local
-            else:
-                plain = plain + local
+            (sharded.setdefault((g.device_mesh, dims), []) if dims else plain).append(g.to_local())
         else:
-            plain = plain + g.float().square().sum()
-    total = plain
-    for (mesh, dims), local in sharded.items():
+            plain.append(g)
+    total = _sum_of_squares(plain, device)
+    for (mesh, dims), shards in sharded.items():
+        local = _sum_of_squares(shards, device)
         for d in dims:
             dist.all_reduce(local, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
         total = total + local
