@@ -11,7 +11,8 @@
 #                 torch reference, the fused loss's memory, the engine with each backend
 #   engine        benchmarks/engine.py: the engine beside transformers at sequence 4096, with MFU
 #   resume        a 1-GPU bf16 pretrain of 20 iterations, against one stopped at 10 and resumed from
-#                 its checkpoint: iterations 11-20 must log the same lm_loss and grad_norm
+#                 its checkpoint: iterations 11-20 must log the same lm_loss and grad_norm; all three
+#                 runs use one fixed kernel backend (the kernels step checks the backends)
 # The table of results is printed last; the exit status is non-zero when any step failed.
 #
 # Environment:
@@ -19,6 +20,9 @@
 #   GPU_CHECK_STEPS=a,b          run only these steps (names above)
 #   GPU_CHECK_TIMEOUT_<STEP>=s   a step's time limit in seconds (e.g. GPU_CHECK_TIMEOUT_ENGINE=200)
 #   GPU_CHECK_PEAK_TFLOPS=989    dense bf16 peak for MFU (H100/H200 SXM 989; H100 PCIe 756; A100 312)
+#   GPU_CHECK_RESUME_KERNELS=torch  the --kernel-backend of the resume step's runs: torch, triton, te
+#                                or apex, not auto (which times kernels at each start and may pick
+#                                differently after the restart)
 #   GPU_CHECK_RESUME_RTOL=1e-3   allowed relative difference after the resume, used only when two
 #                                identical runs already differ before the save (not bitwise
 #                                reproducible on this device)
@@ -38,6 +42,9 @@ for arg in "$@"; do
   esac
 done
 case $MODE in gpu|cuda) MODE=gpu ;; cpu) ;; *) echo "GPU_CHECK_DEVICE must be gpu or cpu, not $MODE" >&2; exit 2 ;; esac
+RESUME_KERNELS=${GPU_CHECK_RESUME_KERNELS:-torch}
+case $RESUME_KERNELS in torch|triton|te|apex) ;;
+  *) echo "GPU_CHECK_RESUME_KERNELS must be torch, triton, te or apex, not $RESUME_KERNELS" >&2; exit 2 ;; esac
 
 STEPS="triton_tests kernels engine resume"
 for name in ${GPU_CHECK_STEPS:+${GPU_CHECK_STEPS//,/ }} ${GPU_CHECK_BREAK:-}; do
@@ -76,7 +83,7 @@ if [ "$MODE" = gpu ]; then
            --global-batch-size 4 --steps 3 --warmup 1 --repeats 1)
   ENGINE=(benchmarks/engine.py --shape 1b --bf16 --seq-length 4096 --micro-batch-size 1
           --global-batch-size 4 --peak-tflops "$PEAK")
-  # one after the other: two runs timing kernels on one GPU at once could make `auto` pick differently
+  # one after the other: two runs on one GPU at once would share its memory and compute
   RESUME_OVERLAP=0
   # a tiny preset widened so that the GPU does real work, still seconds per run; a smaller vocabulary
   # than LLaMA2's keeps each of the four checkpoints (with Adam's state) small to write
@@ -101,7 +108,11 @@ else
   PRETRAIN=(--model tiny --mock-data --bf16 --num-layers 2 --vocab-size 256 --seq-length 32
             --micro-batch-size 2 --global-batch-size 4 --num-workers 0)
 fi
-PRETRAIN+=(--lr 3e-4 --train-iters 20 --save-interval 10 --log-interval 1 --eval-iters 0)
+# a fixed backend: `auto` would time the kernels in a child process at each of the three starts
+# (inside the step's limit), and a different pick after the restart would make the resumed
+# iterations differ for a reason that is not the checkpoint's
+PRETRAIN+=(--lr 3e-4 --train-iters 20 --save-interval 10 --log-interval 1 --eval-iters 0
+           --kernel-backend "$RESUME_KERNELS")
 
 limit_of() {  # limit_of STEP: GPU_CHECK_TIMEOUT_<STEP>, else the mode's default
   local var=GPU_CHECK_TIMEOUT_${1^^} pair
@@ -130,8 +141,8 @@ run_step() {  # run_step NAME COMMAND...: under its limit, output to LOGDIR/NAME
 }
 
 # run A uninterrupted; run B stopped at 10, then resumed from its checkpoint; then the two logs
-# compared. Each run's output is kept: `auto` picks kernels by timing them at start-up, and a
-# different pick after the restart would explain a resume that is not exact.
+# compared. Each run's output is kept: its "kernels:" line shows the table each run used (a backend
+# that cannot run here falls back to the reference the same way at every start).
 resume_step() {
   set -o pipefail
   local d=$1 a_pid=

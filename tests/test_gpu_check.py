@@ -20,7 +20,8 @@ _spec.loader.exec_module(table)
 
 
 def _run(tmp_path, *args, timeout=600, **env):
-    full_env = dict(os.environ, GPU_CHECK_PYTHON=sys.executable, GPU_CHECK_LOG_DIR=str(tmp_path / "logs"), **env)
+    full_env = dict(os.environ, GPU_CHECK_PYTHON=sys.executable, GPU_CHECK_LOG_DIR=str(tmp_path / "logs"))
+    full_env.update(env)
     full_env.pop("OUT", None)
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=full_env,
                           cwd=tmp_path, timeout=timeout)
@@ -183,3 +184,42 @@ def test_the_kernel_choices_of_the_runs_are_compared(tmp_path):
     b.write_text("kernels: rms_norm torch, attention torch\n")
     assert table.kernel_choices([a, b, tmp_path / "missing.out"]) == {
         "resume_A": "rms_norm triton, attention torch", "B2": "rms_norm torch, attention torch"}
+
+
+# ---------------------------------------------------------------- the resume step's kernels
+
+STUB_PYTHON = """#!/usr/bin/env bash
+# a python that says CUDA is there and records every other command line instead of running it
+case "$1" in -c) exit 0 ;; esac
+printf '%s\\n' "$*" >> "$GPU_CHECK_STUB_CALLS"
+"""
+
+
+def _resume_pretrain_calls(tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """The GPU mode's resume step with a stub python: the pretrain command lines it would run."""
+    tmp_path.mkdir(exist_ok=True)
+    stub, calls = tmp_path / "python", tmp_path / "calls.txt"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    out = _run(tmp_path, timeout=120, GPU_CHECK_PYTHON=str(stub), GPU_CHECK_STUB_CALLS=str(calls),
+               GPU_CHECK_STEPS="resume", **env)
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return out, [line.split() for line in lines if "megatron_mellama.pretrain" in line]
+
+
+def test_gpu_resume_runs_pin_one_kernel_backend(tmp_path):
+    """`auto` would time kernels in a child process at each of the three starts (inside the step's
+    80 s) and could pick differently after the restart: a resume that differs for no fault of the
+    checkpoint. The three runs name one fixed backend, torch unless GPU_CHECK_RESUME_KERNELS says."""
+    out, runs = _resume_pretrain_calls(tmp_path)
+    assert len(runs) == 3, out.stdout + out.stderr
+    backends = [run[run.index("--kernel-backend") + 1] if "--kernel-backend" in run else "auto" for run in runs]
+    assert backends == ["torch"] * 3, runs
+    _, runs = _resume_pretrain_calls(tmp_path / "triton", GPU_CHECK_RESUME_KERNELS="triton")
+    assert [run[run.index("--kernel-backend") + 1] for run in runs] == ["triton"] * 3
+
+
+def test_gpu_resume_refuses_auto_kernels(tmp_path):
+    out, runs = _resume_pretrain_calls(tmp_path, GPU_CHECK_RESUME_KERNELS="auto")
+    assert out.returncode == 2 and not runs
+    assert "GPU_CHECK_RESUME_KERNELS" in out.stderr and len(out.stderr.strip().splitlines()) == 1
