@@ -137,6 +137,31 @@ def test_run_shapes_split_over_tensor_and_sequence_parallelism():
     assert run_shapes(cfg, 1)["norm_seq"] == 16  # sequence parallelism means nothing at TP 1
 
 
+def test_context_parallel_ranks_time_their_share_of_the_sequence(monkeypatch):
+    # a context-parallel rank computes on seq / CP tokens: attention and rotary are timed there
+    from megatron_mellama.kernels import choice
+
+    argv = TINY + ["--bf16", "--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                   "--sequence-parallel"]
+    cfg = parse_config(argv, world_size=4)
+    shapes = run_shapes(cfg, 2)
+    assert (shapes["seq"], shapes["norm_seq"]) == (8, 4)
+    built = {}
+
+    def capture(candidates, device, timing_shapes, timeout_s):
+        for op in ("attention", "rotary"):
+            _, leaves = workload(op, "cpu", timing_shapes)
+            built[op] = tuple(leaves[0].shape)
+        return {op: "torch" for op in candidates}
+
+    monkeypatch.setattr(choice, "measure_isolated", capture)
+    with dispatch.override({}):
+        choice.configure("auto", "cuda", timing_shapes=shapes)
+    # (batch, seq, heads, head_dim) per rank: half the 16-token sequence, half the 4 heads
+    assert built == {"attention": (2, 8, 2, 16), "rotary": (2, 8, 2, 16)}
+    assert run_shapes(cfg, 2, cp=1)["seq"] == 16
+
+
 def _tensor_parallel_rank(rank, world, argv):
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -8,7 +8,8 @@ The model (`model/llama.py`) under autocast, with fp32 parameters as the engine 
   and k, both transposed views of the projections' (batch, seq, heads, head_dim), with the whole
   fp32 cos/sin tables (max positions, head_dim); attention takes bf16 q, k, v laid out the same
   way; SwiGLU takes bf16 (batch, seq, ffn) gate and up. Heads and FFN are split over TP; the
-  sequence is whole (sequence parallelism gathers it before the projections).
+  sequence is the rank's whole share (sequence parallelism gathers it before the projections):
+  seq / CP tokens under context parallelism, for every operation.
 - the loss takes the final norm's fp32 output, all tokens (gathered under sequence parallelism),
   and the fp32 output weight's vocabulary shard; its kernels see chunks of autocast-dtype logits.
 Without autocast (an fp32 run) everything is fp32. If the parameters themselves are cast for
@@ -28,7 +29,7 @@ DEFAULT_SHAPES = dict(batch=1, seq=4096, norm_seq=4096, hidden=2048, heads=16, k
 
 
 def run_shapes(cfg, tp: int = 1, sequence_parallel: bool | None = None,
-               param_dtype: torch.dtype | None = None) -> dict:
+               param_dtype: torch.dtype | None = None, cp: int | None = None) -> dict:
     """The shapes and dtypes one rank of a run hands the operations in one micro-batch.
 
     `tp`: the tensor-parallel size (heads, FFN and vocabulary are split over it).
@@ -36,14 +37,22 @@ def run_shapes(cfg, tp: int = 1, sequence_parallel: bool | None = None,
     `--sequence-parallel` (which means nothing at TP 1).
     `param_dtype`: the dtype the parameters are in when the model runs; None for the stored fp32
     parameters under autocast.
+    `cp`: the context-parallel size; None takes the configuration's `--context-parallel-size`.
+    A context-parallel rank holds seq / CP tokens of each sequence, and every operation runs on
+    those (attention's queries; its keys are gathered whole, `parallel/context.py`).
     """
     m, t = cfg.model, cfg.train
     if sequence_parallel is None:
         sequence_parallel = cfg.parallel.sequence_parallel
     sequence_parallel = sequence_parallel and tp > 1
-    seq = cfg.seq_length
+    if cp is None:
+        cp = cfg.parallel.context_parallel_size
+    if cfg.seq_length % cp:
+        raise ValueError(f"--context-parallel-size {cp} needs --seq-length ({cfg.seq_length}) divisible by it")
+    seq = cfg.seq_length // cp
     if sequence_parallel and seq % tp:
-        raise ValueError(f"sequence parallelism needs the sequence length ({seq}) divisible by TP ({tp})")
+        raise ValueError(f"sequence parallelism needs the sequence length per context-parallel rank ({seq}) "
+                         f"divisible by --tensor-model-parallel-size ({tp})")
     return dict(batch=t.micro_batch_size, seq=seq, norm_seq=seq // tp if sequence_parallel else seq,
                 hidden=m.hidden_size, heads=m.num_attention_heads // tp, kv_heads=max(m.kv_heads // tp, 1),
                 head_dim=m.head_dim, ffn=m.ffn_size // tp, vocab=m.padded_vocab_size // tp,
