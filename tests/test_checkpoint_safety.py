@@ -195,8 +195,8 @@ def test_resume_with_another_blend(data_run):
 
 @pytest.mark.parametrize("change,want", [
     (("--data-path", "15", "{t}/bio", "1", "{t}/other/clin", "4", "{t}/gen"),
-     r"--data-path \S+/other/clin is not the data the checkpoint read as \S+/clin \(.bin 7 bytes, .idx 7; it "
-     r"read .bin 43, .idx 43\) \(--finetune"),
+     r"--data-path \S+/other/clin is not the data the checkpoint read as \S+/clin \(.bin 7 bytes, .idx 7 sha256 "
+     r"\w{12}; it read .bin 43, .idx 43 sha256 \w{12}\) \(--finetune"),
     (("--split", "90,10,0"), r"--split 90,10,0 but the checkpoint has 98,2,0"),
     (("--seed", "12"), r"--seed 12 but the checkpoint has 11"),
     (("--seq-length", "8"), r"--seq-length 8 but the checkpoint has 16"),
@@ -226,6 +226,47 @@ def test_checkpoint_without_data_record_is_not_checked(data_run, tmp_path):
     copy = copy_checkpoint(root, tmp_path / "c")
     edit_train_state(copy, 2, lambda state: state.pop("data"))
     assert load_with(["--mock-data", "--seed", "5", "--load", copy])["iteration"] == 2
+
+
+def test_prefixes_of_one_file_name_in_two_folders_resume(tmp_path):
+    # bio/text_document and clin/text_document: each prefix is compared with itself, not with the
+    # other of the same file name
+    for folder, size in (("bio", 40), ("clin", 70)):
+        (tmp_path / folder).mkdir()
+        for ext in ("bin", "idx"):
+            (tmp_path / folder / f"text_document.{ext}").write_bytes(b"x" * size)
+    flags = ["--data-path", "15", str(tmp_path / "bio" / "text_document"), "1",
+             str(tmp_path / "clin" / "text_document"), "--split", "98,2,0", "--tokenizer-model", str(tmp_path / "t")]
+    (tmp_path / "t").write_bytes(b"a tokenizer")
+    root = str(tmp_path / "ckpt")
+    cfg = parse_config(TINY + flags + ["--save", root])
+    CheckpointManager(cfg, Engine(cfg)).save(2, 16)
+    assert load_with(flags + ["--load", root])["consumed_samples"] == 16
+
+
+def test_resume_refuses_data_preprocessed_again_at_the_same_sizes(data_run, tmp_path, capsys):
+    root, flags, tmp = data_run
+    again = tmp_path / "again"
+    again.mkdir()
+    for name in ("bio", "clin", "gen"):
+        for ext in ("bin", "idx"):
+            shutil.copy(tmp / f"{name}.{ext}", again / f"{name}.{ext}")
+    (again / "clin.idx").write_bytes(b"w" * len((tmp / "clin.idx").read_bytes()))
+    argv = _with(flags, "--data-path", "15", str(again / "bio"), "1", str(again / "clin"), "4", str(again / "gen"))
+    with pytest.raises(CheckpointError, match=r"--data-path \S+/again/clin is not the data the checkpoint read as "
+                                              r"\S+/clin \(.bin 43 bytes, .idx 43 sha256 \w{12}; it read .bin 43, "
+                                              r".idx 43 sha256 \w{12}\)"):
+        load_with(argv + ["--load", root])
+    # a checkpoint written before the fingerprint was recorded resumes, saying what was not checked
+    old = copy_checkpoint(root, tmp_path / "old")
+
+    def forget_fingerprints(state):
+        for record in state["data"]["blend"]:
+            record.pop("idx_sha256")
+    edit_train_state(old, 2, forget_fingerprints)
+    capsys.readouterr()
+    assert load_with(argv + ["--load", old])["consumed_samples"] == 16
+    assert "records no .idx fingerprint of its data" in capsys.readouterr().out
 
 
 # -- 4. checksums --------------------------------------------------------------------------------------

@@ -182,3 +182,19 @@ def test_index_caches_are_built_once_per_node(corpus, sentencepiece_model, tmp_p
     assert r0["one node"]["saves"] > 0 and r1["one node"]["saves"] == 0  # local rank 1 only loads
     assert r0["two nodes"]["saves"] > 0 and r1["two nodes"]["saves"] > 0  # each node fills its own cache
     assert sorted(os.listdir(tmp_path / "node0")) == sorted(os.listdir(tmp_path / "node1"))
+
+
+@pytest.mark.parametrize("num_docs", [300, 150], ids=["same count", "fewer documents"])
+def test_index_cache_follows_the_idx(sentencepiece_model, tmp_path, num_docs):
+    # the cache next to the data (no --data-cache-path) outlives a new preprocessing of the prefix
+    prefix = write_corpus(str(tmp_path / "bio_text_document"), 300, (3, 130), seed=0)
+    cfg = data_config([prefix], tokenizer_model=sentencepiece_model, train_iters=2, split="90,10,0")
+    build_datasets(cfg)
+    write_corpus(prefix, num_docs, (3, 130), seed=1)
+    again = build_datasets(cfg)
+    fresh = build_datasets(data_config([prefix], tokenizer_model=sentencepiece_model, train_iters=2,
+                                       split="90,10,0", cache=str(tmp_path / "fresh")))
+    for split in ("train", "valid"):
+        ours, theirs = getattr(again, split), getattr(fresh, split)
+        for i in range(len(theirs)):
+            assert torch.equal(ours[i]["tokens"], theirs[i]["tokens"]), (split, i)

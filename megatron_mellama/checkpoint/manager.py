@@ -271,8 +271,11 @@ def tokenizer_hash(path: str | None) -> str | None:
 
 
 def _prefix_record(prefix: str, sft: bool) -> dict:
-    """A --data-path prefix: its absolute path and the sizes of its files (the same dataset moved
-    elsewhere has the same names and sizes); for --sft, those of its token file."""
+    """A --data-path prefix: its absolute path, the sizes of its files and the sha256 of its .idx
+    (the same dataset moved elsewhere has the same name, sizes and index; data preprocessed again
+    has another index even at the same sizes); for --sft, those of its token file."""
+    from ..data.index_file import index_fingerprint
+
     sizes, files = {}, prefix
     if sft:
         from ..data.sft_dataset import pair_of
@@ -283,7 +286,7 @@ def _prefix_record(prefix: str, sft: bool) -> dict:
             sizes[ext] = os.path.getsize(f"{files}.{ext}")
         except OSError:
             sizes[ext] = None
-    return dict(path=os.path.abspath(prefix), **sizes)
+    return dict(path=os.path.abspath(prefix), **sizes, idx_sha256=index_fingerprint(files))
 
 
 def data_identity(cfg: Config, tokenizer_sha256: str | None = None) -> dict:
@@ -309,9 +312,38 @@ def _split_fractions(split: str):
 
 
 def _same_prefix(a: dict, b: dict) -> bool:
-    """The same files, maybe moved: the same name and sizes."""
+    """The same files, maybe moved: the same name, sizes and .idx fingerprint (where both have one:
+    checkpoints written before it was recorded have none)."""
+    fingerprints = (a.get("idx_sha256"), b.get("idx_sha256"))
     return (os.path.basename(a.get("path") or "") == os.path.basename(b.get("path") or "")
-            and a.get("bin") is not None and (a.get("bin"), a.get("idx")) == (b.get("bin"), b.get("idx")))
+            and a.get("bin") is not None and (a.get("bin"), a.get("idx")) == (b.get("bin"), b.get("idx"))
+            and (None in fingerprints or fingerprints[0] == fingerprints[1]))
+
+
+def _counterparts(theirs: dict, ours: list, saved_paths: set) -> list:
+    """This run's prefixes that may hold the data the checkpoint read as `theirs`: the one at the
+    same path, else (data moved) those of the same file name that the checkpoint did not read at
+    their own path. Matched by path first, so two prefixes of one file name in different folders
+    (bio/text_document, clin/text_document) are each compared with themselves."""
+    exact = [m for m in ours if m["path"] == theirs.get("path")]
+    if exact:
+        return exact
+    name = os.path.basename(theirs.get("path") or "")
+    return [m for m in ours if os.path.basename(m["path"]) == name and m["path"] not in saved_paths]
+
+
+def data_notes(saved: dict, ours: dict) -> list[str]:
+    """Lines for a resume whose data could be checked only in part."""
+    blend = saved.get("blend") if isinstance(saved, dict) else None
+    if blend and ours.get("blend") and any(not theirs.get("idx_sha256") for theirs in blend):
+        return ["the checkpoint records no .idx fingerprint of its data (written before they were): the "
+                "--data-path prefixes were checked by file name and size only"]
+    return []
+
+
+def _fingerprint_text(record: dict) -> str:
+    digest = record.get("idx_sha256")
+    return f" sha256 {digest[:12]}" if digest else ""
 
 
 def data_differences(saved: dict, ours: dict) -> list[str]:
@@ -324,13 +356,15 @@ def data_differences(saved: dict, ours: dict) -> list[str]:
     elif ours["blend"]:
         # Weights may change and prefixes come and go (data/mixture.py continues every domain where
         # it stopped); a prefix the checkpoint read must still hold the same data.
-        for theirs in saved["blend"]:
-            for mine in ours["blend"]:
-                same_name = os.path.basename(mine["path"]) == os.path.basename(theirs.get("path") or "")
-                if (mine["path"] == theirs.get("path") or same_name) and not _same_prefix(theirs, mine):
-                    diffs.append(f"--data-path {mine['path']} is not the data the checkpoint read as "
-                                 f"{theirs.get('path')} (.bin {mine['bin']} bytes, .idx {mine['idx']}; it read "
-                                 f".bin {theirs.get('bin')}, .idx {theirs.get('idx')})")
+        saved_paths = {theirs.get("path") for theirs in saved["blend"]}
+        for theirs in {t.get("path"): t for t in saved["blend"]}.values():
+            candidates = _counterparts(theirs, ours["blend"], saved_paths)
+            if candidates and not any(_same_prefix(theirs, mine) for mine in candidates):
+                mine = candidates[0]
+                diffs.append(f"--data-path {mine['path']} is not the data the checkpoint read as "
+                             f"{theirs.get('path')} (.bin {mine['bin']} bytes, .idx {mine['idx']}"
+                             f"{_fingerprint_text(mine)}; it read .bin {theirs.get('bin')}, .idx "
+                             f"{theirs.get('idx')}{_fingerprint_text(theirs)})")
     if _split_fractions(saved.get("split")) != _split_fractions(ours["split"]) and not ours["mock_data"]:
         diffs.append(f"--split {ours['split']} but the checkpoint has {saved.get('split')}")
     for flag, key in (("--seed", "seed"), ("--seq-length", "seq_length"), ("--tokenizer-type", "tokenizer_type"),
@@ -699,6 +733,8 @@ class CheckpointManager:
         checkpoint from before they were recorded is not checked)."""
         if not isinstance(saved.get("data"), dict):
             return
+        for line in data_notes(saved["data"], self._data_identity()):
+            self._print(f"{ckpt}: {line}")
         diffs = data_differences(saved["data"], self._data_identity())
         if diffs:
             raise CheckpointError(f"{ckpt}: the data settings differ from the run that saved it, so its "

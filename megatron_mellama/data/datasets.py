@@ -15,6 +15,8 @@ directories as tell them apart, joined by `-` (`a/train_text_document`, `b/train
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import warnings
 from collections import OrderedDict
@@ -42,6 +44,26 @@ with warnings.catch_warnings():
     from megatron.core.tokenizers import MegatronTokenizerBase
 
 SPLIT_NAMES = ("train", "valid", "test")
+
+
+class IndexedGPTDataset(GPTDataset):
+    """megatron-core's GPTDataset whose index cache (document, sample and shuffle .npy files, in
+    --data-cache-path or next to the data) is keyed by the sha256 of the prefix's .idx as well.
+
+    megatron-core keys the cache by path, split, seed and length only: after a prefix is
+    preprocessed again, its old indices point at documents that moved or no longer exist (an
+    IndexError mid-run, or samples cut short and padded). With the fingerprint in the key, new data
+    finds no cache entry and its indices are built anew; the samples are otherwise megatron-core's."""
+
+    def _build_document_sample_shuffle_indices(self):
+        from .index_file import index_fingerprint
+
+        self.unique_identifiers["idx_sha256"] = index_fingerprint(self.dataset_path)
+        self.unique_description = json.dumps(self.unique_identifiers, indent=4,
+                                             default=lambda obj: obj.unique_identifiers)
+        self.unique_description_hash = hashlib.md5(self.unique_description.encode("utf-8"),
+                                                   usedforsecurity=False).hexdigest()
+        return super()._build_document_sample_shuffle_indices()
 MOCK_KEY = "mock"  # the domain key of --mock-data
 
 
@@ -293,11 +315,11 @@ def _gpt_config(cfg: Config, tokenizer: MegatronTokenizerAdapter, blend) -> GPTD
 
 def _domain_valid_set(prefix: str, config: GPTDatasetConfig, num_samples: int) -> GPTDataset:
     """The prefix's validation documents, chosen exactly as the blend's builder chooses them."""
-    low_level = GPTDataset.build_low_level_dataset(prefix, config)
-    n = GPTDataset.numel_low_level_dataset(low_level)
+    low_level = IndexedGPTDataset.build_low_level_dataset(prefix, config)
+    n = IndexedGPTDataset.numel_low_level_dataset(low_level)
     beg, end = config.split_matrix[Split.valid.value]
     indices = numpy.arange(int(round(beg * float(n))), int(round(end * float(n))), dtype=numpy.int32)
-    return GPTDataset(low_level, prefix, indices, num_samples, Split.valid, config)
+    return IndexedGPTDataset(low_level, prefix, indices, num_samples, Split.valid, config)
 
 
 @contextlib.contextmanager
@@ -393,7 +415,7 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
 
     def build():
         try:
-            train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, builder_sizes, lambda: True,
+            train, valid, test = BlendedMegatronDatasetBuilder(IndexedGPTDataset, builder_sizes, lambda: True,
                                                                config).build()
             per_domain = {}
             if len(prefixes) > 1 and split_matrix[Split.valid.value] is not None:

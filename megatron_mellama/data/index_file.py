@@ -77,3 +77,27 @@ def read_index(prefix: str) -> Index:
     if os.path.getsize(bin_) < end:
         raise DatasetError(f"{bin_} is truncated ({os.path.getsize(bin_)} bytes; {idx} needs {end})")
     return Index(prefix, DTYPES[code], lengths, pointers, docs)
+
+
+_FINGERPRINTS: dict = {}
+
+
+def index_fingerprint(prefix: str) -> str | None:
+    """sha256 of `prefix.idx` (its document and sequence lengths: what every sample index is built
+    from), None when it cannot be read. Remembered per (path, size, mtime), so the several datasets
+    of one prefix hash it once; the .idx is about 12 bytes a sequence, well under the .bin."""
+    import hashlib
+
+    path = os.path.abspath(prefix + ".idx")
+    try:
+        stat = os.stat(path)
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        if key not in _FINGERPRINTS:
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(8 << 20), b""):
+                    digest.update(block)
+            _FINGERPRINTS[key] = digest.hexdigest()
+        return _FINGERPRINTS[key]
+    except OSError:
+        return None

@@ -176,10 +176,12 @@ class TrainingSamples(torch.utils.data.Dataset):
 
     def _rekey(self, per_key: dict) -> dict:
         """Saved keys (absolute prefixes) onto this run's: the same path, or, for data moved
-        elsewhere, the same file name (the data checks compare the files' sizes)."""
+        elsewhere, the one key of the same file name that is not itself a saved key (the data checks
+        compare the files' sizes and indexes)."""
         by_base = {}
         for key in self.streams:
-            by_base.setdefault(os.path.basename(key), []).append(key)
+            if key not in per_key:
+                by_base.setdefault(os.path.basename(key), []).append(key)
         out = {}
         for key, value in per_key.items():
             if key not in self.streams and len(by_base.get(os.path.basename(key), ())) == 1:
