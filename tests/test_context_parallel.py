@@ -1,16 +1,23 @@
 """Context parallelism: CP2 alone and composed with TP2 + SP, PP2 and FSDP equals one process, with and
-without packed-document masking; a rank whose tokens are all masked stays finite; the layout and
-its checks; checkpoints move between CP2 and CP1."""
+without packed-document masking; packed documents on the flex route (CUDA's) equal one process and
+build one BlockMask per micro-batch, of the rank's queries; a rank whose tokens are all masked stays
+finite; the layout and its checks; checkpoints move between CP2 and CP1."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import flex_attention as flex_module
+from torch.nn.attention.flex_attention import create_block_mask
 
 from checkpoint_harness import train_segment, train_segment_distributed
 from engine_harness import TINY, assert_matches, reference, rel as _rel, run_distributed
 from megatron_mellama.config import ConfigError, parse_config
-from megatron_mellama.parallel.context import chunk_positions
+from megatron_mellama.kernels import documents
+from megatron_mellama.model.llama import build_model
+from megatron_mellama.parallel.context import (ContextParallelAttention, apply_context_parallel, chunk_document_mask,
+                                               chunk_positions)
 from megatron_mellama.parallel.mesh import ParallelDims
 
 STEPS = 3
@@ -63,6 +70,141 @@ def test_the_fused_lower_right_path_equals_one_process(references, tmp_path):
 
     results = spawn_gloo(_fused_lower_right_rank, 2, (TINY + CP2, STEPS), str(tmp_path))
     assert_matches(results, references[False], 1e-5)
+
+
+# --- packed documents on the flex route: what CUDA runs, here on the CPU ----------------------------
+
+def _tile_loop_taken(*args, **kwargs):
+    raise AssertionError("the context-parallel attention took the tile loop, not flex attention")
+
+
+def _force_flex_route(set_attr, flex_calls=None):
+    """Send packed documents the CUDA way on the CPU: a BlockMask, and flex attention uncompiled (its
+    eager math, every score materialised: fine at these sizes; it has a backward on any device once
+    the CPU passes its device check). The tile loop fails; `flex_calls` collects each call's mask."""
+    def eager_flex(q, k, v, block_mask, enable_gqa):
+        if flex_calls is not None:
+            flex_calls.append(block_mask)
+        return flex_module.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+    set_attr(documents, "FLEX_DEVICE_TYPES", ("cpu",))
+    set_attr(documents, "_compiled_flex_attention", lambda: eager_flex)
+    set_attr(flex_module, "_validate_device", lambda q, k, v: None)
+    set_attr(documents, "attention_by_tiles", _tile_loop_taken)
+
+
+def _packed_ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.cumsum(torch.rand(batch, seq, generator=g) < 0.02, dim=1)
+
+
+def _same_document_causal_dense(ids: torch.Tensor) -> torch.Tensor:
+    position = torch.arange(ids.shape[1])
+    return (position[None, :, None] >= position[None, None, :]) & (ids[:, :, None] == ids[:, None, :])
+
+
+# (cp, seq): chunks of 75 (a query tile holds the end of one chunk and the start of the other)
+# and of 128 (whole tiles)
+SPLITS = [(2, 300), (3, 768)]
+
+
+@pytest.mark.parametrize("cp,seq", SPLITS)
+def test_a_ranks_block_mask_holds_every_tile_its_queries_read(cp, seq):
+    ids = _packed_ids(2, seq, seed=cp)
+    for rank in range(cp):
+        held = chunk_positions(seq, cp, rank)
+        for block in (16, 32, 128):
+            ours = documents.document_block_mask(ids, block, query_positions=held)
+
+            def same_document_causal(b, h, q, kv):
+                return (kv <= held[q]) & (ids[b, held[q]] == ids[b, kv])
+
+            theirs = create_block_mask(same_document_causal, 2, None, len(held), seq, device="cpu", BLOCK_SIZE=block)
+            assert ours.shape == theirs.shape == (2, 1, len(held), seq)
+            # full tiles (read without the mask function) exactly; the others may be a superset
+            # only in the tile where the two chunks meet
+            assert torch.equal(ours.full_kv_num_blocks, theirs.full_kv_num_blocks), (rank, block)
+            assert (ours.to_dense() >= theirs.to_dense()).all(), (rank, block)
+            if (seq // (2 * cp)) % block == 0:
+                assert torch.equal(ours.to_dense(), theirs.to_dense()), (rank, block)
+
+
+@pytest.mark.parametrize("cp,seq", SPLITS)
+def test_the_flex_route_of_each_rank_equals_dense_attention_with_gradients(cp, seq, monkeypatch):
+    # one process plays every rank: the all-gather hands over the whole sequence's keys and values
+    # (its backward, a reduce-scatter, is the collective's), the rank's queries are its chunks
+    _force_flex_route(monkeypatch.setattr)
+    g = torch.Generator().manual_seed(0)
+    ids = _packed_ids(2, seq, seed=cp)
+    q, k, v = (torch.randn(2, h, seq, 16, generator=g, requires_grad=True) for h in (4, 2, 2))
+    weight = torch.randn(2, 4, seq, 16, generator=g)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=_same_document_causal_dense(ids)[:, None],
+                                          enable_gqa=True)
+    for rank in range(cp):
+        held = chunk_positions(seq, cp, rank)
+        attend = ContextParallelAttention(None, cp, rank, seq)
+        gathered = iter((k, v))
+        monkeypatch.setattr(attend, "_gather_in_order", lambda t, seq_len: next(gathered))
+        got = attend(q[:, :, held], k[:, :, held], v[:, :, held], chunk_document_mask(ids, cp, rank))
+        torch.testing.assert_close(got, want[:, :, held], rtol=1e-5, atol=1e-5)
+        got_grads = torch.autograd.grad((got * weight[:, :, held]).sum(), (q, k, v))
+        want_grads = torch.autograd.grad((want[:, :, held] * weight[:, :, held]).sum(), (q, k, v), retain_graph=True)
+        for got_grad, want_grad in zip(got_grads, want_grads):
+            torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5)
+
+
+class _FakeCpMesh:
+    def __init__(self, cp: int, rank: int):
+        self.cp, self.rank = cp, rank
+
+    def get_group(self):
+        return None
+
+    def size(self):
+        return self.cp
+
+    def get_local_rank(self):
+        return self.rank
+
+
+def test_the_forward_builds_one_block_mask_per_micro_batch_the_one_every_layer_uses(monkeypatch):
+    flex_calls, built = [], []
+    _force_flex_route(monkeypatch.setattr, flex_calls)
+    build = documents.document_block_mask
+
+    def counted_build(*args, **kwargs):
+        built.append(build(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(documents, "document_block_mask", counted_build)
+    # the keys and values of the other rank are not there: any of the right length will do
+    monkeypatch.setattr(ContextParallelAttention, "_gather_in_order",
+                        lambda self, t, seq_len: t.repeat(1, 1, self.cp, 1))
+    cp, seq = 2, 32
+    cfg = parse_config(TINY + PACKED)
+    model = apply_context_parallel(build_model(cfg.model, seed=3), _FakeCpMesh(cp, 1), seq)
+    ids = _packed_ids(2, seq)
+    held = chunk_positions(seq, cp, 1)
+    for micro_batch in range(2):
+        model(torch.randint(0, 100, (2, seq // cp)), position_ids=held.expand(2, -1), document_ids=ids)
+        assert len(built) == micro_batch + 1
+        assert built[-1].shape == (2, 1, seq // cp, seq)  # this rank's queries against every key
+        layer_masks = flex_calls[micro_batch * cfg.model.num_layers:]
+        assert len(layer_masks) == cfg.model.num_layers and all(m is built[-1] for m in layer_masks)
+
+
+def _flex_route_rank(rank, world, argv, steps):
+    from engine_harness import _engine_rank
+
+    _force_flex_route(setattr)
+    return _engine_rank(rank, world, argv, steps)
+
+
+def test_the_flex_route_with_packed_documents_equals_one_process(references, tmp_path):
+    from engine_harness import spawn_gloo
+
+    results = spawn_gloo(_flex_route_rank, 2, (TINY + PACKED + CP2, STEPS), str(tmp_path))
+    assert_matches(results, references[True], 1e-5)
 
 
 def test_the_layout_pairs_early_and_late_chunks():

@@ -107,6 +107,9 @@ class Llama(nn.Module):
         cos, sin = rotary_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # document ids (batch, seq) -> what every layer's attention takes for packed documents, made
+        # once per forward; context parallelism puts the mask of its rank's queries here
+        self.document_mask = kernels.document_mask
         # with labels: the loss summed per sequence (a [batch] tensor, no gradients) rather than over
         # all of them, for scoring choices by log-likelihood
         self.loss_per_row = False
@@ -121,7 +124,7 @@ class Llama(nn.Module):
         cos, sin = self.rope_cos, self.rope_sin
         if position_ids is not None:
             cos, sin = cos[position_ids], sin[position_ids]
-        documents = kernels.document_mask(document_ids) if document_ids is not None else None
+        documents = self.document_mask(document_ids) if document_ids is not None else None
         for layer in self.layers.values():
             h = layer(h, cos, sin, documents)
         h = self.norm(h) if self.norm is not None else h

@@ -21,11 +21,17 @@ sequences far beyond 32k.
 
 Without document masking, on CUDA, each chunk's attention is one `scaled_dot_product_attention`
 over the keys up to the chunk's end with a lower-right-aligned causal mask (flash and
-memory-efficient kernels take it without building it). With document masking, and on the CPU,
-queries go tile by tile (`kernels.documents`), as packed documents do without CP.
+memory-efficient kernels take it without building it). With document masking, on CUDA, both
+chunks are one flex attention call against the gathered keys, under a `BlockMask` of this rank's
+queries at their global positions (causal by global position and within the document), built
+once per micro-batch by the model's forward (`chunk_document_mask`) rather than per layer. On the
+CPU, where flex attention has no backward, queries go tile by tile (`kernels.documents`), as
+packed documents do without CP.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -71,6 +77,14 @@ def split_micro_batch(tokens: torch.Tensor, labels: torch.Tensor, documents: dic
     return tokens[:, held], labels[:, held], local
 
 
+def chunk_document_mask(document_ids: torch.Tensor, cp: int, rank: int) -> packed_documents.Documents:
+    """What this rank's attention takes for packed documents: the whole sequence's document ids
+    (batch, seq) and, where flex attention runs, the BlockMask of this rank's queries (its two
+    chunks, at their global positions) against every key of the sequence."""
+    held = chunk_positions(document_ids.shape[1], cp, rank, document_ids.device)
+    return packed_documents.document_mask(document_ids, query_positions=held)
+
+
 class ContextParallelAttention(nn.Module):
     """Causal attention of this rank's two chunks of queries over the keys of the whole sequence."""
 
@@ -87,6 +101,9 @@ class ContextParallelAttention(nn.Module):
         chunk = q.shape[2] // 2
         seq_len = 2 * self.cp * chunk
         k, v = (self._gather_in_order(t, seq_len) for t in (k, v))
+        if documents is not None and documents.block_mask is not None:
+            # both chunks in one call: the mask places them at their positions (chunk_document_mask)
+            return packed_documents.attention_with_block_mask(q, k, v, documents.block_mask)
         gqa = k.shape[1] != q.shape[1]
         out = []
         for half, index in ((0, self.rank), (1, 2 * self.cp - 1 - self.rank)):
@@ -115,4 +132,6 @@ def apply_context_parallel(model: nn.Module, cp_mesh, seq_length: int) -> nn.Mod
     group, cp, rank = cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank()
     for layer in model.layers.values():
         layer.self_attn.attend = ContextParallelAttention(group, cp, rank, seq_length)
+    # the forward's one mask per micro-batch is the one of this rank's queries
+    model.document_mask = functools.partial(chunk_document_mask, cp=cp, rank=rank)
     return model
