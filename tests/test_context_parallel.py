@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import flex_attention as flex_module
 from torch.nn.attention.flex_attention import create_block_mask
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from checkpoint_harness import train_segment, train_segment_distributed
 from engine_harness import TINY, assert_matches, reference, rel as _rel, run_distributed
@@ -151,6 +152,33 @@ def test_the_flex_route_of_each_rank_equals_dense_attention_with_gradients(cp, s
         want_grads = torch.autograd.grad((want[:, :, held] * weight[:, :, held]).sum(), (q, k, v), retain_graph=True)
         for got_grad, want_grad in zip(got_grads, want_grads):
             torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5)
+
+
+class _HostReads(TorchDispatchMode):
+    """Operations that make the host wait for the device: a value read back, or a boolean index
+    (its nonzero sizes the result)."""
+    READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten.masked_select")
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        boolean_index = name.startswith(("aten.index.", "aten.index_put")) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+        if name.startswith(self.READS) or boolean_index:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_ranks_block_mask_is_built_without_reading_the_device(monkeypatch):
+    # once per micro-batch on CUDA: a value read back there would stall the GPU every micro-batch
+    monkeypatch.setattr(documents, "FLEX_DEVICE_TYPES", ("cpu",))
+    ids = _packed_ids(2, 300)
+    with _HostReads() as reads:
+        mask = chunk_document_mask(ids, 2, 1).block_mask
+    assert mask is not None and reads.found == []
 
 
 class _FakeCpMesh:
