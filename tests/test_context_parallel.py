@@ -154,6 +154,22 @@ def test_the_flex_route_of_each_rank_equals_dense_attention_with_gradients(cp, s
             torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_flex_attention_reads_a_ranks_block_mask_as_intended():
+    # the eager flex route above applies the mask function to every score and never reads the
+    # tiles; compiled (forward only on the CPU) it skips and trusts them as CUDA's kernel does
+    cp, seq = SPLITS[0]
+    g = torch.Generator().manual_seed(0)
+    ids = _packed_ids(2, seq, seed=cp)
+    q, k, v = (torch.randn(2, h, seq, 16, generator=g) for h in (4, 2, 2))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=_same_document_causal_dense(ids)[:, None],
+                                          enable_gqa=True)
+    for rank in range(cp):
+        held = chunk_positions(seq, cp, rank)
+        mask = documents.document_block_mask(ids, query_positions=held)
+        got = documents._compiled_flex_attention()(q[:, :, held], k, v, block_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(got, want[:, :, held], rtol=1e-5, atol=1e-5)
+
+
 class _HostReads(TorchDispatchMode):
     """Operations that make the host wait for the device: a value read back, or a boolean index
     (its nonzero sizes the result)."""
