@@ -141,3 +141,21 @@ def test_every_step_skipped_is_reported_at_the_end_of_a_short_run(control):
     for skipped in (False, True, True):
         partly.record_step(skipped)
     assert partly.every_step_skipped() is None
+
+
+def test_a_run_that_ends_inside_a_streak_of_skipped_steps_is_reported(control):
+    rc = control()
+    for skipped in (False, True, True):
+        rc.record_step(skipped)
+    assert rc.last_step_skipped() and "ended inside a streak of 2 skipped iterations" in rc.ended_inside_skipped_steps()
+    rc.record_step(True, absorbed=True)  # an fp16 overflow the scaler absorbed neither ends nor extends it
+    assert "streak of 2" in rc.ended_inside_skipped_steps()
+    rc.record_step(False)
+    assert not rc.last_step_skipped() and rc.ended_inside_skipped_steps() is None
+    every = control()
+    for _ in range(3):
+        every.record_step(True)
+    assert "every one of the 3 iterations" in every.ended_inside_skipped_steps()
+    never = control("--max-skipped-steps", "0")
+    never.record_step(True)
+    assert not never.last_step_skipped() and never.ended_inside_skipped_steps() is None

@@ -1,6 +1,7 @@
 """The whole pretraining run: resume is exact, SIGTERM saves and exits 0, metrics land in
 TensorBoard and the JSON-lines file, too many skipped steps stop the run."""
 
+import dataclasses
 import json
 import re
 import os
@@ -253,3 +254,70 @@ def test_another_blend_on_resume_continues_every_domain(tmp_path, sentencepiece_
     state = json.loads((tmp_path / "ckpt" / "iter_0000008" / "train_state.json").read_text())
     order = state["extra"]["data_order"]
     assert [s["start"] for s in order["segments"]] == [0, 32] and sum(order["consumed"].values()) == 64
+
+
+# -- issue 23: a run that diverges near its end fails, and never saves the diverged weights -------------
+def _diverging(save, iters="10", *extra):
+    # --lr 1e9: the first update with a non-zero learning rate blows the weights up; every later
+    # iteration is skipped (inf/NaN gradients), fewer than --max-skipped-steps (10) of them
+    return RUN + ["--train-iters", iters, "--lr", "1e9", "--min-lr", "0", "--eval-interval", "1000",
+                  "--save", str(save), *extra]
+
+
+def test_a_run_that_ends_inside_a_streak_of_skipped_steps_fails(tmp_path, capsys):
+    save = tmp_path / "ckpt"
+    assert main(_diverging(save, "10", "--save-interval", "5")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the run ended inside a streak of" in err and "skipped iterations" in err, err
+    # the periodic save of iteration 5 came inside the streak: put off, never made
+    assert not (save / "latest").exists() and not list(save.glob("iter_*"))
+
+
+def test_a_stop_inside_a_streak_of_skipped_steps_does_not_save(tmp_path, capsys):
+    # --exit-interval takes the save path of a stop signal (SIGTERM/SIGUSR1)
+    save = tmp_path / "ckpt"
+    assert main(_diverging(save, "20", "--exit-interval", "5")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exit interval 5 reached at iteration 5, but iteration 5 was skipped" in err
+    assert "holds no checkpoint" in err and not list(save.glob("iter_*"))
+
+
+def test_a_periodic_save_waits_for_the_next_good_iteration(tmp_path, capsys, monkeypatch):
+    from megatron_mellama.training import engine as engine_module
+
+    real = engine_module.Engine.step
+
+    def nan_at_three(self, micro_batches):
+        result = real(self, micro_batches)
+        nan_at_three.calls += 1
+        return dataclasses.replace(result, skipped=True, loss=float("nan")) if nan_at_three.calls == 3 else result
+
+    nan_at_three.calls = 0
+    monkeypatch.setattr(engine_module.Engine, "step", nan_at_three)
+    save = tmp_path / "ckpt"
+    run = train(load_run_config(RUN + ["--train-iters", "5", "--eval-iters", "0", "--save", str(save),
+                                       "--save-interval", "3"]))
+    assert run["iteration"] == 5
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000004", "iter_0000005"]
+    assert "iteration 3 was skipped" in capsys.readouterr().out
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from megatron_mellama.training import engine as engine_module
+
+    real = engine_module.Engine.step
+
+    def nan_update(self, micro_batches):
+        result = real(self, micro_batches)  # a finite loss, then an update that leaves a NaN weight
+        with torch.no_grad():
+            next(self.modules[0].parameters()).view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(engine_module.Engine, "step", nan_update)
+    save = tmp_path / "ckpt"
+    assert main(RUN + ["--train-iters", "3", "--eval-iters", "0", "--save", str(save), "--save-interval", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a weight is not finite after iteration 1" in err
+    assert not list(save.glob("iter_*"))

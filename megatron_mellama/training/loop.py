@@ -14,9 +14,11 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from .. import kernels
-from ..checkpoint.manager import CheckpointManager, adopt_checkpoint_values, checkpoint_to_load
+from ..checkpoint.manager import (CheckpointError, CheckpointManager, adopt_checkpoint_values, checkpoint_dir,
+                                  checkpoint_to_load, latest_iteration)
 from ..checkpoint.save_root import check_save_root
 from ..config import Config
 from ..data.datasets import build_datasets
@@ -160,6 +162,7 @@ class _Steps:
         cfg, engine, control, history = self.cfg, self.engine, self.control, self.history
         iteration, iterations = history["iteration"], train_iterations(cfg)
         last_saved = iteration
+        owed = False  # a periodic save put off by a skipped iteration, made at the next good one
         window_start, window_steps = time.perf_counter(), 0
         while iteration < iterations:
             result = engine.step(next(batches))
@@ -180,7 +183,7 @@ class _Steps:
                                        loss_scale=engine.scaler.loss_scale if cfg.train.fp16 else None,
                                        per_domain=samples.named(samples.consumed_per_domain(consumed)))
                 window_start, window_steps = time.perf_counter(), 0
-            too_many = control.too_many_skipped() or (iteration == iterations and control.every_step_skipped())
+            too_many = control.too_many_skipped() or (iteration == iterations and control.ended_inside_skipped_steps())
             if too_many:
                 raise TrainingStopped(too_many)
             # decided before evaluating: a preempted job has seconds left, and spends them saving
@@ -204,11 +207,57 @@ class _Steps:
                 self.metrics.log_downstream(iteration, consumed, scores)
                 window_start = time.perf_counter()
             periodic = cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0
-            if cfg.checkpoint.save and (periodic or stop.save or iteration == iterations) and last_saved != iteration:
-                self.checkpoints.save(iteration, consumed, dict(kept, skipped_total=skipped_total,
-                                                                data_order=samples.state(consumed)))
-                last_saved = iteration
+            due = periodic or owed or stop.save or iteration == iterations
+            if cfg.checkpoint.save and due and last_saved != iteration:
+                owed = self._unsaveable(iteration, stop)
+                if not owed:
+                    self.checkpoints.save(iteration, consumed, dict(kept, skipped_total=skipped_total,
+                                                                    data_order=samples.state(consumed)))
+                    last_saved = iteration
             if stop.stop:
                 history["stopped"] = stop.reason
                 _print0(f"stopping at iteration {iteration}: {stop.reason}")
                 break
+
+    def _unsaveable(self, iteration: int, stop) -> bool:
+        """Whether the checkpoint of `iteration` must wait (a periodic save after a skipped
+        iteration); raises TrainingStopped where it cannot wait (a stop) or the weights are broken.
+
+        Every rank decides the same: the skipped-step count is global and the weight check reduces."""
+        if self.control.last_step_skipped():
+            skipped = (f"iteration {iteration} was skipped (inf/NaN loss or gradients): its weights are the ones "
+                       f"that gave it, and are not saved")
+            if stop.save:
+                raise TrainingStopped(f"{stop.reason}, but {skipped}; {_newest_checkpoint(self.cfg)}")
+            _print0(f"{skipped} yet; the checkpoint waits for the next iteration that is not skipped")
+            return True
+        if not weights_finite(self.engine):
+            raise TrainingStopped(f"a weight is not finite after iteration {iteration} (an inf/NaN update): the "
+                                  f"model diverged; no checkpoint was saved; {_newest_checkpoint(self.cfg)}")
+        return False
+
+
+def _newest_checkpoint(cfg: Config) -> str:
+    try:
+        newest = latest_iteration(cfg.checkpoint.save)
+    except CheckpointError:
+        newest = None
+    if newest is None:
+        return f"--save {cfg.checkpoint.save} holds no checkpoint"
+    return f"the newest checkpoint is {checkpoint_dir(cfg.checkpoint.save, newest)}"
+
+
+def weights_finite(engine: Engine) -> bool:
+    """Whether every parameter of every rank is finite. Each rank checks its own shards on its
+    device; one MIN all-reduce and one host read, once per save, not per step."""
+    flags = [torch.isfinite(_local_shard(p)).all() for m in engine.modules for p in m.parameters()]
+    ok = (torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=engine.device))
+    ok = ok.to(torch.int32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def _local_shard(param: torch.Tensor) -> torch.Tensor:
+    # FSDP2 and tensor parallelism hold DTensors: this rank's shard, without communication
+    return param.to_local() if isinstance(param, DTensor) else param

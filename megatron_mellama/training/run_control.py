@@ -3,8 +3,11 @@ skipped (inf/NaN) steps.
 
 Skipped steps: `--max-skipped-steps K` (default 10; Megatron-LM has no limit, and a run whose loss
 went NaN there skips every step to the end, exits 0 and saves the broken weights) consecutive
-skipped iterations stop the run with exit code 1 and no checkpoint; so does a run that ends with
-every one of its iterations skipped, however few. An fp16 overflow that the dynamic loss scaler
+skipped iterations stop the run with exit code 1 and no checkpoint; so does a run that ends inside
+a streak of skipped iterations, however short (every one of its iterations skipped, or a divergence
+in its last few). A checkpoint is never written right after a skipped iteration: its weights are the
+ones that just gave an inf/NaN loss or gradients (a periodic save waits for the next good
+iteration; a save for a stop signal or an exit limit fails the run instead). An fp16 overflow that the dynamic loss scaler
 still answers by lowering the scale (the loss itself finite, the scale above its minimum) is the
 scaler's normal work, not a failure: it neither counts nor breaks a run of skipped steps (from the
 default initial scale 2**32 a healthy fp16 run skips a few dozen steps while the scale comes down).
@@ -129,6 +132,21 @@ class RunControl:
             return (f"every one of the {self.counted_steps} iterations of this run was skipped (inf/NaN loss or "
                     f"gradients): nothing was trained, and no checkpoint was saved")
         return None
+
+    def last_step_skipped(self) -> bool:
+        """Whether the newest counted iteration was skipped: the weights are the ones that just gave
+        an inf/NaN loss or gradients, not weights to save (always False under --max-skipped-steps 0)."""
+        return bool(self.max_skipped_steps) and self.consecutive_skipped > 0
+
+    def ended_inside_skipped_steps(self) -> str | None:
+        """At the end of a run: a message when its last iteration was skipped (a run that diverged
+        near its end never reaches --max-skipped-steps, and must not end as a success); None otherwise."""
+        if not self.last_step_skipped():
+            return None
+        return self.every_step_skipped() or (
+            f"the run ended inside a streak of {self.consecutive_skipped} skipped iterations (inf/NaN loss or "
+            f"gradients; --max-skipped-steps is {self.max_skipped_steps}): the model diverged; no checkpoint was "
+            "saved")
 
     def too_many_skipped(self) -> str | None:
         k = self.max_skipped_steps
