@@ -39,6 +39,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
+from ..torch_private import storage_checkpoint_offset
+
 MIN_GAP = 4096
 
 
@@ -99,7 +101,7 @@ def _stored_tensor(stream, info) -> _Stored | None:
         return None
     try:
         meta = torch.load(_FileView(stream, info.offset, info.length), map_location="meta", weights_only=True)
-        start = meta.untyped_storage()._checkpoint_offset
+        start = storage_checkpoint_offset(meta.untyped_storage())
     except Exception:
         return None
     if (not isinstance(meta, torch.Tensor) or not isinstance(start, int) or meta.numel() == 0

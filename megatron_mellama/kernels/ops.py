@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import torch
-from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
+from ..torch_private import async_collective_tensor_type
 from . import documents as packed_documents
 from .dispatch import implementation, reference_for
 
@@ -45,7 +45,7 @@ def _sequence_parallel_norm(x: DTensor, weight: DTensor, eps: float) -> DTensor:
     # row-local, so the kernel runs on the shard; each rank's weight gradient covers its rows
     # only, hence Partial: summed over the group when the gradient reaches the weight.
     local = x.to_local()
-    if isinstance(local, AsyncCollectiveTensor):
+    if isinstance(local, async_collective_tensor_type()):
         # the shard of a reduce-scatter still in flight: a kernel needs its memory. Any op waits
         # for it; wait() itself would return a tensor cut off from autograd
         local = local.clone()

@@ -44,9 +44,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from .. import torch_private
 from .mesh import Meshes
 
 SHARDING_MODES = ("none", "optimizer", "full")
@@ -73,6 +73,8 @@ def apply_data_parallel(module: nn.Module, meshes: Meshes, sharding: str, param_
     if sharding == "none" or dp_size == 1:
         # FSDP2's own DDP: the same hooks and gradient-sync switches as the sharded modes, and the
         # flattened dp mesh covers HSDP-shaped meshes as one replica group
+        replicate = torch_private.replicate()
+
         def wrap(m: nn.Module, last: bool) -> None:
             replicate(m, mesh=meshes.dp_cp, mp_policy=mp)
     else:
@@ -146,10 +148,10 @@ def reduce_gradients_now(module: nn.Module) -> None:
     pipelining's split weight-gradient pass), as FSDP's own post-backward would; for a module
     that `reduces_every_micro_batch`, after `pipeline_backward_flags`. Parameters without a
     gradient are skipped; the weights are not resharded."""
-    state = fully_shard.state(module)
-    for each in state._state_ctx.all_states:
-        for group in each._fsdp_param_groups:
+    state = torch_private.fsdp_state(module)
+    for each in torch_private.fsdp_states_under(state):
+        for group in torch_private.fsdp_param_groups(each):
             group.post_backward()
     # resets the groups' backward state (not the last backward: nothing is finalised), as torch's
     # PipelineStage.perform_reduce_grad does after its own manual post_backward
-    state._root_post_backward_final_callback()
+    torch_private.finish_manual_post_backward(state)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..config import Config, ConfigError
+from ..torch_private import flatten_mesh, unflatten_mesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -62,12 +63,12 @@ class ParallelDims:
     def build_mesh(self, device_type: str) -> "Meshes":
         world = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp),
                                  mesh_dim_names=MESH_DIMS)
-        dp = world["dp_replicate", "dp_shard"]._flatten("dp")
+        dp = flatten_mesh(world["dp_replicate", "dp_shard"], "dp")
         if self.cp == 1:  # the same groups as without context parallelism
             dp_cp, dp_cp_2d = dp, world["dp_replicate", "dp_shard"]
         else:
-            dp_cp = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-            dp_cp_2d = dp_cp._unflatten(0, (self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", "dp_shard_cp"))
+            dp_cp = flatten_mesh(world["dp_replicate", "dp_shard", "cp"], "dp_cp")
+            dp_cp_2d = unflatten_mesh(dp_cp, 0, (self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", "dp_shard_cp"))
         return Meshes(world=world, pp=world["pp"], tp=world["tp"], cp=world["cp"], dp=dp, dp_cp=dp_cp,
                       dp_cp_2d=dp_cp_2d)
 

@@ -35,10 +35,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B,
                                           ScheduleInterleavedZeroBubble)
-from torch.distributed.pipelining._backward import stage_backward, stage_backward_input, stage_backward_weight
 
+from .. import torch_private
 from ..model.llama import Llama
 from .data import pipeline_backward_flags, reduce_gradients_now, reduces_every_micro_batch
+
+stage_backward, stage_backward_input, stage_backward_weight = torch_private.stage_backward_functions()
 
 _SCHEDULES = {"1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B,
               "zero-bubble": ScheduleInterleavedZeroBubble}

@@ -40,10 +40,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 
-from ..config import Config
-from ..model.llama import Llama
 from torch.distributed.fsdp import FSDPModule
 
+from .. import torch_private
+from ..config import Config
+from ..model.llama import Llama
 from ..parallel.context import split_micro_batch
 from ..parallel.data import pipeline_backward_flags, reduces_every_micro_batch, set_gradient_sync
 from ..parallel.mesh import ParallelDims
@@ -122,15 +123,15 @@ def _where(dims: ParallelDims, rank: int) -> str:
 
 @contextlib.contextmanager
 def _fake_world(rank: int, world: int):
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.distributed.device_mesh import DeviceMesh
     from torch.nn.attention.bias import CausalVariant
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-    from torch.utils._python_dispatch import _disable_current_modes
+
+    from ..torch_private import disable_current_modes, fake_store, unset_fake_temporarily
 
     if dist.is_initialized():
         raise RuntimeError("a dry run needs a process without a process group")
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    torch_private.resolve("CausalBias._dispatch")  # _FlashLowerRight overrides it
+    dist.init_process_group("fake", store=fake_store(), rank=rank, world_size=world)
     # FSDP builds meshes while the model is on fake tensors; a mesh's rank table is real
     original_init = DeviceMesh.__init__
 
@@ -161,7 +162,7 @@ def _fake_world(rank: int, world: int):
     original_causal, original_fused = context.causal_lower_right, context.FUSED_LOWER_RIGHT_DEVICES
 
     def real_causal(seq_len_q: int, seq_len_kv: int):
-        with _disable_current_modes():
+        with disable_current_modes():
             return _FlashLowerRight(CausalVariant.LOWER_RIGHT, seq_len_q, seq_len_kv)
 
     DeviceMesh.__init__ = real_mesh_init
@@ -194,14 +195,12 @@ class _FlashLowerRight(CausalBias):
 
 
 def _trace_rank(cfg: Config, dims: ParallelDims, rank: int, notes: list[str], micro_batches: int) -> RankTrace:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from .engine import Engine
 
     started = time.perf_counter()
     with _fake_world(rank, dims.world_size):
         meshes = dims.build_mesh("cpu")
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with torch_private.fake_tensor_mode()(allow_non_fake_inputs=True):
             engine = Engine(cfg, meshes, "cpu", initialise=False)
             _create_optimizer_state(engine)
             batch = _micro_batches(cfg)
@@ -245,9 +244,7 @@ def _label_accumulated_gradients(engine, tracer: StepTracer) -> list:
     for module in (mod for part in engine.modules for mod in part.modules()):
         if not isinstance(module, FSDPModule):
             continue
-        state = module._get_fsdp_state()
-        # torch 2.13 keeps a list of parameter groups per unit; earlier releases one group
-        groups = getattr(state, "_fsdp_param_groups", None) or [g for g in [getattr(state, "_fsdp_param_group", None)] if g]
+        groups = torch_private.fsdp_param_groups(torch_private.fsdp_state(module))
         params = [p for g in groups for p in g.fsdp_params]
 
         def label(*_, params=params):

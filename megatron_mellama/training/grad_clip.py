@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
+from ..torch_private import foreach_mul_
+
 
 def _local_grads(parameters) -> list[torch.Tensor]:
     if isinstance(parameters, torch.Tensor):
@@ -121,5 +123,5 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
     for g in local:
         by_device.setdefault(g.device, []).append(g)
     for dev, grads in by_device.items():
-        torch._foreach_mul_(grads, coef.to(dev))
+        foreach_mul_(grads, coef.to(dev))
     return total_norm

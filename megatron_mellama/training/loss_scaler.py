@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..config import Config
+from ..torch_private import foreach_mul_
 
 
 def _gradients(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -77,7 +78,7 @@ class LossScaler:
         inv = 1.0 / self.loss_scale  # exact: scales are powers of two unless set otherwise
         grads = [g.to_local() if isinstance(g, DTensor) else g for g in _gradients(tensors)]
         if grads:
-            torch._foreach_mul_(grads, inv)
+            foreach_mul_(grads, inv)
         if not find_inf:
             return None
         found = None

@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._sharding_prop import ShardingPropagator
-from torch.utils._pytree import tree_flatten
+
+from .. import torch_private
+from ..torch_private import tree_flatten
+
+MemTracker, _TOTAL_KEY, _MemRefType = torch_private.mem_tracker_parts()
 
 GIB = 2 ** 30
 # how the tracker's categories are reported
@@ -54,6 +56,7 @@ class StepTracer(MemTracker):
     def __init__(self, modules, optimizer=None, group_names: dict[str, str] | None = None):
         """`group_names`: process-group name -> what to call its collectives (e.g. "tp")."""
         super().__init__()
+        torch_private.require_members(self, torch_private.MEM_TRACKER_STATE, "MemTracker")
         self._group_names = group_names or {}
         self._paused = 0
         self._comm = collections.defaultdict(lambda: dict(calls=0, bytes=0))
@@ -91,7 +94,8 @@ class StepTracer(MemTracker):
 
     # -- DTensor's shape inference is not memory ------------------------------------------------------
     def __enter__(self):
-        original = ShardingPropagator._propagate_tensor_meta_non_cached
+        propagator, method = torch_private.sharding_propagator_shape_inference()
+        original = getattr(propagator, method)
         tracer = self
 
         @functools.wraps(original)
@@ -102,12 +106,12 @@ class StepTracer(MemTracker):
             finally:
                 tracer._paused -= 1
 
-        self._original_propagation = original
-        ShardingPropagator._propagate_tensor_meta_non_cached = untracked
+        self._original_propagation = (propagator, method, original)
+        setattr(propagator, method, untracked)
         return super().__enter__()
 
     def __exit__(self, *args):
-        ShardingPropagator._propagate_tensor_meta_non_cached = self._original_propagation
+        setattr(*self._original_propagation)
         return super().__exit__(*args)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
