@@ -264,3 +264,37 @@ def test_sft_prefix_spelt_two_ways_is_one_domain(sft_prefix, sentencepiece_model
     # each domain's stream reads its own prefix's conversations
     assert all(os.path.abspath(s.one_epoch.prefix) == key for key, s in streams.items())
     assert sets.train.segments[-1]["weights"][os.path.abspath("gen_sft")] == pytest.approx(0.8)
+
+
+def test_conversations_whose_answers_fall_past_the_cut(sentencepiece_model, tmp_path, capsys):
+    # long questions, short answers: at --seq-length 32 every answer lies past the cut
+    rng = np.random.RandomState(1)
+    records = [{"messages": [{"role": "user", "content": " ".join(rng.choice(WORDS, 40))},
+                             {"role": "assistant", "content": "small risk"}]} for _ in range(12)]
+    prefix = str(tmp_path / "long_sft")
+    assert preprocess_sft(["--input", str(write_jsonl(tmp_path / "long.jsonl", records)), "--output-prefix", prefix,
+                           "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", sentencepiece_model]) == 0
+    run = ["--model", "tiny", "--sft", "--data-path", prefix, "--tokenizer-model", sentencepiece_model,
+           "--split", "100,0,0", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+           "--train-iters", "2", "--log-interval", "1", "--num-workers", "0"]
+    with pytest.raises(ConfigError) as err:
+        train(load_run_config(run))
+    assert "\n" not in str(err.value) and "holds no trained token" in str(err.value)
+    out = capsys.readouterr().out
+    assert "12 conversations cut to --seq-length 32 + 1 tokens, 12 of them with no answer token left" in out
+    assert "lm loss" not in out  # no step was reported
+
+
+def test_a_validation_batch_without_trained_tokens_is_an_error():
+    from engine_harness import TINY, global_batches, micro_batches_of
+    from megatron_mellama.training.engine import Engine
+
+    cfg = parse_config(TINY)
+    engine = Engine(cfg)
+    batch = global_batches(cfg, 1)[0]
+    assert math.isfinite(engine.evaluate(micro_batches_of(batch, cfg, 0, 1)))
+    batch["loss_mask"].zero_()
+    with pytest.raises(ConfigError, match="a validation batch holds no trained token"):
+        engine.evaluate(micro_batches_of(batch, cfg, 0, 1))
+    with pytest.raises(ConfigError, match="a training step's global batch holds no trained token"):
+        engine.step(micro_batches_of(batch, cfg, 0, 1))

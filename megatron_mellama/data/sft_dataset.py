@@ -6,7 +6,8 @@ split takes the same range of documents as megatron-core gives a pretraining pre
 
 A sample packs whole conversations of its split, in an order shuffled by `--seed`, greedily into
 `--seq-length` + 1 tokens; a conversation never continues into the next sample (one longer than
-that is cut to it) and the rest is padding (the EOD id, no loss). Positions restart at 0 at each
+that is cut to it, and counted at build: one line per prefix says how many were cut and how many of
+those lost every answer token) and the rest is padding (the EOD id, no loss). Positions restart at 0 at each
 conversation, so with --reset-attention-mask (implied by --sft) a token attends only within its
 conversation, and the padding forms a last document of its own. `tokens`, `labels` and `loss_mask`
 are as in GPTDataset: the mask is the one of the label token, so a conversation's last token, whose
@@ -103,6 +104,14 @@ class SFTDataset(torch.utils.data.Dataset):
         self.epoch_samples = len(self.sample_bounds) - 1
         self.num_samples = self.epoch_samples if num_samples is None else int(num_samples)
 
+    def clipped(self) -> tuple:
+        """(conversations of this split longer than a sample, those of them with no trained token
+        left in it): the second train nothing. Reads the loss masks of the clipped ones only."""
+        long = self.order[self.tokens.sequence_lengths[self.order] > self.capacity]
+        # a label's mask is that of the next token: the first token of a conversation trains nothing
+        answerless = sum(1 for d in long.tolist() if not self.masks.get(int(d), 1, self.capacity - 1).any())
+        return len(long), answerless
+
     @property
     def padding_fraction(self) -> float:
         """The share of one epoch's sample tokens that are padding."""
@@ -153,7 +162,7 @@ def build_sft_datasets(cfg, prefixes: list, weight_of: dict, tokenizer, split_ma
         one_epochs = [split_of(p, train_bounds) for p in blended]
         for p, ds in zip(blended, one_epochs):
             print(f"sft {p}: {len(ds.order)} train conversations in {ds.epoch_samples} samples, "
-                  f"{100 * ds.padding_fraction:.1f}% padding", flush=True)
+                  f"{100 * ds.padding_fraction:.1f}% padding{_clipped_text(ds, seq_length)}", flush=True)
         names = dict(zip(map(os.path.abspath, prefixes), domain_names(prefixes)))
         train = _training_samples(cfg, one_epochs, {os.path.abspath(p): weight_of[p] for p in blended}, names)
     valid = _blended_split(cfg, blended, weight_of, valid_bounds, valid_size, split_of)
@@ -163,6 +172,15 @@ def build_sft_datasets(cfg, prefixes: list, weight_of: dict, tokenizer, split_ma
         per_domain = {name: split_of(p, valid_bounds, valid_size)
                       for name, p in zip(domain_names(prefixes), prefixes)}
     return DataSets(train, valid, test, per_domain)
+
+
+def _clipped_text(dataset: SFTDataset, seq_length: int) -> str:
+    """What the report line of a prefix says about its conversations longer than a sample."""
+    clipped, answerless = dataset.clipped()
+    if not clipped:
+        return ""
+    return (f"; {clipped} conversations cut to --seq-length {seq_length} + 1 tokens, {answerless} of them "
+            "with no answer token left (they train nothing)")
 
 
 def _blended_split(cfg, blended: list, weight_of: dict, bounds, num_samples: int, split_of):

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .. import kernels
-from ..config import Config
+from ..config import Config, ConfigError
 from ..model.llama import Llama, initial_value, rotary_tables
 from ..parallel.context import apply_context_parallel, split_micro_batch
 from ..parallel.data import apply_data_parallel, set_gradient_sync
@@ -63,6 +63,15 @@ class StepResult:
     grad_norm: float  # before clipping, over every shard of every stage
     skipped: bool  # inf/NaN loss or gradients: no update was applied
     lr: float
+
+
+def _require_trained_tokens(tokens: float, what: str) -> None:
+    """A batch whose every label is masked out of the loss would report loss 0 (and a zero gradient
+    norm, a validation perplexity of 1): an error, the same on every rank (the count is global)."""
+    if tokens == 0:
+        raise ConfigError(f"{what} holds no trained token (every loss-mask entry is 0): with --sft, "
+                          "conversations cut to --seq-length lost their answers (see the 'cut to --seq-length' "
+                          "line of the data); raise --seq-length or preprocess with --overlong drop")
 
 
 def _local_value(t):
@@ -125,6 +134,7 @@ class Engine:
             self.schedule = build_schedule(self.parts, meshes.pp, self.device, cfg.num_microbatches,
                                            self._pipeline_loss, p.pipeline_schedule)
         self._loss_weight = None  # set per global batch: DP size / global token count, on the device
+        self._batch_tokens = None  # set per global batch: its trained tokens (all DP ranks), on the device
         self._per_row = False  # set while `sequence_loglikelihoods` runs the pipeline
 
     @torch.no_grad()
@@ -189,6 +199,7 @@ class Engine:
         global_tokens = self._dp_sum(torch.stack([(lab != IGNORE_INDEX).sum() for lab in labels]).sum())
         # float64 keeps counts beyond 2^24 exact; a batch without targets weighs its zero loss by 1
         self._loss_weight = (self._grad_ranks / global_tokens.clamp(min=1).double()).float()
+        self._batch_tokens = global_tokens  # read by the host with the loss, not on its own
         if self.schedule is None:
             loss = self._accumulate(tokens, labels, documents, train)
         else:
@@ -200,7 +211,10 @@ class Engine:
         for m in self.modules:
             m.eval()
         try:
-            return self._global_batch_loss(micro_batches, train=False).item()
+            loss = self._global_batch_loss(micro_batches, train=False)
+            loss, tokens = torch.stack([loss, self._batch_tokens.to(loss.dtype)]).tolist()
+            _require_trained_tokens(tokens, "a validation batch")
+            return loss
         finally:
             for m in self.modules:
                 m.train()
@@ -269,7 +283,9 @@ class Engine:
         """One optimizer step over this DP rank's micro-batches of one global batch."""
         loss, grad_norm = self.compute_gradients(micro_batches)
         # the step's one host synchronisation
-        loss, grad_norm = torch.stack([loss, grad_norm.to(loss.device, torch.float32)]).tolist()
+        loss, grad_norm, tokens = torch.stack([loss, grad_norm.to(loss.device, torch.float32),
+                                               self._batch_tokens.to(loss.device, torch.float32)]).tolist()
+        _require_trained_tokens(tokens, "a training step's global batch")
         skipped = not (math.isfinite(grad_norm) and math.isfinite(loss))
         self.scaler.update(found_inf=skipped)
         lr = self.optimizer.param_groups[0]["lr"]
