@@ -7,15 +7,19 @@ width and FFN large beside the vocabulary, so activations and weights dominate a
 Context-parallel layouts run twice the sequence, so that each rank holds as many tokens as the
 others' ranks do."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from megatron_mellama.config import parse_config
 from megatron_mellama.parallel.memory_model import predict_rank
 from megatron_mellama.parallel.mesh import ParallelDims
+from megatron_mellama.tools import plan_layout
 from megatron_mellama.training.dry_run import default_ranks, dry_run
+from megatron_mellama.training.memory_trace import GIB
 
 SMALL = ["--num-layers", "4", "--hidden-size", "512", "--num-attention-heads", "8", "--group-query-attention",
          "--num-query-groups", "4", "--ffn-hidden-size", "1408", "--vocab-size", "512",
@@ -126,3 +130,36 @@ def test_dry_run_flags_need_dry_run():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "--world-size and --dry-run-ranks are for --dry-run" in out.stderr
+
+
+# the Me-LLaMA recipes as written (layout, sharding, --reduce-grads-once-per-step, micro-batch,
+# precision), each at a shape small enough to trace in seconds: (recipe, its TP x PP x CP, shape flags)
+_SMALL_MODEL = ["--hidden-size", "512", "--num-attention-heads", "8", "--ffn-hidden-size", "1408",
+                "--vocab-size", "512"]
+RECIPES = {
+    "13b": ("me_llama_13b.yaml", (4, 1, 1), _SMALL_MODEL + ["--num-layers", "4", "--seq-length", "1024",
+                                                            "--max-position-embeddings", "1024"]),
+    # TP 8 needs 8 key/value heads: the 70B preset's 8 groups
+    "70b": ("me_llama_70b.yaml", (8, 4, 1), _SMALL_MODEL + ["--num-layers", "8", "--seq-length", "1024",
+                                                            "--max-position-embeddings", "1024"]),
+    "13b long": ("me_llama_13b_long.yaml", (4, 1, 2), _SMALL_MODEL + ["--num-layers", "4", "--seq-length", "2048",
+                                                                      "--max-position-embeddings", "2048"]),
+}
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "examples" / "me_llama"
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_the_planner_holds_to_the_dry_run_of_each_recipe_as_written(name, capsys):
+    """`plan_layout --config RECIPE` lists, for the recipe's own layout, what `pretrain --config
+    RECIPE --dry-run` traces (both at DP 2, on a small model)."""
+    recipe, (tp, pp, cp), shape = RECIPES[name]
+    argv, world = ["--config", str(RECIPE_DIR / recipe)] + shape, tp * pp * cp * 2
+    cfg = parse_config(argv, world_size=world)
+    assert cfg.parallel.data_parallel_sharding == "optimizer"
+    assert plan_layout.main(argv + ["--num-gpus", str(world), "--gpu-memory-gb", "80", "--top", "0", "--json"]) == 0
+    out = capsys.readouterr().out
+    (row,) = [r for r in json.loads(out) if (r["tp"], r["pp"], r.get("cp", 1)) == (tp, pp, cp)]
+    traced = max(t.peak.total for t in dry_run(cfg, progress=lambda line: None))
+    assert row["total_gb"] * GIB == pytest.approx(traced, rel=0.10), (name, row["total_gb"], traced / GIB)
+    if cfg.parallel.reduce_grads_once_per_step:  # whole fp32 gradients until the step's reduce-scatter
+        assert row["grads_gb"] > row["weights_gb"] * 1.5, row

@@ -1,21 +1,35 @@
-"""Rank every TP x PP x DP (x CP) layout of a model on a cluster by estimated memory per GPU and step time.
+"""Rank every TP x PP x DP (x CP) layout of a run on a cluster by estimated memory per GPU and step time.
 
-    mellama-plan-layout --model llama2-13b --seq-length 4096 --micro-batch-size 1 \\
-        --global-batch-size 1024 --gpu-memory-gb 80 --num-gpus 160 --recompute selective
+    mellama-plan-layout --config examples/me_llama/me_llama_13b.yaml --num-gpus 64 --gpu-memory-gb 80
+    mellama-plan-layout --model llama2-13b --bf16 --sequence-parallel --data-parallel-sharding optimizer \\
+        --recompute-granularity selective --micro-batch-size 1 --global-batch-size 1024 \\
+        --num-gpus 160 --gpu-memory-gb 80
 
-A layout is listed when TP is a power of two of at most 8 (one node), dividing the query and
-key/value heads, PP divides the layers, and the project's own config validation accepts it with
-the given batch sizes. Context parallelism is tried at the sizes `--context-parallel-sizes` lists
-(default: none, CP 1); for sequences past the preset's length give `--max-position-embeddings`. Layouts that fit come first, fastest first. The estimates and their
-assumptions are in megatron_mellama/parallel/memory_model.py; `--trace` also runs the dry run
-(`pretrain --dry-run`) of each layout shown and prints the traced peak beside the estimate.
+The run is described by pretrain's own flags and `--config` file, parsed by pretrain's parser with
+pretrain's defaults, so every setting that changes memory (precision, micro-batch, sequence,
+sharding, --reduce-grads-once-per-step, recompute, sequence parallel, virtual stages, ...) means
+here what it means to training and to `pretrain --dry-run`. The planner replaces only the layout:
+each candidate is the run's flags with `--tensor-model-parallel-size`, `--pipeline-model-parallel-size`
+and `--context-parallel-size` set to it, over `--num-gpus` processes.
+
+A layout is listed when TP is a power of two of at most 8 (one node), PP divides the layers, and
+pretrain's config validation accepts the flags with it. Context parallelism is tried at the sizes
+`--context-parallel-sizes` lists (default: the run's own, CP 1 unless set). Layouts that fit come
+first, fastest first. The estimates and their assumptions are in megatron_mellama/parallel/memory_model.py;
+`--trace` also runs the dry run of each layout shown and prints the traced peak beside the estimate.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
+import math
+import sys
+from collections import Counter
 
-from megatron_mellama.config import PRESETS, ConfigError, parse_config
+from megatron_mellama.config import PRESETS, ConfigError, build_parser as build_config_parser, parse_config
+from megatron_mellama.config.cli import load_yaml
 from megatron_mellama.parallel.memory_model import GIB, estimate
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
 
@@ -25,95 +39,126 @@ COLUMNS = (("TP", "tp", "d"), ("PP", "pp", "d"), ("DP", "dp", "d"), ("CP", "cp",
            ("gathered", "gathered_gb", ".1f"), ("activ", "activations_gb", ".1f"), ("temp", "temporaries_gb", ".1f"),
            ("total GiB", "total_gb", ".1f"), ("fits", "fits", ""), ("step s", "step_s", ".2f"))
 TRACED = ("traced GiB", "traced_gb", ".1f")
+LAYOUT_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--context-parallel-size")
+# the planner's own flags of earlier releases, now pretrain's
+RENAMED = {"--recompute": "--recompute-granularity full|selective (leave it out for none)",
+           "--dtype": "--bf16 or --fp16 (neither for fp32)"}
 
 
-def build_parser() -> OneLineParser:
-    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--model", required=True, choices=sorted(PRESETS), help="model preset")
-    p.add_argument("--seq-length", type=int, required=True)
-    p.add_argument("--micro-batch-size", type=int, required=True)
-    p.add_argument("--global-batch-size", type=int, required=True)
-    p.add_argument("--num-gpus", type=int, required=True)
-    p.add_argument("--gpu-memory-gb", type=float, required=True, help="memory of one GPU, GiB")
-    p.add_argument("--peak-tflops", type=float, default=312.0, help="dense bf16 peak of one GPU (default: A100, 312)")
-    p.add_argument("--efficiency", type=float, default=0.45, help="assumed fraction of peak reached (default 0.45)")
-    p.add_argument("--recompute", choices=("none", "selective", "full"), default="selective",
-                   help="activation recomputation (default: selective)")
-    p.add_argument("--data-parallel-sharding", choices=("none", "optimizer", "full"), default="optimizer",
-                   help="as the training flag (default: optimizer)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                   help="compute precision (default: bf16, with fp32 master weights)")
-    p.add_argument("--context-parallel-sizes", type=int, nargs="+", default=[1], metavar="CP",
-                   help="context-parallel sizes to try (default: 1, no context parallelism)")
-    p.add_argument("--max-position-embeddings", type=int, default=None,
-                   help="longest sequence the rotary tables cover (default: the preset's)")
-    p.add_argument("--rotary-base", type=float, default=None, help="RoPE base (default: the preset's)")
-    p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
-                   help="interleaved 1F1B with this many layers per virtual stage, where PP > 1 allows it")
-    p.add_argument("--trace", action="store_true",
+def _add_planning_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """The planner's own flags; without `defaults` they only show in --help."""
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+
+    g = p.add_argument_group("planning (the other flags describe the run, as pretrain's)")
+    g.add_argument("--num-gpus", type=int, required=defaults, default=default(None), help="GPUs of the run")
+    g.add_argument("--gpu-memory-gb", type=float, required=defaults, default=default(None),
+                   help="memory of one GPU, GiB")
+    g.add_argument("--peak-tflops", type=float, default=default(312.0),
+                   help="dense bf16 peak of one GPU (default: A100, 312)")
+    g.add_argument("--efficiency", type=float, default=default(0.45),
+                   help="assumed fraction of peak reached (default 0.45)")
+    g.add_argument("--context-parallel-sizes", type=int, nargs="+", default=default(None), metavar="CP",
+                   help="context-parallel sizes to try (default: the run's --context-parallel-size, 1 unless set)")
+    g.add_argument("--trace", action="store_true", default=default(False),
                    help="also trace each layout shown with the dry run (about 10-60 s each) and print the traced "
                         "peak of its heaviest rank")
-    p.add_argument("--top", type=int, default=10, help="show the best N layouts (0: all; default 10)")
-    p.add_argument("--json", action="store_true", help="print the layouts as a JSON list")
+    g.add_argument("--top", type=int, default=default(10), help="show the best N layouts (0: all; default 10)")
+    g.add_argument("--json", action="store_true", default=default(False), help="print the layouts as a JSON list")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """pretrain's parser (what `--help` lists and the run's flags are parsed by), plus the planner's flags."""
+    p = build_config_parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.usage = "%(prog)s --num-gpus N --gpu-memory-gb GIB [--config FILE.yaml] [--model PRESET] [flags]"
+    _add_planning_flags(p, defaults=False)
     return p
 
 
+def split_args(argv) -> tuple[argparse.Namespace, list[str]]:
+    """(the planner's flags, the run's flags for pretrain's parser)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        build_parser().parse_args(["--help"])
+    planning = OneLineParser(prog=PROG, add_help=False, allow_abbrev=False)
+    _add_planning_flags(planning)
+    args, run = planning.parse_known_args(argv)
+    for flag, instead in RENAMED.items():
+        if any(a == flag or a.startswith(flag + "=") for a in run):
+            raise UsageError(f"{flag} is pretrain's {instead}: the planner takes pretrain's flags")
+    for flag in LAYOUT_FLAGS:
+        if any(a == flag or a.startswith(flag + "=") for a in run):
+            raise UsageError(f"{flag}: the planner tries every layout (narrow CP with --context-parallel-sizes)")
+    return args, run
+
+
 def _check(args) -> None:
-    for flag in ("num_gpus", "gpu_memory_gb", "peak_tflops", "micro_batch_size", "global_batch_size",
-                 "seq_length"):
-        if getattr(args, flag) <= 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if not 0 < args.efficiency <= 1:
+    for flag in ("num_gpus", "gpu_memory_gb", "peak_tflops"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value > 0):  # nan passes `> 0` checks the wrong way round
+            raise UsageError(f"--{flag.replace('_', '-')} must be a positive finite number, got {value}")
+    if not (math.isfinite(args.efficiency) and 0 < args.efficiency <= 1):
         raise UsageError(f"--efficiency must lie in (0, 1], got {args.efficiency}")
     if args.top < 0:
         raise UsageError(f"--top must not be negative, got {args.top}")
-    if any(cp <= 0 for cp in args.context_parallel_sizes):
+    if args.context_parallel_sizes is not None and any(cp <= 0 for cp in args.context_parallel_sizes):
         raise UsageError(f"--context-parallel-sizes must be positive, got {args.context_parallel_sizes}")
 
 
-def _config(args, tp: int, pp: int, world: int, cp: int = 1):
-    argv = ["--model", args.model, "--seq-length", str(args.seq_length),
-            "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
-            "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-            "--context-parallel-size", str(cp), "--data-parallel-sharding", args.data_parallel_sharding,
-            "--mock-data", "--train-iters", "1"]  # what a traced step needs; the estimates ignore them
-    if args.max_position_embeddings:
-        argv += ["--max-position-embeddings", str(args.max_position_embeddings)]
-    if args.rotary_base:
-        argv += ["--rotary-base", str(args.rotary_base)]
-    if args.dtype != "fp32":
-        argv.append(f"--{args.dtype}")
-    if args.num_layers_per_virtual_pipeline_stage and pp > 1:
-        argv += ["--num-layers-per-virtual-pipeline-stage", str(args.num_layers_per_virtual_pipeline_stage)]
-    if tp > 1:
-        argv.append("--sequence-parallel")  # the activation figures assume it
-    if args.recompute != "none":
-        argv += ["--recompute-granularity", args.recompute]
-    return parse_config(argv, world_size=world)
+def _given(run: list[str]) -> dict:
+    """The run's flags and `--config` file as parse_config reads them: flag errors surface here, once."""
+    given = vars(build_parser().parse_args(run))
+    explicit = load_yaml(given.pop("config")) if "config" in given else {}
+    explicit.update(given)
+    return explicit
 
 
-def plan(args) -> list[dict]:
+def layout_config(run: list[str], tp: int, pp: int, cp: int, world: int, parser=None):
+    """The Config pretrain would build from `run` with this layout over `world` processes."""
+    layout = [str(v) for pair in zip(LAYOUT_FLAGS, (tp, pp, cp)) for v in pair]
+    return parse_config(run + layout, world_size=world, parser=parser or build_parser())
+
+
+def plan(args, run: list[str]) -> list[dict]:
     """Every valid layout's estimate (as dicts, with its config under "cfg"), best first."""
-    try:  # model, sequence and batch flags on their own, so their errors are not lost among layouts
-        base = _config(args, 1, 1, 1)
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
-    m = base.model
-    rows = []
-    for tp, pp, cp in _candidates(m.num_layers, args.num_gpus, sorted(set(args.context_parallel_sizes))):
+    given = _given(run)
+    cp_sizes = sorted(set(args.context_parallel_sizes or [given.get("parallel.context_parallel_size", 1)]))
+    layers, parser = _num_layers(given), build_parser()
+    rows, refusals = [], {cp: Counter() for cp in cp_sizes}
+    for cp in cp_sizes:
+        if args.num_gpus % cp:
+            refusals[cp][f"CP {cp} does not divide --num-gpus {args.num_gpus}"] += 1
+    for tp, pp, cp in _candidates(layers, args.num_gpus, cp_sizes):
         try:
-            cfg = _config(args, tp, pp, args.num_gpus, cp)
-        except ConfigError:
+            cfg = layout_config(run, tp, pp, cp, args.num_gpus, parser)
+        except ConfigError as e:
+            refusals[cp][str(e)] += 1
             continue
         row = estimate(cfg, gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
                        efficiency=args.efficiency).as_dict()
         rows.append(dict(row, cfg=cfg))
+    unplanned = {cp: refusals[cp].most_common(1)[0][0] for cp in cp_sizes
+                 if refusals[cp] and not any(r["cp"] == cp for r in rows)}
     if not rows:
-        raise UsageError(f"--num-gpus {args.num_gpus}: no TP x PP x DP layout of {args.model} is valid with "
-                         f"--global-batch-size {args.global_batch_size} and --micro-batch-size "
-                         f"{args.micro_batch_size}")
+        where = f"--num-gpus {args.num_gpus}: no TP x PP x DP layout is valid"
+        if cp_sizes == [1]:
+            raise UsageError(f"{where}: {unplanned[1]}")
+        raise UsageError(f"{where} at --context-parallel-sizes {' '.join(map(str, cp_sizes))}: "
+                         + "; ".join(f"CP {cp}: {why}" for cp, why in unplanned.items()))
+    for cp, why in unplanned.items():
+        print(f"{PROG}: note: --context-parallel-sizes {cp}: no valid layout ({why})", file=sys.stderr)
     rows.sort(key=lambda r: (not r["fits"], r["step_s"], r["total_gb"]))
     return rows
+
+
+def _num_layers(given: dict) -> int:
+    """The run's decoder layers, from its flags, file or preset (what the PP candidates divide)."""
+    layers = given.get("model.num_layers", PRESETS.get(given.get("preset"), {}).get("num_layers"))
+    if layers is None:
+        raise UsageError("--num-layers is required (or choose a preset with --model)")
+    if layers <= 0:
+        raise UsageError(f"--num-layers must be positive, got {layers}")
+    return layers
 
 
 def _candidates(layers: int, gpus: int, cp_sizes: list[int]):
@@ -133,7 +178,19 @@ def trace(rows: list[dict]) -> None:
         cp = f" x CP {row['cp']}" if row["cp"] > 1 else ""
         print(f"tracing layout {i + 1} of {len(rows)}: TP {row['tp']} x PP {row['pp']} x DP {row['dp']}{cp} ...",
               flush=True)
-        row["traced_gb"] = max(t.peak.total for t in dry_run(row["cfg"], progress=lambda line: None)) / GIB
+        traces = dry_run(_with_run_length(row["cfg"]), progress=lambda line: None)
+        row["traced_gb"] = max(t.peak.total for t in traces) / GIB
+
+
+def _with_run_length(cfg):
+    """`cfg`, with one iteration to train when it names no run length: the traced step builds the
+    learning-rate schedule, which needs one, and the memory does not depend on it."""
+    t, o = cfg.train, cfg.optim
+    if any(v is not None for v in (t.train_iters, t.train_samples, o.lr_decay_iters, o.lr_decay_samples)):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.train.train_iters = 1
+    return cfg
 
 
 def format_table(rows: list[dict]) -> str:
@@ -148,19 +205,21 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    return run_tool(PROG, lambda: build_parser().parse_args(argv), _run)
+    return run_tool(PROG, lambda: split_args(argv), _run, errors=(ConfigError,))
 
 
-def _run(args) -> int:
+def _run(parsed) -> int:
+    args, run = parsed
     _check(args)
-    rows = plan(args)
+    rows = plan(args, run)
+    with_cp = any(r["cp"] > 1 for r in rows)
     if args.top:
         rows = rows[:args.top]
     if args.trace:
         trace(rows)
     for row in rows:
         del row["cfg"]
-        if args.context_parallel_sizes == [1]:  # the JSON as before context parallelism
+        if not with_cp:  # the JSON as before context parallelism
             del row["cp"]
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     return 0
