@@ -168,18 +168,94 @@ def test_te_rotary_matches_the_reference_and_derives_its_angles_once_per_table(t
         got = te.apply_rotary_qk(q, k, m_cos, m_sin)
         for a, b in zip(got, reference.apply_rotary_qk(q, k, m_cos, m_sin)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    first = te._angles.freqs
+    [(_, (first, scale))] = te._rotations.entries
     te.apply_rotary_qk(q, k, m_cos, m_sin)
-    assert te._angles.freqs is first and first.shape == (32, 1, 1, 8)
+    assert te._rotations.misses == 1 and first.shape == (32, 1, 1, 8) and scale is None
     with torch.no_grad():
         m_cos.copy_(_tables(rows=32, head_dim=8, base=500.0)[0])  # tables written in place: new angles
         m_sin.copy_(_tables(rows=32, head_dim=8, base=500.0)[1])
     got = te.apply_rotary_qk(q, k, m_cos, m_sin)
-    assert te._angles.freqs is not first
+    assert te._rotations.misses == 2
     torch.testing.assert_close(got[0], reference.apply_rotary_qk(q, k, m_cos, m_sin)[0], rtol=1e-5, atol=1e-5)
     other = _tables(rows=32, head_dim=8)
     te.apply_rotary_qk(q, k, *other)
-    assert te._angles.key[0]() is other[0]
+    assert te._rotations.misses == 3 and te._rotations.entries[0][0][0]() is other[0]
+
+
+def _yarn_config(*flags):
+    from megatron_mellama.config import parse_config
+
+    return parse_config(["--model", "tiny", "--position-embedding-type", "yarn", "--yarn-rotary-scaling-factor",
+                         "4", *flags])
+
+
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16], ids=["fp32-tables", "bf16-tables"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_te_rotary_keeps_yarns_attention_factor(te, dtype, table_dtype):
+    # YaRN's cos and sin carry its attention factor (1.14 at factor 4): TE rotates by the angle
+    # alone, so the adapter must scale q and k by the tables' magnitude, or every attention logit
+    # comes out 1.14^2 = 1.3 times too small
+    from megatron_mellama.model import rope
+
+    cfg = _yarn_config().model
+    cos, sin = (t[:40].to(table_dtype) for t in rope.rotary_tables(cfg))
+    q, k, _ = _qkv(dtype, seq=40, head_dim=cfg.head_dim)
+    got = te.apply_rotary_qk(q, k, cos, sin)
+    want = reference.apply_rotary_qk(q.float(), k.float(), cos.float(), sin.float())
+    # bf16 tables: the reference multiplies by each rounded entry, TE's path by their one factor
+    exact = dtype == table_dtype == torch.float32
+    tol = dict(rtol=1e-5, atol=1e-5) if exact else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b, **tol)
+    [(_, (_, scale))] = te._rotations.entries
+    assert scale == pytest.approx(rope.yarn_attention_factor(4.0, cfg.yarn_mscale, cfg.yarn_mscale_all_dim),
+                                  rel=1e-6 if table_dtype == torch.float32 else 4e-3)
+
+
+def test_te_rotary_scales_by_each_entry_where_the_magnitude_varies(te):
+    cos, sin = _tables(rows=12, head_dim=8)
+    ramp = torch.linspace(0.5, 2.0, 12).unsqueeze(1)
+    q, k, _ = _qkv(torch.float32)
+    got = te.apply_rotary_qk(q, k, cos * ramp, sin * ramp)
+    for a, b in zip(got, reference.apply_rotary_qk(q, k, cos * ramp, sin * ramp)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_te_rotary_derives_its_angles_once_for_every_layer_under_fsdp2s_input_casts(te, monkeypatch):
+    # FSDP2 casts each layer's floating-point inputs to its compute dtype; fp32 tables would be a
+    # new bf16 tensor in every layer and the angles derived again in each
+    from megatron_mellama import kernels
+    from megatron_mellama.config import parse_config
+    from megatron_mellama.kernels import dispatch
+    from megatron_mellama.model.llama import Llama
+
+    cfg = parse_config(["--model", "tiny", "--vocab-size", "64", "--seq-length", "16"])
+    torch.manual_seed(0)
+    model = Llama(cfg.model)
+    model.init_weights(seed=0)
+    for p in model.parameters():  # the parameters as FSDP2's param_dtype gives them; the tables stay fp32
+        p.data = p.data.to(torch.bfloat16)
+    for layer in model.layers.values():
+        layer.register_forward_pre_hook(_cast_inputs_like_fsdp2(torch.bfloat16))
+    dispatch.register_backend("te_stand_in", te.__name__)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    try:
+        with kernels.use_backends({"rotary": "te_stand_in"}):
+            for _ in range(2):  # two micro-batches
+                model(tokens, tokens).backward()
+    finally:
+        dispatch.unregister_backend("te_stand_in")
+    assert _fake_rope.calls == 2 * 2 * cfg.model.num_layers  # q and k, every layer, both micro-batches
+    assert te._rotations.misses == 1
+
+
+def _cast_inputs_like_fsdp2(dtype):
+    """A forward pre-hook casting floating-point positional inputs to `dtype`, as FSDP2's
+    MixedPrecisionPolicy(cast_forward_inputs=True) does (tensors already in `dtype` untouched)."""
+    def hook(module, args):
+        return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    return hook
 
 
 def _tables(rows, head_dim, base=10000.0):

@@ -126,6 +126,67 @@ def test_apply_rotary_qk_gradient_of_q_alone():
     _close(dq, dq_ref, torch.float32)
 
 
+def test_apply_rotary_qk_reads_bf16_tables_and_keeps_them_as_given():
+    q, k = _qk(2, 4, 2, 9, 16, torch.bfloat16, True)
+    cos = _randn(12, 16, seed=18).bfloat16()
+    sin = _randn(12, 16, seed=19).bfloat16()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        q_out, k_out = triton_ops.apply_rotary_qk(q, k, cos, sin)
+    # no fp32 copy of the tables made and kept for backward: the tables themselves
+    assert [t.data_ptr() for t in saved] == [cos.data_ptr(), sin.data_ptr()]
+    q32, k32 = (t.detach().float().requires_grad_() for t in (q, k))
+    q_ref, k_ref = reference.apply_rotary_qk(q32, k32, cos.float(), sin.float())
+    _close(q_out, q_ref, torch.bfloat16)
+    _close(k_out, k_ref, torch.bfloat16)
+    dq, dk = torch.autograd.grad((q_out, k_out), (q, k), (torch.ones_like(q_out), torch.ones_like(k_out)))
+    dq_ref, dk_ref = torch.autograd.grad((q_ref, k_ref), (q32, k32), (torch.ones_like(q_ref), torch.ones_like(k_ref)))
+    _close(dq, dq_ref, torch.bfloat16)
+    _close(dk, dk_ref, torch.bfloat16)
+
+
+def test_every_layer_keeps_the_same_tables_for_backward_under_fsdp2s_input_casts():
+    # FSDP2 casts each layer's floating-point inputs to its compute dtype (bf16): fp32 tables
+    # handed to every layer became a bf16 copy per layer, which the kernel upcast to an fp32 copy
+    # and kept for backward, 2 x positions x head_dim x 4 bytes per layer and micro-batch
+    from megatron_mellama import kernels
+    from megatron_mellama.config import parse_config
+    from megatron_mellama.model.llama import Llama
+
+    cfg = parse_config(["--model", "tiny", "--vocab-size", "64", "--seq-length", "16"])
+    model = Llama(cfg.model)
+    model.init_weights(seed=0)
+    model.to(DEVICE)
+    for p in model.parameters():  # the parameters as FSDP2's param_dtype gives them; the tables stay fp32
+        p.data = p.data.to(torch.bfloat16)
+
+    def cast_inputs(module, args):  # FSDP2's MixedPrecisionPolicy(cast_forward_inputs=True)
+        return tuple(a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in args)
+
+    for layer in model.layers.values():
+        layer.register_forward_pre_hook(cast_inputs)
+    table_shape = tuple(model.rope_cos.shape)
+    tables = []
+
+    def pack(t):
+        if tuple(t.shape) == table_shape:
+            tables.append(t)
+        return t
+
+    tokens = torch.randint(0, 64, (2, 16), generator=_gen(3)).to(DEVICE)
+    with kernels.use_backends({"rotary": "triton"}), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, tokens)
+    loss.backward()
+    assert len(tables) == 2 * cfg.model.num_layers  # cos and sin, kept by every layer's rotary
+    assert len({t.untyped_storage().data_ptr() for t in tables}) == 2  # one pair, the same for all
+
+
 # ---------------------------------------------------------------- SwiGLU
 
 @pytest.mark.parametrize("shape", [(1, 24), (7, 40), (3, 5, 100), (2, 13, 67)])

@@ -180,6 +180,8 @@ class _RotaryQK(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin):
         if cos.stride() != sin.stride():
             cos, sin = cos.contiguous(), sin.contiguous()
+        # the tables as given, shared by every layer: a converted copy kept here would be one more
+        # (positions x head_dim) table per layer and micro-batch
         ctx.save_for_backward(cos, sin)
         return _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
 
@@ -194,7 +196,11 @@ class _RotaryQK(torch.autograd.Function):
 def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     if q.shape[-1] % 2 or cos.shape[0] < q.shape[2] or cos.shape[-1] != q.shape[-1]:
         raise ValueError(f"rotary tables {tuple(cos.shape)} do not fit q {tuple(q.shape)}")
-    return _RotaryQK.apply(q, k, cos.float(), sin.float())
+    if cos.dtype != sin.dtype:
+        cos, sin = cos.float(), sin.float()
+    # the kernel reads the tables in their own dtype (fp32, or the compute dtype FSDP2's layers
+    # take them in) and computes in fp32 registers
+    return _RotaryQK.apply(q, k, cos, sin)
 
 
 # ---------------------------------------------------------------- SwiGLU

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
-from .rope import rotary_tables
+from .rope import rotary_tables, tables_in
 
 
 class RMSNorm(nn.Module):
@@ -120,8 +120,9 @@ class Llama(nn.Module):
         # input is token ids, on the others the previous stage's hidden states.
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         # whole tables, or gathered for the whole sequence: with sequence parallelism h holds only
-        # a slice of the sequence here, attention sees all of it
-        cos, sin = self.rope_cos, self.rope_sin
+        # a slice of the sequence here, attention sees all of it. In h's dtype, converted once, not
+        # by FSDP2 in every layer (`rope.tables_in`)
+        cos, sin = tables_in(self.rope_cos, self.rope_sin, h.dtype)
         if position_ids is not None:
             cos, sin = cos[position_ids], sin[position_ids]
         documents = self.document_mask(document_ids) if document_ids is not None else None

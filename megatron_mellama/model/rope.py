@@ -17,10 +17,16 @@ for linear interpolation; the same value in exact arithmetic, not in fp32).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
 from ..config import ModelConfig
+
+try:
+    from torch.utils.weak import WeakIdKeyDictionary
+except ImportError:  # without it each forward converts the tables again
+    WeakIdKeyDictionary = None
 
 KINDS = ("default", "linear", "llama3", "yarn")
 
@@ -64,6 +70,34 @@ def rotary_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Te
     if attention_factor == 1.0:
         return angles.cos(), angles.sin()
     return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+# the tables converted to a compute dtype, per source table; an entry goes with its source
+_converted = WeakIdKeyDictionary() if WeakIdKeyDictionary is not None else None
+
+
+def tables_in(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin in `dtype` (the layers' compute dtype), converted once for as long as the
+    tables are neither replaced nor written to, rather than once per forward or per layer.
+
+    FSDP2 casts each layer's floating-point inputs to its compute dtype, so fp32 tables handed to
+    every layer would be copied in every layer, a new tensor each time: kernels that keep them for
+    backward would keep one copy per layer, and an adapter caching what it derives from the tables
+    (Transformer Engine's angles) would never hit. Tables already in `dtype` pass through FSDP2
+    untouched, the same tensors for every layer and micro-batch."""
+    if cos.dtype == dtype and sin.dtype == dtype:
+        return cos, sin
+    # an inference tensor cannot be saved for backward: what inference mode made stays there
+    key = (dtype, torch.is_inference_mode_enabled())
+    entries = _converted.setdefault(cos, {}) if _converted is not None else {}
+    entry = entries.get(key)
+    if entry is not None:
+        sin_ref, versions, converted = entry
+        if sin_ref() is sin and versions == (cos._version, sin._version):
+            return converted
+    converted = (cos.to(dtype), sin.to(dtype))
+    entries[key] = (weakref.ref(sin), (cos._version, sin._version), converted)
+    return converted
 
 
 def inverse_frequencies(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, float]:
