@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_mellama import kernels
-from megatron_mellama.kernels import autotune, choice, dispatch
+from megatron_mellama.kernels import autotune, choice, dispatch, reference
 
 SHAPES = dict(batch=1, seq=8, norm_seq=8, hidden=32, heads=2, kv_heads=1, head_dim=8, ffn=48, vocab=40,
               positions=16, eps=1e-5, dtype=torch.float32, param_dtype=torch.float32)
@@ -33,6 +33,14 @@ def rms_norm(x, weight, eps):
 
 def attention(q, k, v):
     raise RuntimeError("no kernel for these shapes")
+
+
+def apply_rotary_qk(q, k, cos, sin):
+    # rotates by the tables' angles alone, as Transformer Engine's RoPE does: YaRN's attention
+    # factor, which the tables carry, is lost
+    angles = torch.atan2(sin.float(), cos.float())[:q.shape[2]]
+    return tuple((t.float() * angles.cos() + reference.rotate_half(t.float()) * angles.sin()).to(t.dtype)
+                 for t in (q, k))
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +69,17 @@ def test_a_backend_that_raises_is_skipped_and_the_others_are_still_timed(caplog)
         table = autotune.measure_isolated(candidates, "cpu", SHAPES, timeout_s=240)
     assert table == {"attention": "torch", "rotary": "torch"}
     assert any("'faulty' failed on attention" in r.getMessage() for r in caplog.records)
+
+
+def test_a_backend_that_disagrees_with_the_reference_is_not_timed(monkeypatch):
+    # the check's rotary tables carry an attention factor even where the run's do not (SHAPES:
+    # plain RoPE), so a rotary that keeps only the tables' angles shows
+    timed = []
+    monkeypatch.setattr(autotune, "time_backend", lambda op, backend, *args: timed.append(backend) or 1.0)
+    result = autotune.measure({"rotary": ["torch", "faulty"]}, "cpu", SHAPES)
+    assert result["table"] == {"rotary": "torch"} and timed == ["torch"]
+    assert "differs from the torch reference's" in result["failures"]["rotary"]["faulty"]
+    assert autotune.disagreement("rotary", "torch", "cpu", SHAPES) == 0.0
 
 
 def test_a_child_that_dies_leaves_the_reference_for_everything(caplog):

@@ -1,5 +1,7 @@
 """Timing backends for `--kernel-backend auto`: each candidate backend of each operation runs
-forward and backward on inputs like the run's own (`workload.py`), and the fastest is kept.
+forward and backward on inputs like the run's own (`workload.py`), and the fastest is kept. A
+backend whose output differs from the reference's beyond its dtype's rounding is not timed (on
+inputs whose rotary tables carry an attention factor, as YaRN's do, whatever the run's).
 
 `measure_isolated` times in a spawned child process, which has its own CUDA context: a kernel that
 faults (an illegal memory access leaves the process's CUDA context unusable, whatever Python
@@ -19,9 +21,10 @@ import torch
 
 from . import dispatch
 from .dispatch import REFERENCE
-from .workload import workload
+from .workload import check_shapes, workload
 
-__all__ = ["DEFAULT_TIMEOUT_S", "fastest", "measure", "measure_isolated", "time_backend"]
+__all__ = ["DEFAULT_TIMEOUT_S", "TOLERANCE", "disagreement", "fastest", "measure", "measure_isolated",
+           "time_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,25 @@ def time_backend(op: str, backend: str, device: torch.device | str, shapes: dict
     return sorted(times)[len(times) // 2]
 
 
+# the largest difference from the reference's output a backend may show, relative to the
+# reference's largest magnitude, by compute dtype: a few roundings of that dtype
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def disagreement(op: str, backend: str, device: torch.device | str, shapes: dict | None) -> float:
+    """How far `backend`'s forward output of `op` is from the reference's, relative to the
+    reference's largest magnitude, on the same inputs (`workload.check_shapes`)."""
+    device = torch.device(device)
+    shapes = check_shapes(shapes)
+    outputs = []
+    for b in (REFERENCE, backend):
+        with dispatch.override({op: b}), torch.no_grad():
+            forward, _ = workload(op, device, shapes, seed=1)
+            outputs.append(forward().float())
+    want, got = outputs
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
 def fastest(seconds: dict[str, float]) -> str:
     """The backend with the fewest seconds; the reference when none was timed."""
     return min(seconds, key=seconds.get, default=REFERENCE)
@@ -62,9 +84,10 @@ def measure(candidates: dict[str, list[str]], device: torch.device | str, shapes
     """Time every candidate backend of every operation, here, in this process.
 
     Returns `table` (operation -> fastest backend), `seconds` (operation -> backend -> median
-    seconds) and `failures` (operation -> backend -> the exception it raised). An operation with
-    one candidate is not timed."""
+    seconds) and `failures` (operation -> backend -> the exception it raised, or how far it is
+    from the reference). An operation with one candidate is not timed."""
     device = torch.device(device)
+    tolerance = TOLERANCE[check_shapes(shapes)["dtype"]]
     table, seconds, failures = {}, {}, {}
     for op, backends in candidates.items():
         if len(backends) <= 1:
@@ -73,6 +96,11 @@ def measure(candidates: dict[str, list[str]], device: torch.device | str, shapes
         seconds[op], failures[op] = {}, {}
         for backend in backends:
             try:
+                off = 0.0 if backend == REFERENCE else disagreement(op, backend, device, shapes)
+                if not off <= tolerance:  # NaN too
+                    failures[op][backend] = (f"its output differs from the torch reference's by {off:.1e} of its "
+                                             f"largest magnitude (at most {tolerance:.0e} expected)")
+                    continue
                 seconds[op][backend] = time_backend(op, backend, device, shapes, repeats)
             except Exception as exc:  # a backend failing on these inputs must not stop the others
                 failures[op][backend] = f"{type(exc).__name__}: {exc}"

@@ -6,7 +6,8 @@ The model (`model/llama.py`) under autocast, with fp32 parameters as the engine 
   weight; with sequence parallelism each rank's norm runs on its sequence shard, seq / TP rows.
 - the projections run in the autocast dtype, so rotary takes bf16 q (batch, heads, seq, head_dim)
   and k, both transposed views of the projections' (batch, seq, heads, head_dim), with the whole
-  fp32 cos/sin tables (max positions, head_dim); attention takes bf16 q, k, v laid out the same
+  cos/sin tables (max positions, head_dim) in the residual stream's dtype (`rope.tables_in`),
+  multiplied by the run's attention factor (YaRN's; 1 otherwise); attention takes bf16 q, k, v laid out the same
   way; SwiGLU takes bf16 (batch, seq, ffn) gate and up. Heads and FFN are split over TP; the
   sequence is the rank's whole share (sequence parallelism gathers it before the projections):
   seq / CP tokens under context parallelism, for every operation.
@@ -25,7 +26,20 @@ from .ops import apply_rotary_qk, attention, rms_norm, swiglu
 
 # the ~1B shape, one 4096-token sequence, bf16 autocast over fp32 parameters
 DEFAULT_SHAPES = dict(batch=1, seq=4096, norm_seq=4096, hidden=2048, heads=16, kv_heads=16, head_dim=128, ffn=5632,
-                      vocab=32000, positions=4096, eps=1e-5, dtype=torch.bfloat16, param_dtype=torch.float32)
+                      vocab=32000, positions=4096, eps=1e-5, dtype=torch.bfloat16, param_dtype=torch.float32,
+                      rope_attention_factor=1.0)
+# YaRN's attention factor at scaling factor 4 (0.1 ln 4 + 1): what checks against the reference
+# multiply the rotary tables by, so that a backend ignoring the tables' magnitude shows
+CHECK_ROPE_ATTENTION_FACTOR = 1.1386294361119891
+
+
+def check_shapes(shapes: dict | None) -> dict:
+    """`shapes` for comparing a backend with the reference: rotary tables carrying an attention
+    factor even where the run's do not."""
+    s = {**DEFAULT_SHAPES, **(shapes or {})}
+    if s["rope_attention_factor"] == 1.0:
+        s["rope_attention_factor"] = CHECK_ROPE_ATTENTION_FACTOR
+    return s
 
 
 def run_shapes(cfg, tp: int = 1, sequence_parallel: bool | None = None,
@@ -58,7 +72,14 @@ def run_shapes(cfg, tp: int = 1, sequence_parallel: bool | None = None,
                 head_dim=m.head_dim, ffn=m.ffn_size // tp, vocab=m.padded_vocab_size // tp,
                 positions=m.max_position_embeddings, eps=m.norm_epsilon,
                 dtype=torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32,
-                param_dtype=param_dtype or torch.float32)
+                param_dtype=param_dtype or torch.float32, rope_attention_factor=_rope_attention_factor(m))
+
+
+def _rope_attention_factor(model_cfg) -> float:
+    # imported here: the model package imports the kernels when it loads
+    from ..model.rope import inverse_frequencies
+
+    return inverse_frequencies(model_cfg)[1]
 
 
 def workload(op: str, device: torch.device | str, shapes: dict | None, seed: int = 0):
@@ -87,7 +108,8 @@ def workload(op: str, device: torch.device | str, shapes: dict | None, seed: int
         q, k = make(batch, seq, s["heads"], s["head_dim"]), make(batch, seq, s["kv_heads"], s["head_dim"])
         angles = torch.rand(s["positions"], s["head_dim"] // 2, device=device, generator=g) * s["positions"]
         angles = torch.cat([angles, angles], dim=-1)
-        cos, sin = angles.cos(), angles.sin()
+        factor = s["rope_attention_factor"]
+        cos, sin = ((f(angles) * factor).to(param_dtype) for f in (torch.cos, torch.sin))
 
         def forward():
             rotated = apply_rotary_qk(heads_view(q), heads_view(k), cos, sin)
