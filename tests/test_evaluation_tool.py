@@ -138,3 +138,42 @@ def test_metrics_and_fixed_batches():
     values = row_loglikelihoods(requests, 8, loglikelihood_fn, batch_size=4)
     assert shapes == [(4, 8)] * 3  # the last batch, one real row, is filled up to the same shape
     assert values == [float(sum(ord(ch) for ch in " " + c)) for c in items[0].choices] * 3
+
+
+# -- issue 23: a broken model is an error, never a chance-level score ------------------------------------
+def test_a_nan_loglikelihood_is_an_error_naming_the_row():
+    from megatron_mellama.evaluation.scoring import NonFiniteLoglikelihood
+
+    items = [Item(prompt="q", choices=("a", "b"), answer=1)] * 3
+    requests = encode_requests(items, lambda text: [ord(ch) for ch in text])
+
+    def nan_for_item_2(tokens, labels, loss_mask):
+        values = (labels.float() * loss_mask).sum(-1)
+        values[((labels == ord("b")) & (loss_mask > 0)).any(-1)] = float("nan")  # choice 1 of every item
+        return values
+
+    with pytest.raises(NonFiniteLoglikelihood) as info:
+        row_loglikelihoods(requests, 8, nan_for_item_2, batch_size=4)
+    assert info.value.choice == 1 and "nan" in info.value.where("t", "t.jsonl", 3)
+
+
+def test_a_model_with_a_nan_weight_fails_instead_of_scoring_chance(tmp_path, hf_tokenizer_dir, capsys):
+    model, _ = make_hf_llama(hf_tokenizer_dir, out_dir=tmp_path / "hf")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "hf")
+    task = write_task(tmp_path / "t.jsonl", task_lines(8))
+    out = tmp_path / "out.json"
+    err = _error(["--tasks", f"medqa={task}", "--hf-dir", str(tmp_path / "hf"), "--output", str(out),
+                  "--no-progress"], capsys)
+    assert "task medqa: " in err and f"{task}:" in err and "log-likelihood is nan" in err, err
+    assert not out.exists()
+
+
+def test_the_results_file_is_strict_json(tmp_path):
+    from megatron_mellama.tools.cli import UsageError
+    from megatron_mellama.tools.evaluate import _write_json_atomically
+
+    with pytest.raises(UsageError, match="not a finite number"):
+        _write_json_atomically(str(tmp_path / "r.json"), {"acc": float("nan")})
+    assert list(tmp_path.iterdir()) == []

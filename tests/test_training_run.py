@@ -321,3 +321,23 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "a weight is not finite after iteration 1" in err
     assert not list(save.glob("iter_*"))
+
+
+def test_a_nan_downstream_loglikelihood_stops_the_run_before_saving(tmp_path, sentencepiece_model, capsys,
+                                                                     monkeypatch):
+    import torch
+
+    from megatron_mellama.training import engine as engine_module
+
+    task = tmp_path / "medqa.jsonl"
+    task.write_text("".join(json.dumps({"question": f"q{i}?", "choices": ["heart", "blood"], "answer": i % 2}) + "\n"
+                            for i in range(3)))
+    monkeypatch.setattr(engine_module.Engine, "sequence_loglikelihoods",
+                        lambda self, micro_batches: torch.full((4,), float("nan")))
+    save = tmp_path / "ckpt"
+    argv = [a for a in RUN if a not in ("--vocab-size", "256")]
+    assert main(argv + ["--train-iters", "3", "--eval-iters", "0", "--tokenizer-model", sentencepiece_model,
+                        "--eval-tasks", f"medqa={task}", "--save", str(save), "--save-interval", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "downstream evaluation at iteration 3: task medqa: " in err, err
+    assert "log-likelihood is nan" in err and not list(save.glob("iter_*"))

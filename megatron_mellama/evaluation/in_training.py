@@ -5,7 +5,8 @@ the model is built: a bad file stops the run at once with `FILE:LINE: ...` (a `C
 code 2), and the evaluations reuse the token lists. Each evaluation scores the rows in batches of
 the global batch size, the shape the engine runs: every rank scores the same batches, each data
 parallel rank reads its slice of them, and `Engine.sequence_loglikelihoods` gives every rank every
-row's log-likelihood, so all ranks compute the same acc and acc_norm.
+row's log-likelihood, so all ranks compute the same acc and acc_norm. An inf/NaN log-likelihood
+means the model diverged: like a NaN validation loss, it stops the run before any save.
 """
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ import time
 from ..config import Config, ConfigError
 from ..data.tokenizer import TokenizerError
 from .requests import RequestError, encode_requests, tokenizer_encoder
-from .scoring import row_loglikelihoods, score_items
+from .scoring import NonFiniteLoglikelihood, row_loglikelihoods, score_items
 from .tasks import TaskError, load_tasks, parse_task_specs
+
+
+class DownstreamNotFinite(ValueError):
+    """A task's log-likelihood is inf/NaN: the model diverged (the message names the task and item)."""
 
 
 @dataclasses.dataclass
 class _EncodedTask:
     name: str
+    path: str
     items: tuple
     requests: list
 
@@ -58,17 +64,21 @@ class DownstreamTasks:
                 if len(r.continuation) > cfg.seq_length:
                     raise ConfigError(f"{task.path}:{items[r.item].line}: choice {r.choice} is {len(r.continuation)} "
                                       f"tokens, longer than --seq-length {cfg.seq_length}")
-            encoded.append(_EncodedTask(task.name, items, requests))
+            encoded.append(_EncodedTask(task.name, task.path, items, requests))
         return cls(cfg, encoded)
 
     def score(self, engine, dp_rank: int, dp_size: int) -> dict[str, dict]:
-        """{task: {"acc", "acc_norm", "items", "seconds"}}, the same on every rank."""
+        """{task: {"acc", "acc_norm", "items", "seconds"}}, the same on every rank; raises
+        DownstreamNotFinite, on every rank together (each reads every row), for an inf/NaN row."""
         loglikelihood = engine_loglikelihood_fn(self.cfg, engine, dp_rank, dp_size)
         results = {}
         for task in self.tasks:
             start = time.perf_counter()
-            values = row_loglikelihoods(task.requests, self.cfg.seq_length, loglikelihood,
-                                        self.cfg.train.global_batch_size)
+            try:
+                values = row_loglikelihoods(task.requests, self.cfg.seq_length, loglikelihood,
+                                            self.cfg.train.global_batch_size)
+            except NonFiniteLoglikelihood as exc:
+                raise DownstreamNotFinite(exc.where(task.name, task.path, task.items[exc.item].line)) from None
             per_item = [[] for _ in task.items]
             for request, value in zip(task.requests, values):
                 per_item[request.item].append(value)

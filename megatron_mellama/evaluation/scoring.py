@@ -10,12 +10,14 @@ Ties go to the first choice (numpy's argmax). A task's score is the mean over it
 `score_task` runs any `loglikelihood_fn(tokens, labels, loss_mask) -> Tensor[B]` (the summed fp32
 log-probability of the masked labels of each row, see `requests` for the rows) over a task's rows
 in batches of a fixed size: the last batch is filled up with padding rows (mask 0, their results
-dropped), so a parallel engine that needs a constant batch shape can serve as `loglikelihood_fn` too.
+dropped), so a parallel engine that needs a constant batch shape can serve as `loglikelihood_fn` too. An inf
+or NaN log-likelihood is an error (`NonFiniteLoglikelihood`), never a prediction.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -25,6 +27,22 @@ from .requests import Encode, Request, encode_requests, rows_from_requests
 from .tasks import Item
 
 LoglikelihoodFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NonFiniteLoglikelihood(ValueError):
+    """A row's log-likelihood is inf or NaN: the model is broken (NaN weights, an overflow), and
+    argmax over NaN picks choice 0, so any accuracy it gives is chance, not a score. `item` and
+    `choice` name the first such row (`item`: its index in the task's items); `where(task, line)`
+    is the one-line message a caller gives."""
+
+    def __init__(self, item: int, choice: int, value: float):
+        super().__init__(f"item {item}, choice {choice}: log-likelihood {value}")
+        self.item, self.choice, self.value = item, choice, value
+
+    def where(self, task: str, path: str, line: int) -> str:
+        return (f"task {task}: {path}:{line}, choice {self.choice}: the log-likelihood is {self.value}: the model "
+                "gives inf/NaN log-probabilities (broken weights, or an overflow in its dtype), so no score of it "
+                "means anything")
 
 
 @dataclasses.dataclass
@@ -80,8 +98,11 @@ def row_loglikelihoods(requests: Sequence[Request], seq_length: int, loglikeliho
             tokens = torch.cat([tokens, tokens.new_zeros(fill, seq_length)])
             labels = torch.cat([labels, labels.new_zeros(fill, seq_length)])
             loss_mask = torch.cat([loss_mask, loss_mask.new_zeros(fill, seq_length)])
+        # the batch's one host read; the check below reads the floats it brought
         values = loglikelihood_fn(tokens, labels, loss_mask)[:len(chosen)].float().tolist()
         for k, value in zip(chosen, values):
+            if not math.isfinite(value):
+                raise NonFiniteLoglikelihood(requests[k].item, requests[k].choice, value)
             out[k] = value
         if progress is not None:
             progress(len(chosen))

@@ -8,7 +8,8 @@ Each task is a JSONL file (`megatron_mellama.evaluation.tasks` describes the for
 is checked before the model loads. The model is a Hugging Face LLaMA folder (with its tokenizer)
 or one of our checkpoints, whatever layout saved it. acc: the choice of highest summed
 log-likelihood; acc_norm: highest log-likelihood per character of the choice. --output holds
-each task's figures and every item's per-choice log-likelihoods.
+each task's figures and every item's per-choice log-likelihoods. A model that gives an inf/NaN
+log-likelihood (broken weights) is an error naming the task and item, not a chance-level score.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _run(args) -> int:
     from tqdm import tqdm
 
     from ..evaluation.requests import RequestError
-    from ..evaluation.scoring import score_task
+    from ..evaluation.scoring import NonFiniteLoglikelihood, score_task
     from ..evaluation.tasks import load_tasks, parse_task_specs
 
     # every task file is read and checked before any model is loaded
@@ -97,6 +98,8 @@ def _run(args) -> int:
                 score = score_task(items, encode, seq_length, loglikelihood_fn, args.batch_size, bar.update)
             except RequestError as exc:
                 raise UsageError(f"{task.path}:{items[exc.item].line}: {exc}") from None
+            except NonFiniteLoglikelihood as exc:
+                raise UsageError(exc.where(task.name, task.path, items[exc.item].line)) from None
         results[task.name] = dict(path=task.path, items=len(items), acc=score.acc, acc_norm=score.acc_norm,
                                   seconds=round(time.perf_counter() - start, 3),
                                   predictions=[vars(s) for s in score.items])
@@ -134,10 +137,13 @@ def _write_json_atomically(path: str, obj: dict) -> None:
     # a reader never sees a half-written file: the whole file is written beside it, then renamed
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
+        # strict JSON: a bare NaN or Infinity is no JSON value, and other readers reject the file
+        text = json.dumps(obj, indent=1, allow_nan=False)
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=1)
-            fh.write("\n")
+            fh.write(text + "\n")
         os.replace(tmp, path)
+    except ValueError as exc:
+        raise UsageError(f"--output {path}: a result is not a finite number ({exc}); nothing written") from None
     except OSError as exc:
         if os.path.exists(tmp):
             os.remove(tmp)

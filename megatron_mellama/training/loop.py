@@ -23,7 +23,7 @@ from ..checkpoint.save_root import check_save_root
 from ..config import Config
 from ..data.datasets import build_datasets
 from ..data.loader import eval_batches, train_batches
-from ..evaluation.in_training import DownstreamTasks
+from ..evaluation.in_training import DownstreamNotFinite, DownstreamTasks
 from ..parallel.mesh import ParallelDims, init_distributed, local_device
 from .engine import Engine
 from .metrics import MetricsLogger
@@ -202,7 +202,12 @@ class _Steps:
                     raise TrainingStopped(f"validation loss is not finite at iteration {iteration} ({names}): the "
                                           "model diverged; no checkpoint was saved")
             if self.downstream is not None and evaluating:
-                scores = self.downstream.score(engine, self.dp_rank, self.dp_size)
+                try:
+                    scores = self.downstream.score(engine, self.dp_rank, self.dp_size)
+                except DownstreamNotFinite as exc:
+                    # as a NaN validation loss: every rank raises together, before any save
+                    raise TrainingStopped(f"downstream evaluation at iteration {iteration}: {exc}: the model "
+                                          "diverged; no checkpoint was saved") from None
                 history.setdefault("downstream", []).append(dict(iteration=iteration, **scores))
                 self.metrics.log_downstream(iteration, consumed, scores)
                 window_start = time.perf_counter()
