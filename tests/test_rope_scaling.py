@@ -176,3 +176,22 @@ def test_resume_with_another_rope_scaling_is_refused_in_one_line(linear_checkpoi
     assert load_with(["--load", root])["iteration"] == 1
     with pytest.raises(CheckpointError, match="but the checkpoint has none"):
         load_with(["--load", root, "--rotary-seq-len-interpolation-factor", "2"])
+
+
+def test_tables_in_a_compute_dtype_are_converted_once_and_again_after_a_write():
+    cos, sin = rope.rotary_tables(parse_config(SMALL).model)
+    first = rope.tables_in(cos, sin, torch.bfloat16)
+    assert first[0].dtype == first[1].dtype == torch.bfloat16
+    again = rope.tables_in(cos, sin, torch.bfloat16)
+    assert again[0] is first[0] and again[1] is first[1]  # every layer and micro-batch: the same tensors
+    assert rope.tables_in(cos, sin, torch.float32) == (cos, sin)
+    with torch.inference_mode():
+        inference = rope.tables_in(cos, sin, torch.bfloat16)[0]
+    # what inference mode made (which cannot be saved for backward) stays there
+    assert inference.is_inference() and not first[0].is_inference()
+    assert rope.tables_in(cos, sin, torch.bfloat16)[0] is first[0]
+    with torch.no_grad():
+        cos.mul_(2)
+    rewritten = rope.tables_in(cos, sin, torch.bfloat16)
+    assert rewritten[0] is not first[0]
+    torch.testing.assert_close(rewritten[0], cos.bfloat16())

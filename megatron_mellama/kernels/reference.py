@@ -7,7 +7,9 @@ Shapes and dtypes, shared by every backend:
   bf16 activations give fp32, as Hugging Face's RMSNorm does). The entry point `ops.rms_norm` then
   casts it to the autocast dtype when autocast is on, for every backend alike.
 - `apply_rotary_qk(q, k, cos, sin)`: q (batch, heads, seq, head_dim), k (batch, kv_heads, seq,
-  head_dim), any strides; cos/sin fp32 tables of at least seq rows, (rows, head_dim), rotate-half layout.
+  head_dim), any strides; cos/sin tables of at least seq rows, (rows, head_dim), rotate-half layout,
+  fp32 or the compute dtype (what the model's layers take, `rope.tables_in`), either one possibly
+  multiplied by an attention factor (YaRN's).
   The reference alone also takes per-token tables (batch, seq, head_dim), gathered at each token's
   position where positions restart (packed documents); `ops.apply_rotary_qk` sends those here.
 - `swiglu(gate, up)`: silu(gate) * up.
