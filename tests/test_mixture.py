@@ -145,3 +145,11 @@ def test_one_prefix_spelt_two_ways_is_one_domain(corpus, sentencepiece_model, tm
     assert seen["clin"] > 0 and abs(seen["gen"] / sum(seen.values()) - 0.8) < 0.05
     assert [domain_of(s["tokens"]) for s in (sets.valid_per_domain["clin"][i] for i in range(5))] == ["clin"] * 5
     assert any(f"'{gen}' and './{gen}' are one prefix" in line for line in sets.notes)
+
+
+def test_a_dropped_domain_is_reported_by_its_name(corpus, sentencepiece_model, tmp_path):
+    full = build_datasets(config(corpus, sentencepiece_model, tmp_path)).train
+    no_clin, lines = build_datasets(config(corpus, sentencepiece_model, tmp_path, blend={"bio": 15, "gen": 4})
+                                    ).train.continued(full.state(2000), 2000)
+    assert set(no_clin.named(no_clin.consumed_per_domain(2500))) == {"bio", "clin", "gen"}
+    assert "clin 0.0500 -> 0.0000" in lines[0]

@@ -171,6 +171,7 @@ BAD_RECORDS = [  # (line, reason kind): line numbers as written below, blank lin
     (json.dumps({"instruction": "Classify.", "output": ""}).encode(), "empty answer"),
     (json.dumps({"messages": [ONE_TURN[0], {"role": "assistant", "content": "risk " * 300}]}).encode(),
      "longer than --seq-length 256"),
+    (json.dumps({"messages": ONE_TURN, "instruction": "Classify.", "output": "a"}).encode(), "ambiguous record"),
 ]
 
 

@@ -298,3 +298,11 @@ def test_a_validation_batch_without_trained_tokens_is_an_error():
         engine.evaluate(micro_batches_of(batch, cfg, 0, 1))
     with pytest.raises(ConfigError, match="a training step's global batch holds no trained token"):
         engine.step(micro_batches_of(batch, cfg, 0, 1))
+
+
+def test_eod_mask_loss_is_refused_with_sft(sft_prefix, sentencepiece_model):
+    cfg = parse_config(["--model", "tiny", "--sft", "--eod-mask-loss", "--data-path", sft_prefix,
+                        "--tokenizer-model", sentencepiece_model, "--seq-length", str(SEQ), "--train-iters", "1",
+                        "--global-batch-size", "1"])
+    with pytest.raises(ConfigError, match=r"^--eod-mask-loss does not apply to --sft: [^\n]*$"):
+        build_datasets(cfg)

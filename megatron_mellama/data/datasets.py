@@ -391,6 +391,10 @@ def build_datasets(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> DataSe
             weight_of[p] = weight_of.get(p, 0.0) + w
     blended = [(w, p) for p, w in weight_of.items()]
     if d.sft:
+        if d.eod_mask_loss:
+            # an answer's closing EOS is what teaches the model to stop: the preprocess mask trains it
+            raise ConfigError("--eod-mask-loss does not apply to --sft: the loss mask is the one "
+                              "tools/preprocess_sft.py wrote (answers and their closing EOS); drop the flag")
         from .chat_template import run_template
         from .sft_dataset import build_sft_datasets, check_pair, pair_of
 

@@ -133,8 +133,17 @@ class TrainingSamples(torch.utils.data.Dataset):
         return consumed
 
     def named(self, per_key: dict) -> dict:
-        """Per-domain values keyed by domain name (keys of domains no longer in the run keep theirs)."""
-        return {self.names.get(k, k): v for k, v in per_key.items()}
+        """Per-domain values keyed by domain name, domains no longer in the run included."""
+        return {self.name_of(k): v for k, v in per_key.items()}
+
+    def name_of(self, key: str) -> str:
+        """A domain's name; for a domain this run no longer reads (a checkpoint's, dropped from
+        --data-path), the name it would have beside this run's domains, never its full path."""
+        if key in self.names:
+            return self.names[key]
+        from .datasets import domain_names
+
+        return domain_names([*self.names, key])[-1]
 
     def state(self, position: int) -> dict:
         """What a checkpoint at `position` records: the segments and each domain's consumed samples."""
@@ -158,10 +167,10 @@ class TrainingSamples(torch.utils.data.Dataset):
         if set(theirs) == set(ours) and all(abs(theirs[k] - ours[k]) <= 1e-12 for k in ours):
             return self._with(segments), []
         segments.append(segment(position, ours, consumed))
-        name = self.names.get
-        changes = [f"{name(k, os.path.basename(k))} {theirs.get(k, 0.0):.4f} -> {ours.get(k, 0.0):.4f}"
+        name = self.name_of
+        changes = [f"{name(k)} {theirs.get(k, 0.0):.4f} -> {ours.get(k, 0.0):.4f}"
                    for k in dict.fromkeys([*theirs, *ours]) if abs(theirs.get(k, 0.0) - ours.get(k, 0.0)) > 1e-12]
-        where = ", ".join(f"{name(k, os.path.basename(k))} at its sample {consumed.get(k, 0)}" for k in ours)
+        where = ", ".join(f"{name(k)} at its sample {consumed.get(k, 0)}" for k in ours)
         return self._with(segments), [f"data blend changed at sample {position}: {'; '.join(changes)}; "
                                       f"each domain continues where it stopped ({where})"]
 

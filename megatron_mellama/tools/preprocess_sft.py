@@ -129,6 +129,8 @@ def parse_line(raw: bytes) -> dict:
 
 def conversation(record: dict, system: str | None) -> list[dict]:
     """The record as chat messages, checked; `system` is prepended when the record has no system turn."""
+    if "messages" in record and "instruction" in record:
+        raise Reject("ambiguous record: both 'messages' and 'instruction' (one conversation per record)")
     if "messages" in record:
         messages = _checked_messages(record["messages"])
     elif "instruction" in record:
