@@ -56,3 +56,28 @@ def make_hf_llama(hf_tokenizer_dir: str, out_dir=None, seed: int = 0):
         model.save_pretrained(out_dir)
         shutil.copytree(hf_tokenizer_dir, out_dir, dirs_exist_ok=True)
     return model, tokenizer
+
+
+def train_tiny_checkpoint(save, tokenizer_model: str) -> str:
+    """Two iterations of the tiny model on mock data with `tokenizer_model` (its vocabulary; its
+    sha256 recorded in the checkpoint), saved in `save`; returns `save`."""
+    from megatron_mellama.pretrain import main
+
+    argv = ["--model", "tiny", "--mock-data", "--tokenizer-model", tokenizer_model, "--seq-length", "32",
+            "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2", "--eval-iters", "0",
+            "--num-workers", "0", "--log-interval", "100", "--save", str(save)]
+    assert main(argv) == 0
+    return str(save)
+
+
+def other_sentencepiece_model(root, vocab_size: int = 300) -> str:
+    """A SentencePiece model other than the tests' usual one: another vocabulary, other ids."""
+    import sentencepiece as spm
+
+    rng = random.Random(7)
+    corpus = root / "other_corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(WORDS) + rng.choice(("", "s", "ing", "ed"))
+                                         for _ in range(12)) for _ in range(300)) + "\n", encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(root / "other"), model_type="bpe",
+                                   vocab_size=vocab_size, byte_fallback=True, num_threads=1, minloglevel=2)
+    return str(root / "other.model")

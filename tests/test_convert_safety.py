@@ -308,3 +308,41 @@ def test_import_writes_checksums_that_verify(tmp_path):
     ckpt = checkpoint_dir(save, 0)
     files = checksums.read_checksums(ckpt)
     assert files and checksums.verify(ckpt, files) == []
+
+
+# -- issue 23: the tokenizer shipped with an export is the one the checkpoint was trained with -------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, sentencepiece_model):
+    from evaluation_helpers import other_sentencepiece_model, train_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("trained")
+    return train_tiny_checkpoint(root / "ckpt", sentencepiece_model), other_sentencepiece_model(root)
+
+
+def test_export_refuses_a_tokenizer_other_than_the_trained_one(trained, sentencepiece_model, tmp_path, capsys):
+    from megatron_mellama.checkpoint.manager import tokenizer_hash
+
+    ckpt, other = trained
+    out = tmp_path / "hf"
+    err = _error(mellama_to_hf, ["--load", ckpt, "--hf-dir", str(out), "--tokenizer-model", other, "--no-progress"],
+                 capsys)
+    assert f"--tokenizer-model {other} (sha256 {tokenizer_hash(other)[:12]}) is not the tokenizer" in err
+    assert f"{sentencepiece_model} (sha256 {tokenizer_hash(sentencepiece_model)[:12]})" in err
+    assert "--allow-tokenizer-mismatch" in err and not out.exists()
+    assert mellama_to_hf(["--load", ckpt, "--hf-dir", str(out), "--tokenizer-model", sentencepiece_model,
+                          "--no-progress"]) == 0
+    assert mellama_to_hf(["--load", ckpt, "--hf-dir", str(tmp_path / "forced"), "--tokenizer-model", other,
+                          "--allow-tokenizer-mismatch", "--no-progress"]) == 0
+
+
+def test_export_tokenizer_model_that_is_a_directory_says_so(trained, hf_tokenizer_dir, tmp_path, capsys):
+    ckpt, other = trained
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    err = _error(mellama_to_hf, ["--load", ckpt, "--hf-dir", str(tmp_path / "hf"), "--tokenizer-model", str(folder),
+                                 "--no-progress"], capsys)
+    assert f"--tokenizer-model {folder}: is a directory; expected the SentencePiece tokenizer .model file" in err
+    (folder / "tokenizer.model").write_bytes(open(other, "rb").read())
+    err = _error(mellama_to_hf, ["--load", ckpt, "--hf-dir", str(tmp_path / "hf"), "--tokenizer-model", str(folder),
+                                 "--no-progress"], capsys)
+    assert f"(it holds {folder / 'tokenizer.model'})" in err

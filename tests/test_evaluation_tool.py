@@ -177,3 +177,16 @@ def test_the_results_file_is_strict_json(tmp_path):
     with pytest.raises(UsageError, match="not a finite number"):
         _write_json_atomically(str(tmp_path / "r.json"), {"acc": float("nan")})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_refuses_a_tokenizer_other_than_the_trained_one(tmp_path, sentencepiece_model, capsys):
+    from evaluation_helpers import other_sentencepiece_model, train_tiny_checkpoint
+
+    ckpt = train_tiny_checkpoint(tmp_path / "ckpt", sentencepiece_model)
+    other = other_sentencepiece_model(tmp_path)
+    task = write_task(tmp_path / "t.jsonl", task_lines(4))
+    argv = ["--tasks", f"t={task}", "--load", ckpt, "--tokenizer-type", "Llama2Tokenizer", "--no-progress"]
+    err = _error(argv + ["--tokenizer-model", other], capsys)
+    assert f"--tokenizer-model {other} (sha256 " in err and f"trained with: {sentencepiece_model} (sha256 " in err
+    assert evaluate(argv + ["--tokenizer-model", sentencepiece_model]) == 0
+    assert evaluate(argv + ["--tokenizer-model", other, "--allow-tokenizer-mismatch"]) == 0

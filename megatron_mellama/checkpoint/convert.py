@@ -37,6 +37,7 @@ from ..model.llama import Llama
 from . import checksums
 from .hf import hf_config_dict, model_config_from_hf, to_hf_name
 from .manager import TRAIN_STATE, checkpoint_dir, latest_iteration, write_latest, write_train_state
+from .trained_tokenizer import check_tokenizer_file
 from .reader import ShardReader
 from .sources import SAFETENSORS_DTYPES, ConvertError
 
@@ -278,8 +279,8 @@ def export_checkpoint(load: str, hf_dir: str, max_shard_size: int = 5 * 10**9, d
     `chat_template` (Jinja source) goes into the tokenizer's `tokenizer_config.json`."""
     ckpt = find_checkpoint(load)
     _check_target(hf_dir, "--hf-dir", overwrite, ckpt)
-    if tokenizer_model and not os.path.isfile(tokenizer_model):
-        raise ConvertError(f"--tokenizer-model {tokenizer_model}: no such file")
+    if tokenizer_model:
+        check_tokenizer_file(tokenizer_model)
     if chat_template is not None and not tokenizer_model:
         raise ConvertError(f"{ckpt}: a chat template is exported with the tokenizer: give --tokenizer-model "
                            "(or --chat-template none)")

@@ -30,7 +30,10 @@ def build_parser() -> OneLineParser:
     model.add_argument("--load", help="our checkpoint: its root (latest iteration) or an iter_* directory")
     p.add_argument("--tokenizer-type", choices=("Llama2Tokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer"),
                    help="tokenizer for --load")
-    p.add_argument("--tokenizer-model", help="for --load: the SentencePiece .model, or a Hugging Face tokenizer folder")
+    p.add_argument("--tokenizer-model", help="for --load: the SentencePiece .model, or a Hugging Face tokenizer folder; "
+                   "it must be the tokenizer the checkpoint was trained with (its sha256 is recorded there)")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true", help="with --load: score with "
+                   "--tokenizer-model even though it is not the tokenizer the checkpoint records")
     p.add_argument("--no-bos", action="store_true", help="encode without the BOS token (lm-eval's "
                    "add_bos_token=False); by default the tokenizer's own default, BOS first for LLaMA")
     p.add_argument("--batch-size", type=int, default=8, help="rows (item x choice) per forward (default 8)")
@@ -64,6 +67,8 @@ def _parse(argv):
             raise UsageError(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
     if args.load and not (args.tokenizer_type and args.tokenizer_model):
         raise UsageError("--load needs --tokenizer-type and --tokenizer-model")
+    if args.hf_dir and args.allow_tokenizer_mismatch:
+        raise UsageError("--allow-tokenizer-mismatch goes with --load; --hf-dir uses the folder's tokenizer")
     if args.hf_dir and (args.tokenizer_type or args.tokenizer_model):
         raise UsageError("--tokenizer-type/--tokenizer-model go with --load; --hf-dir uses the folder's tokenizer")
     if args.output and os.path.isdir(args.output):
@@ -113,6 +118,8 @@ def _run(args) -> int:
 
 def _model(args, device):
     """(loglikelihood_fn, encode, the model's maximum sequence length) for --hf-dir or --load."""
+    from ..checkpoint.convert import find_checkpoint
+    from ..checkpoint.trained_tokenizer import check_tokenizer
     from ..evaluation.load_model import load_hf_model, load_our_checkpoint
     from ..evaluation.loglikelihood import hf_loglikelihood_fn, llama_loglikelihood_fn
     from ..evaluation.requests import hf_encoder, tokenizer_encoder
@@ -121,6 +128,8 @@ def _model(args, device):
     if args.hf_dir:
         model, tokenizer, max_length = load_hf_model(args.hf_dir, device, args.dtype, progress=not args.no_progress)
         return hf_loglikelihood_fn(model), hf_encoder(tokenizer, add_bos), max_length
+    if not args.allow_tokenizer_mismatch:
+        check_tokenizer(find_checkpoint(args.load), args.tokenizer_model)
     encode = tokenizer_encoder(args.tokenizer_type, args.tokenizer_model, add_bos)
     model, max_length = load_our_checkpoint(args.load, device, args.dtype)
     return llama_loglikelihood_fn(model), encode, max_length

@@ -11,6 +11,9 @@ leaves --hf-dir as it was. --dtype fp16 refuses a tensor with values beyond fp16
 The chat template of an instruction-tuned checkpoint (the one `pretrain --sft` read beside its data)
 is written into tokenizer_config.json with the tokenizer, so transformers' `apply_chat_template` then
 `generate` prompt the model as it was trained; --chat-template replaces or drops it.
+
+--tokenizer-model must be the tokenizer the checkpoint was trained with (its sha256 is recorded in
+the checkpoint): another one is refused, naming both, unless --allow-tokenizer-mismatch.
 """
 
 from __future__ import annotations
@@ -40,7 +43,10 @@ def build_parser() -> OneLineParser:
     p.add_argument("--dtype", default="keep", choices=("keep", "bf16", "fp16", "fp32"),
                    help="dtype of the written tensors; keep: the checkpoint's. fp16 refuses a tensor with "
                    "values beyond its range (|x| > 65504) rather than write inf")
-    p.add_argument("--tokenizer-model", help="LLaMA2 SentencePiece tokenizer.model to ship with the model")
+    p.add_argument("--tokenizer-model", help="LLaMA2 SentencePiece tokenizer.model to ship with the model; it must be "
+                   "the one the checkpoint was trained with (its sha256 is recorded there)")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true", help="ship --tokenizer-model even though it "
+                   "is not the tokenizer the checkpoint records (another file of the same vocabulary)")
     p.add_argument("--chat-template", default="saved", metavar="saved|none|llama-2|FILE",
                    help="chat template for tokenizer_config.json: saved (default): the one the checkpoint's "
                    "instruction tuning recorded, if any; none; llama-2: LLaMA-2-chat's; FILE: a Jinja file")
@@ -62,7 +68,12 @@ def _run(args) -> int:
     limit = parse_size(args.max_shard_size)
 
     from ..checkpoint.convert import export_checkpoint, find_checkpoint, saved_chat_template
+    from ..checkpoint.trained_tokenizer import check_tokenizer, check_tokenizer_file
 
+    if args.tokenizer_model:
+        check_tokenizer_file(args.tokenizer_model)
+        if not args.allow_tokenizer_mismatch:
+            check_tokenizer(find_checkpoint(args.load), args.tokenizer_model)
     if args.chat_template == "saved":
         template = saved_chat_template(find_checkpoint(args.load))
         if template is not None and not args.tokenizer_model:
