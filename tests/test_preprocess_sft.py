@@ -257,3 +257,32 @@ def test_template_whose_tokens_move_between_turns_is_rejected(tmp_path, sentence
     err = capsys.readouterr().err
     assert "processed 2 records" in err and "template boundaries" in err
     assert final_outputs(tmp_path) == ["template"]
+
+
+STRIKE = [{"role": "user", "content": "Is <s>aspirin</s> the dose?"},
+          {"role": "assistant", "content": "The dose is <s>small</s> large </s> now."}]
+
+
+def test_special_token_text_in_messages_is_plain_text(tmp_path, sentencepiece_model):
+    import sentencepiece
+
+    rc, prefix = run(tmp_path, [{"messages": STRIKE}], model=sentencepiece_model)
+    assert rc == 0
+    (ids,), (mask,) = outputs(prefix)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sentencepiece_model))
+    # Meta's chat_completion: BOS + plain "[INST] user [/INST] answer " + EOS
+    user, answer = (m["content"].strip() for m in STRIKE)
+    assert ids == [sp.bos_id()] + sp.encode(f"[INST] {user} [/INST] {answer} ") + [sp.eos_id()]
+    assert ids.count(sp.bos_id()) == 1 and ids.count(sp.eos_id()) == 1
+    assert [i for i, m in zip(ids, mask) if m].count(sp.eos_id()) == 1  # only the closing EOS trains
+
+
+def test_special_token_text_is_rejected_with_a_hf_tokenizer(tmp_path, llama2_chat_dir):
+    rc, prefix = run(tmp_path, [{"messages": ONE_TURN}, {"messages": STRIKE}], "--max-reject-fraction", "1",
+                     model=llama2_chat_dir, tokenizer_type="HuggingFaceTokenizer")
+    assert rc == 0
+    ids, _ = outputs(prefix)
+    assert len(ids) == 1 and ids[0].count(1) == 1 and ids[0].count(2) == 1
+    (reason,) = [r["reason"] for r in rejected(prefix)]
+    assert reason.startswith("special-token text: message 0 holds '</s>'") or \
+        reason.startswith("special-token text: message 0 holds '<s>'"), reason

@@ -27,6 +27,11 @@ class Tokenizer(ABC):
     @abstractmethod
     def detokenize(self, ids) -> str: ...
 
+    @abstractmethod
+    def tokenize_plain(self, text: str) -> list[int]:
+        """`text` as plain text: no special token added, none parsed from special-token strings
+        in it ("<s>" is three ordinary characters), as Meta's chat code encodes message text."""
+
     @property
     @abstractmethod
     def bos(self) -> int: ...
@@ -87,6 +92,9 @@ class Llama2Tokenizer(Tokenizer):
     def detokenize(self, ids) -> str:
         return self._sp.decode_ids([int(i) for i in ids])
 
+    def tokenize_plain(self, text: str) -> list[int]:
+        return self._sp.encode(text)  # SentencePiece never reads control symbols from the text
+
     @property
     def bos(self) -> int:
         return self._sp.bos_id()
@@ -130,6 +138,9 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def detokenize(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])
+
+    def tokenize_plain(self, text: str) -> list[int]:
+        return list(self._tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     @property
     def bos(self) -> int:
@@ -207,6 +218,9 @@ class SentencePieceTokenizer(Tokenizer):
             start = best_at + len(best)
         ids.extend(self._sp.encode(text[start:] if start else text))
         return ids
+
+    def tokenize_plain(self, text: str) -> list[int]:
+        return self._sp.encode(text)  # Megatron's special tokens (<EOD>, <s>, ...) stay text here
 
     def detokenize(self, ids) -> str:
         ids = [int(i) for i in ids]

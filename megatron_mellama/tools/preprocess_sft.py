@@ -14,7 +14,11 @@ reference code and transformers' `apply_chat_template` with Llama-2-chat's templ
 
     <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s><s>[INST] {user2} [/INST] ...
 
-(<s> and </s> are the BOS and EOS ids; user and answer texts are stripped). With --chat-template-from
+(<s> and </s> are the BOS and EOS ids; user and answer texts are stripped). Only the template's
+<s> and </s> are: message text is plain text, as in Meta's `chat_completion`, so a literal "<s>" or
+"</s>" in a message (HTML strike-through) is encoded as its characters with a SentencePiece
+tokenizer, and such a record is rejected with a Hugging Face tokenizer, whose encoding would read it
+as the control token (an EOS inside an answer, trained). With --chat-template-from
 DIR the Jinja template of DIR/tokenizer_config.json (`chat_template`, or DIR/chat_template.jinja) is
 rendered with jinja2 in the environment transformers gives it. The rendered text becomes ids in one
 of two ways: a Hugging Face tokenizer encodes the whole text with its own special-token handling, as
@@ -48,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import re
@@ -62,7 +65,7 @@ from megatron_mellama.data.chat_template import LLAMA2_CHAT_TEMPLATE, template_p
 from megatron_mellama.data.indexed_writer import IndexedWriter, OutputLocked, optimal_dtype, output_lock, temp_path
 from megatron_mellama.data.jsonl_reader import MAX_LINE_BYTES, read_blocks
 from megatron_mellama.data.record_encoder import RecordRejected, json_object
-from megatron_mellama.data.tokenizer import TOKENIZER_TYPES, HuggingFaceTokenizer, Llama2Tokenizer
+from megatron_mellama.data.tokenizer import TOKENIZER_TYPES, HuggingFaceTokenizer
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
 from megatron_mellama.tools.preprocess_data import (PreprocessError, Rejects, check_common_args, one_line,
                                                      run_until_signalled)
@@ -296,26 +299,64 @@ def _compile_jinja(source: str, directory: str):
 
 # ---- text -> ids ---------------------------------------------------------------------------------
 
+# The template is rendered with these in place of the BOS and EOS strings, so that the ids of the
+# template's BOS and EOS come from where the template put them, never from a literal "<s>" or "</s>"
+# inside a message (HTML strike-through, say): message text is encoded as plain text, as Meta's
+# `chat_completion` encodes it. Private-use code points, which no tokenizer's text holds.
+BOS_MARK, EOS_MARK = "\ue000", "\ue001"
+
+
+def marked_special_tokens(special_tokens: dict) -> dict:
+    """The special-token strings to render with: the marks for BOS and EOS, the rest as they are."""
+    return dict(special_tokens, bos_token=BOS_MARK, eos_token=EOS_MARK)
+
+
 def text_encoder(tokenizer, special_tokens: dict):
-    """A function from rendered text (special-token strings included) to ids, no BOS added."""
+    """A function from text rendered with `marked_special_tokens` to ids, no BOS added.
+
+    SentencePiece: the marks become the BOS and EOS ids, the text between them is encoded as plain
+    text, piece by piece, as Meta's code does. Hugging Face: the marks become the tokenizer's own
+    BOS and EOS strings and the whole text is encoded with its special-token handling, as
+    `apply_chat_template(tokenize=True)` does (encoding the pieces apart would change the spaces
+    after each special token); `special_text_in` keeps special-token strings out of the messages."""
     if isinstance(tokenizer, HuggingFaceTokenizer):
         hf = tokenizer._tok  # the wrapper's tokenize adds BOS; a rendered chat carries its own
-        return lambda text: list(hf(text, add_special_tokens=False)["input_ids"])
-    ids_of = {special_tokens["bos_token"]: tokenizer.bos, special_tokens["eos_token"]: tokenizer.eos}
-    splitter = re.compile("(" + "|".join(map(re.escape, sorted(ids_of, key=len, reverse=True))) + ")")
-    plain = functools.partial(tokenizer.tokenize, bos=False) if isinstance(tokenizer, Llama2Tokenizer) \
-        else tokenizer.tokenize
+        strings = {BOS_MARK: special_tokens["bos_token"], EOS_MARK: special_tokens["eos_token"]}
+        return lambda text: list(hf(re.sub(f"{BOS_MARK}|{EOS_MARK}", lambda m: strings[m.group()], text),
+                                    add_special_tokens=False)["input_ids"])
+    ids_of = {BOS_MARK: tokenizer.bos, EOS_MARK: tokenizer.eos}
 
     def encode(text: str) -> list[int]:
         ids = []
-        for n, part in enumerate(splitter.split(text)):  # odd positions are the separators
+        for n, part in enumerate(re.split(f"({BOS_MARK}|{EOS_MARK})", text)):  # odd positions: the marks
             if n % 2:
                 ids.append(ids_of[part])
             elif part:
-                ids.extend(plain(part))
+                ids.extend(tokenizer.tokenize_plain(part))
         return ids
 
     return encode
+
+
+def special_texts(tokenizer) -> tuple:
+    """The strings that must not appear in a message: the marks, and those a Hugging Face tokenizer
+    reads as special tokens inside text (SentencePiece reads text as text)."""
+    if not isinstance(tokenizer, HuggingFaceTokenizer):
+        return BOS_MARK, EOS_MARK
+    hf = tokenizer._tok
+    added = [t.content for t in getattr(hf, "added_tokens_decoder", {}).values() if getattr(t, "special", False)]
+    return tuple(sorted({*hf.all_special_tokens, *added, BOS_MARK, EOS_MARK}, key=len, reverse=True))
+
+
+def special_text_in(messages: list[dict], specials: tuple) -> None:
+    """Reject a conversation whose text holds a special-token string, which the Hugging Face
+    tokenizer would encode as the control token (an EOS inside an answer, trained)."""
+    for n, message in enumerate(messages):
+        found = next((t for t in specials if t and t in message["content"]), None)
+        if found is not None:
+            raise Reject(f"special-token text: message {n} holds {found!r}, which would be encoded as a "
+                         "control token (with --tokenizer-type HuggingFaceTokenizer; Llama2Tokenizer reads "
+                         "'<s>' and '</s>' as text)")
 
 
 def encode_conversation(messages: list[dict], render, encode, special_tokens: dict) -> tuple[list[int], list[int]]:
@@ -325,8 +366,9 @@ def encode_conversation(messages: list[dict], render, encode, special_tokens: di
     for n, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = encode(render(messages[:n], add_generation_prompt=True, **special_tokens))
-        after = encode(render(messages[:n + 1], add_generation_prompt=False, **special_tokens))
+        marked = marked_special_tokens(special_tokens)
+        before = encode(render(messages[:n], add_generation_prompt=True, **marked))
+        after = encode(render(messages[:n + 1], add_generation_prompt=False, **marked))
         if before[:len(ids)] != ids or after[:len(before)] != before:
             raise Reject(f"template boundaries: the tokens up to message {n} are not a prefix of the "
                          "tokens with it")
@@ -355,10 +397,12 @@ class Converter:
     def __init__(self, args):
         self.system, self.render, self.special = args.system, args.template, args.special_tokens
         self.encode = text_encoder(args.tokenizer, args.special_tokens)
+        self.specials = special_texts(args.tokenizer)
         self.seq_length, self.truncate = args.seq_length, args.overlong == "truncate"
 
     def __call__(self, raw: bytes) -> tuple[list[int], list[int], bool]:
         messages = conversation(parse_line(raw), self.system)
+        special_text_in(messages, self.specials)
         try:
             ids, mask = encode_conversation(messages, self.render, self.encode, self.special)
         except UnicodeEncodeError:  # a JSON escape produced a lone surrogate
