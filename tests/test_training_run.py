@@ -341,3 +341,19 @@ def test_a_nan_downstream_loglikelihood_stops_the_run_before_saving(tmp_path, se
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "downstream evaluation at iteration 3: task medqa: " in err, err
     assert "log-likelihood is nan" in err and not list(save.glob("iter_*"))
+
+
+def test_finetune_refuses_a_tokenizer_other_than_the_checkpoint_was_trained_with(tmp_path, sentencepiece_model,
+                                                                                  capsys):
+    from evaluation_helpers import other_sentencepiece_model, train_tiny_checkpoint
+
+    ckpt = train_tiny_checkpoint(tmp_path / "ckpt", sentencepiece_model)
+    other = other_sentencepiece_model(tmp_path, vocab_size=400)  # the same size: no shape tells them apart
+    argv = [a for a in RUN if a not in ("--vocab-size", "256")] + [
+        "--train-iters", "2", "--lr-warmup-iters", "0", "--eval-iters", "0", "--load", ckpt, "--finetune"]
+    capsys.readouterr()
+    assert main(argv + ["--tokenizer-model", other]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--tokenizer-model {other} (sha256 " in err and sentencepiece_model in err
+    assert main(argv + ["--tokenizer-model", other, "--allow-tokenizer-mismatch"]) == 0
+    assert main(argv + ["--tokenizer-model", sentencepiece_model]) == 0

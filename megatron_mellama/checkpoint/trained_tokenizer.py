@@ -4,9 +4,9 @@ Every save records the run's tokenizer in `train_state.json` (`data.tokenizer_mo
 given, and `data.tokenizer_sha256`, see `manager.tokenizer_hash`). A model exported or scored with
 another tokenizer reads other ids: its embeddings are looked up for the wrong pieces, and nothing
 fails; an accuracy of 0.0 or a model that writes garbage is all that shows. `check_tokenizer`
-refuses such a pairing in one line naming both; the tools' `--allow-tokenizer-mismatch` skips it. A
-checkpoint that records no tokenizer (imported from Hugging Face, or trained on --mock-data
-without one) is not checked.
+refuses such a pairing in one line naming both (the export, the standalone evaluation, a --finetune
+run); `--allow-tokenizer-mismatch` skips it. A checkpoint that records no tokenizer (imported from
+Hugging Face, or trained on --mock-data without one) is not checked.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import json
 import os
 import re
 
-from .manager import TRAIN_STATE, CheckpointError, tokenizer_hash
+from ..config import Config
+from .manager import TRAIN_STATE, CheckpointError, checkpoint_to_load, tokenizer_hash
 
 OVERRIDE = "--allow-tokenizer-mismatch"
 # inside a tokenizer folder, the files that are a whole tokenizer by themselves
@@ -72,3 +73,15 @@ def check_tokenizer(ckpt: str, path: str, flag: str = "--tokenizer-model") -> No
     raise CheckpointError(f"{flag} {path} (sha256 {ours[:12]}) is not the tokenizer {ckpt} was trained with: "
                           f"{trained_path} (sha256 {trained_sha[:12]}); another tokenizer reads other ids. Give "
                           f"that one, or pass {OVERRIDE} if both hold the same vocabulary")
+
+
+def check_finetune_tokenizer(cfg: Config) -> None:
+    """A --finetune run reads the checkpoint's weights with its own --tokenizer-model: refuse one
+    other than the checkpoint's, before any work (a resume compares it with the rest of the data
+    settings, `manager.data_differences`)."""
+    c = cfg.checkpoint
+    if not (c.finetune and c.load and cfg.data.tokenizer_model) or c.allow_tokenizer_mismatch:
+        return
+    ckpt = checkpoint_to_load(cfg)
+    if ckpt is not None:
+        check_tokenizer(ckpt, cfg.data.tokenizer_model)

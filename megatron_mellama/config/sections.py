@@ -219,6 +219,9 @@ class CheckpointConfig:
     extend_context: bool = opt(
         False, "with --finetune: the RoPE base, RoPE scaling and --max-position-embeddings may differ from the "
         "checkpoint's (continual pretraining to a longer context); the new values are saved and exported")
+    allow_tokenizer_mismatch: bool = opt(
+        False, "with --finetune: train with --tokenizer-model even though it is not the tokenizer the checkpoint "
+        "records (another file of the same vocabulary)")
     keep_last: Optional[int] = opt(None, "keep only the newest N checkpoints")
     no_load_optim: bool = opt(False, "do not load the optimizer state")
     no_load_rng: bool = opt(False, "do not load the random-number-generator state")

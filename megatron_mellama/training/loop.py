@@ -20,6 +20,7 @@ from .. import kernels
 from ..checkpoint.manager import (CheckpointError, CheckpointManager, adopt_checkpoint_values, checkpoint_dir,
                                   checkpoint_to_load, latest_iteration)
 from ..checkpoint.save_root import check_save_root
+from ..checkpoint.trained_tokenizer import check_finetune_tokenizer
 from ..config import Config
 from ..data.datasets import build_datasets
 from ..data.loader import eval_batches, train_batches
@@ -66,8 +67,10 @@ def train(cfg: Config, signals: StopSignals | None = None) -> dict:
     """Run (or resume) the job on this process's share of the layout; returns its history.
 
     `signals`: a stop-signal catcher installed earlier (`pretrain` installs one first thing)."""
-    # a run that would write over checkpoints it does not continue stops here, before any work
+    # a run that would write over checkpoints it does not continue, or read a checkpoint's weights
+    # with another tokenizer, stops here, before any work
     check_save_root(cfg)
+    check_finetune_tokenizer(cfg)
     # Then, before minutes of start-up (process group, data index, a 70B checkpoint load): a
     # preemption signal that arrives meanwhile is kept, and acted on as soon as training could
     # save, instead of killing the process.
