@@ -100,3 +100,19 @@ def test_task_specs(tmp_path):
         parse_task_specs([f"mmlu={tmp_path / 'missing.jsonl'}"])
     with pytest.raises(TaskError, match="is a directory"):
         parse_task_specs([f"mmlu={tmp_path}"])
+
+
+@pytest.mark.parametrize("kind", ["Llama2Tokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer"])
+def test_special_token_text_in_items_is_plain_text(kind, sentencepiece_model, hf_tokenizer_dir):
+    import sentencepiece
+
+    from megatron_mellama.evaluation.requests import encode_requests, tokenizer_encoder
+    from megatron_mellama.evaluation.tasks import Item
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sentencepiece_model))
+    encode = tokenizer_encoder(kind, hf_tokenizer_dir if kind == "HuggingFaceTokenizer" else sentencepiece_model)
+    prompt = "Is <s>aspirin</s> the dose? Answer:"
+    (request,) = encode_requests([Item(prompt=prompt, choices=("yes </s>",), answer=0)], encode)
+    assert request.context == [sp.bos_id()] + sp.encode(prompt)
+    assert request.context + request.continuation == [sp.bos_id()] + sp.encode(prompt + " yes </s>")
+    assert sp.eos_id() not in request.context + request.continuation

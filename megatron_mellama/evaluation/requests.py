@@ -12,8 +12,11 @@ lm-eval scores a choice by the log-likelihood of a (context, continuation) pair.
 
 `encode` is the tokenizer's own `encode(text)` with its default special tokens (HFLM's
 `add_bos_token=None`): a LLaMA tokenizer prepends BOS to both encodings. `add_bos=True/False`
-forces it as HFLM's `add_bos_token` does. A text that already starts with the BOS string is
-encoded without special tokens, as HFLM does.
+forces it as HFLM's `add_bos_token` does. One departure from HFLM: the text is plain text
+(`split_special_tokens=True`), so a literal "<s>" or "</s>" in an item (HTML strike-through) is
+encoded as its characters, as SentencePiece encodes it and as training data is, never as a BOS or
+EOS id in the middle of a prompt; HFLM's rule for a text that starts with the BOS string goes
+with it.
 
 `encode_requests` turns each (item, choice) into a `Request`, its two token lists (cheap to keep
 for a whole task); `rows_from_requests` makes fixed-shape rows of some of them, one per request:
@@ -43,18 +46,14 @@ class RequestError(ValueError):
 
 
 def hf_encoder(tokenizer, add_bos: bool | None = None) -> Encode:
-    """A `transformers` tokenizer's encoding as HFLM's `tok_encode` does it.
+    """A `transformers` tokenizer's encoding as HFLM's `tok_encode` does it, on plain text (see
+    the module docstring).
 
     `add_bos=None` keeps the tokenizer's default (`add_special_tokens` unset: LLaMA adds BOS)."""
-    # HFLM's `prefix_token_id`: BOS, or EOS for a tokenizer without one
-    prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    prefix_text = tokenizer.decode(prefix_id) if prefix_id is not None else None
 
     def encode(text: str) -> list:
         kwargs = {} if add_bos is None else {"add_special_tokens": add_bos}
-        if add_bos is None and prefix_text and text.startswith(prefix_text):
-            kwargs = {"add_special_tokens": False}
-        return list(tokenizer.encode(text, **kwargs))
+        return list(tokenizer.encode(text, split_special_tokens=True, **kwargs))
 
     return encode
 
@@ -62,12 +61,9 @@ def hf_encoder(tokenizer, add_bos: bool | None = None) -> Encode:
 def sentencepiece_encoder(tokenizer, add_bos: bool = True) -> Encode:
     """One of our SentencePiece tokenizers (`data.tokenizer.Llama2Tokenizer` or
     `SentencePieceTokenizer`), BOS first by default as the LLaMA tokenizer's HF form does."""
-    from ..data.tokenizer import Llama2Tokenizer
-
     def encode(text: str) -> list:
-        if isinstance(tokenizer, Llama2Tokenizer):
-            return tokenizer.tokenize(text, bos=add_bos)
-        return ([tokenizer.bos] if add_bos else []) + tokenizer.tokenize(text)
+        # plain text: Megatron's SentencePieceTokenizer.tokenize would read "<s>" as BOS
+        return ([tokenizer.bos] if add_bos else []) + tokenizer.tokenize_plain(text)
 
     return encode
 
