@@ -74,6 +74,9 @@ PRIVATE: dict[str, Private] = {
     "FakeTensorMode": Private("torch._subclasses.fake_tensor", ("FakeTensorMode",)),
     "unset_fake_temporarily": Private("torch._subclasses.fake_tensor", ("unset_fake_temporarily",)),
     "_disable_current_modes": Private("torch.utils._python_dispatch", ("_disable_current_modes",)),
+    "_get_current_dispatch_mode": Private("torch.utils._python_dispatch", ("_get_current_dispatch_mode",)),
+    "_pop_mode_temporarily": Private("torch.utils._python_dispatch", ("_pop_mode_temporarily",),
+                                     "selective recompute steps outside its dispatch mode for kept calls"),
     "CausalBias._dispatch": Private("torch.nn.attention.bias", ("CausalBias._dispatch",),
                                     "how SDPA runs a causal bias (the dry run overrides it)"),
     "mem_tracker.MemTracker": Private("torch.distributed._tools.mem_tracker", ("MemTracker",)),
@@ -260,6 +263,16 @@ def fake_store():
 
 def disable_current_modes():
     return resolve("_disable_current_modes")()
+
+
+def current_dispatch_mode():
+    """The innermost user dispatch mode (TorchDispatchMode) in effect, or None."""
+    return resolve("_get_current_dispatch_mode")()
+
+
+def pop_mode_temporarily():
+    """Context manager: the innermost dispatch mode is off inside it (and yielded)."""
+    return resolve("_pop_mode_temporarily")()
 
 
 def mem_tracker_parts():
