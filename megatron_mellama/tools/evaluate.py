@@ -30,8 +30,8 @@ def build_parser() -> OneLineParser:
     model.add_argument("--load", help="our checkpoint: its root (latest iteration) or an iter_* directory")
     p.add_argument("--tokenizer-type", choices=("Llama2Tokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer"),
                    help="tokenizer for --load")
-    p.add_argument("--tokenizer-model", help="for --load: the SentencePiece .model, or a Hugging Face tokenizer folder; "
-                   "it must be the tokenizer the checkpoint was trained with (its sha256 is recorded there)")
+    p.add_argument("--tokenizer-model", help="for --load: the SentencePiece .model, or a Hugging Face tokenizer "
+                   "folder; it must be the tokenizer the checkpoint was trained with (its sha256 is recorded there)")
     p.add_argument("--allow-tokenizer-mismatch", action="store_true", help="with --load: score with "
                    "--tokenizer-model even though it is not the tokenizer the checkpoint records")
     p.add_argument("--no-bos", action="store_true", help="encode without the BOS token (lm-eval's "

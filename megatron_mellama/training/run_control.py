@@ -7,11 +7,12 @@ skipped iterations stop the run with exit code 1 and no checkpoint; so does a ru
 a streak of skipped iterations, however short (every one of its iterations skipped, or a divergence
 in its last few). A checkpoint is never written right after a skipped iteration: its weights are the
 ones that just gave an inf/NaN loss or gradients (a periodic save waits for the next good
-iteration; a save for a stop signal or an exit limit fails the run instead). An fp16 overflow that the dynamic loss scaler
-still answers by lowering the scale (the loss itself finite, the scale above its minimum) is the
-scaler's normal work, not a failure: it neither counts nor breaks a run of skipped steps (from the
-default initial scale 2**32 a healthy fp16 run skips a few dozen steps while the scale comes down).
-`--max-skipped-steps 0` never stops.
+iteration; a save for a stop signal or an exit limit fails the run instead). An fp16 overflow that
+the dynamic loss scaler still answers by lowering the scale (the loss itself finite, the scale
+above its minimum) is the scaler's normal work, not a failure: it neither counts nor breaks a run
+of skipped steps (from the default initial scale 2**32 a healthy fp16 run skips a few dozen steps
+while the scale comes down). `--max-skipped-steps 0` never stops, and saves whatever the last
+iteration left, as Megatron-LM does.
 
 SLURM (and most schedulers) send SIGTERM, or SIGUSR1 with `--signal=USR1@<secs>`, some time before
 killing a job, to every process of the job: torchrun, the trainers and their data-loader workers
