@@ -11,8 +11,8 @@ iteration; a save for a stop signal or an exit limit fails the run instead). An 
 the dynamic loss scaler still answers by lowering the scale (the loss itself finite, the scale
 above its minimum) is the scaler's normal work, not a failure: it neither counts nor breaks a run
 of skipped steps (from the default initial scale 2**32 a healthy fp16 run skips a few dozen steps
-while the scale comes down). `--max-skipped-steps 0` never stops, and saves whatever the last
-iteration left, as Megatron-LM does.
+while the scale comes down). `--max-skipped-steps 0` never stops, and saves what the last
+iteration left, as Megatron-LM does (unless a weight is not finite: no run saves that).
 
 SLURM (and most schedulers) send SIGTERM, or SIGUSR1 with `--signal=USR1@<secs>`, some time before
 killing a job, to every process of the job: torchrun, the trainers and their data-loader workers
