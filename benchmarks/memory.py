@@ -24,6 +24,7 @@ from megatron_mellama.parallel.memory_model import predict_rank  # noqa: E402
 from megatron_mellama.training.dry_run import dry_run  # noqa: E402
 from megatron_mellama.training.memory_trace import GIB  # noqa: E402
 
+_EVERY = ["--no-reduce-grads-once-per-step"]  # ZeRO-2 reduce-scatters every micro-batch (not the default)
 _13B = ["--model", "llama2-13b", "--tensor-model-parallel-size", "4", "--sequence-parallel",
         "--data-parallel-sharding", "optimizer", "--global-batch-size", "1024"]
 _70B = ["--model", "llama2-70b", "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "4",
@@ -31,22 +32,26 @@ _70B = ["--model", "llama2-70b", "--tensor-model-parallel-size", "8", "--pipelin
         "--micro-batch-size", "1"]
 _INTERLEAVED = ["--num-layers-per-virtual-pipeline-stage", "10"]
 
-# name -> (GPUs, flags); every run is bf16 at LLaMA2's 4096 tokens; "once": --reduce-grads-once-per-step
+# name -> (GPUs, flags); every run is bf16 at LLaMA2's 4096 tokens; ZeRO-2 ("zero2") reduces the
+# gradients once per step ("once", the default and the recipes') or every micro-batch ("every")
 LAYOUTS = {
     "7b tp1 dp8 ddp": (8, ["--model", "llama2-7b", "--global-batch-size", "64", "--data-parallel-sharding", "none"]),
-    "7b tp1 dp8 zero2": (8, ["--model", "llama2-7b", "--global-batch-size", "64",
-                             "--data-parallel-sharding", "optimizer"]),
+    "7b tp1 dp8 zero2 every": (8, ["--model", "llama2-7b", "--global-batch-size", "64",
+                                   "--data-parallel-sharding", "optimizer"] + _EVERY),
     "7b tp1 dp8 zero3": (8, ["--model", "llama2-7b", "--global-batch-size", "64", "--data-parallel-sharding", "full"]),
-    "13b tp4 sp zero2 dp16 mb1": (64, _13B + ["--micro-batch-size", "1"]),
-    "13b tp4 sp zero2 dp16 mb2": (64, _13B + ["--micro-batch-size", "2"]),
+    "13b tp4 sp zero2 dp16 mb1 every": (64, _13B + ["--micro-batch-size", "1"] + _EVERY),
+    "13b tp4 sp zero2 dp16 mb2 every": (64, _13B + ["--micro-batch-size", "2"] + _EVERY),
+    # examples/me_llama/me_llama_13b.yaml
     "13b tp4 sp zero2 dp16 mb2 once": (64, _13B + ["--micro-batch-size", "2", "--reduce-grads-once-per-step"]),
-    "70b tp8 pp4 dp4 1f1b": (128, _70B),
-    "70b tp8 pp4 dp4 1f1b selective": (128, _70B + ["--recompute-granularity", "selective"]),
-    "70b tp8 pp4 dp4 1f1b full": (128, _70B + ["--recompute-granularity", "full"]),
+    "70b tp8 pp4 dp4 1f1b every": (128, _70B + _EVERY),
+    "70b tp8 pp4 dp4 1f1b selective every": (128, _70B + _EVERY + ["--recompute-granularity", "selective"]),
+    "70b tp8 pp4 dp4 1f1b full every": (128, _70B + _EVERY + ["--recompute-granularity", "full"]),
+    # examples/me_llama/me_llama_70b.yaml
     "70b tp8 pp4 dp4 1f1b once": (128, _70B + ["--reduce-grads-once-per-step"]),
-    "70b tp8 pp4 dp4 interleaved": (128, _70B + _INTERLEAVED),
-    "70b tp8 pp4 dp4 interleaved selective": (128, _70B + _INTERLEAVED + ["--recompute-granularity", "selective"]),
-    "70b tp8 pp4 dp4 interleaved full": (128, _70B + _INTERLEAVED + ["--recompute-granularity", "full"]),
+    "70b tp8 pp4 dp4 interleaved every": (128, _70B + _EVERY + _INTERLEAVED),
+    "70b tp8 pp4 dp4 interleaved selective every": (128, _70B + _EVERY + _INTERLEAVED
+                                                    + ["--recompute-granularity", "selective"]),
+    "70b tp8 pp4 dp4 interleaved full every": (128, _70B + _EVERY + _INTERLEAVED + ["--recompute-granularity", "full"]),
 }
 
 

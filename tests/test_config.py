@@ -288,3 +288,21 @@ def test_command_line_error_has_no_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--tensor-model-parallel-size 3" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize("argv, once", [
+    (["--data-parallel-sharding", "optimizer"], True),  # Megatron-LM's distributed optimizer
+    (["--use-distributed-optimizer"], True),
+    (["--data-parallel-sharding", "full"], False),  # ZeRO-3 shards to save memory
+    (["--data-parallel-sharding", "none"], False),  # DDP reduces once per step by itself
+    (["--data-parallel-sharding", "optimizer", "--no-reduce-grads-once-per-step"], False),
+    (["--data-parallel-sharding", "full", "--reduce-grads-once-per-step"], True),
+])
+def test_reduce_grads_once_per_step_defaults_by_sharding_mode(argv, once, tmp_path):
+    assert parse_config(["--model", "tiny"] + argv, world_size=2).parallel.reduce_grads_once_per_step is once
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text("data-parallel-sharding: optimizer\nreduce-grads-once-per-step: false\n")
+    assert parse_config(["--model", "tiny", "--config", str(recipe)], world_size=2).parallel.reduce_grads_once_per_step \
+        is False
+    with pytest.raises(ConfigError, match="--reduce-grads-once-per-step is for --data-parallel-sharding"):
+        parse_config(["--model", "tiny", "--reduce-grads-once-per-step"], world_size=2)

@@ -39,8 +39,11 @@ LAYOUTS = {
     "tp2 pp2 1f1b selective": TP2_PP2 + ["--recompute-granularity", "selective"],
     "tp2 pp2 1f1b full": TP2_PP2 + ["--recompute-granularity", "full"],
     "tp2 pp2 interleaved": TP2_PP2 + ["--num-layers-per-virtual-pipeline-stage", "1"],
-    "tp2 pp2 1f1b once per step": TP2_PP2 + ["--reduce-grads-once-per-step"],
-    "dp8 zero2 once per step": ["--data-parallel-sharding", "optimizer", "--global-batch-size", "16",
+    # ZeRO-2 reduces once per step by default; these reduce-scatter every micro-batch
+    "tp2 pp2 1f1b every micro-batch": TP2_PP2 + ["--no-reduce-grads-once-per-step"],
+    "dp8 zero2 every micro-batch": ["--data-parallel-sharding", "optimizer", "--global-batch-size", "16",
+                                    "--no-reduce-grads-once-per-step"],
+    "dp8 zero3 once per step": ["--data-parallel-sharding", "full", "--global-batch-size", "16",
                                 "--reduce-grads-once-per-step"],
     "cp2 dp4 zero2": CP2 + ZERO2,
     "cp2 dp4 zero2 selective": CP2 + ZERO2 + ["--recompute-granularity", "selective"],
@@ -64,19 +67,29 @@ def test_planner_is_within_ten_percent_of_the_traced_peak(name):
 
 def test_sharded_modes_hold_sharded_gradients_and_zero3_holds_fewer_weights():
     """What the fixes of the gradient accumulation and of the compute weights look like in a trace:
-    with 8 micro-batches, ZeRO-2 and ZeRO-3 hold 1/8 of the fp32 gradients; DDP all of them."""
+    with 8 micro-batches, ZeRO-2 reducing every micro-batch and ZeRO-3 (by default) hold 1/8 of the
+    fp32 gradients; DDP and ZeRO-2 by default (once per step) all of them."""
+    modes = {"none": ["--data-parallel-sharding", "none"], "optimizer": ["--data-parallel-sharding", "optimizer"],
+             "optimizer every": ["--data-parallel-sharding", "optimizer", "--no-reduce-grads-once-per-step"],
+             "full": ["--data-parallel-sharding", "full"]}
     peaks = {}
-    for mode in ("none", "optimizer", "full"):
-        cfg = parse_config(SMALL + ["--data-parallel-sharding", mode, "--global-batch-size", "64"], world_size=8)
+    for mode, flags in modes.items():
+        cfg = parse_config(SMALL + flags + ["--global-batch-size", "64"], world_size=8)
         peaks[mode] = dry_run(cfg, progress=lambda line: None)[0].peak
     full_grads = peaks["none"].by_kind["gradients"]
-    assert peaks["optimizer"].by_kind["gradients"] == pytest.approx(full_grads / 8, rel=0.05)
+    assert peaks["optimizer every"].by_kind["gradients"] == pytest.approx(full_grads / 8, rel=0.05)
     assert peaks["full"].by_kind["gradients"] == pytest.approx(full_grads / 8, rel=0.05)
+    assert peaks["optimizer"].by_kind["gradients"] == pytest.approx(full_grads, rel=0.05)
     # ZeRO-3 gathers a layer at a time; ZeRO-2 and DDP keep every bf16 weight
     assert peaks["full"].by_kind["gathered"] < 0.7 * peaks["optimizer"].by_kind["gathered"]
-    # the communication is counted by collective and group: ZeRO reduce-scatters every micro-batch
-    comm = peaks["optimizer"].communication
-    assert sum(v["calls"] for k, v in comm.items() if k.startswith("reduce-scatter dp")) >= 8 * 4, comm
+
+    def scatters(mode):  # the communication is counted by collective and group
+        comm = peaks[mode].communication
+        return sum(v["calls"] for k, v in comm.items() if k.startswith("reduce-scatter dp")), comm
+
+    # 5 FSDP units (4 layers and the root): once per step by default, every micro-batch when asked
+    assert scatters("optimizer")[0] == 5, scatters("optimizer")
+    assert scatters("optimizer every")[0] >= 8 * 4 and scatters("full")[0] >= 8 * 4, scatters("optimizer every")
 
 
 @pytest.mark.parametrize("flags", [[], ["--tensor-model-parallel-size", "2", "--sequence-parallel"]],

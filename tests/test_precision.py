@@ -24,8 +24,10 @@ STEPS = 2
 # 16 sequences in micro-batches of 2: with DP 2 each rank runs 4 micro-batches per step
 ARGV = TINY + ["--global-batch-size", "16"]
 LAYOUTS = {
-    # DP 2 x TP 2, ZeRO-2: 4 micro-batches per rank, gradients reduce-scattered after each
-    "tp2-dp2-zero2": ["--tensor-model-parallel-size", "2", "--data-parallel-sharding", "optimizer"],
+    # DP 2 x TP 2, ZeRO-2: 4 micro-batches per rank, gradients reduce-scattered after each (not the
+    # default, once per step)
+    "tp2-dp2-zero2": ["--tensor-model-parallel-size", "2", "--data-parallel-sharding", "optimizer",
+                      "--no-reduce-grads-once-per-step"],
     # DP 1: the 1-rank replicate wrapper gives bf16 weights; stages exchange bf16; the SP norm
     "tp2-sp-pp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--pipeline-model-parallel-size", "2"],
     # sharded gradients inside the pipeline schedule (1F1B, 4 micro-batches per DP rank)
@@ -38,7 +40,7 @@ LAYOUTS = {
 if torch_at_least(ZERO_BUBBLE_TORCH):
     # the split weight-gradient pass writes gradients outside FSDP's hooks
     LAYOUTS["pp2-dp2-zero2-zb"] = ["--pipeline-model-parallel-size", "2", "--data-parallel-sharding", "optimizer",
-                                   "--pipeline-schedule", "zero-bubble"]
+                                   "--no-reduce-grads-once-per-step", "--pipeline-schedule", "zero-bubble"]
 FP16 = ["--fp16", "--initial-loss-scale", "1024", "--data-parallel-sharding", "optimizer"]
 
 

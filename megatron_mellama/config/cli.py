@@ -56,7 +56,8 @@ def build_parser(prog: str = "pretrain", description: Optional[str] = None) -> a
             groups[section] = parser.add_argument_group(section)
         kwargs = dict(dest=f"{section}.{f.name}", help=f.metadata["help"])
         if kind is bool:
-            kwargs.update(action="store_true")
+            # a flag whose default is decided from others (None) can also be turned off
+            kwargs.update(action=argparse.BooleanOptionalAction if f.default is None else "store_true")
         elif kind is list:
             kwargs.update(nargs="+", metavar=f.metadata.get("metavar"))
         else:

@@ -100,10 +100,12 @@ class ParallelConfig:
         "none", "data-parallel sharding: none (DDP), optimizer (ZeRO-2: grads and optimizer state "
         "sharded), full (ZeRO-3: parameters too)", choices=DP_SHARDING)
     data_parallel_replicate_size: int = opt(1, "HSDP: replicas across which fully sharded groups are copied")
-    reduce_grads_once_per_step: bool = opt(
-        False, "optimizer/full sharding: keep whole fp32 gradients through the micro-batches and reduce-scatter "
+    # None until validation: on for `optimizer`, off for `full` (validate.resolve_gradient_reduction)
+    reduce_grads_once_per_step: Optional[bool] = opt(
+        None, "optimizer/full sharding: keep whole fp32 gradients through the micro-batches and reduce-scatter "
         "once per step (Megatron-LM's distributed optimizer: 4 bytes per parameter more, a 1/micro-batches "
-        "share of the gradient traffic); default: reduce-scatter every micro-batch")
+        "share of the gradient traffic); --no-reduce-grads-once-per-step reduce-scatters every micro-batch. "
+        "Default: on with --data-parallel-sharding optimizer, off with full (which shards to save memory)")
     use_distributed_optimizer: bool = opt(False, "Megatron's name for --data-parallel-sharding optimizer")
     recompute_granularity: Optional[str] = opt(
         None, "activation checkpointing: full (whole blocks) or selective (attention core)",

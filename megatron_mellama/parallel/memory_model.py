@@ -7,8 +7,9 @@ stages (its TP share; norms are not split) and N the ranks a sharded data-parall
 them over (data x context parallel: context-parallel ranks hold the same parameters):
 
     weights      4 P / N        fp32 master weights (N = 1 for `none`)
-    gradients    4 P / N        fp32, reduce-scattered every micro-batch by the sharded modes;
-                                4 P with --reduce-grads-once-per-step (whole until the last)
+    gradients    4 P / N        fp32, reduced every micro-batch (`full`, and `optimizer` with
+                                --no-reduce-grads-once-per-step); 4 P once per step (`optimizer`'s
+                                default: whole until the last micro-batch)
     optimizer    8 P / N        AdamW's two moments
     gathered     2 P            the bf16 compute weights (`none`, `optimizer`; a single process's
                                 autocast copies too); `full` holds the output layer's and three
