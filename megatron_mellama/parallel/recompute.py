@@ -145,8 +145,10 @@ class _KeptAttention:
         self.forward = forward
 
     def __call__(self, q, k, v, documents=None):
+        if torch.compiler.is_compiling():  # in a compiled layer's graph the policy sees flex attention
+            return self.forward(q, k, v, documents)
         region = _current_region()
-        if region is None or torch.compiler.is_compiling() or not _opaque_to_the_policy(q, documents):
+        if region is None or not _opaque_to_the_policy(q, documents):
             return self.forward(q, k, v, documents)
         if region.recomputing:
             return _take_kept(region)
