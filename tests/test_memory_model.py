@@ -176,3 +176,23 @@ def test_the_planner_holds_to_the_dry_run_of_each_recipe_as_written(name, capsys
     assert row["total_gb"] * GIB == pytest.approx(traced, rel=0.10), (name, row["total_gb"], traced / GIB)
     if cfg.parallel.reduce_grads_once_per_step:  # whole fp32 gradients until the step's reduce-scatter
         assert row["grads_gb"] > row["weights_gb"] * 1.5, row
+
+
+@pytest.mark.parametrize("extra", [["--kernel-backend", "te"], ["--reset-position-ids", "--reset-attention-mask"]],
+                         ids=["te attention", "packed documents"])
+def test_selective_recompute_counts_the_q_and_k_a_kept_attention_call_holds(extra):
+    """Selective recompute keeps TE's and flex attention's calls whole (`parallel/recompute.py`),
+    with their own q and k after RoPE: the planner adds them per layer, and nothing without
+    selective recompute or under context parallelism (whose attention the policy sees)."""
+    base = SMALL + TP2_PP2 + ["--recompute-granularity", "selective"]
+
+    def activations(flags):
+        return predict_rank(parse_config(flags, world_size=8), 0).parts["activations"]
+
+    m = parse_config(base, world_size=8).model
+    tp, r = 2, m.num_query_groups / m.num_attention_heads
+    # stage 0 of 1F1B over PP 2 holds 2 micro-batches of its 2 layers; bf16 q (1) and k (r) over TP
+    per_layer = 1 * 1024 * m.hidden_size * 2 * (1 + r) / tp
+    assert activations(base + extra) - activations(base) == pytest.approx(2 * 2 * per_layer)
+    no_recompute = SMALL + TP2_PP2
+    assert activations(no_recompute + extra) == activations(no_recompute)

@@ -34,7 +34,11 @@ f = ffn / h, t = TP:
     full       B * 2 g, the layer's input; the layer being recomputed adds its `none` figure once
 
 The attention core is SDPA's flash/memory-efficient kernel (on the CPU, its flash kernel), which
-keeps a logsumexp per head and token, not the scores.
+keeps a logsumexp per head and token, not the scores. Under selective recompute, an attention
+call the policy cannot see (`--kernel-backend te`, or flex attention for packed documents on a
+GPU) is kept whole from the forward, with its own q and k after RoPE: + 2 (1 + r) / t. The dry
+run traces the torch reference and does not see this term (an estimate; `auto` picking TE's
+attention on a GPU adds it too, which the planner cannot know).
 
 Context parallelism over C ranks (`parallel/context.py`): s is the rank's s / C tokens, and
 attention keeps q, each chunk's output and their concatenation, and the keys and values of the
@@ -131,6 +135,9 @@ class _Layout:
     mixed: bool  # bf16/fp16 compute weights exist beside the fp32 master weights
     whole_grads: bool = False  # a sharded mode keeps whole fp32 gradients through the micro-batches
     cp: int = 1
+    # selective recompute keeps an attention call its policy cannot see (Transformer Engine's, or
+    # flex attention for packed documents on a GPU) with its own saved q and k after RoPE
+    kept_attention: bool = False
 
     @property
     def local_seq(self) -> int:
@@ -151,7 +158,8 @@ class _Layout:
                    recompute=p.recompute_granularity or "none", micro_batch=cfg.train.micro_batch_size,
                    seq=cfg.seq_length, microbatches=cfg.num_microbatches, compute_bytes=2 if low else 4,
                    mixed=low,
-                   whole_grads=shards > 1 and p.reduce_grads_once_per_step and cfg.num_microbatches > 1, cp=cp)
+                   whole_grads=shards > 1 and p.reduce_grads_once_per_step and cfg.num_microbatches > 1, cp=cp,
+                   kept_attention=cp == 1 and (cfg.train.kernel_backend == "te" or cfg.data.reset_attention_mask))
 
 
 def _stages(lay: _Layout, pp_rank: int) -> list[int]:
@@ -202,7 +210,9 @@ def layer_activation_bytes(m: ModelConfig, lay: _Layout, recompute: str | None =
         qkv, out = e * (1 + 2 * r) / t, e / t
         partial = 2 * e if sp else 0.0  # o_proj's and down_proj's outputs before their reduce-scatter
         kv_gathered = 2 * e * r * lay.cp / t if lay.cp > 1 else 0.0  # a collective's output: kept
-        return B * (gathered_inputs + qkv + out + partial + 2 * e * g + 2 * e * f / t + e * g + kv_gathered)
+        kept_rope = e * (1 + r) / t if lay.kept_attention else 0.0
+        return B * (gathered_inputs + qkv + out + partial + 2 * e * g + 2 * e * f / t + e * g + kv_gathered
+                    + kept_rope)
     # two norms: an fp32 copy and the normalised value each; under SP their sharded outputs stay
     # referenced by the all-gather's autograd node
     norms = 2 * (4 + e) * g + (2 * e * g if sp else 0.0)
