@@ -81,3 +81,48 @@ def test_foreach_mul_scales_in_place_with_or_without_the_fused_op(monkeypatch):
     monkeypatch.setattr(torch_private, "optional", lambda name: None)
     torch_private.foreach_mul_(tensors, torch.tensor(4.0))
     assert [t.tolist() for t in tensors] == [[2.0] * 3, [4.0, 4.0]]
+
+
+def _private_torch_names(source: str) -> list[tuple[int, str]]:
+    """(line, name) of each private torch module or attribute that code (not text) names."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch"):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("torch")]
+        elif isinstance(node, ast.Attribute):
+            chain, base = [node.attr], node.value
+            while isinstance(base, ast.Attribute):
+                chain.append(base.attr)
+                base = base.value
+            rooted = isinstance(base, ast.Name) and base.id == "torch"
+            # FSDP2's state is reached through a module, not through `torch`
+            names = [".".join(reversed(chain))] if rooted or node.attr.startswith(("_fsdp", "_get_fsdp")) else []
+        else:
+            continue
+        found += [(node.lineno, n) for n in names if any(part.startswith("_") and not part.startswith("__")
+                                                         for part in n.split("."))]
+    return found
+
+
+def test_no_module_but_the_registry_names_a_private_torch_attribute():
+    """The registry is the one place to look when a torch release moves an internal: a private
+    module or attribute of torch named anywhere else in the package escapes its fallbacks."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "megatron_mellama"
+    offenders = [f"{path.relative_to(package)}:{line}: {name}" for path in sorted(package.rglob("*.py"))
+                 if path.name != "torch_private.py" for line, name in _private_torch_names(path.read_text())]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_scan_finds_each_way_of_naming_a_private_attribute():
+    source = ("import torch.distributed._functional_collectives as f\n"
+              "from torch.utils._pytree import tree_flatten\n"
+              "x = torch._foreach_norm\n"
+              "y = state._fsdp_param_groups\n"
+              "z = torch.nn.functional.silu  # torch._nothing in a comment\n")
+    assert [line for line, _ in _private_torch_names(source)] == [1, 2, 2, 3, 4]

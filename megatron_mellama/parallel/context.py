@@ -35,16 +35,15 @@ import functools
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from .. import torch_private
 from ..kernels import documents as packed_documents
 
 
-# torch 2.13 renamed it; the old name warns there and is the only one before
-_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+_all_gather_autograd = torch_private.all_gather_autograd()
 
 
 # Where scaled_dot_product_attention runs a lower-right causal mask in its fused kernels (flash,
