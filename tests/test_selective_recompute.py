@@ -180,3 +180,28 @@ def test_the_policy_saves_flex_attention_s_higher_order_op(flex):
     with _HigherOrderOps() as ops:
         out.sum().backward()
     assert "flex_attention" not in ops.names and "flex_attention_backward" in ops.names
+
+
+def test_selective_recompute_keeps_context_parallel_flex_attention_from_the_forward(flex, monkeypatch):
+    """Packed documents under context parallelism take flex attention over the gathered keys on a
+    GPU: kept from the forward as well, the all-gather with it. One process plays a CP rank whose
+    all-gather hands its own keys back (CP 1: the rank holds the whole sequence)."""
+    import functools
+
+    from megatron_mellama.parallel.context import ContextParallelAttention, chunk_document_mask
+
+    monkeypatch.setattr(ContextParallelAttention, "_gather_in_order", lambda self, t, seq_len: t)
+
+    def context_parallel(model):
+        for layer in model.layers.values():
+            layer.self_attn.attend = ContextParallelAttention(None, 1, 0, SEQ)
+        model.document_mask = functools.partial(chunk_document_mask, cp=1, rank=0)
+        return model
+
+    cfg, batch = _config(), _packed_batch()
+    ref, layers, again = _grads_and_calls(context_parallel(build_model(cfg, seed=1)), batch, lambda: flex.calls)
+    assert layers == cfg.num_layers and again == 0
+    model = apply_activation_checkpointing(context_parallel(build_model(cfg, seed=1)), "selective")
+    grads, forward, backward = _grads_and_calls(model, batch, lambda: flex.calls)
+    assert (forward, backward) == (cfg.num_layers, 0)
+    _assert_same(grads, ref, rtol=1e-6, atol=1e-7)

@@ -36,7 +36,8 @@ f = ffn / h, t = TP:
 The attention core is SDPA's flash/memory-efficient kernel (on the CPU, its flash kernel), which
 keeps a logsumexp per head and token, not the scores. Under selective recompute, an attention
 call the policy cannot see (`--kernel-backend te`, or flex attention for packed documents on a
-GPU) is kept whole from the forward, with its own q and k after RoPE: + 2 (1 + r) / t. The dry
+GPU, with or without CP) is kept whole from the forward, with its own q and k after RoPE:
++ 2 (1 + r) / t (under CP only q: its keys are the gathered ones, already kept). The dry
 run traces the torch reference and does not see this term (an estimate; `auto` picking TE's
 attention on a GPU adds it too, which the planner cannot know).
 
@@ -159,7 +160,7 @@ class _Layout:
                    seq=cfg.seq_length, microbatches=cfg.num_microbatches, compute_bytes=2 if low else 4,
                    mixed=low,
                    whole_grads=shards > 1 and p.reduce_grads_once_per_step and cfg.num_microbatches > 1, cp=cp,
-                   kept_attention=cp == 1 and (cfg.train.kernel_backend == "te" or cfg.data.reset_attention_mask))
+                   kept_attention=cfg.data.reset_attention_mask or (cp == 1 and cfg.train.kernel_backend == "te"))
 
 
 def _stages(lay: _Layout, pp_rank: int) -> list[int]:
@@ -210,7 +211,8 @@ def layer_activation_bytes(m: ModelConfig, lay: _Layout, recompute: str | None =
         qkv, out = e * (1 + 2 * r) / t, e / t
         partial = 2 * e if sp else 0.0  # o_proj's and down_proj's outputs before their reduce-scatter
         kv_gathered = 2 * e * r * lay.cp / t if lay.cp > 1 else 0.0  # a collective's output: kept
-        kept_rope = e * (1 + r) / t if lay.kept_attention else 0.0
+        # under CP the kept call's keys are the gathered ones, counted above
+        kept_rope = e * (1 + (r if lay.cp == 1 else 0.0)) / t if lay.kept_attention else 0.0
         return B * (gathered_inputs + qkv + out + partial + 2 * e * g + 2 * e * f / t + e * g + kv_gathered
                     + kept_rope)
     # two norms: an fp32 copy and the normalised value each; under SP their sharded outputs stay

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from .. import torch_private
 from ..kernels import dispatch
 from ..model.llama import CausalAttention
+from .context import ContextParallelAttention
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +142,15 @@ class _KeptAttention:
     """`CausalAttention.forward` for selective recompute: a call whose kernel the policy cannot see
     is kept from the forward rather than run again in the recompute."""
 
-    def __init__(self, forward):
+    def __init__(self, forward, context_parallel: bool = False):
         self.forward = forward
+        self.context_parallel = context_parallel
 
     def __call__(self, q, k, v, documents=None):
         if torch.compiler.is_compiling():  # in a compiled layer's graph the policy sees flex attention
             return self.forward(q, k, v, documents)
         region = _current_region()
-        if region is None or not _opaque_to_the_policy(q, documents):
+        if region is None or not _opaque_to_the_policy(q, documents, self.context_parallel):
             return self.forward(q, k, v, documents)
         if region.recomputing:
             return _take_kept(region)
@@ -177,17 +179,19 @@ def _take_kept(region: _Region) -> torch.Tensor:
     return out.detach().requires_grad_(requires_grad)
 
 
-def _opaque_to_the_policy(q: torch.Tensor, documents) -> bool:
+def _opaque_to_the_policy(q: torch.Tensor, documents, context_parallel: bool) -> bool:
     if documents is not None:
         return documents.block_mask is not None  # flex attention, compiled by itself
-    return dispatch.implementation("attention", q) is not dispatch.reference_for(q)
+    # context parallelism's causal attention is SDPA after an all-gather: both seen by the policy
+    return not context_parallel and dispatch.implementation("attention", q) is not dispatch.reference_for(q)
 
 
 def _keep_opaque_attention(layer: nn.Module) -> None:
     attend = getattr(getattr(layer, "self_attn", None), "attend", None)
-    # context parallelism's attention is dispatcher-visible (collectives and SDPA) and keeps its own rules
-    if type(attend) is CausalAttention:
-        attend.forward = _KeptAttention(attend.forward)
+    # under context parallelism packed documents run flex attention over the gathered keys: kept
+    # whole, all-gather included (its backward, a reduce-scatter, stays in the kept graph)
+    if type(attend) in (CausalAttention, ContextParallelAttention):
+        attend.forward = _KeptAttention(attend.forward, context_parallel=type(attend) is ContextParallelAttention)
 
 
 @functools.cache
