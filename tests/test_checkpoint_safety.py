@@ -475,3 +475,39 @@ def test_a_plain_resume_and_an_explicit_overwrite_may_write_there(pretrained, tm
                         "--overwrite-save"]) == 0
     assert (root / "latest").read_text().strip() == "1"
     assert sorted(p.name for p in root.glob("iter_*")) == ["iter_0000001", "iter_0000002", "iter_0000003"]
+
+
+def test_one_command_line_starts_from_the_pretrained_checkpoint_then_resumes_its_own(pretrained, tmp_path, capsys):
+    """--pretrained-checkpoint (Megatron-LM's): the first launch starts from its weights as --finetune
+    does, a relaunch of the same command (a requeue) resumes the run's own checkpoints instead of
+    starting over, and never reads the pretrained one again."""
+    from megatron_mellama.pretrain import main
+
+    own = tmp_path / "own"
+    argv = _RUN + ["--pretrained-checkpoint", str(pretrained), "--save", str(own), "--save-interval", "1"]
+    capsys.readouterr()
+    assert main(argv + ["--train-iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"starting from --pretrained-checkpoint {pretrained} (weights only, iteration 0" in out
+    assert (own / "latest").read_text().strip() == "1"
+    # the requeued job: same flags, a longer run
+    assert main(argv + ["--train-iters", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"--load {own} holds iteration 1: resuming it" in out
+    assert f"resumed from {own} at iteration 1" in out
+    assert (own / "latest").read_text().strip() == "3"
+    assert (pretrained / "latest").read_text().strip() == "2"  # the source run is untouched
+
+
+def test_pretrained_checkpoint_without_a_checkpoint_or_with_finetune_is_one_line(tmp_path, capsys):
+    from megatron_mellama.pretrain import main
+
+    capsys.readouterr()
+    assert main(_RUN + ["--train-iters", "1", "--pretrained-checkpoint", str(tmp_path / "none"),
+                        "--save", str(tmp_path / "own")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--pretrained-checkpoint" in err[0] and "no checkpoint there" in err[0], err
+    assert main(_RUN + ["--train-iters", "1", "--pretrained-checkpoint", str(tmp_path), "--finetune",
+                        "--save", str(tmp_path / "own")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--finetune and --pretrained-checkpoint" in err[0], err

@@ -13,12 +13,12 @@
 set -euo pipefail
 
 SIZE="${1:-}"
-START=(--finetune)  # how the first submission starts from $IMPORTED
+START=()  # what the first launch adds to starting from $IMPORTED
 case "$SIZE" in
     13b) DEFAULT_NODES=8 ;;   # x 8 GPUs: the recipe's TP 4 x DP 16
     70b) DEFAULT_NODES=16 ;;  # x 8 GPUs: the recipe's TP 8 x PP 4 x DP 4
     # the long-context stage starts from Me-LLaMA 13B's own checkpoint, with new RoPE values
-    13b-long) DEFAULT_NODES=8; START=(--finetune --extend-context)
+    13b-long) DEFAULT_NODES=8; START=(--extend-context)
               IMPORTED="${IMPORTED:-checkpoints/me-llama-13b}" ;;
     *) echo "usage: $0 13b|70b|13b-long prepare|train|export" >&2; exit 2 ;;
 esac
@@ -60,20 +60,15 @@ prepare() {
 }
 
 train() {
-    # 3. Continue pretraining. The first submission starts from the imported LLaMA2 weights with
-    #    --finetune (weights only, iteration 0, fresh optimizer and LR schedule). A preempted or
-    #    timed-out job saves into $SAVE and exits; then run this step again: as soon as
-    #    $SAVE/latest exists, the job resumes from $SAVE with plain --load (no --finetune), which
-    #    restores optimizer, LR schedule, RNG, iteration and data position. The choice is made at
-    #    submission, so resubmit through this script rather than with `scontrol requeue`.
-    if [[ -f "$SAVE/latest" ]]; then
-        LOAD=(--load "$SAVE")
-    else
-        LOAD=(--load "$IMPORTED" "${START[@]}")
-    fi
+    # 3. Continue pretraining, one command line for every launch: --pretrained-checkpoint makes
+    #    the first start from the imported LLaMA2 weights as --finetune does (weights only,
+    #    iteration 0, fresh optimizer and LR schedule) and every later one (this step run again
+    #    after a preemption or time-out, or `scontrol requeue`) resume $SAVE, restoring optimizer,
+    #    LR schedule, RNG, iteration and data position.
     run mkdir -p logs
     run sbatch --nodes "$NODES" --job-name "me-llama-$SIZE" launch/slurm_multi_node.sbatch \
-        --config "$CONFIG" --tokenizer-model "$TOKENIZER" "${LOAD[@]}" --save "$SAVE"
+        --config "$CONFIG" --tokenizer-model "$TOKENIZER" --pretrained-checkpoint "$IMPORTED" \
+        ${START[@]+"${START[@]}"} --save "$SAVE"
 }
 
 export_hf() {

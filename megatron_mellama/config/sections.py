@@ -214,6 +214,9 @@ class CheckpointConfig:
     load: Optional[str] = opt(None, "directory to resume (or, with --finetune, start) from")
     save_interval: Optional[int] = opt(None, "save every this many iterations")
     finetune: bool = opt(False, "load weights only and start at iteration 0")
+    pretrained_checkpoint: Optional[str] = opt(
+        None, "start from this checkpoint's weights as --finetune does while --load (default --save) holds no "
+        "checkpoint; once it holds one, resume it: one command line for the first launch and every requeue")
     overwrite_save: bool = opt(
         False, "let this run write into a --save directory that holds checkpoints it does not resume (a "
         "--finetune, a fresh run, another run's --load): its iterations replace theirs of the same number and "

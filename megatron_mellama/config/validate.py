@@ -177,9 +177,12 @@ def validate_training(cfg: Config) -> None:
     _require(d.seq_length <= cfg.model.max_position_embeddings,
              f"--seq-length {d.seq_length} exceeds --max-position-embeddings {cfg.model.max_position_embeddings}")
     _positive(t.micro_batch_size, "--micro-batch-size")
-    _require(not cfg.checkpoint.extend_context or cfg.checkpoint.finetune,
-             "--extend-context is for a new run from a checkpoint's weights: it needs --finetune (a resume "
-             "continues the positions it was trained with)")
+    _require(not cfg.checkpoint.extend_context or cfg.checkpoint.finetune or cfg.checkpoint.pretrained_checkpoint,
+             "--extend-context is for a new run from a checkpoint's weights: it needs --finetune or "
+             "--pretrained-checkpoint (a resume continues the positions it was trained with)")
+    _require(not (cfg.checkpoint.finetune and cfg.checkpoint.pretrained_checkpoint),
+             "--finetune and --pretrained-checkpoint: give one (--pretrained-checkpoint starts from its weights "
+             "as --finetune does, and resumes --load once that holds a checkpoint)")
     dp = cfg.parallel.data_parallel_size
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * dp

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from .. import kernels
 from ..checkpoint.manager import (CheckpointError, CheckpointManager, adopt_checkpoint_values, checkpoint_dir,
                                   checkpoint_to_load, latest_iteration)
+from ..checkpoint.pretrained_start import resolve_start
 from ..checkpoint.save_root import check_save_root
 from ..checkpoint.trained_tokenizer import check_finetune_tokenizer
 from ..config import Config
@@ -69,6 +70,9 @@ def train(cfg: Config, signals: StopSignals | None = None) -> dict:
     `signals`: a stop-signal catcher installed earlier (`pretrain` installs one first thing)."""
     # a run that would write over checkpoints it does not continue, or read a checkpoint's weights
     # with another tokenizer, stops here, before any work
+    start = resolve_start(cfg)
+    if start:
+        _print0(start)
     check_save_root(cfg)
     check_finetune_tokenizer(cfg)
     # Then, before minutes of start-up (process group, data index, a 70B checkpoint load): a
