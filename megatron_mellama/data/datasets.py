@@ -64,6 +64,8 @@ class IndexedGPTDataset(GPTDataset):
         self.unique_description_hash = hashlib.md5(self.unique_description.encode("utf-8"),
                                                    usedforsecurity=False).hexdigest()
         return super()._build_document_sample_shuffle_indices()
+
+
 MOCK_KEY = "mock"  # the domain key of --mock-data
 
 
