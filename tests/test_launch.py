@@ -79,22 +79,37 @@ def test_sbatch_outside_slurm_without_nodes_says_how():
     assert result.returncode == 2 and "DRY_RUN_NODES" in result.stderr
 
 
-@pytest.mark.parametrize("size", ["13b", "70b", "13b_long"])
-def test_run_script_finetunes_first_then_resumes(tmp_path, size):
+@pytest.mark.parametrize("size,world", [("13b", 64), ("70b", 128), ("13b_long", 64)])
+def test_run_script_starts_from_the_import_then_resumes_with_one_command_line(tmp_path, size, world):
+    """Every launch of the job (the first, a resubmission, `scontrol requeue`) carries the same
+    flags; --pretrained-checkpoint makes the first start from the imported weights as --finetune
+    does and every later one resume --save."""
+    from megatron_mellama.checkpoint.pretrained_start import resolve_start
+
     script = f"examples/me_llama/run_{size}.sh"
-    save = tmp_path / "save"
-    first = _run(script, "train", DRY_RUN="1", SAVE=str(save), IMPORTED="imp")
+    save, imported = tmp_path / "save", tmp_path / "imp"
+    imported.mkdir()
+    (imported / "latest").write_text("0")
+    first = _run(script, "train", DRY_RUN="1", SAVE=str(save), IMPORTED=str(imported))
     assert first.returncode == 0, first.stderr
     submit = shlex.split(first.stdout.strip().splitlines()[-1])
     assert submit[0] == "sbatch" and "launch/slurm_multi_node.sbatch" in submit
     assert f"examples/me_llama/me_llama_{size}.yaml" in submit
-    assert submit[submit.index("--load") + 1] == "imp" and "--finetune" in submit
+    assert submit[submit.index("--pretrained-checkpoint") + 1] == str(imported)
+    assert "--finetune" not in submit and "--load" not in submit
     assert ("--extend-context" in submit) == size.endswith("long")
+    flags = submit[submit.index("launch/slurm_multi_node.sbatch") + 1:]
+    cfg = parse_config(flags, world_size=world)
+    resolve_start(cfg)
+    assert (cfg.checkpoint.load, cfg.checkpoint.finetune) == (str(imported), True)
+    assert cfg.checkpoint.extend_context == size.endswith("long")
     save.mkdir()
     (save / "latest").write_text("500")
-    again = shlex.split(_run(script, "train", DRY_RUN="1", SAVE=str(save), IMPORTED="imp").stdout.splitlines()[-1])
-    assert again[again.index("--load") + 1] == str(save) and "--finetune" not in again
-    assert "--extend-context" not in again
+    again = shlex.split(_run(script, "train", DRY_RUN="1", SAVE=str(save), IMPORTED=str(imported)).stdout.splitlines()[-1])
+    assert again == submit
+    cfg = parse_config(flags, world_size=world)
+    resolve_start(cfg)
+    assert (cfg.checkpoint.load, cfg.checkpoint.finetune, cfg.checkpoint.extend_context) == (str(save), False, False)
     for step in ("prepare", "export"):
         assert _run(script, step, DRY_RUN="1").returncode == 0
 
@@ -105,7 +120,7 @@ def test_the_long_context_recipe_is_the_planned_layout():
     assert (p.tensor_model_parallel_size, p.context_parallel_size, p.data_parallel_size) == (4, 2, 8)
     assert d.seq_length == m.max_position_embeddings == 32768 and m.rotary_base == 500000
     assert cfg.train.global_batch_size * d.seq_length == 1024 * 4096  # the 4k recipe's tokens per step
-    assert not cfg.checkpoint.extend_context  # given on the first command only (run.sh)
+    assert not cfg.checkpoint.extend_context  # given on the command line by run.sh
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES))
