@@ -88,6 +88,9 @@ PRIVATE: dict[str, Private] = {
     "_pytree.tree_flatten": Private("torch.utils._pytree", ("tree_flatten",)),
     # optimizer-step arithmetic
     "torch._foreach_mul_": Private("torch", ("_foreach_mul_",)),
+    "torch._foreach_norm": Private("torch", ("_foreach_norm",), "gradient clipping's norms in a few kernels"),
+    # a tensor's in-place write counter: converted rope tables are reused until their source changes
+    "Tensor._version": Private("torch", ("Tensor._version",)),
     # checkpoint reading: where a torch.save'd tensor's bytes start
     "UntypedStorage._checkpoint_offset": Private("torch", ("UntypedStorage._checkpoint_offset",)),
     # selective recompute: compiled regions made visible to the checkpoint policy
@@ -247,6 +250,23 @@ def foreach_mul_(tensors: list[torch.Tensor], factor) -> None:
         return
     for t in tensors:
         t.mul_(factor)
+
+
+def foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The fp32 L2 norm of each of `tensors` (one device, one dtype): a few multi-tensor kernels
+    where torch has them, else one reduction per tensor. Read at each call, not cached."""
+    fused = getattr(torch, "_foreach_norm", None)
+    if fused is not None:
+        try:
+            return list(fused(tensors, 2, dtype=torch.float32))
+        except (TypeError, NotImplementedError):
+            pass  # a build without the dtype argument, or without a kernel for this device
+    return [torch.linalg.vector_norm(t, 2, dtype=torch.float32) for t in tensors]
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """How many in-place writes `t` has had (autograd's counter)."""
+    return t._version
 
 
 def fake_tensor_mode():

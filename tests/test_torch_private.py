@@ -101,6 +101,10 @@ def _private_torch_names(source: str) -> list[tuple[int, str]]:
             rooted = isinstance(base, ast.Name) and base.id == "torch"
             # FSDP2's state is reached through a module, not through `torch`
             names = [".".join(reversed(chain))] if rooted or node.attr.startswith(("_fsdp", "_get_fsdp")) else []
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+              and len(node.args) >= 2 and isinstance(node.args[0], ast.Name) and node.args[0].id == "torch"
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+            names = [f"torch.{node.args[1].value}"]
         else:
             continue
         found += [(node.lineno, n) for n in names if any(part.startswith("_") and not part.startswith("__")
@@ -126,3 +130,7 @@ def test_the_scan_finds_each_way_of_naming_a_private_attribute():
               "y = state._fsdp_param_groups\n"
               "z = torch.nn.functional.silu  # torch._nothing in a comment\n")
     assert [line for line, _ in _private_torch_names(source)] == [1, 2, 2, 3, 4]
+
+
+def test_the_scan_finds_a_private_attribute_read_by_getattr():
+    assert _private_torch_names('f = getattr(torch, "_foreach_norm", None)\n') == [(1, "torch._foreach_norm")]

@@ -22,6 +22,7 @@ import weakref
 import torch
 
 from ..config import ModelConfig
+from ..torch_private import tensor_version
 
 try:
     from torch.utils.weak import WeakIdKeyDictionary
@@ -93,10 +94,10 @@ def tables_in(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple
     entry = entries.get(key)
     if entry is not None:
         sin_ref, versions, converted = entry
-        if sin_ref() is sin and versions == (cos._version, sin._version):
+        if sin_ref() is sin and versions == (tensor_version(cos), tensor_version(sin)):
             return converted
     converted = (cos.to(dtype), sin.to(dtype))
-    entries[key] = (weakref.ref(sin), (cos._version, sin._version), converted)
+    entries[key] = (weakref.ref(sin), (tensor_version(cos), tensor_version(sin)), converted)
     return converted
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
-from ..torch_private import foreach_mul_
+from ..torch_private import foreach_mul_, foreach_norm
 
 
 def _local_grads(parameters) -> list[torch.Tensor]:
@@ -30,18 +30,6 @@ def _materialize_partial(grad: DTensor) -> DTensor:
     return grad.redistribute(placements=[Replicate() if p.is_partial() else p for p in grad.placements])
 
 
-def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The fp32 L2 norm of each tensor (one device, one dtype): a few multi-tensor kernels for the
-    whole list rather than a reduction launched per tensor."""
-    foreach_norm = getattr(torch, "_foreach_norm", None)
-    if foreach_norm is not None:
-        try:
-            return list(foreach_norm(tensors, 2, dtype=torch.float32))
-        except (TypeError, NotImplementedError):
-            pass  # a build without the dtype argument, or without a kernel for this device
-    return [torch.linalg.vector_norm(t, 2, dtype=torch.float32) for t in tensors]
-
-
 def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Sum of the squares of every element of `tensors`, an fp32 scalar on `device`."""
     by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
@@ -49,7 +37,7 @@ def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.
         by_kind.setdefault((t.device, t.dtype), []).append(t)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for group in by_kind.values():
-        total = total + torch.stack(_norms(group)).square().sum().to(device)
+        total = total + torch.stack(foreach_norm(group)).square().sum().to(device)
     return total
 
 
