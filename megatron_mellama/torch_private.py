@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import MellamaError
+
 SUPPORTED = "torch>=2.10,<3"
 
 
-class PrivateTorchError(RuntimeError):
+class PrivateTorchError(MellamaError, RuntimeError):
     """A private torch name the package needs is not in the installed torch."""
 
 

@@ -392,7 +392,8 @@ def test_verify_checkpoint_tool(saved, tmp_path, capsys):
 def test_values_not_set_by_this_run_are_taken_from_the_checkpoint(saved, tmp_path):
     """Without --rotary-base / --norm-epsilon the checkpoint's values are used (a preset's are
     defaults); with them, a difference is refused (test_architecture_values_are_compared)."""
-    from megatron_mellama.checkpoint.manager import adopt_checkpoint_values, checkpoint_to_load
+    from megatron_mellama.checkpoint.manager import checkpoint_to_load
+    from megatron_mellama.checkpoint.recorded_config import adopt_checkpoint_values
 
     root = copy_checkpoint(saved, tmp_path / "c")
     edit_train_state(root, 1, lambda state: state["config"]["model"].update(rotary_base=500000.0, norm_epsilon=1e-6))

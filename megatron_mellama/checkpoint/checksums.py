@@ -21,13 +21,15 @@ import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+from ..errors import MellamaError
+
 CHECKSUMS = "checksums.json"
 ALGORITHM = "crc32"
 FORMAT = 1
 _BLOCK = 8 << 20
 
 
-class ChecksumError(ValueError):
+class ChecksumError(MellamaError, ValueError):
     """The checksum list of a checkpoint cannot be read; the message names the file."""
 
 

@@ -17,6 +17,7 @@ import torch
 
 from .hf import from_hf_name
 from .meta import SKIPPED, hf_config_from_params, interleaved_to_half, meta_to_ours
+from ..errors import MellamaError
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 # buffers older Hugging Face checkpoints saved; recomputed by every model
@@ -29,7 +30,7 @@ _META_PARAMS = frozenset({"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_siz
                           "use_scaled_rope"})
 
 
-class ConvertError(ValueError):
+class ConvertError(MellamaError, ValueError):
     """The input cannot be converted; the message names the file or tensor and what is wrong."""
 
 

@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import MellamaError
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 _HEADER = struct.Struct("<9sQBQQ")
 # megatron.core.datasets.indexed_dataset.DType codes.
@@ -21,7 +23,7 @@ DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.
           7: np.float32, 8: np.uint16}
 
 
-class DatasetError(ValueError):
+class DatasetError(MellamaError, ValueError):
     """A dataset that cannot be read; the message is one line naming the file."""
 
 

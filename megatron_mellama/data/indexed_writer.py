@@ -32,6 +32,8 @@ import tempfile
 
 import numpy as np
 
+from ..errors import MellamaError
+
 # megatron.core.datasets.indexed_dataset: header, version and DType codes of the .idx format.
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
 _INDEX_VERSION = 1
@@ -186,7 +188,7 @@ def read_stats(prefix: str):
     return None
 
 
-class OutputLocked(Exception):
+class OutputLocked(MellamaError):
     """Another process holds the output lock of a prefix; the message says which."""
 
 

@@ -18,6 +18,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
+from ..errors import MellamaError
+
 BLOCK_BYTES = 1 << 20
 MAX_LINE_BYTES = 64 << 20
 
@@ -47,7 +49,7 @@ def too_long(n_bytes: int, limit: int) -> str:
     return f"line longer than --max-line-bytes {limit} ({n_bytes} bytes)"
 
 
-class InputError(Exception):
+class InputError(MellamaError):
     """An input file that cannot be read as what its name says (a corrupt or misnamed .gz); names it."""
 
 

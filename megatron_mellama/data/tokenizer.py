@@ -7,10 +7,12 @@ here match the ones Megatron's `preprocess_data.py` writes for the same tokenize
 import os
 from abc import ABC, abstractmethod
 
+from ..errors import MellamaError
+
 TOKENIZER_TYPES = ("Llama2Tokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MellamaError, ValueError):
     """A tokenizer that cannot be built; the message is one line naming the path or type."""
 
 

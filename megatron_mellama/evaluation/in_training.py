@@ -20,9 +20,10 @@ from ..data.tokenizer import TokenizerError
 from .requests import RequestError, encode_requests, tokenizer_encoder
 from .scoring import NonFiniteLoglikelihood, row_loglikelihoods, score_items
 from .tasks import TaskError, load_tasks, parse_task_specs
+from ..errors import MellamaError
 
 
-class DownstreamNotFinite(ValueError):
+class DownstreamNotFinite(MellamaError, ValueError):
     """A task's log-likelihood is inf/NaN: the model diverged (the message names the task and item)."""
 
 

@@ -11,10 +11,12 @@ import os
 
 import torch
 
+from ..errors import MellamaError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(MellamaError, ValueError):
     """A model folder or checkpoint that cannot be loaded; one line naming the path."""
 
 

@@ -33,11 +33,12 @@ from typing import Callable, Sequence
 import torch
 
 from .tasks import Item
+from ..errors import MellamaError
 
 Encode = Callable[[str], list]  # text -> token ids, special tokens included as the model expects them
 
 
-class RequestError(ValueError):
+class RequestError(MellamaError, ValueError):
     """A choice that cannot be scored; `item` is the index of its item."""
 
     def __init__(self, item: int, message: str):

@@ -25,11 +25,12 @@ import torch
 
 from .requests import Encode, Request, encode_requests, rows_from_requests
 from .tasks import Item
+from ..errors import MellamaError
 
 LoglikelihoodFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class NonFiniteLoglikelihood(ValueError):
+class NonFiniteLoglikelihood(MellamaError, ValueError):
     """A row's log-likelihood is inf or NaN: the model is broken (NaN weights, an overflow), and
     argmax over NaN picks choice 0, so any accuracy it gives is chance, not a score. `item` and
     `choice` name the first such row (`item`: its index in the task's items); `where(task, line)`

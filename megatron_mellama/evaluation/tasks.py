@@ -30,12 +30,14 @@ import dataclasses
 import json
 import os
 
+from ..errors import MellamaError
+
 QUESTION_TEMPLATE = "Question: {question}\nAnswer:"
 # lm-eval's default `target_delimiter`: what separates the prompt from a choice
 TARGET_DELIMITER = " "
 
 
-class TaskError(ValueError):
+class TaskError(MellamaError, ValueError):
     """A task spec or file that cannot be used; the message is one line naming the spec or FILE:LINE."""
 
 

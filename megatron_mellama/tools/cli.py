@@ -3,8 +3,10 @@
 import argparse
 import sys
 
+from ..errors import MellamaError
 
-class UsageError(Exception):
+
+class UsageError(MellamaError):
     """A flag or input the tool cannot use; the message names it."""
 
 

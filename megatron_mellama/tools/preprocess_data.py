@@ -33,6 +33,8 @@ from megatron_mellama.data.record_encoder import RecordEncoder
 from megatron_mellama.data.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
 
+from ..errors import MellamaError
+
 PROG = "mellama-preprocess-data"
 BLOCKS_IN_FLIGHT_PER_WORKER = 4  # bounds memory: the reader never runs ahead of the workers by more
 
@@ -179,7 +181,7 @@ class _Progress:
                 f"{self.tokens / elapsed:.0f} tokens/s")
 
 
-class PreprocessError(Exception):
+class PreprocessError(MellamaError):
     """A run that cannot produce good outputs; one line, exit 1, existing outputs untouched."""
 
 

@@ -70,6 +70,8 @@ from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
 from megatron_mellama.tools.preprocess_data import (PreprocessError, Rejects, check_common_args, one_line,
                                                      run_until_signalled)
 
+from ..errors import MellamaError
+
 PROG = "mellama-preprocess-sft"
 DEFAULT_SEQ_LENGTH = 4096  # LLaMA-2's context
 LLAMA2_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -211,7 +213,7 @@ def render_llama2_chat(messages: list[dict], add_generation_prompt: bool = False
     return "".join(parts)
 
 
-class TemplateError(Exception):
+class TemplateError(MellamaError):
     """`raise_exception(...)` called by a chat template."""
 
 

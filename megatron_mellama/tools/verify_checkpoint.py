@@ -17,11 +17,13 @@ import time
 from megatron_mellama.checkpoint.checksums import CHECKSUMS, ChecksumError, read_checksums, verify
 from megatron_mellama.tools.cli import OneLineParser, run_tool
 
+from ..errors import MellamaError
+
 PROG = "mellama-verify-checkpoint"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 
 
-class VerifyError(ValueError):
+class VerifyError(MellamaError, ValueError):
     """A path that is not a verifiable checkpoint; the message names it."""
 
 

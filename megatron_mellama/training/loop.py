@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from .. import kernels
-from ..checkpoint.manager import (CheckpointError, CheckpointManager, adopt_checkpoint_values, checkpoint_dir,
-                                  checkpoint_to_load, latest_iteration)
+from ..checkpoint.manager import CheckpointError, CheckpointManager, checkpoint_dir, checkpoint_to_load, latest_iteration
+from ..checkpoint.recorded_config import adopt_checkpoint_values
 from ..checkpoint.pretrained_start import resolve_start
 from ..checkpoint.save_root import check_save_root
 from ..checkpoint.trained_tokenizer import check_finetune_tokenizer
@@ -31,9 +31,10 @@ from .engine import Engine
 from .metrics import MetricsLogger
 from .run_control import RunControl
 from .stop_signals import StopSignals
+from ..errors import MellamaError
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(MellamaError, RuntimeError):
     """The run cannot go on (e.g. too many consecutive inf/NaN steps); the message says why."""
 
 
