@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import traceback
+import uuid
 from unittest import mock
 
 import torch
@@ -101,11 +103,19 @@ def reference(argv: list, steps: int) -> dict:
     return run_steps(cfg, Engine(cfg), steps)
 
 
-def _gloo_rank(rank: int, world: int, port: int, out_dir: str, body, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def store_address() -> str:
+    """A new file store for one process group's rendezvous (the ranks remove it as they end).
+
+    A TCP port found free by binding and releasing it can be taken by a neighbouring test before
+    the ranks bind it; a file of its own cannot (gloo's ranks then connect on ports the kernel gives
+    them). It lies outside the test's folder, which some tests list."""
+    return f"file://{os.path.join(tempfile.gettempdir(), f'gloo-store-{uuid.uuid4().hex}')}"
+
+
+def _gloo_rank(rank: int, world: int, store: str, out_dir: str, body, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         torch.save(body(rank, world, *args), os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
@@ -121,13 +131,11 @@ def spawn_gloo(body, world: int, args: tuple, out_dir: str) -> list:
     """`body(rank, world, *args)` in `world` gloo processes; returns each rank's result, in rank order.
 
     `body` must be a module-level function (the processes are spawned)."""
-    from megatron_mellama.parallel.mesh import free_local_port
-
     # the ranks import torch, and OpenMP reads this, before `_gloo_rank` runs: more threads than cores
     # slow ranks that share a small machine. The ranks copy the environment as they start, so the
     # test process gets its own back at once.
     with mock.patch.dict(os.environ, OMP_NUM_THREADS="1"):
-        ranks = mp.start_processes(_gloo_rank, args=(world, free_local_port(), out_dir, body, args), nprocs=world,
+        ranks = mp.start_processes(_gloo_rank, args=(world, store_address(), out_dir, body, args), nprocs=world,
                                    join=False, start_method="spawn")
     while not ranks.join():
         pass
@@ -189,8 +197,6 @@ def assert_matches(results, ref, rtol):
 
 if __name__ == "__main__":  # python tests/engine_harness.py WORLD flags...: a quick manual check
     world = int(sys.argv[1])
-    import tempfile
-
     with tempfile.TemporaryDirectory() as d:
         res = run_distributed(TINY + sys.argv[2:], world, 3, d)
         ref = reference(TINY, 3)

@@ -14,11 +14,10 @@ import torch.distributed.checkpoint.filesystem as dcp_filesystem
 import torch.multiprocessing as mp
 
 from checkpoint_harness import load_with
-from engine_harness import TINY, _gloo_rank
+from engine_harness import TINY, _gloo_rank, store_address
 from megatron_mellama.checkpoint import checksums, manager
 from megatron_mellama.checkpoint.manager import CheckpointError, CheckpointManager
 from megatron_mellama.config import parse_config
-from megatron_mellama.parallel.mesh import free_local_port
 from megatron_mellama.training.engine import Engine
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -198,7 +197,7 @@ def _failing_rank(rank, world, argv):
 def _spawn_with_deadline(body, world: int, args: tuple, out_dir: str, seconds: float) -> list:
     """engine_harness.spawn_gloo, but a rank still running after `seconds` fails the test."""
     with mock.patch.dict(os.environ, OMP_NUM_THREADS="1"):
-        ranks = mp.start_processes(_gloo_rank, args=(world, free_local_port(), out_dir, body, args), nprocs=world,
+        ranks = mp.start_processes(_gloo_rank, args=(world, store_address(), out_dir, body, args), nprocs=world,
                                    join=False, start_method="spawn")
     deadline = time.monotonic() + seconds
     while not ranks.join(timeout=1):
