@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_mellama.config import parse_config  # noqa: E402
 from megatron_mellama.data.loader import document_ids_of  # noqa: E402
-from megatron_mellama.parallel.mesh import ParallelDims, free_local_port  # noqa: E402
+from megatron_mellama.parallel.mesh import ParallelDims  # noqa: E402
 from megatron_mellama.training.engine import Engine  # noqa: E402
 
 PACKED_FLAGS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
@@ -142,12 +142,12 @@ def measure_rank(args, seq: int, world: int, packed: bool) -> dict:
     return dict(seconds=seconds, rss_growth=rss_growth, tensor_peak=allocator_peak(lambda: engine.step(batch)))
 
 
-def _rank_main(rank: int, world: int, port: int, threads: int, out_dir: str, args, seq: int, packed: bool) -> None:
+def _rank_main(rank: int, world: int, threads: int, out_dir: str, args, seq: int, packed: bool) -> None:
     torch.set_num_threads(threads)
     if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                          LOCAL_RANK=str(rank))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+        # a store file of the configuration's own: a port found free and released could be taken
+        dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     result = measure_rank(args, seq, world, packed)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -162,7 +162,7 @@ def run_configuration(args, seq: int, cp: int, packed: bool) -> dict:
     # read at process start (OpenMP, glibc), so set before spawning; the parent keeps its own
     env = dict(OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_=str(1 << 20), MALLOC_TRIM_THRESHOLD_=str(1 << 20))
     with tempfile.TemporaryDirectory() as out_dir, mock.patch.dict(os.environ, env):
-        mp.start_processes(_rank_main, args=(cp, free_local_port(), threads, out_dir, args, seq, packed), nprocs=cp,
+        mp.start_processes(_rank_main, args=(cp, threads, out_dir, args, seq, packed), nprocs=cp,
                            join=True, start_method="spawn")
         ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(cp)]
     seconds = max(r["seconds"] for r in ranks)

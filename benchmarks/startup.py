@@ -39,9 +39,8 @@ def _rchar() -> int:
         return -1
 
 
-def _rank(rank: int, world: int, port: int, argv: list, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _rank(rank: int, world: int, argv: list, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -53,7 +52,8 @@ def _rank(rank: int, world: int, port: int, argv: list, out: str) -> None:
     from megatron_mellama.parallel.mesh import ParallelDims
     from megatron_mellama.training.engine import Engine
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a store file of the run's own: a port found free and released could be taken
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     cfg = parse_config(argv, world_size=world)
     meshes = ParallelDims.from_config(cfg, world).build_mesh("cpu")
     result = {}
@@ -106,7 +106,6 @@ def main() -> int:
 
     import torch.multiprocessing as mp
 
-    from megatron_mellama.parallel.mesh import free_local_port
     from megatron_mellama.tools.hf_to_mellama import main as hf_to_mellama
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +128,7 @@ def main() -> int:
         out = tmp / "out"
         out.mkdir()
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        mp.start_processes(_rank, args=(a.tp, free_local_port(), argv, str(out)), nprocs=a.tp, start_method="spawn")
+        mp.start_processes(_rank, args=(a.tp, argv, str(out)), nprocs=a.tp, start_method="spawn")
         ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(a.tp)]
 
     print(f"imported checkpoint: {size / 2**20:.1f} MiB on disk, stored as {', '.join(sorted(dtypes))} "

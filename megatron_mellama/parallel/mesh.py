@@ -13,7 +13,6 @@ data-parallel ranks. So parameters are replicated or sharded over data x context
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -117,14 +116,6 @@ def process_group_backend(device: torch.device, backend: str | None = None) -> s
     if backend == "gloo" or device.type != "cuda":
         return "gloo"
     return "cpu:gloo,cuda:nccl"
-
-
-def free_local_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now: the address of a one-machine process group started
-    without torchrun (the tests' and benchmarks' gloo ranks)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> torch.device:
