@@ -2,11 +2,11 @@
 
 import os
 import shlex
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+from port_helpers import reserved_port
 
 from megatron_mellama.config import parse_config
 
@@ -247,9 +247,7 @@ def test_sbatch_launcher_returns_the_trainers_exit_code(tmp_path):
     torchrun itself would exit 1."""
     log, env = _fake_slurm(tmp_path, nodes=("n1",))
     (tmp_path / "bin" / "python").unlink()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = reserved_port()
     env.update(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", GPUS_PER_NODE="1", SLURM_JOB_NODELIST="n1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SLURM_CPUS_PER_TASK="1")
     result = subprocess.run(["bash", str(REPO / "launch/slurm_multi_node.sbatch"), "--model", "tiny", "--mock-data",

@@ -17,13 +17,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from port_helpers import reserved_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "slurm_multi_node.sbatch"
@@ -44,12 +44,6 @@ TINY = ["--model", "tiny", "--mock-data", "--seq-length", "32", "--max-position-
 # job lifetimes on a shared 2-core machine, where every process start imports torch
 START_TIMEOUT = 150
 END_TIMEOUT = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
@@ -102,7 +96,7 @@ class Cluster:
         root = self.root
         for sub in ("state", "log", *(f"spool/{n}" for n in NODES)):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        ports = {name: _free_port() for name in ("ctld", *NODES)}
+        ports = {name: reserved_port() for name in ("ctld", *NODES)}
         lines = [
             "ClusterName=mellamatest",
             "SlurmctldHost=localhost",
@@ -172,7 +166,7 @@ class Cluster:
 
     def submit(self, work: Path, name: str, trainer_args: list[str]) -> "Job":
         output = work / f"{name}.out"
-        env = dict(self.env, GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+        env = dict(self.env, GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(reserved_port()),
                    EXIT_CODE_DIR=str(work / f"{name}-exit-codes"), OMP_NUM_THREADS="1")
         # the header asks for 8 GPUs, 64 cores and more; these nodes have no GPUs and 2 cores
         argv = ["sbatch", "--parsable", "--export=ALL", "--job-name", name, "--nodes", "2",
