@@ -14,8 +14,9 @@ import argparse
 import os
 import sys
 
-from .config import Config, ConfigError, build_parser, parse_config
+from .config import Config, ConfigError, as_given, build_parser, read_given, resolve, validate
 from .config.paths import prepare_output_paths
+from .errors import MellamaError
 from .model.flops import parameter_count, training_flops_per_token
 from .training.stop_signals import StopSignals
 
@@ -54,15 +55,31 @@ def _split_dry_run_flags(argv) -> tuple[argparse.Namespace, list[str]]:
     return dry, rest
 
 
-def load_run_config(argv=None, world_size: int | None = None) -> Config:
-    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+def resolve_run_config(argv=None, world_size: int = 1) -> tuple[Config, list[str]]:
+    """Flags (and their YAML file) -> the validated Config of a run of `world_size` processes, with
+    the model values recorded by the checkpoint it loads among the inputs of `resolve`; and a line
+    per value taken from that checkpoint."""
     parser = build_parser(prog=PROG, description=__doc__.split("\n\n")[0])
     _add_dry_run_flags(parser, defaults=False)  # listed by --help; taken out of argv before parsing
-    cfg = parse_config(argv, world_size=world_size, vocab_size_of=_tokenizer_vocab_size, parser=parser)
+    given = read_given(argv, parser)
+    from .checkpoint.recorded_config import recorded_model_values  # after the flags: --help stays quick
+
+    cfg, taken = resolve(given, world_size=world_size, vocab_size_of=_tokenizer_vocab_size,
+                         recorded_model=recorded_model_values(as_given(given)))
+    validate(cfg)
+    return cfg, taken
+
+
+def load_run_config(argv=None, world_size: int | None = None) -> Config:
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    cfg, taken = resolve_run_config(argv, world_size)
     if not cfg.data.mock_data and not cfg.data.data_path:
         raise ConfigError("--data-path is required (or --mock-data)")
     if cfg.train.train_iters is None and cfg.train.train_samples is None:
         raise ConfigError("--train-iters or --train-samples is required")
+    if os.environ.get("RANK", "0") == "0":
+        for line in taken:
+            print(f"from the checkpoint: {line}", flush=True)
     return cfg
 
 
@@ -99,19 +116,19 @@ def _main(argv, signals: StopSignals) -> int:
         if dry.dry_run:
             return _dry_run(cfg, dry)
         prepare_output_paths(cfg)
-    except ConfigError as e:
+        return _train(cfg, signals)
+    except MellamaError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    from .checkpoint.manager import CheckpointError
+
+
+def _train(cfg: Config, signals: StopSignals) -> int:
     from .training.loop import TrainingStopped, train
 
     if os.environ.get("RANK", "0") == "0":
         print(describe(cfg), flush=True)
     try:
         train(cfg, signals=signals)
-    except (ConfigError, CheckpointError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
     except TrainingStopped as e:
         print(f"{PROG}: stopped: {e}", file=sys.stderr)
         return 1

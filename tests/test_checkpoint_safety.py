@@ -392,19 +392,16 @@ def test_verify_checkpoint_tool(saved, tmp_path, capsys):
 def test_values_not_set_by_this_run_are_taken_from_the_checkpoint(saved, tmp_path):
     """Without --rotary-base / --norm-epsilon the checkpoint's values are used (a preset's are
     defaults); with them, a difference is refused (test_architecture_values_are_compared)."""
-    from megatron_mellama.checkpoint.manager import checkpoint_to_load
-    from megatron_mellama.checkpoint.recorded_config import adopt_checkpoint_values
+    from megatron_mellama.pretrain import resolve_run_config
 
     root = copy_checkpoint(saved, tmp_path / "c")
     edit_train_state(root, 1, lambda state: state["config"]["model"].update(rotary_base=500000.0, norm_epsilon=1e-6))
-    cfg = parse_config(TINY + ["--load", root])
-    lines = adopt_checkpoint_values(cfg, checkpoint_to_load(cfg))
+    cfg, lines = resolve_run_config(TINY + ["--load", root])
     assert (cfg.model.rotary_base, cfg.model.norm_epsilon) == (500000.0, 1e-6)
     assert len(lines) == 2 and "--rotary-base 500000.0: the checkpoint's value" in lines[1]
     assert CheckpointManager(cfg, Engine(cfg)).load()["iteration"] == 1
     # a value the run sets stays, and is compared
-    cfg = parse_config(TINY + ["--load", root, "--rotary-base", "10000"])
-    adopt_checkpoint_values(cfg, checkpoint_to_load(cfg))
+    cfg, _ = resolve_run_config(TINY + ["--load", root, "--rotary-base", "10000"])
     assert cfg.model.rotary_base == 10000.0 and cfg.model.norm_epsilon == 1e-6
     with pytest.raises(CheckpointError, match=r"--rotary-base 10000.0 but the checkpoint has 500000.0"):
         CheckpointManager(cfg, Engine(cfg)).load()

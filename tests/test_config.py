@@ -1,5 +1,7 @@
 """Configuration: presets, precedence (defaults < preset < YAML < flags), validation messages."""
 
+import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -7,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from megatron_mellama.config import ConfigError, parse_config
+from megatron_mellama.config import ConfigError, parse_config, read_given, resolve, validate
 from megatron_mellama.config.sections import TOKENIZER_TYPES
 from megatron_mellama.data import tokenizer as tokenizer_module
 from megatron_mellama.pretrain import main as pretrain_main
@@ -306,3 +308,55 @@ def test_reduce_grads_once_per_step_defaults_by_sharding_mode(argv, once, tmp_pa
         is False
     with pytest.raises(ConfigError, match="--reduce-grads-once-per-step is for --data-parallel-sharding"):
         parse_config(["--model", "tiny", "--reduce-grads-once-per-step"], world_size=2)
+
+
+# every derived value is set by resolve(); validate() only reads
+DERIVED = [
+    (["--model", "tiny"], 1),
+    (["--model", "tiny", "--micro-batch-size", "2"], 4),  # the global batch: micro x DP
+    (["--model", "tiny", "--use-distributed-optimizer"], 2),  # optimizer sharding, grads reduced once
+    (["--model", "tiny", "--data-parallel-sharding", "full", "--tensor-model-parallel-size", "2",
+      "--sequence-parallel"], 4),
+    (["--model", "tiny", "--sequence-parallel"], 1),  # off at TP 1
+    (["--model", "tiny", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+      "--global-batch-size", "4"], 2),
+    (["--model", "tiny", "--sft", "--data-path", "conv", "--tokenizer-model", "tok.model"], 1),
+    (["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+      "--vocab-size", "100", "--make-vocab-size-divisible-by", "64"], 1),
+]
+
+
+@pytest.mark.parametrize("argv,world", DERIVED)
+def test_validate_only_reads_what_resolve_derived(argv, world):
+    cfg, taken = resolve(read_given(argv), world_size=world)
+    assert taken == [] and cfg.parallel.world_size == world and cfg.train.global_batch_size is not None
+    assert cfg.parallel.reduce_grads_once_per_step is not None
+    resolved = copy.deepcopy(cfg)
+    validate(cfg)
+    assert cfg == resolved
+    assert cfg == parse_config(argv, world_size=world)
+    assert set(vars(cfg)) == {f.name for f in dataclasses.fields(cfg)}  # declared fields only
+
+
+@pytest.mark.parametrize("argv,flag", INVALID, ids=[" ".join(a[2:]) or a[1] for a, _ in INVALID])
+def test_validate_refuses_without_changing_the_config(argv, flag):
+    try:
+        cfg, _ = resolve(read_given(argv))
+    except ConfigError:
+        return  # refused while reading the flags or the file: nothing to validate
+    resolved = copy.deepcopy(cfg)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert flag in str(err.value) and cfg == resolved
+
+
+def test_resolve_takes_the_recorded_model_values_the_run_did_not_set():
+    recorded = dict(rotary_base=500000.0, norm_epsilon=1e-6, num_layers=99)
+    cfg, taken = resolve(read_given(["--model", "tiny"]), recorded_model=recorded)
+    assert (cfg.model.rotary_base, cfg.model.norm_epsilon, cfg.model.num_layers) == (500000.0, 1e-6, 4)
+    assert taken == ["--norm-epsilon 1e-06: the checkpoint's value (this run did not set --norm-epsilon; "
+                     "it would have used 1e-05)",
+                     "--rotary-base 500000.0: the checkpoint's value (this run did not set --rotary-base; "
+                     "it would have used 10000.0)"]
+    cfg, taken = resolve(read_given(["--model", "tiny", "--rotary-base", "10000"]), recorded_model=recorded)
+    assert (cfg.model.rotary_base, cfg.model.norm_epsilon) == (10000.0, 1e-6) and len(taken) == 1

@@ -1,22 +1,22 @@
-"""Command line and YAML -> Config.
+"""Command line and YAML -> the given settings -> Config.
 
 Precedence, lowest first: dataclass defaults, the `--model` preset, the `--config` YAML file,
-flags on the command line.
+flags on the command line (`resolve` applies them and derives the rest).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import math
-import typing
 from typing import Callable, Optional
 
 from . import compat
 from .errors import ConfigError
+from .fields import configurable_fields, field_index, flag_of
 from .presets import PRESETS
-from .sections import SECTIONS, Config, DataConfig
+from .resolve import resolve
+from .sections import Config, DataConfig
 from .validate import validate
 
 
@@ -25,33 +25,13 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _fields():
-    """(section, dataclasses.Field, python type) for every configurable field."""
-    for section in SECTIONS:
-        cls = Config.__dataclass_fields__[section].default_factory
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if "help" not in f.metadata:
-                continue
-            kind = hints[f.name]
-            if typing.get_origin(kind) is typing.Union:  # Optional[X]
-                kind = next(a for a in typing.get_args(kind) if a is not type(None))
-            if typing.get_origin(kind) is list:
-                kind = list
-            yield section, f, kind
-
-
-def flag_of(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
 def build_parser(prog: str = "pretrain", description: Optional[str] = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description=description, allow_abbrev=False, argument_default=argparse.SUPPRESS,
                      usage="%(prog)s [--model PRESET] [--config FILE.yaml] [flags]")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file setting any of the flags below; flags win")
     parser.add_argument("--model", dest="preset", choices=sorted(PRESETS), help="start from a preset model shape")
     groups = {}
-    for section, f, kind in _fields():
+    for section, f, kind in configurable_fields():
         if section not in groups:
             groups[section] = parser.add_argument_group(section)
         kwargs = dict(dest=f"{section}.{f.name}", help=f.metadata["help"])
@@ -68,10 +48,6 @@ def build_parser(prog: str = "pretrain", description: Optional[str] = None) -> a
         groups[section].add_argument(flag_of(f), **kwargs)
     compat.add_compat_flags(parser.add_argument_group("accepted for Megatron-LM launch scripts"))
     return parser
-
-
-def _index():
-    return {f.name: (section, f, kind) for section, f, kind in _fields()}
 
 
 def _coerce_yaml(path: str, key: str, value, kind, choices):
@@ -131,7 +107,7 @@ def load_yaml(path: str) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
-    index, extra = _index(), compat.compat_names()
+    index, extra = field_index(), compat.compat_names()
     out = {}
     for key, value in raw.items():
         name = str(key).lstrip("-").replace("-", "_")
@@ -155,49 +131,25 @@ def load_yaml(path: str) -> dict:
     return out
 
 
-def parse_config(argv=None, *, world_size: int = 1,
-                 vocab_size_of: Optional[Callable[[DataConfig], int]] = None,
-                 parser: Optional[argparse.ArgumentParser] = None) -> Config:
-    """Flags (and their YAML file) -> a validated Config for a run of `world_size` processes.
-
-    `vocab_size_of(data_config)` gives the tokenizer's vocabulary size; it is used unless the
-    vocabulary size was set explicitly.
-    """
+def read_given(argv=None, parser: Optional[argparse.ArgumentParser] = None) -> dict:
+    """What the flags and their `--config` YAML file set, flags winning: {'section.field' or
+    'compat.name' or 'preset': value}. Neither defaults nor the preset's values are in it."""
     parser = parser or build_parser()
     given = vars(parser.parse_args(argv))
     explicit = load_yaml(given.pop("config")) if "config" in given else {}
     explicit.update(given)
+    return explicit
 
-    cfg = Config()
-    cfg.preset = explicit.pop("preset", None)
-    if cfg.preset:
-        for name, value in PRESETS[cfg.preset].items():
-            section = _index()[name][0]
-            setattr(getattr(cfg, section), name, value)
-    for key, value in explicit.items():
-        section, name = key.split(".")
-        if section == "compat":
-            compat.check_compat_value(name, value)
-        else:
-            setattr(getattr(cfg, section), name, value)
 
-    if cfg.parallel.use_distributed_optimizer and "parallel.data_parallel_sharding" not in explicit:
-        cfg.parallel.data_parallel_sharding = "optimizer"
-    if cfg.data.seq_length is None:
-        cfg.data.seq_length = cfg.model.max_position_embeddings
-    if cfg.model.max_position_embeddings is None:
-        cfg.model.max_position_embeddings = cfg.data.seq_length
-    if cfg.parallel.tensor_model_parallel_size == 1:
-        cfg.parallel.sequence_parallel = False  # as Megatron-LM: nothing to shard
-    if cfg.parallel.num_layers_per_virtual_pipeline_stage and "parallel.pipeline_schedule" not in explicit:
-        cfg.parallel.pipeline_schedule = "interleaved-1f1b"
-    if cfg.data.tokenizer_model and vocab_size_of and "model.vocab_size" not in explicit:
-        try:
-            cfg.model.vocab_size = vocab_size_of(cfg.data)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--tokenizer-model {cfg.data.tokenizer_model}: {e}") from None
-    validate(cfg, world_size)
-    # what the flags and the YAML file set (not the preset, not defaults): a checkpoint may supply
-    # the rest of the values that change what its weights compute (checkpoint.manager)
-    cfg.given_flags = frozenset(k for k in explicit if "." in k)
+def parse_config(argv=None, *, world_size: int = 1,
+                 vocab_size_of: Optional[Callable[[DataConfig], int]] = None,
+                 parser: Optional[argparse.ArgumentParser] = None) -> Config:
+    """Flags (and their YAML file) -> a resolved, validated Config for a run of `world_size`
+    processes that loads no checkpoint's recorded values (`resolve` takes those from its caller).
+
+    `vocab_size_of(data_config)` gives the tokenizer's vocabulary size; it is used unless the
+    vocabulary size was set explicitly.
+    """
+    cfg, _ = resolve(read_given(argv, parser), world_size=world_size, vocab_size_of=vocab_size_of)
+    validate(cfg)
     return cfg

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import compat
-from .cli import _fields, flag_of
+from .fields import configurable_fields, flag_of
 
 _INTRO = """# Configuration reference
 
@@ -50,7 +50,7 @@ def _cell(text: str) -> str:
 def render() -> str:
     out = [_INTRO]
     section = None
-    for name, f, kind in _fields():
+    for name, f, kind in configurable_fields():
         if name != section:
             section = name
             out.append(f"\n## {section}\n\n| flag | default | meaning |\n| --- | --- | --- |\n")

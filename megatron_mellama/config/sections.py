@@ -100,7 +100,7 @@ class ParallelConfig:
         "none", "data-parallel sharding: none (DDP), optimizer (ZeRO-2: grads and optimizer state "
         "sharded), full (ZeRO-3: parameters too)", choices=DP_SHARDING)
     data_parallel_replicate_size: int = opt(1, "HSDP: replicas across which fully sharded groups are copied")
-    # None until validation: on for `optimizer`, off for `full` (validate.resolve_gradient_reduction)
+    # None until resolved: on for `optimizer`, off for `full` (resolve.resolve_gradient_reduction)
     reduce_grads_once_per_step: Optional[bool] = opt(
         None, "optimizer/full sharding: keep whole fp32 gradients through the micro-batches and reduce-scatter "
         "once per step (Megatron-LM's distributed optimizer: 4 bytes per parameter more, a 1/micro-batches "
@@ -116,7 +116,7 @@ class ParallelConfig:
     distributed_timeout_minutes: float = opt(
         30.0, "how long a collective (a barrier while rank 0 builds the data index, a checkpoint load) may "
         "wait before the job fails")
-    # Filled by validation: the world size this run was started with, and what follows from it.
+    # Set by resolve(): the world size this run was started with, and what follows from it.
     world_size: int = 1
 
     @property

@@ -1,4 +1,7 @@
-"""Checks a Config before any work starts; each failure is one line naming the flag."""
+"""Checks a resolved Config before any work starts; each failure is one line naming the flag.
+
+Validation only reads: every value that follows from others is set before, by `resolve`.
+"""
 
 from __future__ import annotations
 
@@ -101,8 +104,9 @@ def validate_rope_scaling(cfg: Config) -> None:
         _positive(m.yarn_beta_slow, "--yarn-beta-slow")
 
 
-def validate_parallel(cfg: Config, world_size: int) -> None:
+def validate_parallel(cfg: Config) -> None:
     p, m = cfg.parallel, cfg.model
+    world_size = p.world_size
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     _positive(tp, "--tensor-model-parallel-size")
     _positive(pp, "--pipeline-model-parallel-size")
@@ -142,33 +146,17 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
              + (f" x --context-parallel-size {cp}" if cp > 1 else ""))
     _require(p.distributed_timeout_minutes > 0,
              f"--distributed-timeout-minutes must be positive, got {p.distributed_timeout_minutes}")
-    p.world_size = world_size
     dp = p.data_parallel_size
     _positive(p.data_parallel_replicate_size, "--data-parallel-replicate-size")
     _require(dp % p.data_parallel_replicate_size == 0,
              f"--data-parallel-replicate-size {p.data_parallel_replicate_size} must divide the "
              f"data-parallel size {dp}")
-    resolve_gradient_reduction(cfg)
     _require(not p.reduce_grads_once_per_step or p.data_parallel_sharding != "none",
              "--reduce-grads-once-per-step is for --data-parallel-sharding optimizer or full (none, DDP, "
              "always reduces once per step)")
     if p.data_parallel_replicate_size > 1:
         _require(p.data_parallel_sharding == "full",
                  "--data-parallel-replicate-size > 1 (HSDP) needs --data-parallel-sharding full")
-
-
-def resolve_gradient_reduction(cfg: Config) -> None:
-    """--reduce-grads-once-per-step unless given: on for ZeRO-2 (`optimizer`), off otherwise.
-
-    ZeRO-2 reduce-scattering every micro-batch sends the step's fp32 gradients once per micro-batch
-    (the dry run of the 13B recipe: 388 GiB per GPU per step over 32 micro-batches, against 12 once
-    per step) to save 4 bytes per parameter of the rank (11.8 GiB there), the memory Megatron-LM's
-    distributed optimizer spends too. ZeRO-3 (`full`) is chosen to save memory and all-gathers the
-    weights every micro-batch anyway: whole gradients would cost more than it saves and only halve
-    its traffic."""
-    p = cfg.parallel
-    if p.reduce_grads_once_per_step is None:
-        p.reduce_grads_once_per_step = p.data_parallel_sharding == "optimizer"
 
 
 def validate_training(cfg: Config) -> None:
@@ -184,8 +172,6 @@ def validate_training(cfg: Config) -> None:
              "--finetune and --pretrained-checkpoint: give one (--pretrained-checkpoint starts from its weights "
              "as --finetune does, and resumes --load once that holds a checkpoint)")
     dp = cfg.parallel.data_parallel_size
-    if t.global_batch_size is None:
-        t.global_batch_size = t.micro_batch_size * dp
     _positive(t.global_batch_size, "--global-batch-size")
     _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
              f"--global-batch-size {t.global_batch_size} must be a multiple of --micro-batch-size "
@@ -278,9 +264,6 @@ def validate_data(cfg: Config) -> None:
     if d.data_path and not d.mock_data:
         _require(d.tokenizer_model is not None, f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
     _require(not (d.sft and d.mock_data), "--sft trains on the conversations of --data-path, not on --mock-data")
-    if d.sft:
-        # conversations are packed: each must see only itself
-        d.reset_position_ids = d.reset_attention_mask = True
     # documents are told apart by their restarting positions (the loader knows no EOD id)
     _require(not d.reset_attention_mask or d.reset_position_ids,
              "--reset-attention-mask needs --reset-position-ids (documents are found where positions restart)")
@@ -319,10 +302,11 @@ def parse_split(split: str) -> list:
     return values + [0.0] * (3 - len(values))
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for the first value `cfg` (resolved by `resolve`) cannot run with."""
     validate_finite(cfg)
     validate_model(cfg)
     _positive(cfg.data.seq_length, "--seq-length (or --max-position-embeddings)")
-    validate_parallel(cfg, world_size)
+    validate_parallel(cfg)
     validate_training(cfg)
     validate_data(cfg)

@@ -28,8 +28,8 @@ import math
 import sys
 from collections import Counter
 
-from megatron_mellama.config import PRESETS, ConfigError, build_parser as build_config_parser, parse_config
-from megatron_mellama.config.cli import load_yaml
+from megatron_mellama.config import (PRESETS, ConfigError, build_parser as build_config_parser, read_given, resolve,
+                                     validate)
 from megatron_mellama.parallel.memory_model import GIB, estimate
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
 
@@ -105,32 +105,28 @@ def _check(args) -> None:
         raise UsageError(f"--context-parallel-sizes must be positive, got {args.context_parallel_sizes}")
 
 
-def _given(run: list[str]) -> dict:
-    """The run's flags and `--config` file as parse_config reads them: flag errors surface here, once."""
-    given = vars(build_parser().parse_args(run))
-    explicit = load_yaml(given.pop("config")) if "config" in given else {}
-    explicit.update(given)
-    return explicit
-
-
-def layout_config(run: list[str], tp: int, pp: int, cp: int, world: int, parser=None):
-    """The Config pretrain would build from `run` with this layout over `world` processes."""
-    layout = [str(v) for pair in zip(LAYOUT_FLAGS, (tp, pp, cp)) for v in pair]
-    return parse_config(run + layout, world_size=world, parser=parser or build_parser())
+def layout_config(given: dict, tp: int, pp: int, cp: int, world: int):
+    """The Config pretrain would build from the run's `given` settings with this layout over `world` processes."""
+    layout = dict(zip(("parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
+                       "parallel.context_parallel_size"), (tp, pp, cp)))
+    cfg, _ = resolve(dict(given, **layout), world_size=world)
+    validate(cfg)
+    return cfg
 
 
 def plan(args, run: list[str]) -> list[dict]:
     """Every valid layout's estimate (as dicts, with its config under "cfg"), best first."""
-    given = _given(run)
+    # the run's flags and `--config` file as pretrain reads them: flag errors surface here, once
+    given = read_given(run, build_parser())
     cp_sizes = sorted(set(args.context_parallel_sizes or [given.get("parallel.context_parallel_size", 1)]))
-    layers, parser = _num_layers(given), build_parser()
+    layers = _num_layers(given)
     rows, refusals = [], {cp: Counter() for cp in cp_sizes}
     for cp in cp_sizes:
         if args.num_gpus % cp:
             refusals[cp][f"CP {cp} does not divide --num-gpus {args.num_gpus}"] += 1
     for tp, pp, cp in _candidates(layers, args.num_gpus, cp_sizes):
         try:
-            cfg = layout_config(run, tp, pp, cp, args.num_gpus, parser)
+            cfg = layout_config(given, tp, pp, cp, args.num_gpus)
         except ConfigError as e:
             refusals[cp][str(e)] += 1
             continue

@@ -18,7 +18,6 @@ from torch.distributed.tensor import DTensor
 
 from .. import kernels
 from ..checkpoint.manager import CheckpointError, CheckpointManager, checkpoint_dir, checkpoint_to_load, latest_iteration
-from ..checkpoint.recorded_config import adopt_checkpoint_values
 from ..checkpoint.pretrained_start import resolve_start
 from ..checkpoint.save_root import check_save_root
 from ..checkpoint.trained_tokenizer import check_finetune_tokenizer
@@ -108,8 +107,6 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl) -
     # a checkpoint to load provides every weight (a load that lacks one fails): no random values
     # are generated only to be overwritten (minutes at 70B)
     ckpt = checkpoint_to_load(cfg)
-    for line in adopt_checkpoint_values(cfg, ckpt) if ckpt else ():
-        _print0(f"from the checkpoint: {line}")
     engine = Engine(cfg, meshes, device, initialise=ckpt is None)
     _print0("kernels: " + ", ".join(f"{op} {backend}" for op, backend in kernels.selected().items()))
     checkpoints = CheckpointManager(cfg, engine)
