@@ -28,6 +28,8 @@ setup(
         # Triton runs the kernel tests on the CPU through its interpreter (CUDA builds of torch
         # already bring it)
         "test": ["pytest>=7", "transformers>=4.45", "tokenizers", "triton>=3.0; platform_system == 'Linux'",
+                 # the suite's workers (python -m pytest -n 2 --dist loadfile)
+                 "pytest-xdist>=3",
                  # the reference the evaluation's scoring is held to (tests/test_evaluation_vs_lm_eval.py)
                  "lm-eval[hf]>=0.4.13"],
         "te": ["transformer_engine[pytorch]"],
