@@ -9,7 +9,9 @@ which hand their arguments to `pretrain`) must name a file or module that exists
 `--flag` it uses must be one its argument parser accepts. The parsers are the entry points' own:
 each is run in this process with `--help` while every parser it asks to parse is recorded (the job
 never starts). Other shell scripts of the repository must mention each flag they are given.
-Commands ending in `--help` are also run as written, in a subprocess.
+Commands ending in `--help` are also run as written, in a subprocess. Every relative link of the
+docs points to a file that exists and, with an anchor, to one of its headings, and every file the
+docs name in code spans (`training/loop.py`, `run_13b.sh`) is in the repository.
 """
 
 from __future__ import annotations
@@ -274,3 +276,76 @@ def test_correct_commands_of_each_kind_pass():
     text = text.replace("--dtyp ", "--dtype ").replace("--micro-batch-sise", "--micro-batch-size")
     text = text.replace(" --no-such-flag", "").replace("no_such_tool", "merge_datasets").replace("--gpu-only", "--cpu")
     assert problems(text) == []
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings (fenced blocks hold none)."""
+    anchors, seen = set(), {}
+    for line in re.sub(r"(?ms)^```.*?^```", "", text).splitlines():
+        m = re.match(r"#{1,6} (.*)", line)
+        if not m:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def broken_links(doc: Path) -> list[str]:
+    found = []
+    text = re.sub(r"(?ms)^```.*?^```", "", doc.read_text(encoding="utf-8"))
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (doc.parent / path).resolve() if path else doc
+        if not file.exists():
+            found.append(f"{target}: no such file")
+        elif anchor and file.suffix == ".md" and anchor not in heading_anchors(file.read_text(encoding="utf-8")):
+            found.append(f"{target}: no such heading")
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_of_the_doc_reaches_its_file_and_heading(doc):
+    assert broken_links(doc) == []
+
+
+@functools.lru_cache(maxsize=None)
+def repository_files() -> tuple[str, ...]:
+    skip = {".git", "__pycache__", "outputs", "node_modules"}
+    return tuple(str(p.relative_to(REPO)) for p in REPO.rglob("*")
+                 if p.is_file() and not skip.intersection(p.relative_to(REPO).parts))
+
+
+def missing_files(text: str) -> list[str]:
+    """Files named in a Markdown text's code spans (a path, package-relative path or bare name) that
+    no file of the repository is."""
+    files = repository_files()
+    names = {Path(f).name for f in files}
+    found = []
+    for name in re.findall(r"`([^`\s]+\.(?:py|sh|sbatch|yaml|md))`", text):
+        if "<" in name or "*" in name:
+            continue  # a pattern: tools/<name>.py, tests/test_kernels*.py
+        if "/" not in name:
+            ok = name in names
+        else:
+            ok = any(f == name or f.endswith("/" + name.lstrip("./")) for f in files)
+        if not ok:
+            found.append(name)
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_file_the_doc_names_exists(doc):
+    assert missing_files(doc.read_text(encoding="utf-8")) == []
+
+
+def test_a_renamed_file_and_a_link_to_a_missing_heading_are_found(tmp_path):
+    text = ("`training/loop.py`, `loop.py`, `tools/<name>.py` and `training/no_such_file.py`, "
+            "`no_such_script.sh`; [the guide](guide.md#no-such-heading), [README](README.md#set-up-two-commands)")
+    assert missing_files(text) == ["training/no_such_file.py", "no_such_script.sh"]
+    (tmp_path / "guide.md").write_text("# Guide\n\n## A heading\n")
+    (tmp_path / "README.md").write_text((REPO / "README.md").read_text(encoding="utf-8"))
+    (tmp_path / "doc.md").write_text(text)
+    assert broken_links(tmp_path / "doc.md") == ["guide.md#no-such-heading: no such heading"]
