@@ -46,7 +46,8 @@ def _rank(rank: int, world: int, argv: list, out: str) -> None:
     import torch.distributed.checkpoint as dcp
 
     import megatron_mellama.checkpoint.manager as manager_module
-    from megatron_mellama.checkpoint.manager import CheckpointManager, checkpoint_to_load
+    from megatron_mellama.checkpoint.manager import CheckpointManager
+    from megatron_mellama.checkpoint.resume import checkpoint_to_load
     from megatron_mellama.checkpoint.reader import CountingFileSystem, ShardReader
     from megatron_mellama.config import parse_config
     from megatron_mellama.parallel.mesh import ParallelDims

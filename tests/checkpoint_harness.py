@@ -20,7 +20,8 @@ from engine_harness import global_batches, micro_batches_of, spawn_gloo
 
 def train_segment(argv: list, start: int, stop: int, save: bool, meshes=None, dp_rank: int = 0,
                   dp_size: int = 1) -> dict:
-    from megatron_mellama.checkpoint.manager import CheckpointManager, checkpoint_to_load
+    from megatron_mellama.checkpoint.manager import CheckpointManager
+    from megatron_mellama.checkpoint.resume import checkpoint_to_load
     from megatron_mellama.config import parse_config
     from megatron_mellama.training.engine import Engine
 

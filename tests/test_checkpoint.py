@@ -12,7 +12,8 @@ import torch
 from checkpoint_harness import (copy_checkpoint, drop_checksums, edit_train_state, load_with, train_segment,
                                 train_segment_distributed)
 from engine_harness import TINY
-from megatron_mellama.checkpoint.manager import CheckpointError, CheckpointManager, latest_iteration
+from megatron_mellama.checkpoint.layout import CheckpointError, latest_iteration
+from megatron_mellama.checkpoint.manager import CheckpointManager
 from megatron_mellama.config import parse_config
 from megatron_mellama.training.engine import Engine
 

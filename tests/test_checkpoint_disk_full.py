@@ -15,8 +15,9 @@ import torch.multiprocessing as mp
 
 from checkpoint_harness import load_with
 from engine_harness import TINY, _gloo_rank, store_address
-from megatron_mellama.checkpoint import checksums, manager
-from megatron_mellama.checkpoint.manager import CheckpointError, CheckpointManager
+from megatron_mellama.checkpoint import checksums, layout
+from megatron_mellama.checkpoint.layout import CheckpointError
+from megatron_mellama.checkpoint.manager import CheckpointManager
 from megatron_mellama.config import parse_config
 from megatron_mellama.training.engine import Engine
 
@@ -49,7 +50,7 @@ class _FullFile:
 
 
 def _open_failing(name: str):
-    """`open`, but writing the temporary file of `name` (as _fsync_write and write_checksums
+    """`open`, but writing the temporary file of `name` (as fsync_write and write_checksums
     write it) hits a full disk."""
     def fake(path, mode="r", *args, **kwargs):
         fh = open(path, mode, *args, **kwargs)
@@ -73,8 +74,8 @@ def full_disk(step: str):
         return mock.patch.object(torch, "save", _save_rng_failing)
     if step == "checksums":
         return mock.patch.object(checksums, "open", _open_failing(checksums.CHECKSUMS), create=True)
-    name = {"train_state": manager.TRAIN_STATE, "latest": manager.LATEST}[step]
-    return mock.patch.object(manager, "open", _open_failing(name), create=True)
+    name = {"train_state": layout.TRAIN_STATE, "latest": layout.LATEST}[step]
+    return mock.patch.object(layout, "open", _open_failing(name), create=True)
 
 
 def listing(root: str) -> list[str]:

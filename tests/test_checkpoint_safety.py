@@ -8,7 +8,9 @@ import pytest
 
 from checkpoint_harness import copy_checkpoint, drop_checksums, edit_train_state, load_with
 from engine_harness import TINY, spawn_gloo
-from megatron_mellama.checkpoint.manager import CheckpointError, CheckpointManager, checkpoint_to_load
+from megatron_mellama.checkpoint.layout import CheckpointError
+from megatron_mellama.checkpoint.manager import CheckpointManager
+from megatron_mellama.checkpoint.resume import checkpoint_to_load
 from megatron_mellama.config import ConfigError, parse_config
 from megatron_mellama.training.engine import Engine
 

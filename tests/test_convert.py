@@ -305,7 +305,8 @@ def test_tokenizer_model_ships_with_the_export(tmp_path, sentencepiece_model):
 
 
 def test_imported_checkpoint_without_finetune_says_so(tmp_path):
-    from megatron_mellama.checkpoint.manager import CheckpointError, CheckpointManager
+    from megatron_mellama.checkpoint.layout import CheckpointError
+    from megatron_mellama.checkpoint.manager import CheckpointManager
     from megatron_mellama.config import parse_config
     from megatron_mellama.training.engine import Engine
 

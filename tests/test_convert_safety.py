@@ -302,7 +302,7 @@ def test_import_writes_checksums_that_verify(tmp_path):
     """An imported checkpoint is verified at load like a saved one: its checksums are written
     before `latest`."""
     from megatron_mellama.checkpoint import checksums
-    from megatron_mellama.checkpoint.manager import checkpoint_dir
+    from megatron_mellama.checkpoint.layout import checkpoint_dir
 
     _, save = _imported(tmp_path)
     ckpt = checkpoint_dir(save, 0)
@@ -320,7 +320,7 @@ def trained(tmp_path_factory, sentencepiece_model):
 
 
 def test_export_refuses_a_tokenizer_other_than_the_trained_one(trained, sentencepiece_model, tmp_path, capsys):
-    from megatron_mellama.checkpoint.manager import tokenizer_hash
+    from megatron_mellama.data.identity import tokenizer_hash
 
     ckpt, other = trained
     out = tmp_path / "hf"

@@ -12,8 +12,9 @@ from checkpoint_harness import poison
 from engine_harness import TINY, global_batches, micro_batches_of, spawn_gloo
 from megatron_mellama.checkpoint.convert import expected_shapes, import_checkpoint
 from megatron_mellama.checkpoint.hf import model_config_from_hf
-from megatron_mellama.checkpoint.manager import (CheckpointError, CheckpointManager, checkpoint_to_load,
-                                                 write_latest, write_train_state)
+from megatron_mellama.checkpoint.layout import CheckpointError, write_latest, write_train_state
+from megatron_mellama.checkpoint.manager import CheckpointManager
+from megatron_mellama.checkpoint.resume import checkpoint_to_load
 from megatron_mellama.checkpoint.reader import CountingFileSystem, ShardReader, _stored_tensor
 from megatron_mellama.config import parse_config
 from megatron_mellama.training.engine import Engine

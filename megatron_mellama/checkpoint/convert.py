@@ -36,7 +36,7 @@ from ..config import Config, ModelConfig
 from ..model.llama import Llama
 from . import checksums
 from .hf import hf_config_dict, model_config_from_hf, to_hf_name
-from .manager import TRAIN_STATE, checkpoint_dir, latest_iteration, write_latest, write_train_state
+from .layout import TRAIN_STATE, checkpoint_dir, latest_iteration, write_latest, write_train_state
 from .trained_tokenizer import check_tokenizer_file
 from .reader import ShardReader
 from .sources import SAFETENSORS_DTYPES, ConvertError

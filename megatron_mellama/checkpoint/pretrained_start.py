@@ -11,7 +11,7 @@ with `--pretrained-checkpoint PRE --load OWN` each launch takes the right one by
 from __future__ import annotations
 
 from ..config import Config
-from .manager import CheckpointError, latest_iteration
+from .layout import CheckpointError, latest_iteration
 
 
 def resolve_start(cfg: Config) -> str | None:

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from ..config import Config
-from .manager import CheckpointError, checkpoint_to_load, read_train_state
+from .layout import CheckpointError, read_train_state
+from .resume import checkpoint_to_load
 
 
 def recorded_model_values(cfg: Config) -> dict:

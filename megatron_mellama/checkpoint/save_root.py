@@ -15,7 +15,8 @@ import os
 import re
 
 from ..config import Config
-from .manager import CheckpointError, checkpoint_dir, checkpoint_to_load, latest_iteration
+from .layout import CheckpointError, checkpoint_dir, latest_iteration
+from .resume import checkpoint_to_load
 
 _ITERATION = re.compile(r"^iter_(\d{7,})$")
 _OVERRIDE = "save elsewhere, or pass --overwrite-save to write over them"

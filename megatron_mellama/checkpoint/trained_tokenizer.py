@@ -1,7 +1,7 @@
 """The tokenizer a checkpoint was trained with, and the check that a tool pairs it with that one.
 
 Every save records the run's tokenizer in `train_state.json` (`data.tokenizer_model`, the path as
-given, and `data.tokenizer_sha256`, see `manager.tokenizer_hash`). A model exported or scored with
+given, and `data.tokenizer_sha256`, see `data.identity.tokenizer_hash`). A model exported or scored with
 another tokenizer reads other ids: its embeddings are looked up for the wrong pieces, and nothing
 fails; an accuracy of 0.0 or a model that writes garbage is all that shows. `check_tokenizer`
 refuses such a pairing in one line naming both (the export, the standalone evaluation, a --finetune
@@ -16,7 +16,9 @@ import os
 import re
 
 from ..config import Config
-from .manager import TRAIN_STATE, CheckpointError, checkpoint_to_load, tokenizer_hash
+from ..data.identity import tokenizer_hash
+from .layout import TRAIN_STATE, CheckpointError
+from .resume import checkpoint_to_load
 
 OVERRIDE = "--allow-tokenizer-mismatch"
 # inside a tokenizer folder, the files that are a whole tokenizer by themselves
@@ -78,7 +80,7 @@ def check_tokenizer(ckpt: str, path: str, flag: str = "--tokenizer-model") -> No
 def check_finetune_tokenizer(cfg: Config) -> None:
     """A --finetune run reads the checkpoint's weights with its own --tokenizer-model: refuse one
     other than the checkpoint's, before any work (a resume compares it with the rest of the data
-    settings, `manager.data_differences`)."""
+    settings, `data.identity.data_differences`)."""
     c = cfg.checkpoint
     if not (c.finetune and c.load and cfg.data.tokenizer_model) or c.allow_tokenizer_mismatch:
         return

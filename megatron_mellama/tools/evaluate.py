@@ -49,7 +49,7 @@ def build_parser() -> OneLineParser:
 
 
 def main(argv=None) -> int:
-    from ..checkpoint.manager import CheckpointError
+    from ..checkpoint.layout import CheckpointError
     from ..checkpoint.sources import ConvertError
     from ..data.tokenizer import TokenizerError
     from ..evaluation.load_model import ModelLoadError

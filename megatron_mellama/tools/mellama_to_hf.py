@@ -57,7 +57,7 @@ def build_parser() -> OneLineParser:
 
 
 def main(argv=None) -> int:
-    from ..checkpoint.manager import CheckpointError
+    from ..checkpoint.layout import CheckpointError
     from ..checkpoint.sources import ConvertError
 
     return run_tool("mellama_to_hf", lambda: build_parser().parse_args(argv), _run,

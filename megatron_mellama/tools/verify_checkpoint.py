@@ -11,7 +11,6 @@ saved before checksums, or imported from Hugging Face / Meta).
 
 import argparse
 import os
-import re
 import time
 
 from megatron_mellama.checkpoint.checksums import CHECKSUMS, ChecksumError, read_checksums, verify
@@ -20,7 +19,6 @@ from megatron_mellama.tools.cli import OneLineParser, run_tool
 from ..errors import MellamaError
 
 PROG = "mellama-verify-checkpoint"
-_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 
 
 class VerifyError(MellamaError, ValueError):
@@ -36,14 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def checkpoints_of(path: str, every: bool) -> list[str]:
-    from megatron_mellama.checkpoint.manager import CheckpointError, checkpoint_dir, latest_iteration
+    from megatron_mellama.checkpoint.layout import ITER_DIR, CheckpointError, checkpoint_dir, latest_iteration
 
     if not os.path.isdir(path):
         raise VerifyError(f"{path}: no such directory")
     if os.path.isfile(os.path.join(path, ".metadata")):
         return [path]
     if every:
-        found = sorted(os.path.join(path, n) for n in os.listdir(path) if _ITER_DIR.match(n))
+        found = sorted(os.path.join(path, n) for n in os.listdir(path) if ITER_DIR.match(n))
         if not found:
             raise VerifyError(f"{path}: no iter_* checkpoint directories")
         return found

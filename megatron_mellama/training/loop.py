@@ -17,7 +17,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from .. import kernels
-from ..checkpoint.manager import CheckpointError, CheckpointManager, checkpoint_dir, checkpoint_to_load, latest_iteration
+from ..checkpoint.layout import CheckpointError, checkpoint_dir, latest_iteration
+from ..checkpoint.manager import CheckpointManager
+from ..checkpoint.resume import checkpoint_to_load
 from ..checkpoint.pretrained_start import resolve_start
 from ..checkpoint.save_root import check_save_root
 from ..checkpoint.trained_tokenizer import check_finetune_tokenizer
