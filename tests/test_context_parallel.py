@@ -16,7 +16,7 @@ from checkpoint_harness import train_segment, train_segment_distributed
 from engine_harness import TINY, assert_matches, reference, rel as _rel, run_distributed
 from megatron_mellama.config import ConfigError, parse_config
 from megatron_mellama.kernels import documents
-from megatron_mellama.model.llama import build_model
+from megatron_mellama.model import build_model
 from megatron_mellama.parallel.context import (ContextParallelAttention, apply_context_parallel, chunk_document_mask,
                                                chunk_positions)
 from megatron_mellama.parallel.mesh import ParallelDims

@@ -13,11 +13,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from engine_harness import spawn_gloo
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_mellama.config import parse_config
-from megatron_mellama.model.llama import Llama, initial_value, rotary_tables
+from megatron_mellama.model import Llama, materialise
+from megatron_mellama.model.init import initial_value
 from megatron_mellama.parallel.recompute import apply_activation_checkpointing, apply_compile
 
 STEPS, MICRO_BATCHES, GLOBAL_BATCH, SEED = 3, 2, 8, 7
@@ -41,17 +42,7 @@ def _batches(cfg):
 
 def _init(model, cfg):
     """Materialise a meta-built model and fill it with the layout-independent initial values."""
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        model.rope_cos.copy_(rotary_tables(cfg)[0])
-        model.rope_sin.copy_(rotary_tables(cfg)[1])
-        for name, p in model.named_parameters():
-            full = initial_value(cfg, name, tuple(p.shape), SEED)
-            if isinstance(p, DTensor):
-                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-                p = p.to_local()
-            p.copy_(full)
-    return model
+    return materialise(model, cfg, "cpu", seed=SEED)
 
 
 def _train(model, cfg, dp_rank=0, dp_size=1, sync=lambda enabled: None):

@@ -16,7 +16,7 @@ from megatron_mellama.config.validate import ZERO_BUBBLE_TORCH, torch_at_least
 from megatron_mellama.data.datasets import build_datasets
 from megatron_mellama.data.loader import KEYS, document_ids_of, train_batches
 from megatron_mellama.kernels import documents
-from megatron_mellama.model.llama import build_model
+from megatron_mellama.model import build_model
 from megatron_mellama.training.engine import Engine
 
 PACKED = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]

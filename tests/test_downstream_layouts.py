@@ -80,7 +80,7 @@ def one_process():
 
 def test_one_process_equals_the_standalone_scorer(one_process):
     from megatron_mellama.evaluation.loglikelihood import llama_loglikelihood_fn
-    from megatron_mellama.model.llama import build_model
+    from megatron_mellama.model import build_model
 
     cfg, initial, got = one_process
     model = build_model(cfg.model)

@@ -228,12 +228,11 @@ def test_te_rotary_derives_its_angles_once_for_every_layer_under_fsdp2s_input_ca
     from megatron_mellama import kernels
     from megatron_mellama.config import parse_config
     from megatron_mellama.kernels import dispatch
-    from megatron_mellama.model.llama import Llama
+    from megatron_mellama.model import Llama, materialise
 
     cfg = parse_config(["--model", "tiny", "--vocab-size", "64", "--seq-length", "16"])
     torch.manual_seed(0)
-    model = Llama(cfg.model)
-    model.init_weights(seed=0)
+    model = materialise(Llama(cfg.model), cfg.model, "cpu", seed=0)
     for p in model.parameters():  # the parameters as FSDP2's param_dtype gives them; the tables stay fp32
         p.data = p.data.to(torch.bfloat16)
     for layer in model.layers.values():

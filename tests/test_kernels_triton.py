@@ -156,11 +156,10 @@ def test_every_layer_keeps_the_same_tables_for_backward_under_fsdp2s_input_casts
     # and kept for backward, 2 x positions x head_dim x 4 bytes per layer and micro-batch
     from megatron_mellama import kernels
     from megatron_mellama.config import parse_config
-    from megatron_mellama.model.llama import Llama
+    from megatron_mellama.model import Llama, materialise
 
     cfg = parse_config(["--model", "tiny", "--vocab-size", "64", "--seq-length", "16"])
-    model = Llama(cfg.model)
-    model.init_weights(seed=0)
+    model = materialise(Llama(cfg.model), cfg.model, "cpu", seed=0)
     model.to(DEVICE)
     for p in model.parameters():  # the parameters as FSDP2's param_dtype gives them; the tables stay fp32
         p.data = p.data.to(torch.bfloat16)

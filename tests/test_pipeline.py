@@ -7,7 +7,7 @@ from engine_harness import spawn_gloo
 
 from megatron_mellama.config import parse_config
 from megatron_mellama.config.validate import ZERO_BUBBLE_TORCH, torch_at_least
-from megatron_mellama.model.llama import Llama, build_model
+from megatron_mellama.model import Llama, build_model, materialise
 from megatron_mellama.parallel.pipeline import build_schedule, run_pipeline_step, split_into_stages
 
 SEED = 1234
@@ -111,15 +111,13 @@ def _run_case(rank, world_size, schedule, layers_per_vstage):
     cfg = _model_config()
     parts = split_into_stages(_meta_model(cfg), rank, world_size, layers_per_vstage, schedule)
     for _, part in parts:
-        part.to_empty(device="cpu")
-        part.init_weights(SEED)
+        materialise(part, cfg, "cpu", seed=SEED)
     tokens, labels = _batch(cfg)
-    pipe = build_schedule(parts, torch.distributed.group.WORLD, "cpu", N_MICROBATCHES,
-                          _loss_fn(labels.numel()), schedule)
-    losses = run_pipeline_step(pipe, parts, tokens, labels)
+    pipe = build_schedule(parts, torch.distributed.group.WORLD, "cpu", N_MICROBATCHES, schedule)
+    losses = run_pipeline_step(pipe, parts, tokens, labels, _loss_fn(labels.numel()))
     grads = {name: p.grad.clone() for _, part in parts for name, p in part.named_parameters()}
     # validation through the same schedule object: forward only, gradients untouched
-    eval_losses = run_pipeline_step(pipe, parts, tokens, labels, train=False)
+    eval_losses = run_pipeline_step(pipe, parts, tokens, labels, _loss_fn(labels.numel()), train=False)
     for _, part in parts:
         for name, p in part.named_parameters():
             assert torch.equal(p.grad, grads[name]), name

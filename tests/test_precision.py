@@ -18,7 +18,7 @@ from megatron_mellama import kernels
 from megatron_mellama.config import parse_config
 from megatron_mellama.config.validate import ZERO_BUBBLE_TORCH, torch_at_least
 from megatron_mellama.kernels import reference as ref_kernels
-from megatron_mellama.model.llama import initial_value
+from megatron_mellama.model.init import initial_value
 
 STEPS = 2
 # 16 sequences in micro-batches of 2: with DP 2 each rank runs 4 micro-batches per step

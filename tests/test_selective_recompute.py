@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_mellama.config import parse_config
 from megatron_mellama.data.loader import document_ids_of
 from megatron_mellama.kernels import dispatch, documents
-from megatron_mellama.model.llama import build_model
+from megatron_mellama.model import build_model
 from megatron_mellama.parallel import recompute
 from megatron_mellama.parallel.recompute import apply_activation_checkpointing
 from test_kernels_adapters import _FakeDotProductAttention, te  # noqa: F401 (te: the fixture)

@@ -16,7 +16,7 @@ from megatron_mellama.config import ConfigError, parse_config
 from megatron_mellama.data.datasets import build_datasets
 from megatron_mellama.data.loader import collate_for
 from megatron_mellama.data.sft_dataset import SFTDataset, pair_of
-from megatron_mellama.model.llama import build_model
+from megatron_mellama.model import build_model
 from megatron_mellama.pretrain import load_run_config
 from megatron_mellama.tools.preprocess_sft import main as preprocess_sft
 from megatron_mellama.training.loop import train

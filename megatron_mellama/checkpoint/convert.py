@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from tqdm import tqdm
 
 from ..config import Config, ModelConfig
-from ..model.llama import Llama
+from ..model import meta_model
 from . import checksums
 from .hf import hf_config_dict, model_config_from_hf, to_hf_name
 from .layout import TRAIN_STATE, checkpoint_dir, latest_iteration, write_latest, write_train_state
@@ -48,8 +48,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in Llama(cfg).state_dict().items()}
+    return {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()}
 
 
 def _check_names(where: str, have: dict[str, tuple], want: dict[str, tuple]) -> None:

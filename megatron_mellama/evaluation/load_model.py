@@ -50,16 +50,12 @@ def load_our_checkpoint(load: str, device: str = "cpu", dtype: str = "fp32"):
 
     from ..checkpoint.convert import _saved_model_config, find_checkpoint
     from ..checkpoint.reader import ShardReader
-    from ..model.llama import Llama
-    from ..model.rope import rotary_tables
+    from ..model import build_model
 
     ckpt = find_checkpoint(load)
     cfg = _saved_model_config(ckpt)
-    with torch.device("meta"):
-        model = Llama(cfg)
-    model = model.to_empty(device=device).to(DTYPES[dtype])
-    # the rotary tables are buffers no checkpoint holds, kept in fp32 as training keeps them
-    model.rope_cos, model.rope_sin = rotary_tables(cfg, device=device)
+    # the rotary tables, buffers no checkpoint holds, are computed in fp32 as training keeps them
+    model = build_model(cfg, device, initialise=False, dtype=DTYPES[dtype])
     try:
         # every weight comes from the checkpoint, copied into the model's dtype
         dcp.load(model.state_dict(), storage_reader=ShardReader(ckpt), no_dist=True)

@@ -1,5 +1,6 @@
-"""The LLaMA2 model and its cost model."""
+"""The LLaMA2 model, how it is built and initialised, and its cost model."""
 
-from .llama import Llama, build_model
+from .build import build_model, materialise, meta_model
+from .llama import Llama
 
-__all__ = ["Llama", "build_model"]
+__all__ = ["Llama", "build_model", "materialise", "meta_model"]

@@ -10,9 +10,6 @@ math, in plain PyTorch, is `kernels/reference.py`. Parallelism is applied to thi
 
 from __future__ import annotations
 
-import hashlib
-import math
-
 import torch
 from torch import nn
 
@@ -90,7 +87,9 @@ class Llama(nn.Module):
     """tokens (batch, seq) -> logits (batch, seq, vocab); with labels, the summed token loss.
 
     `model(tokens, labels)` returns the cross-entropy summed over the tokens whose label is not -100,
-    computed chunk by chunk without materialising the logits (`kernels.linear_cross_entropy`).
+    computed chunk by chunk without materialising the logits (`kernels.linear_cross_entropy`);
+    with `per_row=True` (under no_grad: scoring choices by log-likelihood) the sum of each sequence,
+    a [batch] tensor.
     Packed documents: `position_ids` (batch, seq) restart the rotary positions at each document, and
     `document_ids` (batch, seq), each token's document, keep attention within documents.
     """
@@ -110,12 +109,10 @@ class Llama(nn.Module):
         # document ids (batch, seq) -> what every layer's attention takes for packed documents, made
         # once per forward; context parallelism puts the mask of its rank's queries here
         self.document_mask = kernels.document_mask
-        # with labels: the loss summed per sequence (a [batch] tensor, no gradients) rather than over
-        # all of them, for scoring choices by log-likelihood
-        self.loss_per_row = False
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                per_row: bool = False) -> torch.Tensor:
         # A pipeline stage replaces the parts it does not own with None; on the first stage the
         # input is token ids, on the others the previous stage's hidden states.
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
@@ -132,48 +129,5 @@ class Llama(nn.Module):
         if self.lm_head is None:
             return h
         if labels is not None:
-            return kernels.linear_cross_entropy(h, self.lm_head.weight, labels, per_row=self.loss_per_row)
+            return kernels.linear_cross_entropy(h, self.lm_head.weight, labels, per_row=per_row)
         return self.lm_head(h)
-
-    @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Fill every parameter and buffer, e.g. after `to_empty()` from the meta device."""
-        cfg = self.cfg
-        device = self.rope_cos.device
-        cos, sin = rotary_tables(cfg, device=device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
-        for name, param in self.named_parameters():
-            param.copy_(initial_value(cfg, name, tuple(param.shape), seed))
-
-
-def initial_value(cfg: ModelConfig, name: str, shape: tuple, seed: int | None = None) -> torch.Tensor:
-    """The fp32 initial value of parameter `name`, on the CPU.
-
-    Normal(0, std) for matrices, with the output projections of each block scaled by
-    1/sqrt(2 * layers) as Megatron-LM does; ones for norms. Each tensor draws from a generator
-    seeded by the seed and the tensor's name, so the values do not depend on which tensors a
-    process holds or in which order it initialises them: any parallel layout starts identical.
-    """
-    if name.endswith("layernorm.weight") or name == "norm.weight":
-        return torch.ones(shape)
-    std = cfg.init_method_std
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
-        std /= math.sqrt(2.0 * cfg.num_layers)
-    generator = torch.Generator(device="cpu").manual_seed(_name_seed(0 if seed is None else seed, name))
-    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-
-
-def _name_seed(seed: int, name: str) -> int:
-    """A stable 63-bit seed from the run's seed and a parameter name (Python's hash() is salted)."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = None) -> Llama:
-    """Build on the meta device (no memory), then materialise in fp32 on `device` and initialise."""
-    with torch.device("meta"):
-        model = Llama(cfg)
-    model.to_empty(device=device)
-    model.init_weights(seed)
-    return model

@@ -124,44 +124,64 @@ class _Stage(PipelineStage):
         raise RuntimeError(f"unknown backward type {backward_type!r}")
 
 
-def build_schedule(parts: list[tuple[int, nn.Module]], pp_group_or_mesh: dist.ProcessGroup | DeviceMesh,
-                   device: torch.device | str, n_microbatches: int, loss_fn, schedule: str):
-    """The torch pipelining schedule running this rank's parts.
+class _LossOfTheCall:
+    """The loss function a schedule calls, given anew by each `run_pipeline_step`: torch's schedules
+    take theirs once, at construction, while training, validation and scoring each need their own."""
 
-    `loss_fn(output, target)` must already be normalised for the global batch (summed token loss over
-    the global token count): the schedule sums it over microbatches and does not rescale gradients.
-    Activation shapes are inferred from the first microbatch, so nothing needs to know them here.
+    def __init__(self):
+        self.fn = None
+
+    def __call__(self, output, target):
+        return self.fn(output, target)
+
+
+def build_schedule(parts: list[tuple[int, nn.Module]], pp_group_or_mesh: dist.ProcessGroup | DeviceMesh,
+                   device: torch.device | str, n_microbatches: int, schedule: str):
+    """The torch pipelining schedule running this rank's parts; `run_pipeline_step` runs it.
+
+    The schedule sums the losses over microbatches and does not rescale gradients. Activation
+    shapes are inferred from the first microbatch, so nothing needs to know them here.
     """
     group = pp_group_or_mesh.get_group() if isinstance(pp_group_or_mesh, DeviceMesh) else pp_group_or_mesh
     num_stages = dist.get_world_size(group) * len(parts)
     device = torch.device(device)
     stages = [_Stage(part, stage, num_stages, device, group=group) for stage, part in parts]
     cls = _SCHEDULES[schedule]
+    loss = _LossOfTheCall()
     if cls is Schedule1F1B:
         if len(stages) != 1:
             raise ValueError(f"the 1f1b schedule runs one stage per rank, not {len(stages)}")
-        return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
-    return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+        built = cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss, scale_grads=False)
+    else:
+        built = cls(stages, n_microbatches=n_microbatches, loss_fn=loss, scale_grads=False)
+    built.loss_of_the_call = loss
+    return built
 
 
 def run_pipeline_step(schedule, parts: list[tuple[int, nn.Module]], tokens: torch.Tensor,
-                      labels: torch.Tensor, *, train: bool = True,
-                      **per_token: torch.Tensor) -> list[torch.Tensor] | None:
+                      labels: torch.Tensor, loss_fn, *, train: bool = True,
+                      **stage_kwargs) -> list[torch.Tensor] | None:
     """Forward (and, when training, backward) over one batch, split into microbatches along dim 0.
 
-    Every stage is called as `part(x, labels=labels, **per_token)`: keyword arguments reach every
-    stage (positional ones only the first), cut into the same micro-batches, so each stage gets
-    its micro-batch's `position_ids` and `document_ids`. The last stage returns its micro-batch's
-    summed token loss, which the schedule's `loss_fn(output, labels)` normalises. Returns the
-    per-microbatch losses on the rank holding the last stage, None elsewhere. Every rank of the
-    pipeline group must call it with the same `train`.
+    Every stage is called as `part(x, labels=labels, **stage_kwargs)`: keyword arguments reach every
+    stage (positional ones only the first); tensors are cut into the same micro-batches, so each
+    stage gets its micro-batch's `position_ids` and `document_ids`, and other values reach every
+    micro-batch as they are. The last stage returns its micro-batch's summed token loss, which
+    `loss_fn(output, labels)` turns into what the schedule sums and backpropagates: normalised for
+    the global batch (summed token loss over the global token count). Returns the per-microbatch
+    losses on the rank holding the last stage, None elsewhere. Every rank of the pipeline group
+    must call it with the same `train`.
     """
     args = (tokens,) if has_first_stage(parts) else ()
     losses: list[torch.Tensor] | None = [] if has_last_stage(parts) else None
     target = labels if losses is not None else None
-    if train:
-        schedule.step(*args, target=target, losses=losses, return_outputs=False, labels=labels, **per_token)
-    else:
-        with torch.no_grad():
-            schedule.eval(*args, target=target, losses=losses, return_outputs=False, labels=labels, **per_token)
+    schedule.loss_of_the_call.fn = loss_fn
+    try:
+        if train:
+            schedule.step(*args, target=target, losses=losses, return_outputs=False, labels=labels, **stage_kwargs)
+        else:
+            with torch.no_grad():
+                schedule.eval(*args, target=target, losses=losses, return_outputs=False, labels=labels, **stage_kwargs)
+    finally:
+        schedule.loss_of_the_call.fn = None
     return losses

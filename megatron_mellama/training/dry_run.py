@@ -147,10 +147,9 @@ def _fake_world(rank: int, world: int):
         with unset_fake_temporarily():
             original_model_init(self, *args, **kwargs)
 
-    from ..parallel import context
-    from . import engine
+    from ..parallel import context, parallelize
 
-    original_split = engine.split_into_stages
+    original_split = parallelize.split_into_stages
 
     def meta_split(*args, **kwargs):
         with unset_fake_temporarily():
@@ -167,7 +166,7 @@ def _fake_world(rank: int, world: int):
 
     DeviceMesh.__init__ = real_mesh_init
     Llama.__init__ = meta_model_init
-    engine.split_into_stages = meta_split
+    parallelize.split_into_stages = meta_split
     context.causal_lower_right = real_causal
     context.FUSED_LOWER_RIGHT_DEVICES = original_fused + ("cpu",)
     try:
@@ -175,7 +174,7 @@ def _fake_world(rank: int, world: int):
     finally:
         DeviceMesh.__init__ = original_init
         Llama.__init__ = original_model_init
-        engine.split_into_stages = original_split
+        parallelize.split_into_stages = original_split
         context.causal_lower_right = original_causal
         context.FUSED_LOWER_RIGHT_DEVICES = original_fused
         dist.destroy_process_group()

@@ -33,22 +33,22 @@ return bf16.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from .. import kernels
 from ..config import Config, ConfigError
-from ..model.llama import Llama, initial_value, rotary_tables
-from ..parallel.context import apply_context_parallel, split_micro_batch
-from ..parallel.data import apply_data_parallel, set_gradient_sync
+from ..model import materialise, meta_model
+from ..parallel.context import split_micro_batch
+from ..parallel.data import set_gradient_sync
 from ..parallel.mesh import Meshes, ParallelDims
-from ..parallel.pipeline import build_schedule, run_pipeline_step, split_into_stages
-from ..parallel.recompute import apply_activation_checkpointing, apply_compile
-from ..parallel.tensor import apply_tensor_parallel
+from ..parallel.parallelize import parallelize
+from ..parallel.pipeline import build_schedule, run_pipeline_step
 from .optim import LossScaler, build_lr_scheduler, build_optimizer, clip_grad_norm_
 
 IGNORE_INDEX = kernels.IGNORE_INDEX
@@ -78,13 +78,18 @@ def _local_value(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _rows_as_they_are(summed_rows, labels):
+    """Scoring's loss function in the pipeline schedule: each row's own summed loss, no weight, no
+    loss scale."""
+    return summed_rows
+
+
 class Engine:
     def __init__(self, cfg: Config, meshes: Meshes | None = None, device: str | torch.device = "cpu",
                  initialise: bool = True):
         """`initialise=False` leaves the parameters unset (memory allocated, values undefined): for a
         run that loads every weight from a checkpoint next, or a dry run under fake tensors."""
         self.cfg, self.meshes, self.device = cfg, meshes, torch.device(device)
-        p = cfg.parallel
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.dims = ParallelDims.from_config(cfg, world)
         if self.dims.world_size > 1 and meshes is None:
@@ -93,37 +98,15 @@ class Engine:
 
         # the compute dtype: bf16/fp16 weights from FSDP2 when there are meshes, autocast without
         self.autocast_dtype = torch.bfloat16 if cfg.train.bf16 else torch.float16 if cfg.train.fp16 else None
-        # `auto` times the backends on this rank's own shapes and dtypes (bf16 parameters and
-        # residual stream when FSDP2 casts them, below)
         param_dtype = self.autocast_dtype if meshes is not None else None
+        # `auto` times the backends on this rank's own shapes and dtypes (bf16 parameters and
+        # residual stream when FSDP2 casts them)
         kernels.configure(cfg.train.kernel_backend, self.device,
                           timing_shapes=kernels.run_shapes(cfg, self.dims.tp, param_dtype=param_dtype),
                           compiled=cfg.train.compile)
-        with torch.device("meta"):
-            model = Llama(cfg.model)
-        if self.dims.pp > 1:
-            self.parts = split_into_stages(model, self.pp_rank, self.dims.pp, p.num_layers_per_virtual_pipeline_stage,
-                                           p.pipeline_schedule)
-        else:
-            self.parts = [(0, model)]
-        for _, part in self.parts:
-            if self.dims.tp > 1:
-                apply_tensor_parallel(part, meshes.tp, p.sequence_parallel)
-            if self.dims.cp > 1:
-                apply_context_parallel(part, meshes.cp, cfg.seq_length)
-            if p.recompute_granularity:
-                apply_activation_checkpointing(part, p.recompute_granularity)
-            part.to_empty(device=self.device)
-            if initialise:
-                self._initialise(part)
-            else:
-                self._rotary_tables(part)
-            if cfg.train.compile:
-                apply_compile(part)
-            if meshes is not None:
-                # at DP 1 without mixed precision this leaves the part as it is
-                apply_data_parallel(part, meshes, p.data_parallel_sharding, param_dtype=param_dtype,
-                                    reduce_dtype=torch.float32, reduce_once_per_step=p.reduce_grads_once_per_step)
+        self.parts = parallelize(meta_model(cfg.model), cfg, self.dims, meshes, param_dtype=param_dtype,
+                                 materialise=functools.partial(materialise, cfg=cfg.model, device=self.device,
+                                                               seed=cfg.train.seed, initialise=initialise))
         self.modules = [part for _, part in self.parts]
 
         self.optimizer = build_optimizer(self.modules, cfg)
@@ -132,30 +115,10 @@ class Engine:
         self.schedule = None
         if self.dims.pp > 1:
             self.schedule = build_schedule(self.parts, meshes.pp, self.device, cfg.num_microbatches,
-                                           self._pipeline_loss, p.pipeline_schedule)
-        self._loss_weight = None  # set per global batch: DP size / global token count, on the device
-        self._batch_tokens = None  # set per global batch: its trained tokens (all DP ranks), on the device
-        self._per_row = False  # set while `sequence_loglikelihoods` runs the pipeline
-
-    @torch.no_grad()
-    def _rotary_tables(self, part: Llama) -> None:
-        m = self.cfg.model
-        cos, sin = rotary_tables(m, device=self.device)
-        part.rope_cos.copy_(cos)
-        part.rope_sin.copy_(sin)
-
-    @torch.no_grad()
-    def _initialise(self, part: Llama) -> None:
-        m = self.cfg.model
-        self._rotary_tables(part)
-        seed = self.cfg.train.seed
-        for name, param in part.named_parameters():
-            if isinstance(param, DTensor):
-                full = initial_value(m, name, tuple(param.shape), seed).to(self.device)
-                # every rank computes the same full value: no communication needed
-                param.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None))
-            else:
-                param.copy_(initial_value(m, name, tuple(param.shape), seed))
+                                           cfg.parallel.pipeline_schedule)
+        # the last global batch's trained tokens (all DP ranks), on the device: the host reads it
+        # with the loss, not on its own
+        self._batch_tokens = None
 
     # -- loss ---------------------------------------------------------------------------------
     def _autocast(self):
@@ -163,14 +126,11 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _normalised(self, summed_loss):
-        """A micro-batch's summed token loss over the global token count, times DP (see module doc)."""
-        return summed_loss * self._loss_weight
-
-    def _pipeline_loss(self, summed_loss, labels):
-        if self._per_row:
-            return summed_loss  # scoring: each row's own summed loss, no weight, no loss scale
-        return self.scaler.scale(self._normalised(summed_loss))
+    def _loss_weight(self, global_tokens: torch.Tensor) -> torch.Tensor:
+        """What a micro-batch's summed token loss is multiplied by: DP x CP over the global token
+        count (see module doc), a device scalar."""
+        # float64 keeps counts beyond 2^24 exact; a batch without targets weighs its zero loss by 1
+        return (self._grad_ranks / global_tokens.clamp(min=1).double()).float()
 
     # -- one step -----------------------------------------------------------------------------
     # Host synchronisation: the step keeps every scalar (token count, loss, gradient norm) on the
@@ -197,13 +157,12 @@ class Engine:
         0-dim fp32 tensor on the run's device, the same on every rank."""
         tokens, labels, documents = self._model_inputs(micro_batches)
         global_tokens = self._dp_sum(torch.stack([(lab != IGNORE_INDEX).sum() for lab in labels]).sum())
-        # float64 keeps counts beyond 2^24 exact; a batch without targets weighs its zero loss by 1
-        self._loss_weight = (self._grad_ranks / global_tokens.clamp(min=1).double()).float()
-        self._batch_tokens = global_tokens  # read by the host with the loss, not on its own
+        weight = self._loss_weight(global_tokens)
+        self._batch_tokens = global_tokens
         if self.schedule is None:
-            loss = self._accumulate(tokens, labels, documents, train)
+            loss = self._accumulate(tokens, labels, documents, weight, train)
         else:
-            loss = self._pipeline(tokens, labels, documents, train)
+            loss = self._pipeline(tokens, labels, documents, weight, train)
         return self._dp_sum(loss)
 
     def evaluate(self, micro_batches: list[dict]) -> float:
@@ -225,20 +184,18 @@ class Engine:
         rank's micro-batches in, every rank's rows out): fp32 [global batch rows] on the run's device,
         in global row order, the same on every rank. No gradients, no update, nothing read by the host.
 
-        The model's last stage sums its fused loss per row (`Llama.loss_per_row`), unweighted; the
+        The model's last stage sums its fused loss per row (`per_row=True`), unweighted; the
         rows then come together: from the last pipeline stage to every stage, summed over the context
         parallel ranks (each holds part of every row), gathered over data parallel ranks (each holds a
         contiguous slice of the global batch)."""
         tokens, labels, documents = self._model_inputs(micro_batches)
         for m in self.modules:
             m.eval()
-            m.loss_per_row = True
         try:
             rows = self._per_row_losses(tokens, labels, documents)
         finally:
             for m in self.modules:
                 m.train()
-                m.loss_per_row = False
         if self.dims.cp > 1:
             dist.all_reduce(rows, group=self.meshes.cp.get_group())
         if self.dims.dp > 1:
@@ -251,16 +208,12 @@ class Engine:
         """Each of this rank's rows' summed token loss (its part of the sequence under CP), fp32 [rows]."""
         if self.schedule is None:
             with self._autocast():
-                return torch.cat([_local_value(self.modules[0](t, lab, **docs)).float()
+                return torch.cat([_local_value(self.modules[0](t, lab, per_row=True, **docs)).float()
                                   for t, lab, docs in zip(tokens, labels, documents)])
         per_token = {k: torch.cat([d[k] for d in documents]) for k in documents[0]}
-        self._per_row = True  # the schedule's loss function passes the rows through as they are
-        try:
-            with self._autocast():
-                losses = run_pipeline_step(self.schedule, self.parts, torch.cat(tokens), torch.cat(labels),
-                                           train=False, **per_token)
-        finally:
-            self._per_row = False
+        with self._autocast():
+            losses = run_pipeline_step(self.schedule, self.parts, torch.cat(tokens), torch.cat(labels),
+                                       _rows_as_they_are, train=False, per_row=True, **per_token)
         rows = torch.zeros(sum(t.shape[0] for t in tokens), device=self.device)
         if losses is not None:
             rows = torch.cat([_local_value(x).float() for x in losses])
@@ -295,7 +248,7 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped, lr=lr)
 
-    def _accumulate(self, tokens, labels, documents, train: bool) -> torch.Tensor:
+    def _accumulate(self, tokens, labels, documents, weight: torch.Tensor, train: bool) -> torch.Tensor:
         model = self.modules[0]
         total = torch.zeros((), device=self.device)
         for i, (t, lab, docs) in enumerate(zip(tokens, labels, documents)):
@@ -304,17 +257,20 @@ class Engine:
                 set_gradient_sync(model, i == len(tokens) - 1)
             with torch.set_grad_enabled(train):
                 with self._autocast():
-                    loss = self._normalised(model(t, lab, **docs))
+                    loss = model(t, lab, **docs) * weight
                 if train:
                     self.scaler.scale(loss).backward()
             total += _local_value(loss.detach()).float()
         return total / self._grad_ranks  # back from the DP-scaled backward loss to this rank's share
 
-    def _pipeline(self, tokens, labels, documents, train: bool) -> torch.Tensor:
+    def _pipeline(self, tokens, labels, documents, weight: torch.Tensor, train: bool) -> torch.Tensor:
+        def loss_fn(summed_loss, labels):
+            return self.scaler.scale(summed_loss * weight)
+
         per_token = {k: torch.cat([d[k] for d in documents]) for k in documents[0]}
         with self._autocast():
-            losses = run_pipeline_step(self.schedule, self.parts, torch.cat(tokens), torch.cat(labels), train=train,
-                                       **per_token)
+            losses = run_pipeline_step(self.schedule, self.parts, torch.cat(tokens), torch.cat(labels), loss_fn,
+                                       train=train, **per_token)
         total = torch.zeros((), device=self.device)
         if losses is not None:
             summed = torch.stack([_local_value(x.detach()).float() for x in losses]).sum()
