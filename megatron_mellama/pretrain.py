@@ -123,7 +123,8 @@ def _main(argv, signals: StopSignals) -> int:
 
 
 def _train(cfg: Config, signals: StopSignals) -> int:
-    from .training.loop import TrainingStopped, train
+    from .training.loop import train
+    from .training.run_control import TrainingStopped
 
     if os.environ.get("RANK", "0") == "0":
         print(describe(cfg), flush=True)

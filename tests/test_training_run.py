@@ -134,10 +134,10 @@ def test_nan_validation_loss_fails_without_saving(tmp_path, capsys, monkeypatch)
 
 
 def test_inf_validation_loss_of_one_domain_fails(monkeypatch):
-    from megatron_mellama.training import loop as loop_module
-    from megatron_mellama.training.loop import TrainingStopped
+    from megatron_mellama.training.jobs import validation as validation_module
+    from megatron_mellama.training.run_control import TrainingStopped
 
-    monkeypatch.setattr(loop_module, "evaluate", lambda *a: {"all": 5.0, "clin": float("inf")})
+    monkeypatch.setattr(validation_module, "evaluate", lambda *a: {"all": 5.0, "clin": float("inf")})
     try:
         train(load_run_config(RUN + ["--train-iters", "3"]))
     except TrainingStopped as e:

@@ -33,10 +33,15 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from ..errors import MellamaError
 from .stop_signals import StopSignals
 
 
 _SIGNAL, _INTERVAL, _DURATION = range(3)
+
+
+class TrainingStopped(MellamaError, RuntimeError):
+    """The run cannot go on (e.g. too many consecutive inf/NaN steps); the message says why."""
 
 
 class StopDecision(NamedTuple):
