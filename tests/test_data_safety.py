@@ -8,7 +8,7 @@ import pytest
 from indexed_corpus import data_config, write_corpus
 
 from megatron_mellama.config import ConfigError
-from megatron_mellama.data import datasets
+from megatron_mellama.data import prefix_checks
 from megatron_mellama.data.datasets import build_datasets
 
 
@@ -81,9 +81,9 @@ def test_token_ids_default_to_the_tokenizers_vocabulary(tmp_path, sentencepiece_
 
 def test_large_bin_is_sampled(tmp_path, sentencepiece_model, monkeypatch):
     wide = write_corpus(str(tmp_path / "wide_text_document"), 400, (3, 500))
-    monkeypatch.setattr(datasets, "FULL_SCAN_BYTES", 1024)
-    monkeypatch.setattr(datasets, "WINDOW_BYTES", 64)
-    lo, hi, complete = datasets.max_token_id(wide)
+    monkeypatch.setattr(prefix_checks, "FULL_SCAN_BYTES", 1024)
+    monkeypatch.setattr(prefix_checks, "WINDOW_BYTES", 64)
+    lo, hi, complete = prefix_checks.max_token_id(wide)
     assert not complete and 400 <= hi < 500 and lo >= 2
     cfg = data_config([wide], tokenizer_model=sentencepiece_model, split="1")
     cfg.model.vocab_size = 400
@@ -331,7 +331,7 @@ def test_preprocess_writes_the_token_id_sidecar_that_training_trusts(tmp_path, s
     tokens = numpy.concatenate(read_documents(dataset))
     assert (stats["min_token_id"], stats["max_token_id"]) == (int(tokens.min()), int(tokens.max()))
     assert stats["bin_bytes"] == os.path.getsize(f"{dataset}.bin")
-    assert datasets.max_token_id(dataset) == (int(tokens.min()), int(tokens.max()), True)
+    assert prefix_checks.max_token_id(dataset) == (int(tokens.min()), int(tokens.max()), True)
     # trusted while the sizes match (nothing else is read): a sidecar claiming a large id is believed
     Path(f"{dataset}.tokens.json").write_text(json.dumps({**stats, "max_token_id": 10**6}))
     cfg = data_config([dataset], tokenizer_model=sentencepiece_model, split="1", seq_length=8)
@@ -341,7 +341,7 @@ def test_preprocess_writes_the_token_id_sidecar_that_training_trusts(tmp_path, s
     with open(f"{dataset}.bin", "ab"):
         pass
     Path(f"{dataset}.tokens.json").write_text(json.dumps({**stats, "max_token_id": 10**6, "bin_bytes": 1}))
-    assert datasets.max_token_id(dataset) == (int(tokens.min()), int(tokens.max()), True)
+    assert prefix_checks.max_token_id(dataset) == (int(tokens.min()), int(tokens.max()), True)
     build_datasets(cfg)
 
 

@@ -12,7 +12,9 @@ from engine_harness import spawn_gloo
 from indexed_corpus import data_config, domain_of, write_corpus, write_domains
 
 from megatron_mellama.config import ConfigError
-from megatron_mellama.data.datasets import build_datasets, dataset_sizes, domain_names
+from megatron_mellama.data.blend import domain_names
+from megatron_mellama.data.datasets import build_datasets
+from megatron_mellama.data.sample_set import dataset_sizes
 
 BLEND = {"bio": 15, "clin": 1, "gen": 4}
 

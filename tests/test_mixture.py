@@ -10,7 +10,8 @@ import pytest
 import torch
 from indexed_corpus import data_config, domain_of, write_domains
 
-from megatron_mellama.data.datasets import MegatronTokenizerAdapter, _gpt_config, build_datasets, build_once_per_node
+from megatron_mellama.data.core_datasets import MegatronTokenizerAdapter, build_once_per_node, gpt_config
+from megatron_mellama.data.datasets import build_datasets
 from megatron_mellama.data.mixture import blend_indices
 from megatron_mellama.data.tokenizer import build_tokenizer
 
@@ -42,7 +43,7 @@ def test_one_epoch_is_megatron_lm_order(corpus, sentencepiece_model, tmp_path):
     ours = build_datasets(cfg).train
     prefixes = [corpus[name] for name in BLEND]
     adapter = MegatronTokenizerAdapter.wrap(build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model))
-    megatron_cfg = _gpt_config(cfg, adapter, (prefixes, list(BLEND.values())))
+    megatron_cfg = gpt_config(cfg, adapter, (prefixes, list(BLEND.values())))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs, _, _ = build_once_per_node(BlendedMegatronDatasetBuilder(GPTDataset, [2000, 10, 10], lambda: True,

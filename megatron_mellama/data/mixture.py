@@ -35,6 +35,10 @@ from typing import Optional
 import numpy
 import torch
 
+from ..config import Config
+from .blend import domain_names
+from .sample_set import dataset_sizes
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # megatron.core's package import warns about optional kernels
     from megatron.core.datasets import helpers
@@ -141,8 +145,6 @@ class TrainingSamples(torch.utils.data.Dataset):
         --data-path), the name it would have beside this run's domains, never its full path."""
         if key in self.names:
             return self.names[key]
-        from .datasets import domain_names
-
         return domain_names([*self.names, key])[-1]
 
     def state(self, position: int) -> dict:
@@ -197,3 +199,13 @@ class TrainingSamples(torch.utils.data.Dataset):
                 key = by_base[os.path.basename(key)][0]
             out[key] = value
         return out
+
+
+def training_samples(cfg: Config, one_epochs: list, weights: dict, names: dict) -> Optional[TrainingSamples]:
+    """A fresh run's training samples: one blend segment from sample 0, every domain at its start.
+    `one_epochs`: each domain's one-epoch train split, in the order of `weights` (domain key ->
+    weight); `names`: each key's domain name. None when there is no train split."""
+    if one_epochs[0] is None:
+        return None
+    streams = {key: DomainStream(ds, cfg.train.seed) for key, ds in zip(weights, one_epochs)}
+    return TrainingSamples(streams, names, [segment(0, weights, {k: 0 for k in weights})], dataset_sizes(cfg)[0])

@@ -24,6 +24,8 @@ import numpy
 import torch
 
 from ..config import ConfigError
+from .index_file import read_index
+from .prefix_checks import check_prefix
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # megatron.core's package import warns about optional kernels
@@ -41,9 +43,6 @@ def pair_of(prefix: str) -> tuple:
 def check_pair(prefix: str, cfg) -> numpy.ndarray:
     """Fail with one line unless both pairs exist, hold the bytes their indexes describe, and
     describe the same conversations; returns the conversation lengths."""
-    from .datasets import _check_prefix
-    from .index_file import read_index
-
     lengths = []
     for path in pair_of(prefix):
         for ext in (".idx", ".bin"):
@@ -51,7 +50,7 @@ def check_pair(prefix: str, cfg) -> numpy.ndarray:
                 raise ConfigError(f"--data-path {prefix} (--sft): {path}{ext} does not exist "
                                   "(expected the pairs written by tools/preprocess_sft.py)")
         # no split is checked for size: a short split is padded, not refused
-        _check_prefix(path, [], cfg, ())
+        check_prefix(path, [], cfg, ())
         index = read_index(path)
         lengths.append(numpy.array(index.sequence_lengths, dtype=numpy.int64))
         del index
@@ -142,71 +141,3 @@ class SFTDataset(torch.utils.data.Dataset):
         return {"tokens": torch.from_numpy(seq[:-1].copy()), "labels": torch.from_numpy(seq[1:].copy()),
                 "loss_mask": torch.from_numpy(mask[1:].copy()),
                 "position_ids": torch.from_numpy(positions[:-1].copy())}
-
-
-def build_sft_datasets(cfg, prefixes: list, weight_of: dict, tokenizer, split_matrix: list):
-    """`build_datasets` for --sft, on prefixes whose pairs `check_pair` accepted: a DataSets of
-    SFTDatasets, the training samples blended through mixture as pretraining's are."""
-    from .datasets import DataSets, _training_samples, dataset_sizes, domain_names
-
-    seq_length, seed, eod = cfg.data.seq_length, cfg.train.seed, tokenizer.eod
-    _, valid_size, test_size = dataset_sizes(cfg)
-    train_bounds, valid_bounds, test_bounds = split_matrix
-
-    def split_of(prefix, bounds, num_samples=None):
-        return None if bounds is None else SFTDataset(prefix, bounds, seq_length, seed, eod, num_samples)
-
-    blended = list(weight_of)
-    train = None
-    if train_bounds is not None:
-        one_epochs = [split_of(p, train_bounds) for p in blended]
-        for p, ds in zip(blended, one_epochs):
-            print(f"sft {p}: {len(ds.order)} train conversations in {ds.epoch_samples} samples, "
-                  f"{100 * ds.padding_fraction:.1f}% padding{_clipped_text(ds, seq_length)}", flush=True)
-        names = dict(zip(map(os.path.abspath, prefixes), domain_names(prefixes)))
-        train = _training_samples(cfg, one_epochs, {os.path.abspath(p): weight_of[p] for p in blended}, names)
-    valid = _blended_split(cfg, blended, weight_of, valid_bounds, valid_size, split_of)
-    test = _blended_split(cfg, blended, weight_of, test_bounds, test_size, split_of)
-    per_domain = {}
-    if len(prefixes) > 1 and valid_bounds is not None:
-        per_domain = {name: split_of(p, valid_bounds, valid_size)
-                      for name, p in zip(domain_names(prefixes), prefixes)}
-    return DataSets(train, valid, test, per_domain)
-
-
-def _clipped_text(dataset: SFTDataset, seq_length: int) -> str:
-    """What the report line of a prefix says about its conversations longer than a sample."""
-    clipped, answerless = dataset.clipped()
-    if not clipped:
-        return ""
-    return (f"; {clipped} conversations cut to --seq-length {seq_length} + 1 tokens, {answerless} of them "
-            "with no answer token left (they train nothing)")
-
-
-def _blended_split(cfg, blended: list, weight_of: dict, bounds, num_samples: int, split_of):
-    """A validation or test set over the blend's prefixes, mixed by their weights as the training
-    samples are (megatron-core's greedy blend), `num_samples` long."""
-    if bounds is None or num_samples <= 0:
-        return None
-    from .mixture import blend_indices
-
-    sets = [split_of(p, bounds) for p in blended]
-    if len(sets) == 1:
-        sets[0].num_samples = num_samples
-        return sets[0]
-    total = sum(weight_of.values())
-    domain, within = blend_indices([weight_of[p] / total for p in blended], num_samples)
-    return BlendedSplit(sets, domain, within)
-
-
-class BlendedSplit(torch.utils.data.Dataset):
-    """Sample i of a mixed evaluation set: sample `within[i]` of set `domain[i]`."""
-
-    def __init__(self, sets: list, domain: numpy.ndarray, within: numpy.ndarray):
-        self.sets, self.domain, self.within = sets, domain, within
-
-    def __len__(self) -> int:
-        return len(self.domain)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.sets[int(self.domain[i])][int(self.within[i])]
