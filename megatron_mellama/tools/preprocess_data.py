@@ -21,56 +21,40 @@ import collections
 import contextlib
 import json
 import os
-import re
 import signal
 import sys
 import time
-import zlib
 
-from megatron_mellama.data.indexed_writer import IndexedWriter, OutputLocked, optimal_dtype, output_lock, temp_path
-from megatron_mellama.data.jsonl_reader import MAX_LINE_BYTES, InputError, expand_inputs, read_blocks, sample_texts
+from megatron_mellama.data.indexed_writer import IndexedWriter, optimal_dtype, temp_path
+from megatron_mellama.data.jsonl_reader import read_blocks, sample_texts
 from megatron_mellama.data.record_encoder import RecordEncoder
-from megatron_mellama.data.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer
+from megatron_mellama.data.tokenizer import build_tokenizer
+from megatron_mellama.tools import preprocess_flags as flags
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
-
-from ..errors import MellamaError
+from megatron_mellama.tools.preprocess_run import Rejects, run_until_signalled, under_output_lock
 
 PROG = "mellama-preprocess-data"
 BLOCKS_IN_FLIGHT_PER_WORKER = 4  # bounds memory: the reader never runs ahead of the workers by more
-
-
-class Terminated(Exception):
-    """SIGTERM, raised in the main process so the cleanup path runs."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, allow_abbrev=False, description=__doc__.split("\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input data")
-    g.add_argument("--input", required=True,
-                   help="JSONL file (.jsonl or .jsonl.gz) or a quoted glob; files in sorted order")
+    flags.add_input(g)
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract; one output per key")
     g.add_argument("--split-sentences", action="store_true", help="one sequence per sentence (nltk Punkt)")
     g.add_argument("--keep-newlines", action="store_true", help="keep newlines between sentences when splitting")
     g.add_argument("--lang", default="english", help="Punkt language for --split-sentences")
-    g.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES, metavar="N",
-                   help=f"a JSONL line longer than this is skipped and listed as a rejected record, never "
-                        f"read into memory (default {MAX_LINE_BYTES} = {MAX_LINE_BYTES >> 20} MiB; tokenizing "
-                        "a line takes about 50 times its size in memory)")
+    flags.add_max_line_bytes(g)
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    g.add_argument("--tokenizer-model", help="SentencePiece .model file, or a Hugging Face tokenizer directory")
+    flags.add_tokenizer(g, model_required=False)
     g.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
     g = p.add_argument_group("output data")
-    g.add_argument("--output-prefix", required=True, help="path prefix of the output files")
+    flags.add_output(g)
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizing processes")
-    g.add_argument("--log-interval", type=int, default=10000, help="documents between progress lines")
-    g.add_argument("--strict", action="store_true", help="stop at the first unusable record (exit 1)")
-    g.add_argument("--max-reject-fraction", type=float, default=0.1, metavar="F",
-                   help="fail (exit 1, no output written, existing outputs untouched) when more than this "
-                        "share of the records is rejected, or all of them are (default 0.1); 1 allows any "
-                        "share short of all")
+    flags.add_runtime(g, counted="documents")
     return p
 
 
@@ -78,36 +62,7 @@ def parse_args(argv):
     args = build_parser().parse_args(argv)
     if args.workers < 1:
         raise UsageError(f"--workers {args.workers} must be at least 1")
-    return check_common_args(args)
-
-
-def check_common_args(args):
-    """The checks this tool and preprocess_sft make of their shared flags before any work (inputs,
-    bad-record limits, output directory, tokenizer); sets `args.inputs` and `args.tokenizer`."""
-    args.inputs = expand_inputs(args.input)
-    if not args.inputs:
-        raise UsageError(f"--input {args.input!r}: no such file, and no file matches it as a glob")
-    for path in args.inputs:
-        if not os.access(path, os.R_OK):
-            raise UsageError(f"--input {path!r} is not readable")
-    if not 0 <= args.max_reject_fraction <= 1:
-        raise UsageError(f"--max-reject-fraction {args.max_reject_fraction} must be between 0 and 1")
-    if args.max_line_bytes < 1:
-        raise UsageError(f"--max-line-bytes {args.max_line_bytes} must be at least 1")
-    if args.log_interval < 1:
-        raise UsageError(f"--log-interval {args.log_interval} must be at least 1")
-    if not args.tokenizer_model:
-        raise UsageError(f"--tokenizer-model is required for --tokenizer-type {args.tokenizer_type}")
-    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-    if not os.path.isdir(out_dir):
-        raise UsageError(f"--output-prefix {args.output_prefix!r}: directory {out_dir!r} does not exist")
-    if not os.access(out_dir, os.W_OK):
-        raise UsageError(f"--output-prefix {args.output_prefix!r}: directory {out_dir!r} is not writable")
-    try:
-        args.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-    except TokenizerError as err:
-        raise UsageError(f"--tokenizer-model: {err}") from None
-    return args
+    return flags.check_common_args(args)
 
 
 # Worker side: one encoder per process, built once.
@@ -181,16 +136,8 @@ class _Progress:
                 f"{self.tokens / elapsed:.0f} tokens/s")
 
 
-class PreprocessError(MellamaError):
-    """A run that cannot produce good outputs; one line, exit 1, existing outputs untouched."""
-
-
 def run(args) -> int:
-    try:
-        with output_lock(args.output_prefix):
-            return _run_locked(args)
-    except OutputLocked as err:
-        raise PreprocessError(f"--output-prefix {args.output_prefix}: {err}") from None
+    return under_output_lock(_run_locked, args)
 
 
 def _run_locked(args) -> int:
@@ -258,85 +205,8 @@ def _run_locked(args) -> int:
     return 0
 
 
-GZIP_MAGIC = b"\x1f\x8b"
-
-
-class Rejects:
-    """Counts rejected records by kind of reason and keeps the first few, for the threshold's message."""
-
-    FIRST = 3
-
-    def __init__(self):
-        self.count = 0
-        self.kinds = collections.Counter()
-        self.first = []
-
-    def add(self, path, line, reason):
-        self.count += 1
-        self.kinds[re.split(r": | at | \(", reason)[0]] += 1
-        if len(self.first) < self.FIRST:
-            self.first.append(f"{path}:{line}: {reason}")
-
-    def check(self, args, accepted: int) -> None:
-        """Raise PreprocessError when every record, or more than --max-reject-fraction of them, was
-        rejected: such a run is almost always the wrong input, and must not replace good outputs."""
-        total = accepted + self.count
-        if not self.count or (accepted and self.count <= args.max_reject_fraction * total):
-            return
-        share = "all" if not accepted else f"{self.count / total:.1%}, more than --max-reject-fraction " \
-                                           f"{args.max_reject_fraction}"
-        gz = [p for p in args.inputs if not p.endswith(".gz") and _starts_with(p, GZIP_MAGIC)]
-        if gz:
-            why = f"{gz[0]} starts with gzip's magic bytes 1f 8b: name it .gz"
-        else:
-            kinds = ", ".join(f"{kind} x {n}" for kind, n in self.kinds.most_common(3))
-            why = f"reasons: {kinds}; first: {'; '.join(self.first)}"
-        raise PreprocessError(f"{self.count} of {total} records rejected ({share}): {why}; "
-                              "no output written, existing outputs untouched")
-
-
-def _starts_with(path: str, magic: bytes) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(magic)) == magic
-    except OSError:
-        return False
-
-
-def one_line(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
-    return " ".join(str(err).split()) or type(err).__name__
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
 def main(argv=None) -> int:
     return run_tool(PROG, lambda: parse_args(argv), lambda args: run_until_signalled(PROG, run, args))
-
-
-def run_until_signalled(prog: str, run_fn, args) -> int:
-    """`run_fn(args)` of a preprocessing tool, with SIGTERM, Ctrl-C and a failure each ending as one
-    line and an exit code; the tool's outputs stay unwritten (its temporaries are its own to remove)."""
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        return run_fn(args)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; no output written", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"{prog}: terminated; no output written", file=sys.stderr)
-        return 143
-    except (PreprocessError, InputError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
-    except (OSError, EOFError, zlib.error) as err:  # a full disk, an unreadable or corrupt input
-        print(f"{prog}: error: {one_line(err)}; no output written, temporary files removed", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

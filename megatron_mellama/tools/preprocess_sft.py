@@ -61,51 +61,43 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_mellama.data.chat_template import LLAMA2_CHAT_TEMPLATE, template_path
-from megatron_mellama.data.indexed_writer import IndexedWriter, OutputLocked, optimal_dtype, output_lock, temp_path
-from megatron_mellama.data.jsonl_reader import MAX_LINE_BYTES, read_blocks
-from megatron_mellama.data.record_encoder import RecordRejected, json_object
-from megatron_mellama.data.tokenizer import TOKENIZER_TYPES, HuggingFaceTokenizer
+from megatron_mellama.data.chat_template import template_path
+from megatron_mellama.data.indexed_writer import IndexedWriter, optimal_dtype, temp_path
+from megatron_mellama.data.jsonl_reader import read_blocks
+from megatron_mellama.data.tokenizer import HuggingFaceTokenizer
+from megatron_mellama.tools import preprocess_flags as flags
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
-from megatron_mellama.tools.preprocess_data import (PreprocessError, Rejects, check_common_args, one_line,
-                                                     run_until_signalled)
-
-from ..errors import MellamaError
+from megatron_mellama.tools.preprocess_run import Rejects, run_until_signalled, under_output_lock
+from megatron_mellama.tools.preprocess_sft_records import Reject, conversation, parse_line
+from megatron_mellama.tools.preprocess_sft_template import load_template
 
 PROG = "mellama-preprocess-sft"
 DEFAULT_SEQ_LENGTH = 4096  # LLaMA-2's context
-LLAMA2_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, allow_abbrev=False, description=__doc__.split("\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input data")
-    g.add_argument("--input", required=True,
-                   help="JSONL file (.jsonl or .jsonl.gz) or a quoted glob; files in sorted order")
-    g.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES, metavar="N",
-                   help="a JSONL line longer than this is rejected unread")
+    flags.add_input(g)
+    flags.add_max_line_bytes(g, "a JSONL line longer than this is rejected unread")
     g = p.add_argument_group("chat template")
     g.add_argument("--chat-template-from", metavar="DIR",
                    help="render with the Jinja chat template of DIR/tokenizer_config.json (default: LLaMA-2-chat's)")
     g.add_argument("--system", metavar="TEXT", help="system prompt for records that have none")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    g.add_argument("--tokenizer-model", required=True,
-                   help="SentencePiece .model file, or a Hugging Face tokenizer directory")
+    flags.add_tokenizer(g, model_required=True)
     g.add_argument("--seq-length", type=int, default=DEFAULT_SEQ_LENGTH, metavar="N",
                    help=f"longest conversation in tokens (default {DEFAULT_SEQ_LENGTH})")
     g.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
                    help="a longer conversation is rejected (drop, the default) or cut to its first N tokens "
                         "(truncate; rejected when no answer token is left)")
     g = p.add_argument_group("output data")
-    g.add_argument("--output-prefix", required=True, help="path prefix of the output files")
+    flags.add_output(g)
     g = p.add_argument_group("runtime")
-    g.add_argument("--log-interval", type=int, default=10000, help="records between progress lines")
-    g.add_argument("--strict", action="store_true", help="stop at the first unusable record (exit 1)")
-    g.add_argument("--max-reject-fraction", type=float, default=0.1, metavar="F",
-                   help="fail (exit 1, no output written) when more than this share of the records is "
-                        "rejected, or all of them are (default 0.1)")
+    flags.add_runtime(g, counted="records",
+                      max_reject_fraction_help="fail (exit 1, no output written) when more than this share of the "
+                                               "records is rejected, or all of them are (default 0.1)")
     return p
 
 
@@ -113,190 +105,10 @@ def parse_args(argv):
     args = build_parser().parse_args(argv)
     if args.seq_length < 1:
         raise UsageError(f"--seq-length {args.seq_length} must be at least 1")
-    check_common_args(args)
+    flags.check_common_args(args)
     args.template, args.special_tokens, args.template_source = load_template(args.chat_template_from,
                                                                              args.tokenizer)
     return args
-
-
-# ---- records -> conversations -------------------------------------------------------------------
-
-class Reject(Exception):
-    """An unusable record; the message is `kind: detail`, counted by kind in the summary."""
-
-
-def parse_line(raw: bytes) -> dict:
-    try:
-        return json_object(raw)
-    except RecordRejected as err:
-        raise Reject(str(err)) from None
-
-
-def conversation(record: dict, system: str | None) -> list[dict]:
-    """The record as chat messages, checked; `system` is prepended when the record has no system turn."""
-    if "messages" in record and "instruction" in record:
-        raise Reject("ambiguous record: both 'messages' and 'instruction' (one conversation per record)")
-    if "messages" in record:
-        messages = _checked_messages(record["messages"])
-    elif "instruction" in record:
-        messages = _instruction_messages(record)
-    else:
-        raise Reject("missing field: neither 'messages' nor 'instruction'")
-    if system is not None and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system})
-    return messages
-
-
-def _string_field(record: dict, key: str, optional: bool = False) -> str:
-    value = record.get(key)
-    if value is None and optional:
-        return ""
-    if key not in record:
-        raise Reject(f"missing field: {key!r}")
-    if not isinstance(value, str):
-        raise Reject(f"wrong type: {key!r} holds {type(value).__name__}, not a string")
-    return value
-
-
-def _instruction_messages(record: dict) -> list[dict]:
-    instruction = _string_field(record, "instruction")
-    extra = _string_field(record, "input", optional=True)
-    output = _string_field(record, "output")
-    if not instruction.strip():
-        raise Reject("empty instruction")
-    if not output.strip():
-        raise Reject("empty answer: 'output'")
-    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-
-
-def _checked_messages(messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise Reject("wrong type: 'messages' is not a non-empty list")
-    checked = []
-    for n, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                or not isinstance(message.get("content"), str):
-            raise Reject(f"wrong type: message {n} is not {{role: string, content: string}}")
-        checked.append({"role": message["role"], "content": message["content"]})
-    first_turn = 1 if checked[0]["role"] == "system" else 0
-    for n, message in enumerate(checked[first_turn:], start=first_turn):
-        expected = "user" if (n - first_turn) % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise Reject(f"wrong roles: message {n} is {message['role']!r}, expected {expected!r}")
-        if not message["content"].strip():
-            raise Reject(f"empty answer: message {n}" if expected == "assistant" else f"empty turn: message {n}")
-    if checked[-1]["role"] != "assistant":
-        raise Reject(f"wrong roles: the last message is {checked[-1]['role']!r}, not an assistant's answer")
-    return checked
-
-
-# ---- templates -----------------------------------------------------------------------------------
-
-def render_llama2_chat(messages: list[dict], add_generation_prompt: bool = False, bos_token: str = "<s>",
-                       eos_token: str = "</s>", **_) -> str:
-    """Llama-2-chat's template (meta-llama/Llama-2-7b-chat-hf's `chat_template`), without jinja2.
-
-    It has no generation prompt: the text before an answer ends with ' [/INST]' either way."""
-    system = None
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"], messages[1:]
-    parts = []
-    for n, message in enumerate(messages):
-        content = message["content"]
-        if n == 0 and system is not None:
-            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
-        if message["role"] == "user":
-            parts.append(f"{bos_token}[INST] {content.strip()} [/INST]")
-        elif message["role"] == "assistant":
-            parts.append(f" {content.strip()} {eos_token}")
-    return "".join(parts)
-
-
-class TemplateError(MellamaError):
-    """`raise_exception(...)` called by a chat template."""
-
-
-def _raise_template_error(message):
-    raise TemplateError(message)
-
-
-def load_template(directory: str | None, tokenizer):
-    """(render, special-token strings, Jinja source): LLaMA-2-chat's, or the template of `directory`."""
-    special = dict(LLAMA2_SPECIAL_TOKENS)
-    if isinstance(tokenizer, HuggingFaceTokenizer):
-        special.update(_hf_special_tokens(tokenizer))
-    if directory is None:
-        return render_llama2_chat, special, LLAMA2_CHAT_TEMPLATE
-    source, config = _read_template_source(directory)
-    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = config.get(key)
-        value = value.get("content") if isinstance(value, dict) else value
-        if isinstance(value, str):
-            special[key] = value
-    return _compile_jinja(source, directory), special, source
-
-
-def _hf_special_tokens(tokenizer) -> dict:
-    hf = tokenizer._tok  # the wrapper exposes ids only; rendering needs the token strings
-    return {key: getattr(hf, key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")
-            if isinstance(getattr(hf, key, None), str)}
-
-
-def _read_template_source(directory: str) -> tuple[str, dict]:
-    flag = f"--chat-template-from {directory}"
-    config_path = os.path.join(directory, "tokenizer_config.json")
-    config = {}
-    if os.path.isfile(config_path):
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
-        except (OSError, ValueError) as err:
-            raise UsageError(f"{flag}: {config_path} is not readable JSON ({one_line(err)})") from None
-    source = config.get("chat_template") if isinstance(config, dict) else None
-    if isinstance(source, list):  # named templates, as some tokenizers ship them
-        source = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}.get("default")
-    jinja_path = os.path.join(directory, "chat_template.jinja")
-    if source is None and os.path.isfile(jinja_path):  # where transformers >= 4.47 saves it
-        with open(jinja_path, encoding="utf-8") as f:
-            source = f.read()
-    if not isinstance(source, str) or not source.strip():
-        raise UsageError(f"{flag}: no chat_template in {config_path} (nor a chat_template.jinja)")
-    return source, config
-
-
-def _compile_jinja(source: str, directory: str):
-    """The template in the environment transformers' `apply_chat_template` renders it in."""
-    try:
-        import jinja2
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise UsageError("--chat-template-from needs jinja2 (pip install jinja2)") from None
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = _raise_template_error
-    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-    try:
-        template = env.from_string(source)
-    except jinja2.TemplateError as err:
-        raise UsageError(f"--chat-template-from {directory}: the chat template does not compile: "
-                         f"{one_line(err)}") from None
-
-    def render(messages, add_generation_prompt=False, **special_tokens):
-        try:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                                   documents=None, **special_tokens)
-        except Exception as err:  # a template's own bug (a TypeError too) shows on some records, not all
-            raise Reject(f"template error: {one_line(err)}") from None
-
-    return render
 
 
 # ---- text -> ids ---------------------------------------------------------------------------------
@@ -431,11 +243,7 @@ def _lines(args):
 
 
 def run(args) -> int:
-    try:
-        with output_lock(args.output_prefix):
-            return _run_locked(args)
-    except OutputLocked as err:
-        raise PreprocessError(f"--output-prefix {args.output_prefix}: {err}") from None
+    return under_output_lock(_run_locked, args)
 
 
 def _output_paths(prefix: str, name: str) -> tuple[str, str]:
