@@ -16,7 +16,7 @@ prefix fails at once with `OutputLocked`, naming the pid holding it. The lock go
 
 Beside the pair, `commit` writes `PREFIX.tokens.json` (renamed between the .bin and the .idx):
 the smallest and largest token id and the sizes of both files, so that training can check every
-id against the model's vocabulary without reading the tokens (`data/datasets.py`, which trusts it
+id against the model's vocabulary without reading the tokens (`data/prefix_checks.py`, which trusts it
 only while both sizes still match). megatron-core's readers ignore it.
 """
 
