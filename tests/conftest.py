@@ -8,6 +8,12 @@ import random
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # each xdist worker computes on one core: two workers with a thread per core each would leave
+    # OpenMP's threads spinning for cores the other worker holds (the tests' models are tiny)
+    torch.set_num_threads(1)
 
 _WORDS = ("the a of and to in is was with for on by patient patients clinical doctor nurse hospital "
           "disease treatment therapy dose trial study result results method model data language large "
