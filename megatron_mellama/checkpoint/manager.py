@@ -289,7 +289,7 @@ class CheckpointManager:
 
         weights_only = c.finetune
         if not weights_only:
-            check_data(saved, self._data_identity(), ckpt, self._print)
+            check_data(saved, self._data_identity, ckpt, self._print)
         if not weights_only and not saved.get("scheduler"):
             raise CheckpointError(f"{ckpt} holds weights only (imported from Hugging Face or Meta): "
                                   "start from it with --finetune")

@@ -114,12 +114,14 @@ def check_model(cfg: Config, saved: dict, ckpt: str, say: Callable[[str], None])
                               f"{'; '.join(diffs.values())}{hint}")
 
 
-def check_data(saved: dict, ours: dict, ckpt: str, say: Callable[[str], None]) -> None:
+def check_data(saved: dict, this_run: Callable[[], dict], ckpt: str, say: Callable[[str], None]) -> None:
     """On resume: the data settings `consumed_samples` indexes must be the checkpoint's (a
-    checkpoint from before they were recorded is not checked). `ours` is this run's
-    `data_identity`; data/identity.py compares the two."""
+    checkpoint from before they were recorded is not checked). `this_run()` gives this run's
+    `data_identity` (it hashes files: only called when there is a record to compare it with);
+    data/identity.py compares the two."""
     if not isinstance(saved.get("data"), dict):
         return
+    ours = this_run()
     for line in data_notes(saved["data"], ours):
         say(f"{ckpt}: {line}")
     diffs = data_differences(saved["data"], ours)
