@@ -1,4 +1,4 @@
-"""Every command in README.md, docs/ and benchmarks/README.md runs as written.
+"""Every command in README.md, docs/, benchmarks/README.md and tests/README.md runs as written.
 
 The fenced shell blocks (```bash, ```sh, ```shell, ```console) are read as a shell reads them
 (continuation lines joined, comments dropped, `&&`, `;` and `|` separating commands, leading
@@ -34,7 +34,8 @@ from unittest import mock
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")), REPO / "benchmarks" / "README.md"]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")), REPO / "benchmarks" / "README.md",
+        REPO / "tests" / "README.md"]
 SHELL_FENCES = {"bash", "sh", "shell", "console"}
 SEPARATORS = {"&&", "||", ";", "|", "&"}
 PACKAGE = "megatron_mellama"
@@ -226,6 +227,7 @@ def help_commands() -> list[list[str]]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("words", help_commands(), ids=" ".join)
 def test_help_commands_run_as_written(words):
     argv = [sys.executable, *words[1:]] if re.fullmatch(r"python3?", words[0]) else words
