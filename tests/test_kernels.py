@@ -49,6 +49,7 @@ def _fused(h, w, labels, **kw):
     return loss.detach(), h.grad * 2, w.grad * 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 3, 5, 14, None])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fused_loss_equals_full_logits_loss(chunk, backend):
@@ -115,27 +116,37 @@ def test_per_row_loss_sums_without_atomics_and_repeats_bit_for_bit(monkeypatch):
     torch.testing.assert_close(runs[0], want, rtol=1e-6, atol=1e-5)
 
 
-def _vocab_parallel_rank(rank, world, sequence_parallel):
+def _vocab_parallel_rank(rank, world):
+    """Both cases, with and without sequence parallelism, from one launch: {sequence_parallel: results}."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
-    h, w, labels = _case(tokens=12, vocab=40)
-    h = h.view(2, 6, -1)
-    weight = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
-    # with sequence parallelism the hidden states arrive sharded on the sequence
-    hidden = (distribute_tensor(h, mesh, [Shard(1)]) if sequence_parallel else h).requires_grad_()
-    loss = linear_cross_entropy(hidden, weight, labels.view(2, 6), chunk_tokens=5)
-    loss.backward()
-    h_grad = hidden.grad.full_tensor() if sequence_parallel else hidden.grad
-    return dict(loss=loss.detach(), h_grad=h_grad, w_grad=weight.grad.full_tensor())
+    results = {}
+    for sequence_parallel in (False, True):
+        h, w, labels = _case(tokens=12, vocab=40)
+        h = h.view(2, 6, -1)
+        weight = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
+        # with sequence parallelism the hidden states arrive sharded on the sequence
+        hidden = (distribute_tensor(h, mesh, [Shard(1)]) if sequence_parallel else h).requires_grad_()
+        loss = linear_cross_entropy(hidden, weight, labels.view(2, 6), chunk_tokens=5)
+        loss.backward()
+        h_grad = hidden.grad.full_tensor() if sequence_parallel else hidden.grad
+        results[sequence_parallel] = dict(loss=loss.detach(), h_grad=h_grad, w_grad=weight.grad.full_tensor())
+    return results
 
 
+@pytest.fixture(scope="module")
+def vocab_parallel_ranks(tmp_path_factory):
+    return spawn_gloo(_vocab_parallel_rank, 2, (), str(tmp_path_factory.mktemp("vocab_parallel")))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sequence_parallel", [False, True])
-def test_vocab_parallel_fused_loss_equals_one_process(sequence_parallel, tmp_path):
+def test_vocab_parallel_fused_loss_equals_one_process(sequence_parallel, vocab_parallel_ranks):
     h, w, labels = _case(tokens=12, vocab=40)
     ref_loss, ref_h, ref_w = _naive(h, w, labels)
-    for r in spawn_gloo(_vocab_parallel_rank, 2, (sequence_parallel,), str(tmp_path)):
+    for r in (ranks[sequence_parallel] for ranks in vocab_parallel_ranks):
         torch.testing.assert_close(r["loss"], ref_loss, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r["h_grad"].view(12, -1), ref_h, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r["w_grad"], ref_w, rtol=1e-5, atol=1e-5)
@@ -184,6 +195,7 @@ def test_meta_tensors_take_the_reference():
         assert kernels.rms_norm(x, torch.empty(8, device="meta"), 1e-5).shape == (3, 8)
 
 
+@pytest.mark.slow
 def test_triton_on_cpu_without_its_interpreter_is_reported_not_fatal():
     pytest.importorskip("triton")
     code = ("from megatron_mellama import kernels; t = kernels.configure('triton', 'cpu'); "
@@ -223,6 +235,7 @@ def test_autotune_times_every_operation_on_small_shapes():
 
 # ---- training ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--recompute-granularity", "selective"]], ids=["plain", "selective-recompute"])
 def test_training_with_triton_kernels_follows_the_torch_loss_curve(extra):
     pytest.importorskip("triton")
@@ -236,6 +249,7 @@ def test_training_with_triton_kernels_follows_the_torch_loss_curve(extra):
                                rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_training_with_triton_kernels_equals_one_process(tmp_path):
     pytest.importorskip("triton")
     steps = 2
@@ -293,6 +307,7 @@ def _tp_sp_step_collectives(rank, world):
     return dict(calls=calls, loss=result.loss, grad_norm=result.grad_norm)
 
 
+@pytest.mark.slow
 def test_sequence_parallel_loss_reduce_scatters_the_hidden_gradient(tmp_path):
     """TP2 + SP: the output layer's hidden-state gradient is reduce-scattered to each rank's sequence
     slice (one per micro-batch, half the size of the states); no full-size all-reduce of it is left."""
