@@ -47,6 +47,7 @@ def assert_continues(losses, params, ref, rtol):
         assert ((params[name] - want).norm() / want.norm()).item() <= rtol, name
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical(uninterrupted, tmp_path):
     first = train_segment(BASE + ["--save", str(tmp_path)], 0, 3, save=True)
     second = train_segment(BASE + ["--load", str(tmp_path)], 3, 6, save=False)
@@ -71,6 +72,7 @@ def test_lr_schedule_and_rng_are_restored(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.slow
 def test_tp2_checkpoint_loads_into_fsdp_and_one_process(uninterrupted, tmp_path):
     save = str(tmp_path / "ckpt")
     saved = train_segment_distributed(BASE + ["--tensor-model-parallel-size", "2", "--save", save], 2, 0, 3,
@@ -83,6 +85,7 @@ def test_tp2_checkpoint_loads_into_fsdp_and_one_process(uninterrupted, tmp_path)
     assert_continues(single["losses"], single["params"], uninterrupted, 1e-5)
 
 
+@pytest.mark.slow
 def test_pp2_checkpoint_loads_into_one_process(uninterrupted, tmp_path):
     # two virtual stages per rank: each rank's several parts are saved as one model
     save = str(tmp_path / "ckpt")
@@ -93,6 +96,7 @@ def test_pp2_checkpoint_loads_into_one_process(uninterrupted, tmp_path):
     assert_continues(single["losses"], single["params"], uninterrupted, 1e-5)
 
 
+@pytest.mark.slow
 def test_killed_during_save_leaves_latest_on_the_previous_checkpoint(tmp_path):
     save = str(tmp_path / "ckpt")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]), OMP_NUM_THREADS="1")
@@ -123,6 +127,7 @@ def test_keep_last(tmp_path):
     assert latest_iteration(str(tmp_path)) == 4
 
 
+@pytest.mark.slow
 def test_finetune_loads_weights_only(tmp_path):
     trained = train_segment(BASE + ["--save", str(tmp_path)], 0, 3, save=True)
     cfg = parse_config(BASE + ["--load", str(tmp_path), "--finetune"])
@@ -133,6 +138,7 @@ def test_finetune_loads_weights_only(tmp_path):
     assert not engine.optimizer.state and engine.scheduler.num_steps == 0
 
 
+@pytest.mark.slow
 def test_no_load_optim_and_no_load_rng(tmp_path):
     train_segment(BASE + ["--save", str(tmp_path)], 0, 3, save=True)
     cfg = parse_config(BASE + ["--load", str(tmp_path), "--no-load-optim", "--no-load-rng"])
@@ -217,6 +223,7 @@ def test_tensor_shape_mismatch_names_the_tensor(saved_checkpoint, tmp_path):
         load_with(["--load", root, "--ffn-hidden-size", "64"])
 
 
+@pytest.mark.slow
 def test_async_save_round_trip(uninterrupted, tmp_path):
     from engine_harness import global_batches, micro_batches_of
 
@@ -236,6 +243,7 @@ def test_async_save_round_trip(uninterrupted, tmp_path):
     assert all(torch.equal(second["params"][k], v) for k, v in uninterrupted["params"].items())
 
 
+@pytest.mark.slow
 def test_async_save_with_two_processes(uninterrupted, tmp_path):
     save = str(tmp_path / "ckpt")
     train_segment_distributed(BASE + ["--data-parallel-sharding", "optimizer", "--async-save", "--save", save],

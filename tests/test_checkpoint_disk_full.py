@@ -209,6 +209,7 @@ def _spawn_with_deadline(body, world: int, args: tuple, out_dir: str, seconds: f
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
 
 
+@pytest.mark.slow
 def test_a_full_disk_on_one_rank_stops_both_with_the_same_line(tmp_path):
     root = str(tmp_path / "ckpt")
     argv = TINY + ["--data-parallel-sharding", "optimizer", "--save", root]

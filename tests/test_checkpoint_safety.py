@@ -175,6 +175,7 @@ def _with(flags, flag, *values):
     return out[:i + 1] + list(values) + out[i + 1 + n:]
 
 
+@pytest.mark.slow
 def test_resume_with_the_same_data_settings(data_run):
     root, flags, tmp = data_run
     assert load_with(flags + ["--load", root])["consumed_samples"] == 16
@@ -186,6 +187,7 @@ def test_resume_with_the_same_data_settings(data_run):
     assert load_with(same + ["--load", root])["consumed_samples"] == 16
 
 
+@pytest.mark.slow
 def test_resume_with_another_blend(data_run):
     # weights, order, a prefix added or dropped: each domain continues where it stopped (test_mixture.py)
     root, flags, tmp = data_run
@@ -321,6 +323,7 @@ def test_an_unreadable_checksum_list_is_one_line(saved, tmp_path):
         load_with(["--load", root])
 
 
+@pytest.mark.slow
 def test_async_save_writes_checksums_before_latest(tmp_path, monkeypatch):
     from megatron_mellama.checkpoint import checksums, manager
 
@@ -339,6 +342,7 @@ def test_async_save_writes_checksums_before_latest(tmp_path, monkeypatch):
     assert set(files) == set(checksums.files_under(ckpt)) and not checksums.verify(ckpt, files)
 
 
+@pytest.mark.slow
 def test_two_ranks_checksum_their_files_and_verify_their_shares(tmp_path):
     from checkpoint_harness import train_segment_distributed
     from megatron_mellama.checkpoint.checksums import read_checksums
@@ -367,6 +371,7 @@ def _load_rank(rank, world, argv):
     return None
 
 
+@pytest.mark.slow
 def test_verify_checkpoint_tool(saved, tmp_path, capsys):
     import subprocess
     import sys
@@ -441,6 +446,7 @@ def _refused(argv, root, capsys) -> str:
     return err[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["finetune-same-root", "fresh-run", "another-run", "older-iteration"])
 def test_a_run_that_does_not_continue_the_checkpoints_in_save_is_refused(pretrained, tmp_path, capsys, case):
     root = tmp_path / "run"
@@ -463,6 +469,7 @@ def test_iterations_without_latest_in_save_are_refused_too(pretrained, tmp_path,
     assert "iter_0000001, iter_0000002" in err and "no 'latest' file" in err
 
 
+@pytest.mark.slow
 def test_a_plain_resume_and_an_explicit_overwrite_may_write_there(pretrained, tmp_path, capsys):
     from megatron_mellama.pretrain import main
 
@@ -477,6 +484,7 @@ def test_a_plain_resume_and_an_explicit_overwrite_may_write_there(pretrained, tm
     assert sorted(p.name for p in root.glob("iter_*")) == ["iter_0000001", "iter_0000002", "iter_0000003"]
 
 
+@pytest.mark.slow
 def test_one_command_line_starts_from_the_pretrained_checkpoint_then_resumes_its_own(pretrained, tmp_path, capsys):
     """--pretrained-checkpoint (Megatron-LM's): the first launch starts from its weights as --finetune
     does, a relaunch of the same command (a requeue) resumes the run's own checkpoints instead of

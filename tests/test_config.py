@@ -284,6 +284,7 @@ def test_missing_tokenizer_model_names_the_flag(tmp_path, capsys):
     assert "--tokenizer-model" in err and missing in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_command_line_error_has_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "megatron_mellama.pretrain", "--model", "tiny",
                            "--tensor-model-parallel-size", "3", "--mock-data"], capture_output=True, text=True)

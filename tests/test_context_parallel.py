@@ -42,6 +42,7 @@ def references():
 CASES = [(name, True) for name in LAYOUTS] + [("cp2", False), ("cp2-tp2-sp", False)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,packed", CASES,
                          ids=[f"{n}-{'packed-documents' if p else 'causal'}" for n, p in CASES])
 def test_layout_equals_one_process(name, packed, references, tmp_path):
@@ -50,6 +51,7 @@ def test_layout_equals_one_process(name, packed, references, tmp_path):
     assert_matches(run_distributed(argv, world, STEPS, str(tmp_path)), references[packed], 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--recompute-granularity", "selective"], ["--compile"]],
                          ids=["selective-recompute", "compile"])
 def test_cp2_composes_with_recompute_and_compile(flags, references, tmp_path):
@@ -66,6 +68,7 @@ def _fused_lower_right_rank(rank, world, argv, steps):
     return _engine_rank(rank, world, argv, steps)
 
 
+@pytest.mark.slow
 def test_the_fused_lower_right_path_equals_one_process(references, tmp_path):
     from engine_harness import spawn_gloo
 
@@ -247,6 +250,7 @@ def _flex_route_rank(rank, world, argv, steps):
     return _engine_rank(rank, world, argv, steps)
 
 
+@pytest.mark.slow
 def test_the_flex_route_with_packed_documents_equals_one_process(references, tmp_path):
     from engine_harness import spawn_gloo
 
@@ -296,6 +300,7 @@ def _all_masked_on_rank_1(rank, world, argv):
     return dict(loss=result.loss, grad_norm=result.grad_norm, grads_finite=grads_finite)
 
 
+@pytest.mark.slow
 def test_a_rank_whose_tokens_are_all_masked_stays_finite(tmp_path):
     from megatron_mellama.training.engine import Engine
     from engine_harness import global_batches, micro_batches_of, spawn_gloo
@@ -310,6 +315,7 @@ def test_a_rank_whose_tokens_are_all_masked_stays_finite(tmp_path):
         assert _rel(r["loss"], want.loss) <= 1e-5 and _rel(r["grad_norm"], want.grad_norm) <= 1e-5
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_cp2_and_one_process(tmp_path):
     base = TINY + ["--train-iters", "6"]
     whole = train_segment(base, 0, 6, save=False)

@@ -204,6 +204,7 @@ def _first_loss(argv, nproc):
     return [float(m) for m in re.findall(r"lm loss: ([0-9.E+-]+)", proc.stdout)]
 
 
+@pytest.mark.slow
 def test_imported_checkpoint_trains_identically_under_tp2_pp2(tmp_path):
     kwargs = dict(GQA, num_hidden_layers=4, vocab_size=128)
     make_hf(tmp_path / "hf", kwargs)
@@ -265,6 +266,7 @@ def test_errors_are_one_line(tmp_path, capsys):
                                         capsys)
 
 
+@pytest.mark.slow
 def test_export_drops_vocab_padding_and_wrappers_run_from_a_clone(tmp_path):
     from megatron_mellama.checkpoint.manager import CheckpointManager
     from megatron_mellama.config import parse_config

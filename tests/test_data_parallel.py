@@ -178,12 +178,14 @@ def _assert_same(got, reference, sharded, once=False):
         assert error < 1e-5, f"{name}: relative error {error:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", FP32_2)
 def test_two_ranks_match_one_process(layout, two_ranks, reference):
     once = LAYOUTS_2[layout][4:] == (True,)
     _assert_same(two_ranks[layout]["result"], reference, sharded=LAYOUTS_2[layout][0] != "none", once=once)
 
 
+@pytest.mark.slow
 def test_sharding_modes_place_parameters(two_ranks):
     assert two_ranks["none"]["placements"] == ["(Replicate(),)"]
     assert two_ranks["optimizer"]["placements"] == ["(Shard(dim=0),)"]
@@ -191,6 +193,7 @@ def test_sharding_modes_place_parameters(two_ranks):
     assert two_ranks["full_bf16"]["placements"] == ["(Shard(dim=0),)"]
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_master_weights_and_tracks_fp32(two_ranks, reference):
     (losses, params, _), (ref_losses, ref_params, _) = two_ranks["full_bf16"]["result"], reference
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-2, atol=0)
@@ -203,6 +206,7 @@ def test_training_moved_the_parameters(reference):
     assert min(moved) > 1e-3  # far above the 1e-5 the layouts are held to
 
 
+@pytest.mark.slow
 def test_weight_gathers_follow_the_sharding_mode(two_ranks, four_ranks):
     def gathers(layouts, name):
         return [c["gather"] for c in layouts[name]["result"][2]]
@@ -216,6 +220,7 @@ def test_weight_gathers_follow_the_sharding_mode(two_ranks, four_ranks):
     assert min(full) > 0 and full == gathers(four_ranks, "hsdp_full")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS_4))
 def test_hsdp_on_four_ranks_matches_one_process(layout, four_ranks, reference):
     assert four_ranks[layout]["placements"] == ["(Replicate(), Shard(dim=0))"]

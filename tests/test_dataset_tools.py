@@ -255,6 +255,7 @@ def test_inspect_detects_truncated_bin(shards, capsys):
 # ---------------------------------------------------------------- both
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["merge_datasets", "inspect_dataset"])
 def test_help_from_a_clone(name, tmp_path):
     # Run from elsewhere, as a clone's user would, with the package not importable from the cwd.

@@ -74,6 +74,7 @@ def test_per_domain_validation_sets_hold_only_their_domain(blended):
     assert {domain_of(ds.valid[i]["tokens"]) for i in range(len(ds.valid))} == set(BLEND)
 
 
+@pytest.mark.slow
 def test_split_proportions(corpus, sentencepiece_model, tmp_path):
     cfg = data_config([corpus["bio"]], tokenizer_model=sentencepiece_model, split="8,1,1", cache=str(tmp_path))
     ds = build_datasets(cfg)
@@ -95,6 +96,7 @@ def first_tokens(dataset, n=50):
     return torch.stack([dataset[i]["tokens"] for i in range(n)])
 
 
+@pytest.mark.slow
 def test_order_depends_on_the_seed(corpus, sentencepiece_model, tmp_path):
     def train(seed):
         cfg = data_config(blend_path(corpus), tokenizer_model=sentencepiece_model, seed=seed, cache=str(tmp_path))
@@ -174,6 +176,7 @@ def _cache_worker(rank, world, prefixes, tokenizer_model, out_dir):
     return results
 
 
+@pytest.mark.slow
 def test_index_caches_are_built_once_per_node(corpus, sentencepiece_model, tmp_path):
     prefixes = blend_path(corpus)
     r0, r1 = spawn_gloo(_cache_worker, 2, (prefixes, sentencepiece_model, str(tmp_path)), str(tmp_path))

@@ -154,6 +154,7 @@ def packed_reference():
     return reference(PACKED_TINY, STEPS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=pytest.mark.skipif("zero-bubble" in n and not torch_at_least(ZERO_BUBBLE_TORCH),
                                              reason=f"zero-bubble needs torch {ZERO_BUBBLE_TORCH}"))

@@ -94,6 +94,7 @@ def test_one_process_equals_the_standalone_scorer(one_process):
     assert (got["after"] - got["before"]).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_equals_one_process(name, one_process, tmp_path):
     _, _, want = one_process

@@ -30,6 +30,7 @@ def fp32_reference():
     return reference(TINY, STEPS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=pytest.mark.skipif("zero-bubble" in n and not torch_at_least(ZERO_BUBBLE_TORCH),
                                              reason=f"zero-bubble needs torch {ZERO_BUBBLE_TORCH}"))
@@ -43,6 +44,7 @@ def test_layout_equals_one_process(name, fp32_reference, tmp_path):
     assert fp32_reference["losses"][0] != fp32_reference["losses"][-1]
 
 
+@pytest.mark.slow
 def test_bf16_layout_within_bf16_tolerance(tmp_path):
     ref = reference(TINY + ["--bf16"], STEPS)
     fp32 = reference(TINY, STEPS)

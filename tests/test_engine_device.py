@@ -75,6 +75,7 @@ def _check(results: list[dict], micro_batches: int) -> None:
             assert len(calls) <= 1 < micro_batches, calls
 
 
+@pytest.mark.slow
 def test_one_process_step_syncs_once_and_makes_nothing_off_device():
     from megatron_mellama.config import parse_config
     from megatron_mellama.training.engine import Engine
@@ -83,6 +84,7 @@ def test_one_process_step_syncs_once_and_makes_nothing_off_device():
     _check([_probed_steps(cfg, Engine(cfg), 0, 1)], micro_batches=8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, world, micro_batches", [
     (["--data-parallel-sharding", "optimizer"], 2, 4),
     (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--pipeline-model-parallel-size", "2"], 4, 8),

@@ -55,6 +55,7 @@ def test_limit_and_table(tmp_path, hf_tokenizer_dir, capsys):
     assert row.split()[:2] == ["medqa", "3"]
 
 
+@pytest.mark.slow
 def test_wrapper_runs_from_a_clone(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate_tasks.py"), "--help"], capture_output=True,
                           text=True, cwd=tmp_path)

@@ -44,6 +44,7 @@ def test_the_script_is_valid_bash():
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.slow
 def test_cpu_mode_runs_every_step_and_the_resume_is_exact(tmp_path):
     pytest.importorskip("triton")
     out = _run(tmp_path, "--cpu")
@@ -60,6 +61,7 @@ def test_cpu_mode_runs_every_step_and_the_resume_is_exact(tmp_path):
     assert (logs / "A.jsonl").exists() and (logs / "B.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_broken_step_is_reported_and_the_next_one_still_runs(tmp_path):
     # the first step runs a failing command; the second runs out of its time limit
     out = _run(tmp_path, "--cpu", GPU_CHECK_STEPS="triton_tests,kernels", GPU_CHECK_BREAK="triton_tests",
@@ -73,6 +75,7 @@ def test_a_broken_step_is_reported_and_the_next_one_still_runs(tmp_path):
     assert "2 of 2 steps FAILED" in out.stdout.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_without_a_gpu_the_gpu_mode_refuses_and_points_to_cpu_mode(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
@@ -207,6 +210,7 @@ def _resume_pretrain_calls(tmp_path, **env) -> tuple[subprocess.CompletedProcess
     return out, [line.split() for line in lines if "megatron_mellama.pretrain" in line]
 
 
+@pytest.mark.slow
 def test_gpu_resume_runs_pin_one_kernel_backend(tmp_path):
     """`auto` would time kernels in a child process at each of the three starts (inside the step's
     80 s) and could pick differently after the restart: a resume that differs for no fault of the
@@ -219,6 +223,7 @@ def test_gpu_resume_runs_pin_one_kernel_backend(tmp_path):
     assert [run[run.index("--kernel-backend") + 1] for run in runs] == ["triton"] * 3
 
 
+@pytest.mark.slow
 def test_gpu_resume_refuses_auto_kernels(tmp_path):
     out, runs = _resume_pretrain_calls(tmp_path, GPU_CHECK_RESUME_KERNELS="auto")
     assert out.returncode == 2 and not runs

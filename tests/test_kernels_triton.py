@@ -39,6 +39,7 @@ def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
 
 # ---------------------------------------------------------------- RMSNorm
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rows", [1, 7, 33])
 @pytest.mark.parametrize("hidden", [24, 40, 100])
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
@@ -86,6 +87,7 @@ def _qk(batch, heads, kv_heads, seq, head_dim, dtype, transposed):
     return make(heads, 10).requires_grad_(), make(kv_heads, 11).requires_grad_()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head_dim", [8, 16, 24])
 @pytest.mark.parametrize("seq", [5, 13])
 @pytest.mark.parametrize("kv_heads", [2, 1])
@@ -150,6 +152,7 @@ def test_apply_rotary_qk_reads_bf16_tables_and_keeps_them_as_given():
     _close(dk, dk_ref, torch.bfloat16)
 
 
+@pytest.mark.slow
 def test_every_layer_keeps_the_same_tables_for_backward_under_fsdp2s_input_casts():
     # FSDP2 casts each layer's floating-point inputs to its compute dtype (bf16): fp32 tables
     # handed to every layer became a bf16 copy per layer, which the kernel upcast to an fp32 copy
@@ -229,6 +232,7 @@ def _labels(rows, vocab, seed):
     return labels.to(DEVICE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rows", [1, 7, 33])
 @pytest.mark.parametrize("vocab", [1, 37, 1000, 5003])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

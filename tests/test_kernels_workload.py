@@ -176,6 +176,7 @@ def _tensor_parallel_rank(rank, world, argv):
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sequence_parallel", [True, False], ids=["sequence-parallel", "tensor-parallel"])
 def test_workload_matches_a_tensor_parallel_rank(sequence_parallel, tmp_path):
     argv = TINY + ["--bf16", "--tensor-model-parallel-size", "2"]

@@ -37,6 +37,7 @@ def test_scripts_parse(script):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_dry_run_passes_flags_through():
     result = _run("launch/torchrun_single_node.sh", *PASS_THROUGH, DRY_RUN="1", GPUS_PER_NODE="4")
     assert result.returncode == 0, result.stderr
@@ -50,6 +51,7 @@ def test_torchrun_dry_run_passes_flags_through():
     assert shlex.split(result.stdout)[-2:] == ["--save", "my ckpt"]
 
 
+@pytest.mark.slow
 def test_torchrun_defaults_to_one_process_without_gpus(tmp_path):
     # no nvidia-smi on PATH: one process
     result = _run("launch/torchrun_single_node.sh", "--mock-data", DRY_RUN="1",
@@ -58,6 +60,7 @@ def test_torchrun_defaults_to_one_process_without_gpus(tmp_path):
     assert argv[argv.index("--nproc-per-node") + 1] == "1"
 
 
+@pytest.mark.slow
 def test_sbatch_dry_run_prints_one_command_per_node():
     result = _run("launch/slurm_multi_node.sbatch", *PASS_THROUGH, DRY_RUN="1", DRY_RUN_NODES="node1 node2",
                   GPUS_PER_NODE="8", MASTER_PORT="29555")
@@ -74,11 +77,13 @@ def test_sbatch_dry_run_prints_one_command_per_node():
         assert argv[argv.index("megatron_mellama.pretrain") + 1:] == PASS_THROUGH
 
 
+@pytest.mark.slow
 def test_sbatch_outside_slurm_without_nodes_says_how():
     result = _run("launch/slurm_multi_node.sbatch", "--bf16", DRY_RUN="1")
     assert result.returncode == 2 and "DRY_RUN_NODES" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size,world", [("13b", 64), ("70b", 128), ("13b_long", 64)])
 def test_run_script_starts_from_the_import_then_resumes_with_one_command_line(tmp_path, size, world):
     """Every launch of the job (the first, a resubmission, `scontrol requeue`) carries the same
@@ -166,6 +171,7 @@ def _stub(folder: Path, name: str, body: str) -> None:
 needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 
 
+@pytest.mark.slow
 @needs_proc
 def test_torchrun_single_node_ignores_usr1_and_keeps_sigterm(tmp_path):
     bin_dir = tmp_path / "bin"
@@ -209,6 +215,7 @@ code=FAKE_EXIT_$node; exit "${{!code:-0}}"
     return log, env
 
 
+@pytest.mark.slow
 @needs_proc
 def test_sbatch_node_command_signals_and_srun_options(tmp_path):
     log, env = _fake_slurm(tmp_path)
@@ -230,6 +237,7 @@ def test_sbatch_node_command_signals_and_srun_options(tmp_path):
     assert not (tmp_path / "exit-codes").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first,code", [("n1", 2), ("n2", 1)])
 def test_sbatch_exits_with_the_first_failing_nodes_code(tmp_path, first, code):
     log, env = _fake_slurm(tmp_path)
@@ -242,6 +250,7 @@ def test_sbatch_exits_with_the_first_failing_nodes_code(tmp_path, first, code):
     assert f"job exit code {code}, from {first}" in result.stderr
 
 
+@pytest.mark.slow
 def test_sbatch_launcher_returns_the_trainers_exit_code(tmp_path):
     """The real launcher (torchrun's entry point) on one node: a configuration error exits 2, where
     torchrun itself would exit 1."""

@@ -53,6 +53,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_planner_is_within_ten_percent_of_the_traced_peak(name):
     cfg = parse_config(SMALL + LAYOUTS[name], world_size=8)
@@ -115,6 +116,7 @@ def test_default_ranks_skip_the_context_parallel_ranks():
     assert first == 0 and dims.coordinates(last) == dict(pp=1, dp=0, cp=0, tp=0)
 
 
+@pytest.mark.slow
 def test_pretrain_dry_run_prints_each_rank_and_fits_line():
     out = subprocess.run(
         [sys.executable, "-m", "megatron_mellama.pretrain", *SMALL, *TP2_PP2, "--dry-run", "--world-size", "8",
@@ -126,6 +128,7 @@ def test_pretrain_dry_run_prints_each_rank_and_fits_line():
     assert "on a 1 GiB card: fits" in out.stdout
 
 
+@pytest.mark.slow
 def test_pretrain_dry_run_of_cp2_tp2_pp2_names_the_cp_collectives():
     out = subprocess.run(
         [sys.executable, "-m", "megatron_mellama.pretrain", *SMALL, *TP2_PP2, *CP2, "--dry-run", "--world-size", "16"],
@@ -138,6 +141,7 @@ def test_pretrain_dry_run_of_cp2_tp2_pp2_names_the_cp_collectives():
         assert "all-gather cp" in line and "reduce-scatter cp" in line and "send pp" in line, line
 
 
+@pytest.mark.slow
 def test_dry_run_flags_need_dry_run():
     out = subprocess.run([sys.executable, "-m", "megatron_mellama.pretrain", *SMALL, "--world-size", "8"],
                          capture_output=True, text=True, timeout=120)

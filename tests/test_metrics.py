@@ -80,6 +80,7 @@ def test_tensorboard_tags_values_and_steps(tmp_path):
     assert s["lm loss validation/bio vs samples"] == [(240, pytest.approx(1.5))]
 
 
+@pytest.mark.slow
 def test_jsonl_has_one_object_per_log_and_eval(tmp_path):
     _run(_cfg(tmp_path))
     # strict parsing: a NaN loss must not produce invalid JSON

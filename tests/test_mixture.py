@@ -62,6 +62,7 @@ def test_a_longer_run_reads_the_same_first_samples(corpus, sentencepiece_model, 
     assert torch.equal(tokens(short, every), tokens(long, every))
 
 
+@pytest.mark.slow
 def test_each_epoch_reads_every_sample_once(corpus, sentencepiece_model, tmp_path):
     train = build_datasets(config(corpus, sentencepiece_model, tmp_path)).train
     stream = train.streams[train.keys[0]]
@@ -82,6 +83,7 @@ def stream_reads(train, begin, end):
     return reads
 
 
+@pytest.mark.slow
 def test_changing_the_blend_continues_every_domain(corpus, sentencepiece_model, tmp_path):
     before = build_datasets(config(corpus, sentencepiece_model, tmp_path)).train
     position = 3000
@@ -108,6 +110,7 @@ def test_changing_the_blend_continues_every_domain(corpus, sentencepiece_model, 
     assert fresh.continued(saved, position)[0]._domain is fresh._domain  # the blend is not built twice
 
 
+@pytest.mark.slow
 def test_a_dropped_domain_keeps_its_place(corpus, sentencepiece_model, tmp_path):
     full = build_datasets(config(corpus, sentencepiece_model, tmp_path)).train
     saved = full.state(2000)
@@ -129,6 +132,7 @@ def test_blend_indices_are_a_stable_prefix():
     assert numpy.array_equal(short[0], long[0][:1000]) and numpy.array_equal(short[1], long[1][:1000])
 
 
+@pytest.mark.slow
 def test_one_prefix_spelt_two_ways_is_one_domain(corpus, sentencepiece_model, tmp_path, monkeypatch):
     # `gen` under two spellings beside `clin`: every domain's stream must serve its own text
     monkeypatch.chdir(os.path.dirname(corpus["gen"]))

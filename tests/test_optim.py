@@ -458,5 +458,6 @@ def _two_process_checks(rank, world_size):
     assert get_grad_norm([] if rank == 0 else [p], dist.group.WORLD).item() == 1.0
 
 
+@pytest.mark.slow
 def test_two_process_clip_pipeline_and_optimizer(tmp_path):
     spawn_gloo(_two_process_checks, 2, (), str(tmp_path))

@@ -139,6 +139,7 @@ def reference():
     return _reference(_model_config())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule,layers_per_vstage", [
     pytest.param(*c, marks=pytest.mark.skipif(c not in CASES, reason=f"needs torch {ZERO_BUBBLE_TORCH}"))
     for c in ALL_CASES])

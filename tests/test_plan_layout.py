@@ -53,6 +53,7 @@ def _assert_close(measured: dict, predicted: dict) -> None:
         assert measured[key] == pytest.approx(predicted[key], rel=0.05), key
 
 
+@pytest.mark.slow
 def test_single_process_state_matches_engine():
     cfg = parse_config(TINY)
     measured = measured_state(Engine(cfg), cfg)
@@ -71,6 +72,7 @@ def _measure_rank(rank: int, world: int) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_sharded_state_matches_engine(tmp_path):
     results = spawn_gloo(_measure_rank, 2, (), str(tmp_path))
     model = parse_config(TINY).model
@@ -104,6 +106,7 @@ def test_table_and_memory_ordering(capsys):
         assert r["optimizer_gb"] < heavy[key]["optimizer_gb"] or r["dp"] == 1
 
 
+@pytest.mark.slow
 def test_trace_adds_the_dry_run_peak_beside_the_estimate(capsys):
     assert main(["--model", "tiny", "--seq-length", "128", "--micro-batch-size", "1", "--global-batch-size", "8",
                  "--num-gpus", "2", "--gpu-memory-gb", "1", "--top", "1", "--trace", "--bf16",
@@ -138,6 +141,7 @@ def test_context_parallel_sizes_enumerate_cp_layouts(capsys):
     assert lines[0].split()[:4] == ["TP", "PP", "DP", "CP"] and lines[1].split()[3] == "2"
 
 
+@pytest.mark.slow
 def test_trace_runs_the_context_parallel_layout(capsys):
     assert main(["--model", "tiny", "--seq-length", "256", "--micro-batch-size", "1", "--global-batch-size", "8",
                  "--num-gpus", "2", "--gpu-memory-gb", "1", "--top", "1", "--trace", "--bf16",

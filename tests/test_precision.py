@@ -277,6 +277,7 @@ def _update_error(params, ref, cfg) -> float:
     return worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_bf16_layouts_track_the_fp32_reference(name, ranks, fp32_reference, bf16_one_process):
     """Tolerances. bf16 keeps 8 significant bits (unit roundoff 2^-9 = 2e-3): one rounding of a
@@ -308,6 +309,7 @@ def test_bf16_layouts_track_the_fp32_reference(name, ranks, fp32_reference, bf16
     assert error > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layers_compute_with_bf16_weights_and_activations(name, ranks):
     for r in ranks:
@@ -321,6 +323,7 @@ def test_layers_compute_with_bf16_weights_and_activations(name, ranks):
             assert seen["stage output (sent on)"] == {"bfloat16"}, seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if "zero" in n])
 def test_sharded_modes_reduce_scatter_every_micro_batch(name, ranks):
     """After a micro-batch that is not the last of its step, the gradients are already reduced, in
@@ -342,6 +345,7 @@ def test_sharded_modes_reduce_scatter_every_micro_batch(name, ranks):
             assert grads["fraction"] <= grads["expected_fraction"] * 1.05, rec
 
 
+@pytest.mark.slow
 def test_fp16_skips_an_overflowing_step_then_trains(ranks, fp32_reference):
     for r in ranks:
         f = r["fp16"]
@@ -352,6 +356,7 @@ def test_fp16_skips_an_overflowing_step_then_trains(ranks, fp32_reference):
             assert _rel(got, want) < 2e-3, (f["losses"], fp32_reference["losses"])
 
 
+@pytest.mark.slow
 def test_ddp_keeps_gradients_unreduced_until_the_last_micro_batch(ranks):
     for r in ranks:
         records = r["dp4-ddp"]["records"]

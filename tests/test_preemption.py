@@ -77,6 +77,7 @@ def _end(proc) -> int:
         pytest.fail("the job did not end after the signal")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="walks /proc to find the job's processes")
 @pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
 def test_signal_to_every_process_of_a_job_with_workers_saves_and_resumes(tmp_path, sig):

@@ -58,6 +58,7 @@ def test_document_bytes_equal_megatron_builder(tmp_path, corpus, sentencepiece_m
     assert output_bytes(f"{prefix}_text_document") == expected
 
 
+@pytest.mark.slow
 def test_sentence_bytes_equal_megatron_builder_with_self_trained_punkt(tmp_path, corpus, sentencepiece_model,
                                                                          capsys):
     rc, prefix = run(tmp_path, corpus, "--split-sentences", "--append-eod", model=sentencepiece_model)

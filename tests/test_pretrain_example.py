@@ -18,6 +18,7 @@ from megatron_mellama.training.loop import train
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_mock_data_training_lowers_the_loss(capsys):
     cfg = load_run_config(["--model", "tiny", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
                            "--seq-length", "32", "--vocab-size", "256", "--train-iters", "12", "--lr", "3e-3",
@@ -73,6 +74,7 @@ def quickstart(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_quickstart_runs_the_whole_pipeline(quickstart):
     """examples/quickstart.sh: corpus, tokenizer, preprocessing, HF import, TP2 x PP2 training on the
     15:1:4 blend with a stop and a resume, per-domain evaluation, HF export and a generation."""
@@ -88,6 +90,7 @@ def test_quickstart_runs_the_whole_pipeline(quickstart):
     assert (root / "checkpoints" / "latest").read_text().strip() == "20"
 
 
+@pytest.mark.slow
 def test_chat_example_instruction_tunes_the_quickstart_model(quickstart):
     """examples/quickstart_chat.sh: the quickstart's model, instruction-tuned with DP2 FSDP on questions
     about made-up patient records, answers held-out ones through transformers' chat template."""
@@ -104,6 +107,7 @@ def test_chat_example_instruction_tunes_the_quickstart_model(quickstart):
     assert "[/INST]" in tokenizer_config["chat_template"]
 
 
+@pytest.mark.slow
 def test_help():
     proc = subprocess.run([sys.executable, "-m", "megatron_mellama.pretrain", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0

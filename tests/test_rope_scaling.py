@@ -42,6 +42,7 @@ def _hf_tables(hf_config):
     return cos[0], sin[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_exported_model_computes_transformers_logits_past_4096(kind, tmp_path):
     root, out = str(tmp_path / "ours"), str(tmp_path / "hf")
@@ -153,6 +154,7 @@ def linear_checkpoint(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_resume_with_another_rope_scaling_is_refused_in_one_line(linear_checkpoint, tmp_path):
     assert load_with(["--load", linear_checkpoint, "--rotary-seq-len-interpolation-factor", "2"])["iteration"] == 1
     for flags, ours in ((["--rotary-seq-len-interpolation-factor", "4"], "--rotary-seq-len-interpolation-factor 4.0"),

@@ -98,6 +98,7 @@ def _stop_after_sigterm_on_rank_1(rank, world):
         rc.restore_handlers()
 
 
+@pytest.mark.slow
 def test_signal_on_one_rank_stops_all_ranks_at_the_same_iteration(tmp_path):
     rank0, rank1 = spawn_gloo(_stop_after_sigterm_on_rank_1, 2, (), str(tmp_path))
     assert rank0[:2] == rank1[:2] == (4, True)

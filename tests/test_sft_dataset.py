@@ -125,6 +125,7 @@ def test_packed_loss_is_the_sum_of_the_conversations_alone(sft_prefix):
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sft_run_end_to_end(sft_prefix, sentencepiece_model, tmp_path, capsys):
     # a second dataset, validated on its own as pretraining's domains are
     other = str(tmp_path / "clin_sft")
@@ -150,6 +151,7 @@ def sft_run(prefix, tokenizer, *flags):
             "--lr", "3e-3", "--log-interval", "1", "--num-workers", "0", *flags]
 
 
+@pytest.mark.slow
 def test_sft_resumes_exactly_and_exports_its_chat_template(sft_prefix, sentencepiece_model, tmp_path, capsys):
     from transformers import AutoTokenizer
 
@@ -184,6 +186,7 @@ def test_sft_resumes_exactly_and_exports_its_chat_template(sft_prefix, sentencep
     assert "chat_template" not in json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())
 
 
+@pytest.mark.slow
 def test_prefixes_without_one_template_record_none(sft_prefix, sentencepiece_model, tmp_path, capsys):
     other = str(tmp_path / "other")
     for source, target in zip(pair_of(sft_prefix), pair_of(other)):
@@ -213,6 +216,7 @@ def sft_layout_run(sft_prefix, sentencepiece_model):
     return argv, reference(argv, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SFT_LAYOUTS))
 def test_sft_layout_equals_one_process(name, sft_layout_run, tmp_path):
     from engine_harness import assert_matches, run_distributed
@@ -266,6 +270,7 @@ def test_sft_prefix_spelt_two_ways_is_one_domain(sft_prefix, sentencepiece_model
     assert sets.train.segments[-1]["weights"][os.path.abspath("gen_sft")] == pytest.approx(0.8)
 
 
+@pytest.mark.slow
 def test_conversations_whose_answers_fall_past_the_cut(sentencepiece_model, tmp_path, capsys):
     # long questions, short answers: at --seq-length 32 every answer lies past the cut
     rng = np.random.RandomState(1)

@@ -238,6 +238,7 @@ def _tp2_load(rank, world, argv, stock):
     return dict(read=read, params=engine.full_state())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stock", [False, True], ids=["shard-reader", "dcp-reader"])
 def test_tp2_rank_reads_about_its_share_of_an_imported_checkpoint(imported, tmp_path, stock):
     root, source = imported

@@ -138,6 +138,7 @@ def test_error_unknown_type(sentencepiece_model):
     assert all(t in msg for t in TOKENIZER_TYPES)
 
 
+@pytest.mark.slow
 def test_module_imports_without_transformers():
     import subprocess
     import sys

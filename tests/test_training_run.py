@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from megatron_mellama.pretrain import load_run_config, main
 from megatron_mellama.training.loop import train
@@ -22,6 +23,7 @@ RUN = ["--model", "tiny", "--mock-data", "--vocab-size", "256", "--seq-length", 
        "--num-workers", "0"]
 
 
+@pytest.mark.slow
 def test_three_plus_resume_plus_three_equals_six_bitwise(tmp_path):
     whole = train(load_run_config(RUN + ["--train-iters", "6"]))
     save = str(tmp_path / "ckpt")
@@ -34,6 +36,7 @@ def test_three_plus_resume_plus_three_equals_six_bitwise(tmp_path):
     assert whole["losses"][-1] < whole["losses"][0]
 
 
+@pytest.mark.slow
 def test_finetune_starts_at_iteration_zero(tmp_path):
     save = str(tmp_path / "ckpt")
     train(load_run_config(RUN + ["--train-iters", "4", "--save", save]))
@@ -43,6 +46,7 @@ def test_finetune_starts_at_iteration_zero(tmp_path):
     assert run["losses"][0] < fresh["losses"][0]  # it started from the trained weights
 
 
+@pytest.mark.slow
 def test_metrics_reach_tensorboard_and_the_log_file(tmp_path):
     tb, log = tmp_path / "tb", tmp_path / "metrics.jsonl"
     train(load_run_config(RUN + ["--train-iters", "3", "--tensorboard-dir", str(tb), "--log-file", str(log)]))
@@ -59,6 +63,7 @@ def test_metrics_reach_tensorboard_and_the_log_file(tmp_path):
     assert train_records[-1]["consumed_samples"] == 12 and any("eval" in r for r in records)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(tmp_path):
     save = tmp_path / "ckpt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -96,6 +101,7 @@ def _torchrun(args, nproc, tmp_path):
     return [float(m) for m in re.findall(r"lm loss: ([0-9.E+-]+)", proc.stdout)]
 
 
+@pytest.mark.slow
 def test_resume_under_another_layout_continues_the_same_run(tmp_path):
     """TP2 for 3 iterations, then DP2 (FSDP) from its checkpoint: the losses of an uninterrupted
     single-process run, within fp32 rounding."""
@@ -133,6 +139,7 @@ def test_nan_validation_loss_fails_without_saving(tmp_path, capsys, monkeypatch)
     assert not (save / "latest").exists() and not list(save.glob("iter_*"))
 
 
+@pytest.mark.slow
 def test_inf_validation_loss_of_one_domain_fails(monkeypatch):
     from megatron_mellama.training.jobs import validation as validation_module
     from megatron_mellama.training.run_control import TrainingStopped
@@ -163,6 +170,7 @@ def test_a_short_run_whose_every_step_is_skipped_fails(tmp_path, capsys, monkeyp
     assert not (save / "latest").exists()
 
 
+@pytest.mark.slow
 def test_fp16_loss_scale_settling_is_not_a_run_of_skipped_steps():
     # from 2**32 the dynamic scale needs more than 10 overflowing steps to come down: no stop
     run = train(load_run_config(RUN + ["--train-iters", "12", "--fp16", "--eval-interval", "1000",
@@ -170,6 +178,7 @@ def test_fp16_loss_scale_settling_is_not_a_run_of_skipped_steps():
     assert run["stopped"] is None and run["iteration"] == 12
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_it_is_complete(tmp_path, capsys):
     save = tmp_path / "ckpt"
     train(load_run_config(RUN + ["--train-iters", "3", "--save", str(save)]))
@@ -209,6 +218,7 @@ def _blend_run(corpus, tokenizer, blend=(15, 1, 4)):
                "--num-workers", "0"])
 
 
+@pytest.mark.slow
 def test_extending_a_run_continues_exactly(tmp_path, sentencepiece_model, capsys):
     run = _blend_run(_corpus(tmp_path / "data"), sentencepiece_model)
     whole_log = tmp_path / "whole.jsonl"
@@ -236,6 +246,7 @@ def test_extending_a_run_continues_exactly(tmp_path, sentencepiece_model, capsys
     assert lrs["--use-checkpoint-opt_param-scheduler"] == [0.0] * 4
 
 
+@pytest.mark.slow
 def test_another_blend_on_resume_continues_every_domain(tmp_path, sentencepiece_model, capsys):
     corpus = _corpus(tmp_path / "data")
     save, log = str(tmp_path / "ckpt"), tmp_path / "metrics.jsonl"
@@ -282,6 +293,7 @@ def test_a_stop_inside_a_streak_of_skipped_steps_does_not_save(tmp_path, capsys)
     assert "holds no checkpoint" in err and not list(save.glob("iter_*"))
 
 
+@pytest.mark.slow
 def test_a_periodic_save_waits_for_the_next_good_iteration(tmp_path, capsys, monkeypatch):
     from megatron_mellama.training import engine as engine_module
 
