@@ -157,6 +157,7 @@ def test_the_flex_route_of_each_rank_equals_dense_attention_with_gradients(cp, s
             torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_flex_attention_reads_a_ranks_block_mask_as_intended():
     # the eager flex route above applies the mask function to every score and never reads the
     # tiles; compiled (forward only on the CPU) it skips and trusts them as CUDA's kernel does.

@@ -319,6 +319,7 @@ def trained(tmp_path_factory, sentencepiece_model):
     return train_tiny_checkpoint(root / "ckpt", sentencepiece_model), other_sentencepiece_model(root)
 
 
+@pytest.mark.slow
 def test_export_refuses_a_tokenizer_other_than_the_trained_one(trained, sentencepiece_model, tmp_path, capsys):
     from megatron_mellama.data.identity import tokenizer_hash
 

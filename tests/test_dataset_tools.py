@@ -74,6 +74,7 @@ def run(tool, argv, capsys):
 # ---------------------------------------------------------------- merge
 
 
+@pytest.mark.slow
 def test_merge_folder_is_megatrons_merge_in_sorted_order(shards, tmp_path, capsys):
     folder, docs = shards
     out = str(tmp_path / "merged")
@@ -86,6 +87,7 @@ def test_merge_folder_is_megatrons_merge_in_sorted_order(shards, tmp_path, capsy
     assert sorted(os.listdir(tmp_path)) == ["merged.bin", "merged.idx", "ref.bin", "ref.idx", "shards"]
 
 
+@pytest.mark.slow
 def test_merge_prefix_list_keeps_given_order(shards, tmp_path, capsys):
     folder, docs = shards
     prefixes = [str(folder / n) for n in "cab"]

@@ -185,6 +185,7 @@ def test_block_mask_is_the_one_create_block_mask_makes():
         assert torch.equal(ours.to_dense(), theirs.to_dense())
 
 
+@pytest.mark.slow
 def test_compiled_flex_attention_with_the_block_mask_matches_the_tiled_path():
     # flex attention is what CUDA runs; compiled on the CPU it runs forward only, which is enough
     # to see that it reads the block mask's tiles as intended
@@ -239,6 +240,7 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.slow
 def test_a_long_packed_micro_batch_never_holds_a_sequence_squared_tensor():
     seq = 8192
     cfg = model_config(seq)

@@ -5,6 +5,7 @@ task file stopping the run before any work."""
 import json
 import re
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_mellama.pretrain import load_run_config, main
@@ -27,6 +28,7 @@ def write_task(path, items: int) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_each_evaluation_scores_the_tasks(sentencepiece_model, tmp_path, capsys):
     task = write_task(tmp_path / "general.jsonl", 6)
     cfg = load_run_config(RUN + ["--tokenizer-model", sentencepiece_model, "--eval-tasks", f"general={task}",

@@ -68,6 +68,7 @@ def run_lm_eval(model, tokenizer, data: str, tmp_path):
     return samples, out["results"][name]
 
 
+@pytest.mark.slow
 def test_scores_equal_lm_eval(hf_tokenizer_dir, tmp_path):
     """The whole task through lm-eval's pipeline, BOS as it adds it by default (the tokenizer's)."""
     model, tokenizer = make_hf_llama(hf_tokenizer_dir)

@@ -262,6 +262,7 @@ def test_tensor_parallel_training_with_triton_kernels_equals_one_process(tmp_pat
                                    atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fp16_training_with_triton_kernels_stays_within_fp16_rounding_of_fp32():
     pytest.importorskip("triton")
     steps, two_layers = 2, ["--num-layers", "2"]  # the interpreter runs the kernels slowly

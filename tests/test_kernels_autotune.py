@@ -51,6 +51,7 @@ def _faulty_backend():
     dispatch.unregister_backend("faulty")
 
 
+@pytest.mark.slow
 def test_the_child_times_the_candidates_and_the_parent_logs_the_timings(caplog):
     pytest.importorskip("triton")
     candidates = {"rms_norm": ["torch", "triton"], "cross_entropy": ["torch", "triton"], "swiglu": ["torch"]}
@@ -63,6 +64,7 @@ def test_the_child_times_the_candidates_and_the_parent_logs_the_timings(caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+@pytest.mark.slow
 def test_a_backend_that_raises_is_skipped_and_the_others_are_still_timed(caplog):
     candidates = {"attention": ["torch", "faulty"], "rotary": ["torch", "torch"]}
     with caplog.at_level(logging.WARNING, logger="megatron_mellama.kernels.autotune"):
@@ -82,6 +84,7 @@ def test_a_backend_that_disagrees_with_the_reference_is_not_timed(monkeypatch):
     assert autotune.disagreement("rotary", "torch", "cpu", SHAPES) == 0.0
 
 
+@pytest.mark.slow
 def test_a_child_that_dies_leaves_the_reference_for_everything(caplog):
     candidates = {"swiglu": ["torch", "faulty"], "rms_norm": ["torch", "triton"]}
     with caplog.at_level(logging.WARNING, logger="megatron_mellama.kernels.autotune"):
@@ -91,6 +94,7 @@ def test_a_child_that_dies_leaves_the_reference_for_everything(caplog):
     assert "ended without an answer" in warning and "every operation uses the torch reference" in warning
 
 
+@pytest.mark.slow
 def test_a_child_that_hangs_is_ended_at_the_time_limit(caplog):
     candidates = {"rms_norm": ["torch", "faulty"]}
     start = time.monotonic()

@@ -81,6 +81,7 @@ def _compiled_run(layer, x, cos, sin):
         torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_a_compiled_layer_runs_with_the_table_configure_gives():
     layer, x, cos, sin = _layer_and_inputs()
     expected = layer(x, cos, sin)

@@ -102,6 +102,7 @@ def tokens_per_step(cfg, dataset, dp_size, n_steps, consumed=0):
     return [torch.cat([mb["tokens"] for b in ranks for mb in next(b)]) for _ in range(n_steps)]
 
 
+@pytest.mark.slow
 def test_real_data_order_depends_on_seed_not_dp_and_resumes(corpus, sentencepiece_model, tmp_path):
     cfg, ds = train_set(corpus, sentencepiece_model, 1234, str(tmp_path))
     cfg.data.num_workers = 2  # worker processes must see the same samples

@@ -66,6 +66,7 @@ def test_planner_is_within_ten_percent_of_the_traced_peak(name):
             name, trace.rank, predicted / 2 ** 20, trace.peak.total / 2 ** 20, trace.peak.by_kind)
 
 
+@pytest.mark.slow
 def test_sharded_modes_hold_sharded_gradients_and_zero3_holds_fewer_weights():
     """What the fixes of the gradient accumulation and of the compute weights look like in a trace:
     with 8 micro-batches, ZeRO-2 reducing every micro-batch and ZeRO-3 (by default) hold 1/8 of the
@@ -93,6 +94,7 @@ def test_sharded_modes_hold_sharded_gradients_and_zero3_holds_fewer_weights():
     assert scatters("optimizer every")[0] >= 8 * 4 and scatters("full")[0] >= 8 * 4, scatters("optimizer every")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [[], ["--tensor-model-parallel-size", "2", "--sequence-parallel"]],
                          ids=["cp2", "cp2-tp2-sp"])
 def test_context_parallel_dry_run_counts_the_key_value_all_gather(flags):
@@ -165,6 +167,7 @@ RECIPES = {
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "examples" / "me_llama"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RECIPES)
 def test_the_planner_holds_to_the_dry_run_of_each_recipe_as_written(name, capsys):
     """`plan_layout --config RECIPE` lists, for the recipe's own layout, what `pretrain --config

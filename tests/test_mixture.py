@@ -53,6 +53,7 @@ def test_one_epoch_is_megatron_lm_order(corpus, sentencepiece_model, tmp_path):
     assert torch.equal(tokens(ours, every), tokens(theirs, every))
 
 
+@pytest.mark.slow
 def test_a_longer_run_reads_the_same_first_samples(corpus, sentencepiece_model, tmp_path):
     short = build_datasets(config(corpus, sentencepiece_model, tmp_path, train_iters=60)).train
     long = build_datasets(config(corpus, sentencepiece_model, tmp_path, train_iters=100_000)).train

@@ -79,6 +79,7 @@ def _assert_same(grads, ref, **tolerance):
         torch.testing.assert_close(g, ref[name], msg=name, **tolerance)
 
 
+@pytest.mark.slow
 def test_selective_recompute_keeps_flex_attention_from_the_forward(flex):
     cfg, batch = _config(), _packed_batch()
     ref, layers, again = _grads_and_calls(build_model(cfg, seed=1), batch, lambda: flex.calls)

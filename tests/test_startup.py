@@ -147,6 +147,7 @@ def test_checkpoint_to_load_agrees_with_load(tmp_path):
         checkpoint_to_load(parse_config(TINY + ["--load", str(tmp_path)]))
 
 
+@pytest.mark.slow
 def test_training_loop_initialises_only_without_a_checkpoint(tmp_path, monkeypatch):
     from megatron_mellama.pretrain import load_run_config
     from megatron_mellama.training import loop

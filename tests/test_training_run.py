@@ -355,6 +355,7 @@ def test_a_nan_downstream_loglikelihood_stops_the_run_before_saving(tmp_path, se
     assert "log-likelihood is nan" in err and not list(save.glob("iter_*"))
 
 
+@pytest.mark.slow
 def test_finetune_refuses_a_tokenizer_other_than_the_checkpoint_was_trained_with(tmp_path, sentencepiece_model,
                                                                                   capsys):
     from evaluation_helpers import other_sentencepiece_model, train_tiny_checkpoint
