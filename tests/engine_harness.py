@@ -164,6 +164,18 @@ def run_distributed(argv: list, world: int, steps: int, out_dir: str) -> list[di
     return spawn_gloo(_engine_rank, world, (argv, steps), out_dir)
 
 
+def _engine_layouts_rank(rank: int, world: int, argvs: dict, steps: int) -> dict:
+    return {key: _engine_rank(rank, world, argv, steps) for key, argv in argvs.items()}
+
+
+def run_distributed_layouts(argvs: dict, world: int, steps: int, out_dir: str) -> dict:
+    """`run_distributed` for several layouts of one world size, one after another in one launch of
+    `world` processes (each process starts torch once, not once per layout): {key: every rank's
+    results}, for `argvs` {key: argv}."""
+    ranks = spawn_gloo(_engine_layouts_rank, world, (argvs, steps), out_dir)
+    return {key: [r[key] for r in ranks] for key in argvs}
+
+
 def merged_params(results: list[dict]) -> dict:
     """The full model from every pipeline stage (all ranks of a stage hold the same full values)."""
     params = {}

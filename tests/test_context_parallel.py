@@ -13,7 +13,8 @@ from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from checkpoint_harness import train_segment, train_segment_distributed
-from engine_harness import TINY, assert_matches, reference, rel as _rel, run_distributed
+from engine_harness import (TINY, assert_matches, reference, rel as _rel, run_distributed,
+                            run_distributed_layouts)
 from megatron_mellama.config import ConfigError, parse_config
 from megatron_mellama.kernels import documents
 from megatron_mellama.model import build_model
@@ -42,13 +43,22 @@ def references():
 CASES = [(name, True) for name in LAYOUTS] + [("cp2", False), ("cp2-tp2-sp", False)]
 
 
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory):
+    """Every case below, from one launch per world size: {(name, packed): every rank's results}."""
+    runs = {}
+    for world in sorted({world for world, _ in LAYOUTS.values()}):
+        argvs = {(name, packed): TINY + (PACKED if packed else []) + LAYOUTS[name][1]
+                 for name, packed in CASES if LAYOUTS[name][0] == world}
+        runs.update(run_distributed_layouts(argvs, world, STEPS, str(tmp_path_factory.mktemp(f"world{world}"))))
+    return runs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,packed", CASES,
                          ids=[f"{n}-{'packed-documents' if p else 'causal'}" for n, p in CASES])
-def test_layout_equals_one_process(name, packed, references, tmp_path):
-    world, flags = LAYOUTS[name]
-    argv = TINY + (PACKED if packed else []) + flags
-    assert_matches(run_distributed(argv, world, STEPS, str(tmp_path)), references[packed], 1e-5)
+def test_layout_equals_one_process(name, packed, references, layout_runs):
+    assert_matches(layout_runs[name, packed], references[packed], 1e-5)
 
 
 @pytest.mark.slow
