@@ -10,7 +10,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine_harness import (TINY, assert_matches, global_batches, micro_batches_of, reference, rel as _rel,
-                            run_distributed)
+                            run_distributed_layouts)
 from megatron_mellama.config import ConfigError, parse_config
 from megatron_mellama.config.validate import ZERO_BUBBLE_TORCH, torch_at_least
 from megatron_mellama.data.datasets import build_datasets
@@ -154,14 +154,26 @@ def packed_reference():
     return reference(PACKED_TINY, STEPS)
 
 
+def _runs_here(name: str) -> bool:
+    return "zero-bubble" not in name or torch_at_least(ZERO_BUBBLE_TORCH)
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory):
+    """Every layout below, from one launch per world size: {name: every rank's results}."""
+    runs = {}
+    for world in sorted({world for world, _ in LAYOUTS.values()}):
+        argvs = {name: PACKED_TINY + flags for name, (w, flags) in LAYOUTS.items() if w == world and _runs_here(name)}
+        runs.update(run_distributed_layouts(argvs, world, STEPS, str(tmp_path_factory.mktemp(f"world{world}"))))
+    return runs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.skipif("zero-bubble" in n and not torch_at_least(ZERO_BUBBLE_TORCH),
-                                             reason=f"zero-bubble needs torch {ZERO_BUBBLE_TORCH}"))
+    pytest.param(n, marks=pytest.mark.skipif(not _runs_here(n), reason=f"zero-bubble needs torch {ZERO_BUBBLE_TORCH}"))
     for n in LAYOUTS])
-def test_layout_with_packed_documents_equals_one_process(name, packed_reference, tmp_path):
-    world, flags = LAYOUTS[name]
-    assert_matches(run_distributed(PACKED_TINY + flags, world, STEPS, str(tmp_path)), packed_reference, 1e-5)
+def test_layout_with_packed_documents_equals_one_process(name, packed_reference, layout_runs):
+    assert_matches(layout_runs[name], packed_reference, 1e-5)
     # the masking is on: the same batches without it train differently
     unmasked = reference(TINY + ["--seq-length", "32", "--reset-position-ids", "--eod-mask-loss"], 1)
     assert _rel(unmasked["losses"][0], packed_reference["losses"][0]) > 1e-4

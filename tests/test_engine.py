@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from engine_harness import TINY, assert_matches, reference, rel as _rel, run_distributed
+from engine_harness import TINY, assert_matches, reference, rel as _rel, run_distributed, run_distributed_layouts
 from megatron_mellama.config import ConfigError, parse_config
 from megatron_mellama.config.validate import ZERO_BUBBLE_TORCH, torch_at_least
 from megatron_mellama.parallel.mesh import ParallelDims
@@ -30,14 +30,26 @@ def fp32_reference():
     return reference(TINY, STEPS)
 
 
+def _runs_here(name: str) -> bool:
+    return "zero-bubble" not in name or torch_at_least(ZERO_BUBBLE_TORCH)
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory):
+    """Every layout below, from one launch per world size: {name: every rank's results}."""
+    runs = {}
+    for world in sorted({world for world, _ in LAYOUTS.values()}):
+        argvs = {name: TINY + flags for name, (w, flags) in LAYOUTS.items() if w == world and _runs_here(name)}
+        runs.update(run_distributed_layouts(argvs, world, STEPS, str(tmp_path_factory.mktemp(f"world{world}"))))
+    return runs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.skipif("zero-bubble" in n and not torch_at_least(ZERO_BUBBLE_TORCH),
-                                             reason=f"zero-bubble needs torch {ZERO_BUBBLE_TORCH}"))
+    pytest.param(n, marks=pytest.mark.skipif(not _runs_here(n), reason=f"zero-bubble needs torch {ZERO_BUBBLE_TORCH}"))
     for n in LAYOUTS])
-def test_layout_equals_one_process(name, fp32_reference, tmp_path):
-    world, flags = LAYOUTS[name]
-    results = run_distributed(TINY + flags, world, STEPS, str(tmp_path))
+def test_layout_equals_one_process(name, fp32_reference, layout_runs):
+    results = layout_runs[name]
     # fp32 rounding: reductions in another order (1e-5 relative, the project's bar)
     assert_matches(results, fp32_reference, rtol=1e-5)
     # the loss moved: three real optimizer steps happened
