@@ -1,9 +1,10 @@
 """One optimizer step over one global batch, for any TP x PP x DP x CP layout.
 
-The model is built on the meta device, cut into pipeline stages, tensor-parallelised,
-checkpointed/compiled, initialised (every parameter from its name, so all layouts start equal),
-and wrapped for data parallelism. `step()` runs the micro-batches through the pipeline schedule
-(or a plain accumulation loop when PP = 1), reduces gradients, clips and steps AdamW.
+The model is built on the meta device and `parallel.parallelize` cuts it into pipeline stages,
+tensor-parallelises, checkpoints and compiles them, materialises and initialises them (every
+parameter from its name, so all layouts start equal) and wraps them for data parallelism. `step()`
+runs the micro-batches through the pipeline schedule (or a plain accumulation loop when PP = 1),
+reduces gradients, clips and steps AdamW.
 
 The loss is the token mean over the whole global batch: every micro-batch contributes its summed
 token loss divided by the token count of the global batch (all DP ranks together). Data-parallel
