@@ -131,6 +131,16 @@ def run_for_help(target) -> None:
         sys.exit(getattr(importlib.import_module(module), function)())
 
 
+def _forget_script_neighbours() -> None:
+    """A script imports the files beside it as top-level modules (its folder first on sys.path);
+    left in sys.modules, `benchmarks/convert.py` would answer every later `import convert` here."""
+    folders = {(REPO / folder).resolve() for folder in SCRIPT_FOLDERS}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if "." not in name and path and Path(path).resolve().parent in folders:
+            del sys.modules[name]
+
+
 @functools.lru_cache(maxsize=None)
 def accepted_flags(target) -> frozenset[str]:
     """Every option string of every parser the entry point parses with, found by running its --help."""
@@ -151,6 +161,8 @@ def accepted_flags(target) -> frozenset[str]:
             code = 0
         except SystemExit as e:
             code = e.code
+        finally:
+            _forget_script_neighbours()
     assert code in (0, None), f"{target[1]} --help exited {code}: {err.getvalue()[-2000:]}"
     assert parsers and "usage:" in out.getvalue(), f"{target[1]} --help printed no usage"
     return frozenset(s for p in parsers for action in p._actions for s in action.option_strings)
