@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_mellama.checkpoint.hf import hf_config_dict  # noqa: E402
+from megatron_mellama.model.hf_format import hf_config_dict  # noqa: E402
 from megatron_mellama.config import parse_config  # noqa: E402
 from megatron_mellama.model.flops import parameter_count, training_flops_per_token  # noqa: E402
 from megatron_mellama.training.engine import Engine  # noqa: E402

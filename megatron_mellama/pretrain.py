@@ -17,7 +17,7 @@ import sys
 from .config import Config, ConfigError, as_given, build_parser, read_given, resolve, validate
 from .config.paths import prepare_output_paths
 from .errors import MellamaError
-from .model.flops import parameter_count, training_flops_per_token
+from .models import model_spec
 from .training.stop_signals import StopSignals
 
 PROG = "megatron_mellama.pretrain"
@@ -88,8 +88,8 @@ def describe(cfg: Config) -> str:
     heads = f"{m.num_attention_heads} heads" + (f" ({m.kv_heads} key/value)" if m.kv_heads != m.num_attention_heads else "")
     return (f"LLaMA2 {cfg.preset or 'custom'}: {m.num_layers} layers, hidden {m.hidden_size}, {heads}, "
             f"ffn {m.ffn_size}, vocab {m.padded_vocab_size}, sequence {cfg.seq_length}: "
-            f"{parameter_count(m) / 1e6:,.2f}M parameters, "
-            f"{training_flops_per_token(m, cfg.seq_length) / 1e6:,.1f} MFLOP per token (training)\n"
+            f"{model_spec().parameter_count(m) / 1e6:,.2f}M parameters, "
+            f"{model_spec().training_flops_per_token(m, cfg.seq_length) / 1e6:,.1f} MFLOP per token (training)\n"
             f"layout: TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x "
             f"DP {p.data_parallel_size}"
             f"{f' x CP {p.context_parallel_size}' if p.context_parallel_size > 1 else ''}"

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 
-from megatron_mellama.checkpoint.meta import half_to_interleaved, meta_to_ours  # noqa: E402
+from megatron_mellama.model.meta_format import half_to_interleaved, meta_to_ours  # noqa: E402
 from megatron_mellama.tools.hf_to_mellama import main as hf_to_mellama  # noqa: E402
 from megatron_mellama.tools.mellama_to_hf import main as mellama_to_hf  # noqa: E402
 
@@ -170,7 +170,7 @@ def test_meta_import_equals_hf_import(tmp_path):
 
 def test_meta_rope_layout_is_what_the_permutation_assumes():
     """Meta's interleaved-pair RoPE on Meta's q/k rows = rotate-half RoPE on the permuted rows."""
-    from megatron_mellama.checkpoint.meta import interleaved_to_half
+    from megatron_mellama.model.meta_format import interleaved_to_half
     from megatron_mellama.kernels.reference import apply_rotary
     from megatron_mellama.config import ModelConfig
     from megatron_mellama.model.llama import rotary_tables

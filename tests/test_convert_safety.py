@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from test_convert import MHA, hf_tensors, make_hf  # noqa: E402
 
 from megatron_mellama.checkpoint.convert import export_checkpoint, import_checkpoint  # noqa: E402
-from megatron_mellama.checkpoint.hf import model_config_from_hf  # noqa: E402
+from megatron_mellama.model.hf_format import model_config_from_hf  # noqa: E402
 from megatron_mellama.checkpoint.sources import ConvertError, HFSource  # noqa: E402
 from megatron_mellama.tools.hf_to_mellama import main as hf_to_mellama  # noqa: E402
 from megatron_mellama.tools.mellama_to_hf import main as mellama_to_hf  # noqa: E402

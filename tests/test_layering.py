@@ -7,6 +7,7 @@ The layers, bottom first (a module imports its own layer and those below it, nev
     config, torch_private       the run's configuration; the private torch names, read in one place
     kernels, model              the operations and their backends; the LLaMA model
     parallel                    meshes, FSDP/TP/PP/CP applied to a model
+    models                      each model family described once (model, layout, name maps, FLOPs)
     data                        tokenizers, indexed corpora, datasets, the loader
     checkpoint, evaluation      saving, resuming and converting; scoring tasks
     training                    the engine and the loop
@@ -28,6 +29,7 @@ LAYERS = [
     {"config", "torch_private"},
     {"kernels", "model"},
     {"parallel"},
+    {"models"},
     {"data"},
     {"checkpoint", "evaluation"},
     {"training"},

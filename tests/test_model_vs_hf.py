@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from megatron_mellama.checkpoint.hf import from_hf_name, hf_config_dict, model_config_from_hf, to_hf_name
+from megatron_mellama.model.hf_format import from_hf_name, hf_config_dict, model_config_from_hf, to_hf_name
 from megatron_mellama.model import build_model
 
 CONFIGS = [

@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noq
 
 from checkpoint_harness import copy_checkpoint, edit_train_state, load_with  # noqa: E402
 from engine_harness import TINY  # noqa: E402
-from megatron_mellama.checkpoint.hf import hf_config_dict, model_config_from_hf  # noqa: E402
+from megatron_mellama.model.hf_format import hf_config_dict, model_config_from_hf  # noqa: E402
 from megatron_mellama.checkpoint.layout import CheckpointError  # noqa: E402
 from megatron_mellama.checkpoint.manager import CheckpointManager  # noqa: E402
 from megatron_mellama.config import ConfigError, parse_config  # noqa: E402

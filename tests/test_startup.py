@@ -11,7 +11,7 @@ import torch.distributed.checkpoint as dcp
 from checkpoint_harness import poison
 from engine_harness import TINY, global_batches, micro_batches_of, spawn_gloo
 from megatron_mellama.checkpoint.convert import expected_shapes, import_checkpoint
-from megatron_mellama.checkpoint.hf import model_config_from_hf
+from megatron_mellama.model.hf_format import model_config_from_hf
 from megatron_mellama.checkpoint.layout import CheckpointError, write_latest, write_train_state
 from megatron_mellama.checkpoint.manager import CheckpointManager
 from megatron_mellama.checkpoint.resume import checkpoint_to_load

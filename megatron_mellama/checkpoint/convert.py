@@ -33,9 +33,8 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from tqdm import tqdm
 
 from ..config import Config, ModelConfig
-from ..model import meta_model
+from ..models import model_spec
 from . import checksums
-from .hf import hf_config_dict, model_config_from_hf, to_hf_name
 from .layout import TRAIN_STATE, checkpoint_dir, latest_iteration, write_latest, write_train_state
 from .trained_tokenizer import check_tokenizer_file
 from .reader import ShardReader
@@ -48,7 +47,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    return {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()}
+    return {k: tuple(v.shape) for k, v in model_spec().meta_model(cfg).state_dict().items()}
 
 
 def _check_names(where: str, have: dict[str, tuple], want: dict[str, tuple]) -> None:
@@ -176,7 +175,7 @@ def import_checkpoint(source, save: str, dtype: str = "keep", progress: bool = T
     loads it into fp32 master weights exactly (DCP copies into the destination's dtype), so an fp32
     copy would only double the bytes written and read at every start."""
     try:
-        cfg = model_config_from_hf(source.hf_config)
+        cfg = model_spec().hf.config_from_hf(source.hf_config)
     except (KeyError, ValueError) as exc:
         raise ConvertError(f"config: {exc.args[0] if isinstance(exc, ValueError) else f'missing {exc}'}") from None
     _check_names("source", source.shapes, expected_shapes(cfg))
@@ -261,7 +260,7 @@ def _safetensors_header(names: list[str], shapes: dict, dtype: dict) -> tuple[by
     entries, offset = {}, 0
     for name in names:
         n = torch.Size(shapes[name]).numel() * dtype[name].itemsize
-        entries[to_hf_name(name)] = dict(dtype=_SAFETENSORS_NAMES[dtype[name]], shape=list(shapes[name]),
+        entries[model_spec().hf.to_hf_name(name)] = dict(dtype=_SAFETENSORS_NAMES[dtype[name]], shape=list(shapes[name]),
                                          data_offsets=[offset, offset + n])
         offset += n
     header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
@@ -320,17 +319,17 @@ def _export_into(hf_dir, reader, ckpt, cfg, meta, names, shapes, out, nbytes, sh
                     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException only
                         err = _unwrap(exc)
                         raise ConvertError(f"{ckpt}: cannot read {name} ({err})") from None
-                    t = _cast(t[:shapes[name][0]], out[name], to_hf_name(name)).contiguous()
+                    t = _cast(t[:shapes[name][0]], out[name], model_spec().hf.to_hf_name(name)).contiguous()
                     fh.write(memoryview(t.view(torch.uint8).numpy()))
                     bar.update(t.nbytes)
                     del t
-                    weight_map[to_hf_name(name)] = file
+                    weight_map[model_spec().hf.to_hf_name(name)] = file
                 fh.flush()
                 os.fsync(fh.fileno())
     finally:
         bar.close()
     torch_dtype = _DTYPE_NAMES[out["embed_tokens.weight"]]
-    config = dict(hf_config_dict(cfg), vocab_size=cfg.vocab_size, torch_dtype=torch_dtype, bos_token_id=1,
+    config = dict(model_spec().hf.config_to_hf(cfg), vocab_size=cfg.vocab_size, torch_dtype=torch_dtype, bos_token_id=1,
                   eos_token_id=2)
     _write_json(os.path.join(hf_dir, "config.json"), config)
     _write_json(os.path.join(hf_dir, "generation_config.json"), dict(bos_token_id=1, eos_token_id=2))

@@ -15,9 +15,8 @@ import struct
 
 import torch
 
-from .hf import from_hf_name
-from .meta import SKIPPED, hf_config_from_params, interleaved_to_half, meta_to_ours
 from ..errors import MellamaError
+from ..models import model_spec
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 # buffers older Hugging Face checkpoints saved; recomputed by every model
@@ -135,7 +134,7 @@ class HFSource:
         if hf_name.endswith(_HF_SKIPPED):
             return
         try:
-            name = from_hf_name(hf_name)
+            name = model_spec().hf.from_hf_name(hf_name)
         except KeyError as exc:
             raise ConvertError(f"{path}: {exc.args[0]}") from None
         if dtype is None or not dtype.is_floating_point:
@@ -180,10 +179,10 @@ class MetaSource:
         self._meta_names: dict[str, tuple[str, int | None]] = {}
         self.shapes, self.dtypes = {}, {}
         for meta_name, t in first.items():
-            if meta_name in SKIPPED:
+            if meta_name in model_spec().meta.skipped:
                 continue
             try:
-                name, dim = meta_to_ours(meta_name)
+                name, dim = model_spec().meta.to_ours(meta_name)
             except KeyError as exc:
                 raise ConvertError(f"{self.shards[0]}: {exc.args[0]}") from None
             shape = list(t.shape)
@@ -192,7 +191,7 @@ class MetaSource:
             self._meta_names[name] = (meta_name, dim)
             self.shapes[name], self.dtypes[name] = tuple(shape), t.dtype
         vocab = self.shapes["embed_tokens.weight"][0]
-        self.hf_config = hf_config_from_params(params, vocab)
+        self.hf_config = model_spec().meta.hf_config_from_params(params, vocab)
         self.names = list(self._meta_names)
 
     def source_name(self, name: str) -> str:
@@ -204,7 +203,7 @@ class MetaSource:
         w = torch.cat(parts, dim=dim) if dim is not None else parts[0]
         c = self.hf_config
         if name.endswith("q_proj.weight"):
-            w = interleaved_to_half(w, c["num_attention_heads"])
+            w = model_spec().meta.interleaved_to_half(w, c["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
-            w = interleaved_to_half(w, c["num_key_value_heads"])
+            w = model_spec().meta.interleaved_to_half(w, c["num_key_value_heads"])
         return w

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from ..config import ModelConfig
-from ..model import rope as rope_tables
+from . import rope as rope_tables
 
 _HF_PREFIX = "model."
 

@@ -44,11 +44,10 @@ from torch.distributed.tensor import DTensor
 
 from .. import kernels
 from ..config import Config, ConfigError
-from ..model import materialise, meta_model
+from ..models import model_spec
 from ..parallel.context import split_micro_batch
 from ..parallel.data import set_gradient_sync
 from ..parallel.mesh import Meshes, ParallelDims
-from ..parallel.parallelize import parallelize
 from ..parallel.pipeline import build_schedule, run_pipeline_step
 from .optim import LossScaler, build_lr_scheduler, build_optimizer, clip_grad_norm_
 
@@ -105,9 +104,11 @@ class Engine:
         kernels.configure(cfg.train.kernel_backend, self.device,
                           timing_shapes=kernels.run_shapes(cfg, self.dims.tp, param_dtype=param_dtype),
                           compiled=cfg.train.compile)
-        self.parts = parallelize(meta_model(cfg.model), cfg, self.dims, meshes, param_dtype=param_dtype,
-                                 materialise=functools.partial(materialise, cfg=cfg.model, device=self.device,
-                                                               seed=cfg.train.seed, initialise=initialise))
+        spec = model_spec()
+        self.parts = spec.parallelize(spec.meta_model(cfg.model), cfg, self.dims, meshes, param_dtype=param_dtype,
+                                      materialise=functools.partial(spec.materialise, cfg=cfg.model,
+                                                                    device=self.device, seed=cfg.train.seed,
+                                                                    initialise=initialise))
         self.modules = [part for _, part in self.parts]
 
         self.optimizer = build_optimizer(self.modules, cfg)

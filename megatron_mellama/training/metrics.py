@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..model.flops import training_flops_per_token
+from ..models import model_spec
 
 GIB = 2 ** 30
 
@@ -78,7 +78,7 @@ class MetricsLogger:
     def __init__(self, cfg, rank: int, world_size: int, device):
         self.cfg, self.rank, self.world_size = cfg, rank, max(world_size, 1)
         self.device = torch.device(device)
-        self.flops_per_token = training_flops_per_token(cfg.model, cfg.seq_length)
+        self.flops_per_token = model_spec().training_flops_per_token(cfg.model, cfg.seq_length)
         self.peak = peak_tflops(self.device)
         t = cfg.train
         self.total_iters = t.train_iters if t.train_iters is not None else t.train_samples // t.global_batch_size
