@@ -26,7 +26,9 @@ def control():
         return made[-1]
 
     yield make
-    for rc in made:
+    # last made first: each put its predecessor's handler in, so the first one's restore ends at the
+    # handlers the test started with
+    for rc in reversed(made):
         rc.restore_handlers()
 
 
