@@ -15,6 +15,25 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # OpenMP's threads spinning for cores the other worker holds (the tests' models are tiny)
     torch.set_num_threads(1)
 
+# Under xdist (--dist loadfile) the files that take minutes start first, so that no worker ends the
+# run alone on one of them; xdist itself would order the files by their number of tests, which puts
+# the quickstart examples (6 tests, minutes) last. A serial run keeps the alphabetical order.
+LONGEST_FIRST = ("test_pretrain_example.py", "test_memory_model.py", "test_kernels.py", "test_context_parallel.py",
+                 "test_checkpoint_safety.py", "test_plan_layout.py", "test_benchmarks.py", "test_training_run.py",
+                 "test_engine.py", "test_rope_scaling.py", "test_engine_device.py", "test_gpu_check.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's, read by its scheduler
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 _WORDS = ("the a of and to in is was with for on by patient patients clinical doctor nurse hospital "
           "disease treatment therapy dose trial study result results method model data language large "
           "small medical record report blood heart cancer risk care health test tests year years "
