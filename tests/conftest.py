@@ -14,6 +14,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # each xdist worker computes on one core: two workers with a thread per core each would leave
     # OpenMP's threads spinning for cores the other worker holds (the tests' models are tiny)
     torch.set_num_threads(1)
+    # and so do the processes its tests start (ranks, tools, dry runs), unless a test sets its own
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Under xdist (--dist loadfile) the files that take minutes start first, so that no worker ends the
 # run alone on one of them; xdist itself would order the files by their number of tests, which puts

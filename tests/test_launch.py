@@ -21,7 +21,8 @@ RECIPES = {"examples/me_llama/me_llama_13b.yaml": 64, "examples/me_llama/me_llam
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # as outside a job
+    # as outside a job, and with the thread count the scripts derive themselves
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "OMP_NUM_THREADS"}
     env.update(extra)
     return env
 
