@@ -112,8 +112,9 @@ def store_address() -> str:
     return f"file://{os.path.join(tempfile.gettempdir(), f'gloo-store-{uuid.uuid4().hex}')}"
 
 
-def _gloo_rank(rank: int, world: int, store: str, out_dir: str, body, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+def _gloo_rank(rank: int, world: int, store: str, out_dir: str, body, args: tuple, env: dict) -> None:
+    os.environ.clear()
+    os.environ.update(env, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
@@ -127,16 +128,31 @@ def _gloo_rank(rank: int, world: int, store: str, out_dir: str, body, args: tupl
     dist.destroy_process_group()
 
 
+# The modules every rank needs, imported once per test process by the server the ranks are forked
+# from; a spawned rank would import them anew (seconds of CPU per rank, per launch).
+RANK_PRELOAD = ["torch", "torch.distributed", "megatron_mellama.training.engine", "megatron_mellama.checkpoint.manager"]
+
+
+def launch_gloo(body, world: int, args: tuple, out_dir: str):
+    """`world` gloo processes running `body(rank, world, *args)`, not joined (torch's ProcessContext).
+
+    Each rank is a fresh process with no process group, forked from a server that has only imported
+    `RANK_PRELOAD`, and takes this process's environment as it is now."""
+    context = mp.get_context("forkserver")
+    # the server starts at the first launch and reads this once; OpenMP reads the thread count when
+    # torch is imported there: more threads than cores slow ranks that share a small machine
+    context.set_forkserver_preload(RANK_PRELOAD)
+    with mock.patch.dict(os.environ, OMP_NUM_THREADS="1"):
+        env = dict(os.environ)
+        return mp.start_processes(_gloo_rank, args=(world, store_address(), out_dir, body, args, env), nprocs=world,
+                                  join=False, start_method="forkserver")
+
+
 def spawn_gloo(body, world: int, args: tuple, out_dir: str) -> list:
     """`body(rank, world, *args)` in `world` gloo processes; returns each rank's result, in rank order.
 
-    `body` must be a module-level function (the processes are spawned)."""
-    # the ranks import torch, and OpenMP reads this, before `_gloo_rank` runs: more threads than cores
-    # slow ranks that share a small machine. The ranks copy the environment as they start, so the
-    # test process gets its own back at once.
-    with mock.patch.dict(os.environ, OMP_NUM_THREADS="1"):
-        ranks = mp.start_processes(_gloo_rank, args=(world, store_address(), out_dir, body, args), nprocs=world,
-                                   join=False, start_method="spawn")
+    `body` must be a module-level function (the ranks unpickle it by name)."""
+    ranks = launch_gloo(body, world, args, out_dir)
     while not ranks.join():
         pass
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]

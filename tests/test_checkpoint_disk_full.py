@@ -11,10 +11,9 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
-import torch.multiprocessing as mp
 
 from checkpoint_harness import load_with
-from engine_harness import TINY, _gloo_rank, store_address
+from engine_harness import TINY, launch_gloo
 from megatron_mellama.checkpoint import checksums, layout
 from megatron_mellama.checkpoint.layout import CheckpointError
 from megatron_mellama.checkpoint.manager import CheckpointManager
@@ -197,9 +196,7 @@ def _failing_rank(rank, world, argv):
 
 def _spawn_with_deadline(body, world: int, args: tuple, out_dir: str, seconds: float) -> list:
     """engine_harness.spawn_gloo, but a rank still running after `seconds` fails the test."""
-    with mock.patch.dict(os.environ, OMP_NUM_THREADS="1"):
-        ranks = mp.start_processes(_gloo_rank, args=(world, store_address(), out_dir, body, args), nprocs=world,
-                                   join=False, start_method="spawn")
+    ranks = launch_gloo(body, world, args, out_dir)
     deadline = time.monotonic() + seconds
     while not ranks.join(timeout=1):
         if time.monotonic() > deadline:
