@@ -192,6 +192,16 @@ def run_distributed_layouts(argvs: dict, world: int, steps: int, out_dir: str) -
     return {key: [r[key] for r in ranks] for key in argvs}
 
 
+def run_layouts_by_world(layouts: dict, steps: int, tmp_path_factory) -> dict:
+    """`run_distributed_layouts` over layouts of several world sizes, one launch per world size:
+    {key: every rank's results}, for `layouts` {key: (world size, argv)}."""
+    runs = {}
+    for world in sorted({world for world, _ in layouts.values()}):
+        argvs = {key: argv for key, (w, argv) in layouts.items() if w == world}
+        runs.update(run_distributed_layouts(argvs, world, steps, str(tmp_path_factory.mktemp(f"world{world}"))))
+    return runs
+
+
 def merged_params(results: list[dict]) -> dict:
     """The full model from every pipeline stage (all ranks of a stage hold the same full values)."""
     params = {}

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from checkpoint_harness import train_segment, train_segment_distributed
 from engine_harness import (TINY, assert_matches, reference, rel as _rel, run_distributed,
-                            run_distributed_layouts)
+                            run_layouts_by_world)
 from megatron_mellama.config import ConfigError, parse_config
 from megatron_mellama.kernels import documents
 from megatron_mellama.model import build_model
@@ -46,12 +46,9 @@ CASES = [(name, True) for name in LAYOUTS] + [("cp2", False), ("cp2-tp2-sp", Fal
 @pytest.fixture(scope="module")
 def layout_runs(tmp_path_factory):
     """Every case below, from one launch per world size: {(name, packed): every rank's results}."""
-    runs = {}
-    for world in sorted({world for world, _ in LAYOUTS.values()}):
-        argvs = {(name, packed): TINY + (PACKED if packed else []) + LAYOUTS[name][1]
-                 for name, packed in CASES if LAYOUTS[name][0] == world}
-        runs.update(run_distributed_layouts(argvs, world, STEPS, str(tmp_path_factory.mktemp(f"world{world}"))))
-    return runs
+    cases = {(name, packed): (LAYOUTS[name][0], TINY + (PACKED if packed else []) + LAYOUTS[name][1])
+             for name, packed in CASES}
+    return run_layouts_by_world(cases, STEPS, tmp_path_factory)
 
 
 @pytest.mark.slow

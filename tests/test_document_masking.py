@@ -10,7 +10,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine_harness import (TINY, assert_matches, global_batches, micro_batches_of, reference, rel as _rel,
-                            run_distributed_layouts)
+                            run_layouts_by_world)
 from megatron_mellama.config import ConfigError, parse_config
 from megatron_mellama.config.validate import ZERO_BUBBLE_TORCH, torch_at_least
 from megatron_mellama.data.datasets import build_datasets
@@ -161,11 +161,8 @@ def _runs_here(name: str) -> bool:
 @pytest.fixture(scope="module")
 def layout_runs(tmp_path_factory):
     """Every layout below, from one launch per world size: {name: every rank's results}."""
-    runs = {}
-    for world in sorted({world for world, _ in LAYOUTS.values()}):
-        argvs = {name: PACKED_TINY + flags for name, (w, flags) in LAYOUTS.items() if w == world and _runs_here(name)}
-        runs.update(run_distributed_layouts(argvs, world, STEPS, str(tmp_path_factory.mktemp(f"world{world}"))))
-    return runs
+    return run_layouts_by_world({name: (world, PACKED_TINY + flags) for name, (world, flags) in LAYOUTS.items()
+                                 if _runs_here(name)}, STEPS, tmp_path_factory)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from engine_harness import TINY, assert_matches, reference, rel as _rel, run_distributed, run_distributed_layouts
+from engine_harness import TINY, assert_matches, reference, rel as _rel, run_distributed, run_layouts_by_world
 from megatron_mellama.config import ConfigError, parse_config
 from megatron_mellama.config.validate import ZERO_BUBBLE_TORCH, torch_at_least
 from megatron_mellama.parallel.mesh import ParallelDims
@@ -37,11 +37,8 @@ def _runs_here(name: str) -> bool:
 @pytest.fixture(scope="module")
 def layout_runs(tmp_path_factory):
     """Every layout below, from one launch per world size: {name: every rank's results}."""
-    runs = {}
-    for world in sorted({world for world, _ in LAYOUTS.values()}):
-        argvs = {name: TINY + flags for name, (w, flags) in LAYOUTS.items() if w == world and _runs_here(name)}
-        runs.update(run_distributed_layouts(argvs, world, STEPS, str(tmp_path_factory.mktemp(f"world{world}"))))
-    return runs
+    return run_layouts_by_world({name: (world, TINY + flags) for name, (world, flags) in LAYOUTS.items()
+                                 if _runs_here(name)}, STEPS, tmp_path_factory)
 
 
 @pytest.mark.slow
