@@ -43,6 +43,8 @@ setup(
             "mellama-inspect-dataset=megatron_mellama.tools.inspect_dataset:main",
             "mellama-hf-to-mellama=megatron_mellama.tools.hf_to_mellama:main",
             "mellama-to-hf=megatron_mellama.tools.mellama_to_hf:main",
+            "mellama-megatron-to-mellama=megatron_mellama.tools.megatron_to_mellama:main",
+            "mellama-to-megatron=megatron_mellama.tools.mellama_to_megatron:main",
             "mellama-plan-layout=megatron_mellama.tools.plan_layout:main",
             "mellama-verify-checkpoint=megatron_mellama.tools.verify_checkpoint:main",
             "mellama-evaluate=megatron_mellama.tools.evaluate:main",
