@@ -166,8 +166,10 @@ class _StreamingPlanner(DefaultSavePlanner):
         return self._load(write_item.index.fqn)
 
 
-def import_checkpoint(source, save: str, dtype: str = "keep", progress: bool = True, overwrite: bool = False) -> str:
-    """Write `source` (sources.HFSource / MetaSource) as iteration 0 of our checkpoint root `save`.
+def import_checkpoint(source, save: str, dtype: str = "keep", progress: bool = True, overwrite: bool = False,
+                      provenance: dict | None = None) -> str:
+    """Write `source` (sources.HFSource / MetaSource, megatron.source.MegatronSource) as iteration 0 of
+    our checkpoint root `save`; `provenance` (where the weights came from) goes into train_state.json.
 
     `save` must be empty or absent unless `overwrite`; it is then replaced whole (see the module doc).
 
@@ -182,12 +184,12 @@ def import_checkpoint(source, save: str, dtype: str = "keep", progress: bool = T
     _check_target(save, "--save", overwrite, getattr(source, "dir", ""))
     out_dtype = {name: DTYPES.get(dtype, source.dtypes[name]) for name in source.names}
     with _Staged(save) as staged:
-        _import_into(source, staged.dir, cfg, out_dtype, progress)
+        _import_into(source, staged.dir, cfg, out_dtype, progress, provenance)
         staged.commit()
     return checkpoint_dir(save, 0)
 
 
-def _import_into(source, root: str, cfg: ModelConfig, out_dtype: dict, progress: bool) -> None:
+def _import_into(source, root: str, cfg: ModelConfig, out_dtype: dict, progress: bool, provenance: dict | None) -> None:
     ckpt = checkpoint_dir(root, 0)
     os.makedirs(ckpt)
     bar = _progress(sum(torch.Size(source.shapes[n]).numel() * source.dtypes[n].itemsize for n in source.names),
@@ -210,7 +212,8 @@ def _import_into(source, root: str, cfg: ModelConfig, out_dtype: dict, progress:
         raise _unwrap(exc) from None
     finally:
         bar.close()
-    write_train_state(ckpt, iteration=0, consumed_samples=0, config=Config(model=cfg))
+    write_train_state(ckpt, iteration=0, consumed_samples=0, config=Config(model=cfg),
+                      extra=dict(imported_from=provenance) if provenance else None)
     # as a training save does: checksums of every file, before `latest` names the checkpoint
     checksums.write_checksums(ckpt, checksums.checksum_files(ckpt, checksums.files_under(ckpt)))
     write_latest(root, 0)

@@ -50,19 +50,26 @@ def _mmap_load(path: str) -> dict:
         raise ConvertError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
 
 
-class _MappedFiles:
-    """torch.load(mmap=True) of `.bin`/`.pth` files, forgotten after `_REMAP_BYTES` were read through them."""
+class MappedFiles:
+    """torch.load(mmap=True) of `.bin`/`.pth` files, forgotten after `_REMAP_BYTES` were read through them.
 
-    def __init__(self):
+    `load(path)` maps a file (default: a weights-only torch.load); `get(path, name)` copies out one
+    tensor, `name` a key of the file's dict or a tuple of keys into nested dicts."""
+
+    def __init__(self, load=None):
+        self._load = load or _mmap_load
         self._open: dict[str, dict] = {}
         self._read = 0
 
-    def get(self, path: str, name: str) -> torch.Tensor:
+    def get(self, path: str, name) -> torch.Tensor:
         if path not in self._open:
-            self._open[path] = _mmap_load(path)
-        if name not in self._open[path]:
-            raise ConvertError(f"{path}: has no tensor {name}")
-        tensor = self._open[path][name].clone()  # a private copy: the mapping may be dropped next
+            self._open[path] = self._load(path)
+        found = self._open[path]
+        for key in name if isinstance(name, tuple) else (name,):
+            if not isinstance(found, dict) or key not in found:
+                raise ConvertError(f"{path}: has no tensor {'.'.join(map(str, name)) if isinstance(name, tuple) else name}")
+            found = found[key]
+        tensor = found.clone()  # a private copy: the mapping may be dropped next
         self._read += tensor.nbytes
         if self._read > _REMAP_BYTES:
             self._open.clear()
@@ -97,7 +104,7 @@ class HFSource:
     def __init__(self, hf_dir: str):
         self.dir = hf_dir
         self.hf_config = _read_json(os.path.join(hf_dir, "config.json"))
-        self._mapped = _MappedFiles()
+        self._mapped = MappedFiles()
         self._where: dict[str, tuple[str, str]] = {}  # our name -> (file, hf name)
         self.shapes: dict[str, tuple] = {}
         self.dtypes: dict[str, torch.dtype] = {}
@@ -174,7 +181,7 @@ class MetaSource:
         self.shards = sorted(glob.glob(os.path.join(meta_dir, "consolidated.*.pth")))
         if not self.shards:
             raise ConvertError(f"{meta_dir}: no consolidated.*.pth files")
-        self._mapped = _MappedFiles()
+        self._mapped = MappedFiles()
         first = _mmap_load(self.shards[0])
         self._meta_names: dict[str, tuple[str, int | None]] = {}
         self.shapes, self.dtypes = {}, {}

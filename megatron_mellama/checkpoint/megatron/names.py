@@ -28,6 +28,9 @@ FC2 = "mlp.linear_fc2.weight"
 INPUT_NORM = "input_layernorm.weight"
 MLP_NORM = "pre_mlp_layernorm.weight"
 LAYER_TENSORS = (INPUT_NORM, QKV, PROJ, MLP_NORM, FC1, FC2)
+# torch_dist with megatron-core's `singleton_local_shards`: fc1's gate and up halves as two keys
+FC1_GATE = FC1 + "_w"
+FC1_UP = FC1 + "_v"
 # canonical whole-model names
 EMBEDDING = "embedding.word_embeddings.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
@@ -46,6 +49,7 @@ EXTRA_STATE_TE = EXTRA_STATE_LOCAL + ("self_attention.core_attention",)
 
 _LAYER_ALIASES = {
     QKV: QKV, PROJ: PROJ, FC1: FC1, FC2: FC2, INPUT_NORM: INPUT_NORM, MLP_NORM: MLP_NORM,
+    FC1_GATE: FC1_GATE, FC1_UP: FC1_UP,
     TE_NAMES[INPUT_NORM]: INPUT_NORM, TE_NAMES[MLP_NORM]: MLP_NORM,
     # legacy
     "self_attention.query_key_value.weight": QKV, "attention.query_key_value.weight": QKV,
@@ -98,6 +102,7 @@ def ours(layer: int | None, name: str) -> list[str]:
     p = f"layers.{layer}."
     return {QKV: [p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"],
             PROJ: [p + "self_attn.o_proj.weight"], FC1: [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+            FC1_GATE: [p + "mlp.gate_proj.weight"], FC1_UP: [p + "mlp.up_proj.weight"],
             FC2: [p + "mlp.down_proj.weight"], INPUT_NORM: [p + "input_layernorm.weight"],
             MLP_NORM: [p + "post_attention_layernorm.weight"]}[name]
 
