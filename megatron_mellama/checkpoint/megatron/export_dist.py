@@ -10,13 +10,16 @@ The keys are layout-free (Megatron-LM reshards them at load to any TP/PP):
 - the layers stacked on a leading layer axis, `decoder.layers.<name>` (`names.dist_key`), stored as
   megatron-core stores them, one chunk per layer ([1, ...] at [layer, 0, ...]; fc1 as a gate chunk
   and an up chunk, its [gate; up] halves), so that one layer's tensor at a time is in memory;
-- one byte item per layer and module whose `_extra_state` the model asks for,
+- one byte item per layer and module whose `_extra_state` a model asks for,
   `decoder.layers.<module>._extra_state/shard_<layer>_<num_layers>` (megatron-core's ShardedObject
-  key, shared by the TP ranks), holding `torch.save([None])`: megatron-core's packing of an empty
-  extra state. None is what the local spec's layers and Transformer Engine (1.x and 2.x) load as
-  "no FP8 state". A Transformer Engine model also asks for its core attention's; a local-spec model
-  loads such a checkpoint too (the keys it does not ask for are ignored by Megatron-LM's default
-  strictness).
+  key, shared by the TP ranks), and `decoder.final_layernorm._extra_state/shard_0_1` (megatron-core
+  builds the final norm from Transformer Engine whenever it is installed, whatever the layer spec,
+  and TE 2's RMSNorm has an extra state). Each holds `torch.save([None])`, megatron-core's packing
+  of an empty extra state: None is what the local spec's layers and Transformer Engine (1.x and
+  2.x) load as "no FP8 state". The items are those of the Transformer Engine spec, a superset of
+  the local spec's: a model of either spec finds every key it asks for, and the keys it does not
+  ask for are ignored by Megatron-LM's default strictness (`--dist-ckpt-strictness
+  assume_ok_unexpected`).
 
 DCP plans the whole checkpoint from the write items (shapes alone) and asks the planner for each
 item's data when it writes it; each item goes to its own file, so DCP keeps none alive after it is
@@ -37,20 +40,20 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from ..convert import _progress, _unwrap
-from .names import EMBEDDING, EXTRA_STATE_LOCAL, EXTRA_STATE_TE, FC1, FINAL_NORM, LAYER_TENSORS, OUTPUT, dist_key, ours
+from .names import EMBEDDING, EXTRA_STATE_TE, FC1, FINAL_NORM, LAYER_TENSORS, OUTPUT, dist_key, ours
 
 # what megatron-core 0.16's dist_checkpointing.save writes beside the DCP files
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
                  "common_backend_version": 1}
 # what Megatron-LM's save_checkpoint records as content_metadata without a distributed optimizer
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+FINAL_NORM_EXTRA_STATE = "decoder.final_layernorm._extra_state/shard_0_1"
 
 
-def extra_state_keys(transformer_impl: str, num_layers: int) -> list[str]:
-    """The `_extra_state` byte items a model of that spec asks for."""
-    modules = EXTRA_STATE_TE if transformer_impl == "transformer_engine" else EXTRA_STATE_LOCAL
+def extra_state_keys(num_layers: int) -> list[str]:
+    """The `_extra_state` byte items a Transformer Engine spec model asks for (a superset of the local spec's)."""
     return [f"decoder.layers.{m}._extra_state/shard_{layer}_{num_layers}"
-            for layer in range(num_layers) for m in modules]
+            for layer in range(num_layers) for m in EXTRA_STATE_TE] + [FINAL_NORM_EXTRA_STATE]
 
 
 def empty_extra_state() -> io.BytesIO:
@@ -111,7 +114,7 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         return self._produce(write_item)
 
 
-def write_torch_dist(source, iteration_dir: str, common: dict, transformer_impl: str, progress: bool) -> None:
+def write_torch_dist(source, iteration_dir: str, common: dict, progress: bool) -> None:
     """Write our checkpoint (`source`, an export.OurTensors) as a torch_dist iteration directory."""
     chunks = {}
     items = []
@@ -121,7 +124,7 @@ def write_torch_dist(source, iteration_dir: str, common: dict, transformer_impl:
         items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
             chunk=ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)),
             properties=TensorProperties(dtype=source.dtype), size=torch.Size(c.global_size))))
-    extra = extra_state_keys(transformer_impl, source.cfg.num_layers)
+    extra = extra_state_keys(source.cfg.num_layers)
     items += [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in extra]
     total = sum(torch.Size(c.sizes).numel() for c in chunks.values()) * source.dtype.itemsize
     bar = _progress(total, "export", progress)
