@@ -202,8 +202,38 @@ def scheduler_state(spec: dict) -> dict:
             "wd_incr_steps": 1000 * 8}
 
 
+def adam_after_one_step(chunks: list, seed: int):
+    """A torch AdamW over the chunks' parameters holding the state of one step; its step is taken at
+    learning rate 0 (the weights stay exactly as they are) and the rate set afterwards."""
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    adam = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = 1e-3 * torch.randn(p.shape, generator=g)
+    adam.step()
+    for p in params:
+        p.grad = None
+    for group in adam.param_groups:
+        group["lr"] = 3e-4
+    return adam
+
+
+def sharded_optimizer_state(chunks: list, model_state: dict, seed: int) -> dict:
+    """megatron-core's FP32Optimizer.sharded_state_dict (the non-distributed optimizer of an fp32
+    run): `optimizer.state.exp_avg.<parameter key>` tensors sharded as the parameters.
+    Its constructor allocates a CUDA scalar the sharded state does not use, so it is skipped."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    optimizer = object.__new__(FP32Optimizer)
+    optimizer.optimizer = adam_after_one_step(chunks, seed)
+    optimizer.config = OptimizerConfig(optimizer="adam", lr=3e-4, params_dtype=torch.float32)
+    optimizer.init_state_fn = None
+    return optimizer.sharded_state_dict(model_state, metadata=sharded_metadata())
+
+
 def save_torch_dist(spec: dict, chunks: list, iteration_dir: str) -> None:
-    """What save_checkpoint hands dist_checkpointing.save for ckpt_format torch_dist (no optimizer)."""
+    """What save_checkpoint hands dist_checkpointing.save for ckpt_format torch_dist."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -211,6 +241,7 @@ def save_torch_dist(spec: dict, chunks: list, iteration_dir: str) -> None:
     state = {"args": megatron_args(spec), "checkpoint_version": 3.0, "iteration": spec["iteration"]}
     for key, chunk in zip(model_keys(chunks), chunks):
         state[key] = chunk.sharded_state_dict(metadata=sharded_metadata())
+    state["optimizer"] = sharded_optimizer_state(chunks, state, spec["seed"])
     state["opt_param_scheduler"] = scheduler_state(spec)
     state["rng_state"] = ShardedObject(
         "rng_state", [rng_state()], (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
@@ -227,7 +258,8 @@ def save_torch(spec: dict, chunks: list, iteration_dir: str) -> None:
     from megatron_torch_format import rank_file_name, torch_format_state
 
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    state = torch_format_state(spec, megatron_args(spec), chunks, model_keys(chunks), rng_state(),
+    optimizer = adam_after_one_step(chunks, spec["seed"]).state_dict()
+    state = torch_format_state(spec, megatron_args(spec), chunks, model_keys(chunks), optimizer, rng_state(),
                                scheduler_state(spec))
     path = os.path.join(iteration_dir, rank_file_name(tp_rank, pp_rank, spec["pp"] > 1))
     os.makedirs(os.path.dirname(path), exist_ok=True)

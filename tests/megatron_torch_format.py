@@ -125,23 +125,14 @@ def named_model_state(chunk, names: str, extra_state: str) -> dict:
     return mcore_names(state, extra_state)
 
 
-def optimizer_state(chunks: list, seed: int) -> dict:
-    """A torch AdamW state after one step on copies of the rank's parameters (FP32Optimizer.state_dict)."""
-    g = torch.Generator().manual_seed(seed)
-    params = [p.detach().clone().requires_grad_(True) for chunk in chunks for p in chunk.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    for p in params:
-        p.grad = 1e-3 * torch.randn(p.shape, generator=g)
-    optimizer.step()
-    return optimizer.state_dict()
-
-
-def torch_format_state(spec: dict, args, chunks: list, model_keys: list, rng_state: dict, scheduler: dict) -> dict:
-    """generate_state_dict's dictionary for ckpt_format torch, as save_checkpoint torch.saves it."""
+def torch_format_state(spec: dict, args, chunks: list, model_keys: list, optimizer: dict, rng_state: dict,
+                       scheduler: dict) -> dict:
+    """generate_state_dict's dictionary for ckpt_format torch, as save_checkpoint torch.saves it
+    (`optimizer`: the FP32Optimizer's state_dict, which is its torch optimizer's)."""
     state = {"args": args, "checkpoint_version": 3.0, "iteration": spec["iteration"]}
     for key, chunk in zip(model_keys, chunks):
         state[key] = named_model_state(chunk, spec["names"], spec["extra_state"])
-    state["optimizer"] = optimizer_state(chunks, spec["seed"])
+    state["optimizer"] = optimizer
     state["opt_param_scheduler"] = scheduler
     state["rng_state"] = [rng_state]
     state["num_floating_point_operations_so_far"] = 1.5e12 * spec["iteration"]
