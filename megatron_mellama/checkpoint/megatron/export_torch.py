@@ -28,6 +28,9 @@ from .names import (EMBEDDING, EXTRA_STATE_LOCAL, EXTRA_STATE_TE, FINAL_NORM, LA
                     TP_SPLIT)
 
 
+OUTPUT_MODULE = "output_layer."
+
+
 def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
     """Megatron-LM's get_checkpoint_name folder of a model-parallel rank."""
     return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
@@ -77,7 +80,8 @@ def write_torch(source, iteration_dir: str, common: dict, tp: int, pp: int, tran
                 model = {}
                 for key, layer, name in rank_names(cfg.num_layers, p, pp, transformer_impl):
                     if name is None:
-                        model[key] = _extra_state(transformer_impl)
+                        # the output layer is megatron-core's own linear layer in either spec
+                        model[key] = None if key.startswith(OUTPUT_MODULE) else _extra_state(transformer_impl)
                         continue
                     # a share is a view of the whole tensor: clone it, or torch.save writes the whole storage
                     model[key] = split_tp(name, source.canonical(layer, name), tp, t).clone()
