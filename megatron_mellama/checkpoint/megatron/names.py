@@ -9,8 +9,9 @@ A Megatron-LM checkpoint names the same LLaMA tensor in one of several ways:
   with a leading layer axis);
 - the legacy model (before megatron-core): `language_model.embedding.word_embeddings.weight`,
   `language_model.encoder.layers.3.self_attention.query_key_value.weight` (`transformer` and
-  `attention` in older code), `dense`, `dense_h_to_4h`, `dense_4h_to_h`, `post_attention_layernorm`,
-  `final_layernorm` / `final_norm`, `language_model.output_layer.weight`.
+  `attention` in older code), `dense`, `dense_h_to_4h`, `dense_4h_to_h`, the norms
+  `input_layernorm` / `post_attention_layernorm` / `final_layernorm` (`input_norm` /
+  `post_attention_norm` / `final_norm` from 2023-09), `language_model.output_layer.weight`.
 `canonical()` maps each to (layer or None, one canonical name); `_extra_state` (Transformer Engine's
 FP8 bookkeeping, None without FP8) carries no weights and is skipped. Any other tensor (a bias, a
 learned position embedding, an expert) is refused by the caller, naming it.
@@ -56,6 +57,8 @@ _LAYER_ALIASES = {
     "self_attention.dense.weight": PROJ, "attention.dense.weight": PROJ,
     "mlp.dense_h_to_4h.weight": FC1, "mlp.dense_4h_to_h.weight": FC2,
     "post_attention_layernorm.weight": MLP_NORM,
+    # the legacy model's names from its RMSNorm support (2023-09) on
+    "input_norm.weight": INPUT_NORM, "post_attention_norm.weight": MLP_NORM,
 }
 _TOP_ALIASES = {
     EMBEDDING: EMBEDDING, FINAL_NORM: FINAL_NORM, OUTPUT: OUTPUT,
