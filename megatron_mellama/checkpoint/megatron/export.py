@@ -81,8 +81,12 @@ class OurTensors:
     def padded_rows(self, t: torch.Tensor) -> torch.Tensor:
         """`t` (our embedding or output layer, possibly padded to our own multiple) as the vocabulary's
         rows followed by zero rows up to Megatron-LM's padded size."""
-        vocab = self.cfg.vocab_size
-        out = t.new_zeros((self.padded_vocab_size,) + tuple(t.shape[1:]))
+        vocab, padded = self.cfg.vocab_size, self.padded_vocab_size
+        if t.shape[0] >= padded:  # `t` is this export's own copy: zero its padding in place
+            t = t[:padded]
+            t[vocab:] = 0
+            return t
+        out = t.new_zeros((padded,) + tuple(t.shape[1:]))
         out[:vocab] = t[:vocab]
         return out
 
