@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from engine_harness import spawn_gloo
 
-SAVED_ITEMS = ("args", "checkpoint_version", "iteration", "opt_param_scheduler", "num_floating_point_operations_so_far")
 # what a Megatron-LM torch_dist checkpoint holds besides the model (a model-only load leaves them)
 NON_MODEL_KEYS = ("rng_state", "optimizer.", "rerun_state_machine")
 # Megatron-LM's content metadata of a save without a distributed optimizer (_build_sharded_state_dict_metadata)
@@ -34,13 +33,13 @@ CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix
 
 @dataclasses.dataclass
 class MegatronCheckpoint:
-    root: str
-    iteration_dir: str
-    tokens: torch.Tensor
-    logits: torch.Tensor
-    vocab_size: int
+    root: str                  # what Megatron-LM's --save names
+    iteration_dir: str         # root/iter_0000007 or root/release
+    tokens: torch.Tensor       # [2, 16] int64, the inputs of `logits`
+    logits: torch.Tensor       # [2, 16, padded_vocab_size] float32, megatron-core's TP1 PP1 forward
+    vocab_size: int            # the tokenizer's; rows beyond it are Megatron's padding
     padded_vocab_size: int
-    args: argparse.Namespace
+    args: argparse.Namespace   # as saved
 
 
 @contextlib.contextmanager
@@ -243,9 +242,9 @@ def save_torch_dist(spec: dict, chunks: list, iteration_dir: str) -> None:
         state[key] = chunk.sharded_state_dict(metadata=sharded_metadata())
     state["optimizer"] = sharded_optimizer_state(chunks, state, spec["seed"])
     state["opt_param_scheduler"] = scheduler_state(spec)
+    grid = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
     state["rng_state"] = ShardedObject(
-        "rng_state", [rng_state()], (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
-        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        "rng_state", [rng_state()], grid, (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
     state["num_floating_point_operations_so_far"] = 1.5e12 * spec["iteration"]
     dist_checkpointing.save(state, iteration_dir, content_metadata=dict(CONTENT_METADATA))
@@ -351,15 +350,20 @@ def _logits_rank(rank: int, world: int, spec: dict, iteration_dir: str, tokens: 
 
 def megatron_logits(iteration_dir, tokens, **model_kwargs) -> torch.Tensor:
     """megatron-core's own logits of a torch_dist iteration folder: a TP1 PP1 GPTModel of
-    `model_kwargs` (write_megatron_checkpoint's names; the padded vocabulary from
-    `padded_vocab_size`, else the folder's saved args, else vocab_size at TP1) loaded strictly."""
+    `model_kwargs` (write_megatron_checkpoint's names, those that do not shape the model ignored;
+    the padded vocabulary from `padded_vocab_size`, else the folder's saved args, else vocab_size
+    at `tp`) loaded strictly: every key the model asks for must be there, and nothing else but
+    the optimizer and RNG state."""
     defaults = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
                     vocab_size=100, make_vocab_size_divisible_by=16, max_position_embeddings=64, rotary_base=10000,
                     norm_epsilon=1e-5, tp=1)
-    unknown = set(model_kwargs) - set(defaults) - {"padded_vocab_size", "seq_length"}
+    # write_megatron_checkpoint's other arguments may come along; they do not shape the model
+    ignored = {"padded_vocab_size", "seq_length", "fmt", "pp", "vp", "names", "extra_state", "epsilon_arg", "release",
+               "iteration", "seed", "args_overrides"}
+    unknown = set(model_kwargs) - set(defaults) - ignored
     if unknown:
         raise TypeError(f"megatron_logits: unknown arguments {sorted(unknown)}")
-    spec = dict(defaults, **model_kwargs)
+    spec = dict(defaults, **{k: v for k, v in model_kwargs.items() if k in defaults or k == "padded_vocab_size"})
     if "padded_vocab_size" not in spec:
         common = os.path.join(iteration_dir, "common.pt")
         saved = torch.load(common, weights_only=False).get("args") if os.path.exists(common) else None

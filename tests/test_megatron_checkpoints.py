@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
+from torch.multiprocessing import ProcessExitedException
 
 from megatron_checkpoints import megatron_logits, write_megatron_checkpoint
 
@@ -36,11 +37,17 @@ def dist_root(tmp_path_factory):
     return write_megatron_checkpoint(str(tmp_path_factory.mktemp("dist") / "megatron"), tp=2, pp=2)
 
 
-def test_tp1_torch_dist_root_loads_back_with_the_reference_logits(tmp_path):
-    ckpt = write_megatron_checkpoint(str(tmp_path / "megatron"), release=True,
+@pytest.fixture(scope="module")
+def tp1_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp1") / "megatron"
+    return write_megatron_checkpoint(str(root), release=True,
                                      args_overrides={"normalization": "LayerNorm", "swiglu": False})
-    assert open(tmp_path / "megatron" / "latest_checkpointed_iteration.txt").read() == "release"
-    assert ckpt.iteration_dir == str(tmp_path / "megatron" / "release")
+
+
+def test_tp1_torch_dist_root_loads_back_with_the_reference_logits(tp1_root):
+    ckpt = tp1_root
+    assert open(os.path.join(ckpt.root, "latest_checkpointed_iteration.txt")).read() == "release"
+    assert ckpt.iteration_dir == os.path.join(ckpt.root, "release")
     assert ckpt.padded_vocab_size == 112 and ckpt.logits.shape == (2, 16, 112)
     assert ckpt.tokens.shape == (2, 16) and int(ckpt.tokens.max()) < 100
     assert ckpt.args.layernorm_epsilon == 1e-5 and not hasattr(ckpt.args, "norm_epsilon")
@@ -50,6 +57,11 @@ def test_tp1_torch_dist_root_loads_back_with_the_reference_logits(tmp_path):
     assert rel_diff(logits, ckpt.logits) <= 1e-5
     # the reference is not a trivial function of the tokens: other tokens give other logits
     assert rel_diff(megatron_logits(ckpt.iteration_dir, ckpt.tokens.flip(1)), ckpt.logits) > 0.1
+
+
+def test_megatron_logits_refuses_a_checkpoint_without_every_key_the_model_asks_for(tp1_root):
+    with pytest.raises(ProcessExitedException):  # a fifth layer, which the checkpoint does not hold
+        megatron_logits(tp1_root.iteration_dir, tp1_root.tokens, num_layers=5)
 
 
 @pytest.mark.slow
