@@ -336,6 +336,16 @@ def test_transformer_engine_names_are_megatron_cores_te_spec(ours):
     assert model["decoder.layers.0.self_attention.linear_qkv._extra_state"].dtype == torch.uint8
     assert model["decoder.layers.0.self_attention.linear_qkv.weight"].shape == (64, 64)  # one query group of two
     assert model["output_layer._extra_state"] is None
+    # torch_dist holds every key a TE spec model asks for: its layers' tensors stacked, an extra state
+    # per layer, and the final norm's (TE's RMSNorm) weight and extra state
+    iteration_dir = os.path.join(export(ours, "dist-te", "--tensor-model-parallel-size", "1"), "iter_0000000")
+    stored = dcp.FileSystemReader(iteration_dir).read_metadata().state_dict_metadata
+    for key in te_layer:
+        if key.endswith("._extra_state"):
+            assert all(f"decoder.layers.{key}/shard_{layer}_{LAYERS}" in stored for layer in range(LAYERS)), key
+        else:
+            assert list(stored[f"decoder.layers.{key}"].size)[0] == LAYERS, key
+    assert "decoder.final_layernorm.weight" in stored and "decoder.final_layernorm._extra_state/shard_0_1" in stored
 
 
 # -- refusals and the command ----------------------------------------------------------------------
@@ -359,6 +369,43 @@ def test_refusals_are_one_line(ours, tmp_path, capsys):
         assert says in err and "\n" not in err and "Traceback" not in err, err
     assert os.listdir(full) == ["something"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staged folder left behind
+
+
+def _make_deep(hf_dir: str, save: str) -> None:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(tie_word_embeddings=False, num_hidden_layers=24, hidden_size=512, num_attention_heads=8,
+                                   num_key_value_heads=2, intermediate_size=1408, vocab_size=1000)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
+    assert hf_to_mellama(["--hf-dir", hf_dir, "--save", save, "--no-progress"]) == 0
+
+
+MEASURE = """
+import resource, subprocess, sys
+code = "import sys; sys.path.insert(0, sys.argv[1]); from megatron_mellama.tools.mellama_to_megatron import main; " \\
+       "from megatron_mellama.checkpoint.megatron import export_dist; sys.exit(main(sys.argv[2:]) if sys.argv[2:] else 0)"
+subprocess.run([sys.executable, "-c", code, *sys.argv[1:]], check=True)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def _peak_rss_kib(*argv) -> int:
+    # a fresh parent per measurement: RUSAGE_CHILDREN's peak is the largest over all its children
+    run = subprocess.run([sys.executable, "-c", MEASURE, str(REPO), *argv], capture_output=True, text=True, check=True)
+    return int(run.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_torch_dist_export_holds_one_tensor_at_a_time(tmp_path):
+    """The export's peak memory over the bare import of the package stays near the largest tensor
+    (here fc1's gate, 2.8 MiB; a 24-layer, 220 MiB checkpoint), far from the checkpoint's size."""
+    _make_deep(str(tmp_path / "hf"), str(tmp_path / "ours"))
+    size = sum(f.stat().st_size for f in (tmp_path / "ours").rglob("*.distcp"))
+    assert size > 200 * 2**20
+    base = _peak_rss_kib()
+    peak = _peak_rss_kib("--load", str(tmp_path / "ours"), "--save", str(tmp_path / "mg"),
+                         "--tensor-model-parallel-size", "2", "--no-progress")
+    assert (tmp_path / "mg" / "iter_0000000" / "common.pt").is_file()
+    assert (peak - base) * 1024 < size / 4, (base, peak, size)
 
 
 def test_help_and_the_runnable_script(ours, tmp_path):
