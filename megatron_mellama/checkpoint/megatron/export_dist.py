@@ -28,6 +28,7 @@ written.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -63,36 +64,41 @@ def empty_extra_state() -> io.BytesIO:
     return buf
 
 
+@dataclasses.dataclass
 class _Chunk:
-    """One stored chunk: canonical tensor (`layer`, `name`) or, for fc1, its gate or up half."""
+    """One stored chunk: canonical tensor (`layer`, `name`) whole, or fc1's gate or up half (`half`)."""
 
-    def __init__(self, key, layer, name, half, global_size, offsets, sizes):
-        self.key, self.layer, self.name, self.half = key, layer, name, half
-        self.global_size, self.offsets, self.sizes = global_size, offsets, sizes
+    key: str
+    layer: int | None
+    name: str
+    global_size: tuple
+    offsets: tuple
+    sizes: tuple
+    half: int | None = None
 
 
 def plan_chunks(source) -> list[_Chunk]:
-    """Every tensor chunk of the checkpoint, in the model's order."""
-    cfg = source.cfg
-    chunks = [_Chunk(EMBEDDING, None, EMBEDDING, None, source.shape(None, EMBEDDING), None, None)]
-    for layer in range(cfg.num_layers):
+    """Every tensor chunk of the checkpoint, in the model's order: whole-model tensors in one chunk,
+    layer tensors in one chunk per layer (fc1 in two, its gate rows then its up rows)."""
+    num_layers = source.cfg.num_layers
+
+    def whole(name):
+        size = source.shape(None, name)
+        return _Chunk(name, None, name, size, (0,) * len(size), size)
+
+    chunks = [whole(EMBEDDING)]
+    for layer in range(num_layers):
         for name in LAYER_TENSORS:
             shape = source.shape(layer, name)
-            global_size = (cfg.num_layers,) + shape
+            zeros = (0,) * (len(shape) - 1)
             if name == FC1:
-                half = shape[0] // 2
-                for i, which in enumerate(("gate", "up")):
-                    chunks.append(_Chunk(dist_key(name), layer, name, which, global_size,
-                                         (layer, i * half) + (0,) * (len(shape) - 1), (1, half) + shape[1:]))
+                rows = shape[0] // 2
+                chunks += [_Chunk(dist_key(name), layer, name, (num_layers,) + shape, (layer, half * rows) + zeros,
+                                  (1, rows) + shape[1:], half) for half in (0, 1)]
             else:
-                chunks.append(_Chunk(dist_key(name), layer, name, None, global_size,
-                                     (layer,) + (0,) * len(shape), (1,) + shape))
-    for name in (FINAL_NORM, OUTPUT):
-        chunks.append(_Chunk(name, None, name, None, source.shape(None, name), None, None))
-    for c in chunks:
-        if c.offsets is None:
-            c.offsets, c.sizes = (0,) * len(c.global_size), c.global_size
-    return chunks
+                chunks.append(_Chunk(dist_key(name), layer, name, (num_layers,) + shape, (layer, 0) + zeros,
+                                     (1,) + shape))
+    return chunks + [whole(FINAL_NORM), whole(OUTPUT)]
 
 
 class _StreamingSavePlanner(DefaultSavePlanner):
@@ -133,10 +139,8 @@ def write_torch_dist(source, iteration_dir: str, common: dict, progress: bool) -
         if item.type == WriteItemType.BYTE_IO:
             return empty_extra_state()
         c = chunks[(item.index.fqn, tuple(item.index.offset))]
-        if c.half is None:
-            t = source.canonical(c.layer, c.name)
-        else:
-            t = source.read(ours(c.layer, FC1)[("gate", "up").index(c.half)])
+        # fc1's halves are our gate_proj and up_proj, read alone
+        t = source.canonical(c.layer, c.name) if c.half is None else source.read(ours(c.layer, FC1)[c.half])
         if c.layer is not None:
             t = t.unsqueeze(0)
         bar.update(t.nbytes)
