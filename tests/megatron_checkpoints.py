@@ -238,16 +238,22 @@ def save_torch_dist(spec: dict, chunks: list, iteration_dir: str) -> None:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     state = {"args": megatron_args(spec), "checkpoint_version": 3.0, "iteration": spec["iteration"]}
+    # singleton_local_shards: per-layer keys, fc1's halves as `_w` / `_v` (a model-only save: the
+    # optimizer's sharded state follows the model's metadata)
+    singleton = spec.get("singleton_local_shards", False)
+    metadata = dict(sharded_metadata(), singleton_local_shards=singleton)
     for key, chunk in zip(model_keys(chunks), chunks):
-        state[key] = chunk.sharded_state_dict(metadata=sharded_metadata())
-    state["optimizer"] = sharded_optimizer_state(chunks, state, spec["seed"])
+        state[key] = chunk.sharded_state_dict(metadata=metadata)
+    if not singleton:
+        state["optimizer"] = sharded_optimizer_state(chunks, state, spec["seed"])
     state["opt_param_scheduler"] = scheduler_state(spec)
     grid = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
     state["rng_state"] = ShardedObject(
         "rng_state", [rng_state()], grid, (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
     state["num_floating_point_operations_so_far"] = 1.5e12 * spec["iteration"]
-    dist_checkpointing.save(state, iteration_dir, content_metadata=dict(CONTENT_METADATA))
+    dist_checkpointing.save(state, iteration_dir, content_metadata=dict(CONTENT_METADATA,
+                                                                        singleton_local_shards=singleton))
 
 
 def save_torch(spec: dict, chunks: list, iteration_dir: str) -> None:
@@ -301,7 +307,7 @@ def write_megatron_checkpoint(root, *, fmt="torch_dist", tp=1, pp=1, vp=None, na
                               hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
                               vocab_size=100, make_vocab_size_divisible_by=16, seq_length=16,
                               max_position_embeddings=64, rotary_base=10000, norm_epsilon=1e-5, seed=0,
-                              args_overrides=None) -> MegatronCheckpoint:
+                              args_overrides=None, singleton_local_shards=False) -> MegatronCheckpoint:
     """A Megatron-LM checkpoint root of a tiny LLaMA-style model, as save_checkpoint writes it."""
     if fmt not in ("torch_dist", "torch"):
         raise ValueError(f"fmt {fmt!r}: torch_dist or torch")
@@ -322,7 +328,7 @@ def write_megatron_checkpoint(root, *, fmt="torch_dist", tp=1, pp=1, vp=None, na
                 make_vocab_size_divisible_by=make_vocab_size_divisible_by, seq_length=seq_length,
                 max_position_embeddings=max_position_embeddings, rotary_base=rotary_base, norm_epsilon=norm_epsilon,
                 seed=seed, args_overrides=dict(args_overrides or {}), root=root, iteration_dir=iteration_dir,
-                tokens=tokens.tolist())
+                tokens=tokens.tolist(), singleton_local_shards=singleton_local_shards)
     with tempfile.TemporaryDirectory(prefix="megatron-reference-") as work:
         scratch, out = os.path.join(work, "reference"), os.path.join(work, "ranks")
         for folder in (scratch, out, iteration_dir):

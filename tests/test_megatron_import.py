@@ -78,9 +78,13 @@ def test_without_a_tokenizer_every_padded_row_is_kept(tmp_path, dist_tp2_pp2, ca
     dict(fmt="torch", tp=2, pp=1, names="legacy"),
     dict(fmt="torch", tp=1, pp=2, vp=2),
     dict(fmt="torch_dist", tp=1, pp=2, vp=2, release=True),
-], ids=["te-tp2", "te1-pp2-norm_epsilon", "legacy-tp2", "torch-vp2", "dist-vp2-release"])
+    dict(fmt="torch_dist", tp=2, pp=1, singleton_local_shards=True),
+], ids=["te-tp2", "te1-pp2-norm_epsilon", "legacy-tp2", "torch-vp2", "dist-vp2-release", "dist-singleton-tp2"])
 def test_every_variant_imports_exactly(tmp_path, variant, sentencepiece_model):
     mc = write_megatron_checkpoint(str(tmp_path / "root"), vocab_size=VOCAB, **variant)
+    if variant.get("singleton_local_shards"):  # per-layer keys, fc1 as two halves
+        keys = pickles.load_dcp_metadata(os.path.join(mc.iteration_dir, ".metadata")).state_dict_metadata
+        assert "decoder.layers.1.mlp.linear_fc1.weight_w" in keys and "decoder.layers.mlp.linear_fc1.weight" not in keys
     assert_same_logits(import_and_export(tmp_path, mc, "--tokenizer-model", sentencepiece_model), mc)
 
 
