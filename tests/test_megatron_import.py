@@ -88,6 +88,15 @@ def test_every_variant_imports_exactly(tmp_path, variant, sentencepiece_model):
     assert_same_logits(import_and_export(tmp_path, mc, "--tokenizer-model", sentencepiece_model), mc)
 
 
+def test_the_args_tokenizer_is_used_when_it_exists_here(tmp_path, sentencepiece_model, capsys):
+    mc = write_megatron_checkpoint(str(tmp_path / "root"), fmt="torch", vocab_size=VOCAB,
+                                   args_overrides=dict(tokenizer_model=sentencepiece_model))
+    logits = import_and_export(tmp_path, mc)
+    assert logits.shape[-1] == VOCAB
+    assert_same_logits(logits, mc)
+    assert f"tokenizer: {sentencepiece_model} (the checkpoint's args.tokenizer_model)" in capsys.readouterr().out
+
+
 def test_streaming_reads_one_layer_of_a_stacked_tensor(dist_tp2_pp2):
     source = open_source(dist_tp2_pp2.root, tokenizer_model=None, say=lambda _: None)
     q = source.load("layers.1.self_attn.q_proj.weight")

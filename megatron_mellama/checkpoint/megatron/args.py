@@ -134,7 +134,9 @@ def args_from_model_config(cfg: ModelConfig, *, tp: int, pp: int, divisible_by: 
     """The args a Megatron-LM checkpoint of `cfg` carries: the architecture (what `--use-checkpoint-args`
     copies), the vocabulary and the parallel sizes it was written for."""
     heads, groups = cfg.num_attention_heads, cfg.kv_heads
-    rope = dict(position_embedding_type="rope", use_rotary_position_embeddings=True, rotary_base=cfg.rotary_base,
+    # Megatron-LM's --rotary-base is an int
+    base = int(cfg.rotary_base) if float(cfg.rotary_base).is_integer() else cfg.rotary_base
+    rope = dict(position_embedding_type="rope", use_rotary_position_embeddings=True, rotary_base=base,
                 rotary_percent=1.0, rotary_interleaved=False,
                 rotary_seq_len_interpolation_factor=cfg.rotary_seq_len_interpolation_factor,
                 use_rope_scaling=cfg.use_rope_scaling, rope_scaling_factor=cfg.rope_scaling_factor)
