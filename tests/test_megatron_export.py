@@ -134,7 +134,8 @@ def test_torch_dist_loads_strictly_and_reshards_to_our_logits(ours, tmp_path):
 def _tp1_state(iteration_dir: str) -> dict:
     """The TP1 PP1 model's tensors, in megatron-core's state-dict names, straight from the DCP files."""
     metadata = dcp.FileSystemReader(iteration_dir).read_metadata().state_dict_metadata
-    stored = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in metadata.items() if hasattr(v, "size")}
+    stored = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+              for k, v in metadata.items() if hasattr(v, "size")}
     dcp.load(stored, checkpoint_id=iteration_dir, no_dist=True)
     local = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
              "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
@@ -331,7 +332,8 @@ def test_transformer_engine_names_are_megatron_cores_te_spec(ours):
     assert exported == te_layer
     assert not any(k.startswith("decoder.layers.2.") for k in names)
     root = export(ours, "torch-te", "--format", "torch", "--tensor-model-parallel-size", "2")
-    model = torch.load(os.path.join(root, "iter_0000000", "mp_rank_01", "model_optim_rng.pt"), weights_only=False)["model"]
+    rank_file = os.path.join(root, "iter_0000000", "mp_rank_01", "model_optim_rng.pt")
+    model = torch.load(rank_file, weights_only=False)["model"]
     assert {k[len("decoder.layers.1."):] for k in model if k.startswith("decoder.layers.1.")} == te_layer
     assert model["decoder.layers.0.self_attention.linear_qkv._extra_state"].dtype == torch.uint8
     assert model["decoder.layers.0.self_attention.linear_qkv.weight"].shape == (64, 64)  # one query group of two
@@ -373,16 +375,21 @@ def test_refusals_are_one_line(ours, tmp_path, capsys):
 
 def _make_deep(hf_dir: str, save: str) -> None:
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(tie_word_embeddings=False, num_hidden_layers=24, hidden_size=512, num_attention_heads=8,
-                                   num_key_value_heads=2, intermediate_size=1408, vocab_size=1000)
+    cfg = transformers.LlamaConfig(tie_word_embeddings=False, num_hidden_layers=24, hidden_size=512,
+                                   num_attention_heads=8, num_key_value_heads=2, intermediate_size=1408,
+                                   vocab_size=1000)
     transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
     assert hf_to_mellama(["--hf-dir", hf_dir, "--save", save, "--no-progress"]) == 0
 
 
+# the export in a child process (with no arguments, only the command's imports), then the child's
+# peak resident memory
 MEASURE = """
 import resource, subprocess, sys
-code = "import sys; sys.path.insert(0, sys.argv[1]); from megatron_mellama.tools.mellama_to_megatron import main; " \\
-       "from megatron_mellama.checkpoint.megatron import export_dist; sys.exit(main(sys.argv[2:]) if sys.argv[2:] else 0)"
+code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+        "from megatron_mellama.tools.mellama_to_megatron import main; "
+        "from megatron_mellama.checkpoint.megatron import export_dist; "
+        "sys.exit(main(sys.argv[2:]) if sys.argv[2:] else 0)")
 subprocess.run([sys.executable, "-c", code, *sys.argv[1:]], check=True)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
