@@ -144,7 +144,8 @@ def export_megatron(load: str, save: str, tp: int, pp: int = 1, fmt: str = "torc
         os.makedirs(iteration_dir)
         common = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
         if fmt == "torch_dist":
-            export_dist.write_torch_dist(source, iteration_dir, common, progress)
+            export_dist.write_torch_dist(source, iteration_dir, common, progress,
+                                         os.path.join(os.path.abspath(save), ITERATION_DIR))
         else:
             export_torch.write_torch(source, iteration_dir, common, tp, pp, transformer_impl, progress)
         _write_text(os.path.join(staged.dir, TRACKER), "0")

@@ -37,7 +37,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, StorageMeta, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from ..convert import _progress, _unwrap
@@ -120,8 +120,22 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         return self._produce(write_item)
 
 
-def write_torch_dist(source, iteration_dir: str, common: dict, progress: bool) -> None:
-    """Write our checkpoint (`source`, an export.OurTensors) as a torch_dist iteration directory."""
+class _Writer(dcp.FileSystemWriter):
+    """DCP's file writer, one file per item, recording the checkpoint's final path as a str (as
+    megatron-core's writer does; not the staging folder it is written in, and not a pathlib.Path,
+    which a reader with an allow-list of the metadata's types refuses)."""
+
+    def __init__(self, path: str, final_path: str):
+        super().__init__(path, sync_files=True, single_file_per_rank=False)
+        self._final_path = final_path
+
+    def storage_meta(self) -> StorageMeta:
+        return StorageMeta(checkpoint_id=self._final_path, save_id=self.save_id)
+
+
+def write_torch_dist(source, iteration_dir: str, common: dict, progress: bool, final_dir: str) -> None:
+    """Write our checkpoint (`source`, an export.OurTensors) as a torch_dist iteration directory
+    (`iteration_dir`, renamed to `final_dir` once complete)."""
     chunks = {}
     items = []
     for c in plan_chunks(source):
@@ -147,8 +161,8 @@ def write_torch_dist(source, iteration_dir: str, common: dict, progress: bool) -
         return t.contiguous()
 
     try:
-        dcp.save({}, storage_writer=dcp.FileSystemWriter(iteration_dir, sync_files=True, single_file_per_rank=False),
-                 planner=_StreamingSavePlanner(items, produce), no_dist=True)
+        dcp.save({}, storage_writer=_Writer(iteration_dir, final_dir), planner=_StreamingSavePlanner(items, produce),
+                 no_dist=True)
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException only
         raise _unwrap(exc) from None
     finally:
