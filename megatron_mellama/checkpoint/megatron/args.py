@@ -154,6 +154,8 @@ def args_from_model_config(cfg: ModelConfig, *, tp: int, pp: int, divisible_by: 
         kv_channels=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
         normalization="RMSNorm", norm_epsilon=cfg.norm_epsilon, layernorm_epsilon=cfg.norm_epsilon, swiglu=True,
         untie_embeddings_and_output_weights=True, add_bias_linear=False, add_qkv_bias=False, num_experts=None,
+        # LLaMA has no dropout (Megatron-LM's defaults are 0.1)
+        hidden_dropout=0.0, attention_dropout=0.0,
         vocab_size=cfg.vocab_size, make_vocab_size_divisible_by=divisible_by,
         padded_vocab_size=padded_vocab(cfg.vocab_size, divisible_by, tp), tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=None,

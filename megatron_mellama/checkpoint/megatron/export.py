@@ -28,11 +28,11 @@ from ..sources import ConvertError
 from .args import args_from_model_config
 from .layouts import fuse_qkv, padded_vocab
 from .names import EMBEDDING, FC1, OUTPUT, QKV, ours
+from .root import TRACKER
 
 FORMATS = ("torch_dist", "torch")
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
 ITERATION_DIR = "iter_0000000"
-TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 
 

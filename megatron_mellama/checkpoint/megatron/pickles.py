@@ -93,7 +93,7 @@ def load(path: str, mmap: bool = False):
 _METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
                      "torch.distributed.checkpoint.planner")
 _METADATA_BUILTINS = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                      ("builtins", "slice"), ("torch", "Size"), ("torch", "device"),
+                      ("builtins", "slice"), ("torch", "Size"), ("torch", "device"), ("pathlib", "PosixPath"),
                       # how torch pickles a torch.layout: a lookup in its table of layouts by name
                       ("torch.serialization", "_get_layout")}
 
