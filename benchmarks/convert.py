@@ -1,11 +1,13 @@
-"""Checkpoint conversion speed and memory, beside `cp` of the same bytes, in one run.
+"""Checkpoint conversion speed and memory (Hugging Face and Megatron-LM, both ways), beside `cp` of the same bytes, in one run.
 
     python benchmarks/convert.py                  # OpenLLaMA-3B shape, bf16 (~6.9 GB; ~21 GB of disk at peak)
     python benchmarks/convert.py --layers 4       # a quick look
 
 Writes a random bf16 LLaMA2-shaped safetensors checkpoint tensor by tensor, then times
-hf_to_mellama and mellama_to_hf (each in its own process, peak RSS from its VmHWM) and
-`cp` + `sync` of the source file. Targets: peak RSS under 25% of the checkpoint, time within 2x of cp.
+hf_to_mellama and mellama_to_hf, mellama_to_megatron and megatron_to_mellama in torch_dist (TP1)
+and in the torch format (--megatron-tp x --megatron-pp rank files), each in its own process (peak
+RSS from getrusage), and `cp` + `sync` of the source file. Targets: peak RSS under 25% of the
+checkpoint, time within 2x of cp.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def main() -> None:
     p.add_argument("--ffn", type=int, default=8640)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--megatron-tp", type=int, default=2, help="TP of the torch-format Megatron-LM export")
+    p.add_argument("--megatron-pp", type=int, default=2, help="PP of the torch-format Megatron-LM export")
     p.add_argument("--dir", default=None, help="scratch folder (default: a temporary one, removed after)")
     a = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="convert-bench-", dir=a.dir))
@@ -90,13 +94,22 @@ def main() -> None:
         subprocess.run(["sync", str(root / "copy")], check=True)
         cp_s = time.time() - t
         (root / "copy").unlink()
-        print(f"{'cp + sync':<16} {cp_s:7.1f}s {size / cp_s / 1e6:8.0f} MB/s")
+        print(f"{'cp + sync':<38} {cp_s:7.1f}s {size / cp_s / 1e6:8.0f} MB/s")
         rows = [("hf_to_mellama", *run("hf_to_mellama", ["--hf-dir", str(src), "--save", str(root / "ours")]))]
         shutil.rmtree(src)
         rows.append(("mellama_to_hf", *run("mellama_to_hf", ["--load", str(root / "ours"),
                                                              "--hf-dir", str(root / "back")])))
+        shutil.rmtree(root / "back")
+        for fmt, tp, pp in (("torch_dist", 1, 1), ("torch", a.megatron_tp, a.megatron_pp)):
+            rows.append((f"mellama_to_megatron {fmt} TP{tp} PP{pp}", *run("mellama_to_megatron", [
+                "--load", str(root / "ours"), "--save", str(root / "megatron"), "--format", fmt,
+                "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)])))
+            rows.append((f"megatron_to_mellama {fmt} TP{tp} PP{pp}", *run("megatron_to_mellama", [
+                "--load", str(root / "megatron"), "--save", str(root / "again")])))
+            shutil.rmtree(root / "megatron")
+            shutil.rmtree(root / "again")
         for name, took, rss in rows:
-            print(f"{name:<16} {took:7.1f}s {size / took / 1e6:8.0f} MB/s   {took / cp_s:4.2f}x cp   "
+            print(f"{name:<38} {took:7.1f}s {size / took / 1e6:8.0f} MB/s   {took / cp_s:4.2f}x cp   "
                   f"peak RSS {rss / 1e9:.2f} GB = {100 * rss / size:.1f}% of the checkpoint")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -56,8 +56,9 @@ class MappedFiles:
     `load(path)` maps a file (default: a weights-only torch.load); `get(path, name)` copies out one
     tensor, `name` a key of the file's dict or a tuple of keys into nested dicts."""
 
-    def __init__(self, load=None):
+    def __init__(self, load=None, remap_bytes: int = _REMAP_BYTES):
         self._load = load or _mmap_load
+        self._remap_bytes = remap_bytes
         self._open: dict[str, dict] = {}
         self._read = 0
 
@@ -71,7 +72,7 @@ class MappedFiles:
             found = found[key]
         tensor = found.clone()  # a private copy: the mapping may be dropped next
         self._read += tensor.nbytes
-        if self._read > _REMAP_BYTES:
+        if self._read > self._remap_bytes:
             self._open.clear()
             self._read = 0
         return tensor

@@ -61,7 +61,8 @@ class TorchSource(MegatronSource):
             saved = getattr(self.args, field, None)
             if saved not in (None, have):
                 raise ConvertError(f"{ckpt.directory}: args.{field} is {saved} but there are {have} such rank files")
-        self._files = MappedFiles(lambda path: pickles.load(path, mmap=True))
+        # a tensor is joined from T files: drop the mappings sooner than for one-file sources
+        self._files = MappedFiles(lambda path: pickles.load(path, mmap=True), remap_bytes=256 << 20)
         self._tp = tp
         stages = {}  # (virtual stage, pipeline rank) -> {(local layer, name): [(path, key path, shape, dtype)] per TP}
         for (t, p), path in sorted(files.items()):
