@@ -130,7 +130,9 @@ def _gloo_rank(rank: int, world: int, store: str, out_dir: str, body, args: tupl
 
 # The modules every rank needs, imported once per test process by the server the ranks are forked
 # from; a spawned rank would import them anew (seconds of CPU per rank, per launch).
-RANK_PRELOAD = ["torch", "torch.distributed", "megatron_mellama.training.engine", "megatron_mellama.checkpoint.manager"]
+RANK_PRELOAD = ["torch", "torch.distributed", "megatron_mellama.training.engine", "megatron_mellama.checkpoint.manager",
+                # the Megatron-LM checkpoint fixtures build megatron-core models in every rank
+                "megatron.core.models.gpt", "megatron.core.dist_checkpointing", "megatron.core.optimizer"]
 
 
 def launch_gloo(body, world: int, args: tuple, out_dir: str):
