@@ -379,3 +379,15 @@ def megatron_logits(iteration_dir, tokens, **model_kwargs) -> torch.Tensor:
         result = spawn_gloo(_logits_rank, 1, (spec, os.path.abspath(iteration_dir), torch.as_tensor(tokens).tolist()),
                             out)
     return result[0]["logits"]
+
+
+_WRITTEN: dict = {}
+
+
+def shared_megatron_checkpoint(base_dir: str, **kwargs) -> MegatronCheckpoint:
+    """`write_megatron_checkpoint(**kwargs)` once per test process for each set of arguments, under
+    `base_dir`: the roots are read, never changed, by the tests that share them."""
+    key = repr(sorted(kwargs.items()))
+    if key not in _WRITTEN:
+        _WRITTEN[key] = write_megatron_checkpoint(os.path.join(base_dir, f"root{len(_WRITTEN)}"), **kwargs)
+    return _WRITTEN[key]
