@@ -21,7 +21,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # run alone on one of them; xdist itself would order the files by their number of tests, which puts
 # the quickstart examples (6 tests, minutes) last. A serial run keeps the alphabetical order.
 LONGEST_FIRST = ("test_pretrain_example.py", "test_memory_model.py", "test_kernels.py", "test_context_parallel.py",
-                 "test_checkpoint_safety.py", "test_plan_layout.py", "test_benchmarks.py", "test_training_run.py",
+                 "test_megatron_import.py", "test_megatron_export.py", "test_checkpoint_safety.py", "test_plan_layout.py", "test_benchmarks.py", "test_training_run.py",
                  "test_engine.py", "test_rope_scaling.py", "test_engine_device.py", "test_gpu_check.py")
 
 

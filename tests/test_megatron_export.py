@@ -404,48 +404,6 @@ def test_refusals_are_one_line(ours, tmp_path, capsys):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staged folder left behind
 
 
-def _make_deep(hf_dir: str, save: str) -> None:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(tie_word_embeddings=False, num_hidden_layers=24, hidden_size=512,
-                                   num_attention_heads=8, num_key_value_heads=2, intermediate_size=1408,
-                                   vocab_size=1000)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
-    assert hf_to_mellama(["--hf-dir", hf_dir, "--save", save, "--no-progress"]) == 0
-
-
-# the export in a child process (with no arguments, only the command's imports), then the child's
-# peak resident memory
-MEASURE = """
-import resource, subprocess, sys
-code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-        "from megatron_mellama.tools.mellama_to_megatron import main; "
-        "from megatron_mellama.checkpoint.megatron import export_dist; "
-        "sys.exit(main(sys.argv[2:]) if sys.argv[2:] else 0)")
-subprocess.run([sys.executable, "-c", code, *sys.argv[1:]], check=True)
-print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-"""
-
-
-def _peak_rss_kib(*argv) -> int:
-    # a fresh parent per measurement: RUSAGE_CHILDREN's peak is the largest over all its children
-    run = subprocess.run([sys.executable, "-c", MEASURE, str(REPO), *argv], capture_output=True, text=True, check=True)
-    return int(run.stdout.split()[-1])
-
-
-@pytest.mark.slow
-def test_torch_dist_export_holds_one_tensor_at_a_time(tmp_path):
-    """The export's peak memory over the bare import of the package stays near the largest tensor
-    (here fc1's gate, 2.8 MiB; a 24-layer, 220 MiB checkpoint), far from the checkpoint's size."""
-    _make_deep(str(tmp_path / "hf"), str(tmp_path / "ours"))
-    size = sum(f.stat().st_size for f in (tmp_path / "ours").rglob("*.distcp"))
-    assert size > 200 * 2**20
-    base = _peak_rss_kib()
-    peak = _peak_rss_kib("--load", str(tmp_path / "ours"), "--save", str(tmp_path / "mg"),
-                         "--tensor-model-parallel-size", "2", "--no-progress")
-    assert (tmp_path / "mg" / "iter_0000000" / "common.pt").is_file()
-    assert (peak - base) * 1024 < size / 4, (base, peak, size)
-
-
 def test_help_and_the_runnable_script(ours, tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "checkpoints_convert" / "mellama_to_megatron.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout

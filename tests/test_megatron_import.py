@@ -293,10 +293,8 @@ def test_without_a_tokenizer_every_padded_row_is_kept(tmp_path, dist_tp2_pp2, ca
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [
     dict(TE, extra_state="tensor"), dict(TE, extra_state="bytesio"), LEGACY_VP, MCORE_VP,
-    dict(fmt="torch_dist", tp=1, pp=2, vp=2, release=True),
-    dict(fmt="torch_dist", tp=2, pp=1, singleton_local_shards=True),
-], ids=["te2-tp2-norm_epsilon", "te1-tp2", "legacy-tp2-pp2-vp2", "torch-vp2", "dist-vp2-release",
-        "dist-singleton-tp2"])
+    dict(fmt="torch_dist", tp=2, pp=2, vp=2, release=True, singleton_local_shards=True),
+], ids=["te2-tp2-norm_epsilon", "te1-tp2", "legacy-tp2-pp2-vp2", "torch-vp2", "dist-tp2-pp2-vp2-release-singleton"])
 def test_every_variant_imports_exactly(tmp_path, megatron_root, variant, sentencepiece_model):
     mc = megatron_root(**variant)
     if variant.get("singleton_local_shards"):  # per-layer keys, fc1 as two halves
