@@ -393,3 +393,8 @@ def test_missing_rank_file_and_bad_root_are_one_line(tmp_path, torch_tp2_pp2, ca
     assert "no such directory" in capsys.readouterr().err
     assert megatron_to_mellama(["--load", torch_tp2_pp2.root, "--save", str(tmp_path / "o"), "--iteration", "3"]) == 2
     assert "--iteration 3" in capsys.readouterr().err
+    dcp_only = tmp_path / "dcp" / "iter_0000001"
+    dcp_only.mkdir(parents=True)
+    (dcp_only / ".metadata").write_bytes(b"")
+    assert megatron_to_mellama(["--load", str(dcp_only), "--save", str(tmp_path / "o")]) == 2
+    assert "torch_dcp or fsdp_dtensor format" in capsys.readouterr().err

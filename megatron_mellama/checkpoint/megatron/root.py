@@ -72,6 +72,10 @@ def _format(directory: str, root: str) -> tuple[str, dict]:
             raise ConvertError(f"{meta}: sharded_backend is {backend!r}; this importer reads torch_dist and torch "
                                "(the legacy per-rank files)")
         return "torch_dist", {}
+    if os.path.isfile(os.path.join(directory, ".metadata")):
+        raise ConvertError(f"{directory}: a PyTorch DCP checkpoint without megatron-core's metadata.json: "
+                           "Megatron-LM's torch_dcp or fsdp_dtensor format, which this importer does not read "
+                           "(torch_dist and torch are read)")
     files = {}
     for entry in sorted(os.listdir(directory)):
         m = _RANK_DIR.fullmatch(entry)
