@@ -118,19 +118,39 @@ def process_group_backend(device: torch.device, backend: str | None = None) -> s
     return "cpu:gloo,cuda:nccl"
 
 
+def torchrun_attempt_store(timeout: timedelta) -> dist.Store | None:
+    """The store of this torchrun attempt: the agent's store with every key under `attempt<N>/`
+    (N = TORCHELASTIC_RESTART_COUNT); None outside torchrun, or when torchrun gives each attempt a
+    fresh store of its own (TORCHELASTIC_USE_AGENT_STORE not True).
+
+    torchrun hosts one store for the whole job and hands the same MASTER_ADDR/MASTER_PORT to every
+    attempt; torch's env:// start uses it unprefixed, so after a restart the gloo mesh can read the
+    addresses a dead attempt's ranks published and fail to connect (`Connection refused`)."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != str(True) or "TORCHELASTIC_RESTART_COUNT" not in env:
+        return None
+    agent = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"attempt{int(env['TORCHELASTIC_RESTART_COUNT'])}/", agent)
+
+
 def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> torch.device:
     """Start the default process group from torchrun's environment, once; returns this rank's device.
 
     `timeout_minutes` bounds every collective, including barriers that wait for rank 0 to build
-    the data index or for a large checkpoint load."""
+    the data index or for a large checkpoint load, and the wait for the other ranks to join. Under
+    torchrun each restart attempt meets on keys of its own (`torchrun_attempt_store`)."""
     device = local_device()
     if dist.is_initialized():
         return device
+    timeout = timedelta(minutes=timeout_minutes)
     kwargs = {}
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # binds NCCL to this GPU at once, so barriers and the first collective use it
         kwargs["device_id"] = device
-    dist.init_process_group(process_group_backend(device, backend), timeout=timedelta(minutes=timeout_minutes),
-                            **kwargs)
+    store = torchrun_attempt_store(timeout)
+    if store is not None:
+        kwargs.update(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    dist.init_process_group(process_group_backend(device, backend), timeout=timeout, **kwargs)
     return device

@@ -20,8 +20,9 @@ killing a job, to every process of the job: torchrun, the trainers and their dat
 `should_stop(iteration)` at each step boundary, where a checkpoint can be written safely. Any rank
 may see a signal or the time limit first, so the decision is a MAX all-reduce: every rank stops,
 and saves, at the same iteration. The handlers are installed when the run starts, before its
-minutes of start-up, so a signal that arrives then is kept (`preempted()` asks before the first
-step).
+minutes of start-up: SIGUSR1 arriving then is kept (`preempted()` asks before the first step), while
+SIGTERM and SIGINT end a process still in start-up at once (nothing trained, nothing lost; see
+`stop_signals.py`).
 """
 
 from __future__ import annotations
@@ -99,7 +100,11 @@ class RunControl:
         return tensor.tolist()
 
     def preempted(self) -> bool:
-        """Whether any rank has received a stop signal; the same answer on every rank (a collective)."""
+        """Whether any rank has received a stop signal; the same answer on every rank (a collective).
+
+        Asked once, when start-up is over: from here on SIGTERM no longer ends the process at once
+        but is kept for the next step boundary (`stop_signals.py`)."""
+        self.signals.end_start_up()
         return bool(self._reduce_max([int(self.received_signal is not None)])[0])
 
     def should_stop(self, iteration: int) -> StopDecision:
