@@ -45,11 +45,27 @@ def test_torchrun_dry_run_passes_flags_through():
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1
     argv = shlex.split(lines[0])
-    assert argv[:6] == ["torchrun", "--standalone", "--nproc-per-node", "4", "-m", "megatron_mellama.pretrain"]
-    assert argv[6:] == PASS_THROUGH
+    assert argv[:8] == ["torchrun", "--standalone", "--nproc-per-node", "4", "--max-restarts", "3", "-m",
+                        "megatron_mellama.pretrain"]
+    assert argv[8:] == PASS_THROUGH
     # arguments with spaces survive as one argument
     result = _run("launch/torchrun_single_node.sh", "--save", "my ckpt", DRY_RUN="1")
     assert shlex.split(result.stdout)[-2:] == ["--save", "my ckpt"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["launch/torchrun_single_node.sh", "launch/slurm_multi_node.sbatch"])
+def test_max_restarts_comes_from_the_environment(script):
+    for setting, expected in ((None, "3"), ("0", "0"), ("7", "7")):
+        env = dict(DRY_RUN="1", DRY_RUN_NODES="node1 node2")
+        if setting is not None:
+            env["MAX_RESTARTS"] = setting
+        result = _run(script, "--mock-data", **env)
+        assert result.returncode == 0, result.stderr
+        for line in result.stdout.strip().splitlines():
+            argv = shlex.split(line.split(" ", 1)[1] if line.startswith("[") else line)
+            assert argv[argv.index("--max-restarts") + 1] == expected
+            assert argv.index("--max-restarts") < argv.index("-m")
 
 
 @pytest.mark.slow
