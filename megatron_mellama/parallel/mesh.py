@@ -131,7 +131,7 @@ def torchrun_attempt_store(timeout: timedelta) -> dist.Store | None:
         return None
     agent = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
                           timeout=timeout)
-    return dist.PrefixStore(f"attempt{int(env['TORCHELASTIC_RESTART_COUNT'])}/", agent)
+    return dist.PrefixStore(f"attempt{int(env['TORCHELASTIC_RESTART_COUNT'])}", agent)  # keys "attempt<N>/..."
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> torch.device:
