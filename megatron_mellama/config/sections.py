@@ -206,6 +206,20 @@ class TrainingConfig:
         None, "multiple-choice tasks scored (acc, acc_norm) at every evaluation, on the run's tokenizer: NAME=FILE "
         "per task, FILE a JSONL task (the format of tools/evaluate_tasks.py)", metavar="NAME=PATH")
     eval_tasks_limit: Optional[int] = opt(None, "with --eval-tasks: score the first N items of each task (default all)")
+    check_weight_hash_across_dp_replicas_interval: Optional[int] = opt(
+        None, "every N iterations and before every save, the ranks that hold the same weights (data-parallel and "
+        "context-parallel replicas) compare a checksum of them; a mismatch (a flipped bit) stops the run with exit "
+        "code 1 before the save, naming the ranks")
+    manual_gc: bool = opt(
+        False, "turn Python's automatic garbage collector off and collect on every rank at the same iterations "
+        "(--manual-gc-interval, and before evaluations and saves): no rank stalls the others with its own "
+        "collection")
+    manual_gc_interval: int = opt(0, "with --manual-gc: collect every N iterations; 0: only before evaluations "
+                                     "and saves")
+    inject_fault: Optional[list] = opt(
+        None, "TESTING ONLY: inject a fault after the optimizer step of ITERATION on global RANK (default 0), to "
+        "test what the run does with it; kinds: bitflip (one bit of one weight flips)",
+        metavar="KIND@ITERATION[:RANK]")
 
 
 @dataclass

@@ -209,6 +209,9 @@ def validate_training(cfg: Config) -> None:
     _require(not t.eval_tasks or cfg.data.tokenizer_model is not None,
              "--eval-tasks needs the run's tokenizer (--tokenizer-model) to encode the questions")
     _positive(t.exit_interval, "--exit-interval", allow_none=True)
+    _positive(t.check_weight_hash_across_dp_replicas_interval, "--check-weight-hash-across-dp-replicas-interval",
+              allow_none=True)
+    _require(t.manual_gc_interval >= 0, f"--manual-gc-interval must not be negative, got {t.manual_gc_interval}")
     _require(t.max_skipped_steps >= 0, f"--max-skipped-steps must not be negative (0: never stop), "
                                         f"got {t.max_skipped_steps}")
     _positive(cfg.logging.log_interval, "--log-interval")

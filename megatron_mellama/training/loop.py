@@ -5,8 +5,9 @@ The data position is `consumed_samples` with each domain's own count (`data/mixt
 run reads exactly the samples an uninterrupted run would have read next, and a resumed run with
 another blend continues every domain where it stopped.
 
-One iteration: the engine's step, the run state's update (`run_state.py`), then the periodic jobs
-in order (`periodic.py`, `jobs/`: train log, stopping, validation, downstream scoring, checkpoint
+One iteration: the engine's step, the run state's update (`run_state.py`), any fault injected for
+testing (`fault_injection.py`), then the periodic jobs in order (`periodic.py`, `jobs/`: train log,
+stopping, manual garbage collection, the replica check, validation, downstream scoring, checkpoint
 saving); the loop ends at the last iteration or when the stop decision says stop.
 """
 
@@ -31,7 +32,10 @@ from ..evaluation.in_training import DownstreamTasks
 from ..parallel.mesh import ParallelDims, init_distributed, local_device
 from .console import print0
 from .engine import Engine
+from .fault_injection import FaultInjector, parse_faults
 from .jobs.downstream import DownstreamScoring
+from .jobs.manual_gc import ManualGC, collecting
+from .jobs.replica_check import ReplicaCheck
 from .jobs.saving import CheckpointSaving
 from .jobs.stopping import Stopping
 from .jobs.train_log import TrainLog
@@ -55,6 +59,7 @@ def train(cfg: Config, signals: StopSignals | None = None) -> dict:
     `signals`: a stop-signal catcher installed earlier (`pretrain` installs one first thing)."""
     # a run that would write over checkpoints it does not continue, or read a checkpoint's weights
     # with another tokenizer, stops here, before any work
+    faults = parse_faults(cfg.train.inject_fault)
     start = resolve_start(cfg)
     if start:
         print0(start)
@@ -71,14 +76,15 @@ def train(cfg: Config, signals: StopSignals | None = None) -> dict:
         else:
             device = local_device()
         control.device = device
-        return _train(cfg, world, device, control)
+        with collecting(cfg):
+            return _train(cfg, world, device, control, faults)
     finally:
         control.restore_handlers()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, world: int, device: torch.device, control: RunControl) -> dict:
+def _train(cfg: Config, world: int, device: torch.device, control: RunControl, faults: list) -> dict:
     # the task files are checked (and tokenized) before any data, model or checkpoint work
     downstream = DownstreamTasks.from_config(cfg)
     dims = ParallelDims.from_config(cfg, world)
@@ -130,8 +136,8 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl) -
             # what a checkpoint keeps besides the data position: an SFT run's chat template, for the export
             kept = dict(chat_template=data.chat_template) if data.chat_template is not None else {}
             jobs = periodic_jobs(cfg, engine, metrics, control, checkpoints, samples, validation_sets(data),
-                                 downstream, coords["dp"], dims.dp, kept)
-            _run_steps(run, engine, batches, control, jobs)
+                                 downstream, coords["dp"], dims.dp, kept, dims)
+            _run_steps(run, engine, batches, control, jobs, FaultInjector(faults, rank, world))
         finally:
             batches.close()
     finally:
@@ -142,22 +148,31 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl) -
 
 def periodic_jobs(cfg: Config, engine: Engine, metrics: MetricsLogger, control: RunControl, checkpoints,
                   samples, validation: dict, downstream: DownstreamTasks | None, dp_rank: int, dp_size: int,
-                  kept: dict) -> list[PeriodicJob]:
+                  kept: dict, dims: ParallelDims) -> list[PeriodicJob]:
     """The duties after each iteration, in the order they run (see `periodic.py`)."""
+    evaluations = [Validation(cfg, engine, metrics, validation, dp_rank, dp_size),
+                   DownstreamScoring(cfg, engine, metrics, downstream, dp_rank, dp_size)]
+    saving = CheckpointSaving(cfg, engine, checkpoints, control, samples, kept)
     return [
         TrainLog(cfg, metrics, engine, samples),
         Stopping(control),
-        Validation(cfg, engine, metrics, validation, dp_rank, dp_size),
-        DownstreamScoring(cfg, engine, metrics, downstream, dp_rank, dp_size),
-        CheckpointSaving(cfg, engine, checkpoints, control, samples, kept),
+        # after the stop decision, which the collection's due reads (a stop saves)
+        ManualGC(cfg, before=evaluations + [saving]),
+        # before the evaluations too: a corrupted replica's scores are not the model's, and a run
+        # that must stop should not first spend an evaluation's minutes
+        ReplicaCheck(cfg, engine, dims, saving),
+        *evaluations,
+        saving,
     ]
 
 
-def _run_steps(run: RunState, engine: Engine, batches, control: RunControl, jobs: list[PeriodicJob]) -> None:
+def _run_steps(run: RunState, engine: Engine, batches, control: RunControl, jobs: list[PeriodicJob],
+               faults: FaultInjector) -> None:
     """The iterations of one run, from where it (re)started: a step, then the due jobs."""
     run.restart_window()
     while run.iteration < run.iterations:
         _step(run, engine, batches, control)
+        faults.after_step(run.iteration, engine)
         run_due_jobs(jobs, run)
         if run.stop.stop:
             run.stopped = run.stop.reason
