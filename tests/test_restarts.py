@@ -135,7 +135,8 @@ def _trainer_of_rank(torchrun: int, rank: int) -> int | None:
 def _records(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip() and "lm_loss" in line]
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [r for r in records if "lm_loss" in r]  # the training iterations, not evaluations
 
 
 def _torchrun(save: Path, log: Path, out: Path) -> subprocess.Popen:
