@@ -65,9 +65,9 @@ def train(cfg: Config, signals: StopSignals | None = None) -> dict:
         print0(start)
     check_save_root(cfg)
     check_finetune_tokenizer(cfg)
-    # Then, before minutes of start-up (process group, data index, a 70B checkpoint load): a
-    # preemption signal that arrives meanwhile is kept, and acted on as soon as training could
-    # save, instead of killing the process.
+    # Then, before minutes of start-up (process group, data index, a 70B checkpoint load): SIGUSR1
+    # arriving meanwhile is kept, and acted on as soon as training could save; SIGTERM and SIGINT
+    # end the process at once, even blocked in process-group set-up (`stop_signals.py`).
     control = RunControl(cfg, signals=signals)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
