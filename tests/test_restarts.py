@@ -116,6 +116,31 @@ def test_a_trainer_blocked_in_process_group_set_up_ends_at_once_on(tmp_path, sig
                      "(nothing trained, nothing to save)"], err
 
 
+FORKED_CHILD_SIGNALLED = """
+import os, signal, time
+from megatron_mellama.training.stop_signals import StopSignals
+signals = StopSignals().install()
+child = os.fork()
+if child == 0:  # a helper process forked during start-up, with a handler of its own
+    signal.signal(signal.SIGTERM, lambda *a: None)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.3)
+    os._exit(0)
+os.waitpid(child, 0)
+time.sleep(0.5)
+signals.end_start_up()
+os.kill(os.getpid(), signal.SIGTERM)  # after start-up: kept for the next step boundary
+time.sleep(0.2)
+print("alive", signal.Signals(signals.received).name)
+"""
+
+
+def test_only_the_trainers_own_signals_end_its_start_up():
+    result = subprocess.run([sys.executable, "-c", FORKED_CHILD_SIGNALLED], env=_env(), cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, "alive SIGTERM"), result.stderr
+
+
 # --- a killed trainer: torchrun restarts the job, which resumes exactly ------------------------
 
 def _trainer_of_rank(torchrun: int, rank: int) -> int | None:

@@ -28,6 +28,20 @@ from ..data.loader import STOP_SIGNALS
 
 # signals that end a process still in start-up; SIGUSR1 ("save and stop") is kept instead
 START_UP_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_watching: set["StopSignals"] = set()
+
+
+def _forget_the_pipe_in_a_forked_child() -> None:
+    # a child forked during start-up inherits the wakeup pipe, not the watcher: a signal it
+    # receives must not be read by the parent's watcher as the parent's own
+    if _watching:
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:  # forked from a thread other than the main one
+            pass
+
+
+os.register_at_fork(after_in_child=_forget_the_pipe_in_a_forked_child)
 
 
 class StopSignals:
@@ -76,6 +90,7 @@ class StopSignals:
             return
         self._pipe = (read_fd, write_fd)
         self._starting = True
+        _watching.add(self)
         threading.Thread(target=self._watch, args=(read_fd,), name="start-up-signals", daemon=True).start()
 
     def _watch(self, read_fd: int) -> None:
@@ -109,6 +124,7 @@ class StopSignals:
         read_fd, write_fd = self._pipe
         signal.set_wakeup_fd(self._previous_wakeup_fd)
         self._pipe = None
+        _watching.discard(self)
         os.close(write_fd)  # the watcher reads end-of-file and closes its end
         if signal.SIGINT in self._previous:
             signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
