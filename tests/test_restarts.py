@@ -87,33 +87,39 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_trainer_blocked_in_process_group_set_up_ends_at_once_on(tmp_path, sig):
+def _blocked_in_set_up(tmp_path: Path, port: int) -> subprocess.Popen:
     # rank 0 of a world of 2 whose rank 1 never comes: it hosts the store and waits in C++ for rank 1
-    port = reserved_port()
     env = _env(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_mellama.pretrain", *TINY, "--train-iters", "2"],
+    return subprocess.Popen([sys.executable, "-m", "megatron_mellama.pretrain", *TINY, "--train-iters", "2"],
                             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_trainer_blocked_in_process_group_set_up_ends_at_once_on_sigterm_and_sigint(tmp_path):
+    ports = {sig: reserved_port() for sig in (signal.SIGTERM, signal.SIGINT)}
+    procs = {sig: _blocked_in_set_up(tmp_path, port) for sig, port in ports.items()}
     try:
-        deadline = time.time() + 60
-        while not _listening(port):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        deadline = time.time() + 90
+        while not all(_listening(port) for port in ports.values()):
+            for proc in procs.values():
+                assert proc.poll() is None and time.time() < deadline, proc.communicate()
             time.sleep(0.2)
         time.sleep(1.0)  # inside init_process_group, waiting for rank 1
-        assert proc.poll() is None
-        sent = time.monotonic()
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=10)
-        took = time.monotonic() - sent
+        for sig, proc in procs.items():
+            assert proc.poll() is None
+            sent = time.monotonic()
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=10)
+            took = time.monotonic() - sent
+            assert proc.returncode == 128 + sig, (proc.returncode, err)
+            assert took < 3, took
+            lines = [line for line in err.splitlines() if line.strip()]
+            assert lines == [f"rank 0: received {sig.name} during start-up, before the first iteration: exiting "
+                             "now (nothing trained, nothing to save)"], err
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 128 + sig, (proc.returncode, err)
-    assert took < 3, took
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines == [f"rank 0: received {sig.name} during start-up, before the first iteration: exiting now "
-                     "(nothing trained, nothing to save)"], err
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 FORKED_CHILD_SIGNALLED = """
