@@ -217,8 +217,8 @@ class TrainingConfig:
     manual_gc_interval: int = opt(0, "with --manual-gc: collect every N iterations; 0: only before evaluations "
                                      "and saves")
     inject_fault: Optional[list] = opt(
-        None, "TESTING ONLY: inject a fault after the optimizer step of ITERATION on global RANK (default 0), to "
-        "test what the run does with it; kinds: bitflip (one bit of one weight flips)",
+        None, "TESTING ONLY, one or more: inject a fault after the optimizer step of ITERATION on global RANK "
+        "(default 0), to test what the run does with it; kinds: bitflip (one bit of one weight of that rank flips)",
         metavar="KIND@ITERATION[:RANK]")
 
 
