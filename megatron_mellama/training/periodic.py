@@ -3,12 +3,13 @@
 After every iteration the loop updates the run state (`run_state.py`) and then asks each job of its
 list, in order, whether it is due, and runs it if so:
 
-    train log -> stopping -> validation -> downstream scoring -> checkpoint saving
+    train log -> stopping -> manual GC -> replica check -> validation -> downstream scoring
+    -> checkpoint saving
 
 The order is part of the behaviour: the stop decision is taken before evaluating (a preempted job
-has seconds left, and spends them saving, so the evaluations skip), a non-finite validation loss or
-downstream score raises before any save, and the save comes last so a stop saves the iteration's
-weights. After the jobs, the loop ends when the stop decision (`state.stop`) says stop.
+has seconds left, and spends them saving, so the evaluations skip), the replica check and a
+non-finite validation loss or downstream score raise before any save, and the save comes last so a
+stop saves the iteration's weights. After the jobs, the loop ends when the stop decision (`state.stop`) says stop.
 
 A job may raise `TrainingStopped` (`run_control.py`) to end the run as a failure; to end it gracefully
 it sets `state.stop` (a `StopDecision`) before the saving job runs. A job that runs a collective must
