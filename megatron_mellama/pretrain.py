@@ -101,7 +101,8 @@ def describe(cfg: Config) -> str:
 
 
 def main(argv=None) -> int:
-    # before anything else: a scheduler's stop signal during start-up is kept, not fatal
+    # before anything else: SIGUSR1 during start-up is kept (the run stops before its first step);
+    # SIGTERM or SIGINT during start-up end the process at once, as nothing was trained yet
     signals = StopSignals().install()
     try:
         return _main(argv, signals)
