@@ -32,6 +32,7 @@ from ..run_state import RunState
 
 FLAG = "--check-weight-hash-across-dp-replicas-interval"
 _AS_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_SLICE = 1 << 22  # elements per slice: three int64 temporaries of 32 MiB at most
 
 
 def replica_groups(dims: ParallelDims, sharding: str) -> list[list[int]]:
@@ -52,9 +53,13 @@ def weights_checksum(modules, device: torch.device) -> torch.Tensor:
     with torch.no_grad():
         for index, param in enumerate(p for m in modules for p in m.parameters()):
             local = param.to_local() if isinstance(param, DTensor) else param
-            values = local.detach().contiguous().view(-1).view(_AS_INT[local.element_size()]).to(torch.int64)
-            position = torch.arange(1, values.numel() + 1, dtype=torch.int64, device=values.device)
-            sums = torch.stack([values.sum(), (values * position).sum()])
+            flat = local.detach().contiguous().view(-1).view(_AS_INT[local.element_size()])
+            sums = torch.zeros(2, dtype=torch.int64, device=flat.device)
+            # in slices: the int64 copies of a whole embedding shard would be gigabytes on the GPU
+            for start in range(0, flat.numel(), _SLICE):
+                values = flat[start:start + _SLICE].to(torch.int64)
+                position = torch.arange(start + 1, start + values.numel() + 1, dtype=torch.int64, device=flat.device)
+                sums += torch.stack([values.sum(), (values * position).sum()])
             total += sums.to(device) * (2 * index + 1)  # int64 arithmetic wraps: a checksum, not a total
     return total
 
