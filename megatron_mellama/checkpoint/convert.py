@@ -248,6 +248,29 @@ def _saved_model_config(ckpt: str) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in saved.items() if k in names})
 
 
+class StoredModel:
+    """Our checkpoint `ckpt`'s model tensors (its config, each tensor's stored metadata, checked against
+    the shapes the config implies), read one whole tensor at a time whatever layout saved them."""
+
+    def __init__(self, ckpt: str):
+        self.ckpt = ckpt
+        self.cfg = _saved_model_config(ckpt)
+        self.reader = ShardReader(ckpt)  # refuses tensors its chunks do not cover (they would export garbage)
+        self.meta = {k: v for k, v in self.reader.read_metadata().state_dict_metadata.items()
+                     if not k.startswith("optimizer") and isinstance(v, TensorStorageMetadata)}
+        self.shapes = expected_shapes(self.cfg)
+        _check_names(ckpt, {k: tuple(v.size) for k, v in self.meta.items()}, self.shapes)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor `name` whole, in its stored dtype."""
+        t = torch.empty(tuple(self.meta[name].size), dtype=self.meta[name].properties.dtype)
+        try:
+            dcp.load({name: t}, storage_reader=self.reader, no_dist=True)
+        except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException only
+            raise ConvertError(f"{self.ckpt}: cannot read {name} ({_unwrap(exc)})") from None
+        return t
+
+
 def _plan_shards(names: list[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:
     shards, size = [[]], 0
     for name in names:
@@ -285,12 +308,8 @@ def export_checkpoint(load: str, hf_dir: str, max_shard_size: int = 5 * 10**9, d
     if chat_template is not None and not tokenizer_model:
         raise ConvertError(f"{ckpt}: a chat template is exported with the tokenizer: give --tokenizer-model "
                            "(or --chat-template none)")
-    cfg = _saved_model_config(ckpt)
-    reader = ShardReader(ckpt)  # refuses tensors its chunks do not cover (they would export garbage)
-    meta = {k: v for k, v in reader.read_metadata().state_dict_metadata.items()
-            if not k.startswith("optimizer") and isinstance(v, TensorStorageMetadata)}
-    want = expected_shapes(cfg)
-    _check_names(ckpt, {k: tuple(v.size) for k, v in meta.items()}, want)
+    model = StoredModel(ckpt)
+    cfg, meta, want = model.cfg, model.meta, model.shapes
     names = list(want)  # the model's order: embeddings, layers in order, norm, head
     # rows past the real vocabulary only pad the embedding for tensor parallelism
     shapes = {n: ((cfg.vocab_size,) + want[n][1:] if n in ("embed_tokens.weight", "lm_head.weight") else want[n])
@@ -299,14 +318,13 @@ def export_checkpoint(load: str, hf_dir: str, max_shard_size: int = 5 * 10**9, d
     nbytes = {n: torch.Size(shapes[n]).numel() * out[n].itemsize for n in names}
     shards = _plan_shards(names, nbytes, max_shard_size)
     with _Staged(hf_dir) as staged:
-        written = _export_into(staged.dir, reader, ckpt, cfg, meta, names, shapes, out, nbytes, shards,
-                               tokenizer_model, progress, chat_template)
+        written = _export_into(staged.dir, model, cfg, names, shapes, out, nbytes, shards, tokenizer_model, progress,
+                               chat_template)
         staged.commit()
     return written
 
 
-def _export_into(hf_dir, reader, ckpt, cfg, meta, names, shapes, out, nbytes, shards, tokenizer_model, progress,
-                 chat_template):
+def _export_into(hf_dir, model, cfg, names, shapes, out, nbytes, shards, tokenizer_model, progress, chat_template):
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     bar = _progress(sum(nbytes.values()), "export", progress)
@@ -316,12 +334,7 @@ def _export_into(hf_dir, reader, ckpt, cfg, meta, names, shapes, out, nbytes, sh
             with open(os.path.join(hf_dir, file), "wb") as fh:
                 fh.write(header)
                 for name in shard:
-                    t = torch.empty(tuple(meta[name].size), dtype=meta[name].properties.dtype)
-                    try:
-                        dcp.load({name: t}, storage_reader=reader, no_dist=True)
-                    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException only
-                        err = _unwrap(exc)
-                        raise ConvertError(f"{ckpt}: cannot read {name} ({err})") from None
+                    t = model.read(name)
                     t = _cast(t[:shapes[name][0]], out[name], model_spec().hf.to_hf_name(name)).contiguous()
                     fh.write(memoryview(t.view(torch.uint8).numpy()))
                     bar.update(t.nbytes)

@@ -74,8 +74,10 @@ class FaultInjector:
             if fault.rank >= world:
                 raise ConfigError(f"{FLAG} {fault.kind}@{fault.iteration}:{fault.rank}: there are only {world} "
                                   f"ranks")
-        self.faults = {f.iteration: [x for x in faults if x.iteration == f.iteration and x.rank == rank]
-                       for f in faults}
+        self.faults: dict[int, list[Fault]] = {}
+        for fault in faults:
+            if fault.rank == rank:
+                self.faults.setdefault(fault.iteration, []).append(fault)
 
     def after_step(self, iteration: int, engine) -> None:
         for fault in self.faults.get(iteration, ()):

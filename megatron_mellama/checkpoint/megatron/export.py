@@ -16,14 +16,9 @@ import argparse
 import os
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ...config import ModelConfig
-from ..convert import (DTYPES, _cast, _check_names, _check_target, _saved_model_config, _Staged, _unwrap,
-                       expected_shapes, find_checkpoint)
-from ..reader import ShardReader
+from ..convert import DTYPES, StoredModel, _cast, _check_target, _saved_model_config, _Staged, find_checkpoint
 from ..sources import ConvertError
 from .args import args_from_model_config
 from .layouts import fuse_qkv, padded_vocab
@@ -36,28 +31,18 @@ ITERATION_DIR = "iter_0000000"
 CHECKPOINT_VERSION = 3.0
 
 
-class OurTensors:
+class OurTensors(StoredModel):
     """Our checkpoint `ckpt`, read one tensor at a time, given as Megatron-LM's canonical tensors in
     `dtype` (DTYPES' names, or "keep": the checkpoint's dtype)."""
 
     def __init__(self, ckpt: str, dtype: str, padded_vocab_size: int | None = None):
-        self.ckpt = ckpt
-        self.cfg: ModelConfig = _saved_model_config(ckpt)
-        self.reader = ShardReader(ckpt)
-        self.meta = {k: v for k, v in self.reader.read_metadata().state_dict_metadata.items()
-                     if not k.startswith("optimizer") and isinstance(v, TensorStorageMetadata)}
-        _check_names(ckpt, {k: tuple(v.size) for k, v in self.meta.items()}, expected_shapes(self.cfg))
+        super().__init__(ckpt)
         self.dtype = DTYPES.get(dtype, self.meta[ours(None, EMBEDDING)[0]].properties.dtype)
         self.padded_vocab_size = padded_vocab_size or self.cfg.vocab_size
 
     def read(self, name: str) -> torch.Tensor:
         """Our tensor `name`, whole, in the export's dtype."""
-        t = torch.empty(tuple(self.meta[name].size), dtype=self.meta[name].properties.dtype)
-        try:
-            dcp.load({name: t}, storage_reader=self.reader, no_dist=True)
-        except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException only
-            raise ConvertError(f"{self.ckpt}: cannot read {name} ({_unwrap(exc)})") from None
-        return _cast(t, self.dtype, name)
+        return _cast(super().read(name), self.dtype, name)
 
     def shape(self, layer: int | None, name: str) -> tuple[int, ...]:
         """The global shape of canonical tensor (`layer`, `name`) in Megatron-LM's layout."""
