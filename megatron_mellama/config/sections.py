@@ -116,6 +116,18 @@ class ParallelConfig:
     distributed_timeout_minutes: float = opt(
         30.0, "how long a collective (a barrier while rank 0 builds the data index, a checkpoint load) may "
         "wait before the job fails")
+    # training/hang_watchdog.py, parallel/timeouts.py
+    distributed_timeout_seconds_after_init: Optional[float] = opt(
+        None, "after the first step, collectives time out after this many seconds (evaluations and saves keep "
+        "--distributed-timeout-minutes), and a watchdog on every rank ends the job when a step makes no progress "
+        "for that long: each rank writes its threads' stacks (and the flight recorder) under <--save>/debug/ and "
+        "one line naming the ranks that did not arrive, then exits with code 1. Default: off")
+    flight_recorder_trace_buffer_size: int = opt(
+        0, "keep the last N collectives of each process group (torch's flight recorder: "
+        "TORCH_NCCL_TRACE_BUFFER_SIZE), dumped on a collective timeout and by the hang watchdog; 0: off")
+    flight_recorder_dump_path: Optional[str] = opt(
+        None, "with --flight-recorder-trace-buffer-size: where NCCL writes the flight recorder on a collective "
+        "timeout (a path prefix; the rank is appended: TORCH_FR_DUMP_TEMP_FILE)")
     # Set by resolve(): the world size this run was started with, and what follows from it.
     world_size: int = 1
 
@@ -200,6 +212,33 @@ class TrainingConfig:
     max_skipped_steps: int = opt(
         10, "stop (exit code 1, no checkpoint) after this many consecutive iterations skipped for inf/NaN loss "
         "or gradients; fp16 overflows the dynamic loss scale can still absorb are not counted; 0: never stop")
+    # Loss spikes (training/spikes.py). Megatron-LM's rule flags a loss 10x the largest recent one
+    # (an exponent gone wrong); the z-score rule is OLMo-core's stability monitor, with its defaults
+    # (128 steps, 6 standard deviations: past the step-to-step noise and the loss's own descent).
+    check_for_spiky_loss: bool = opt(
+        False, "judge every step's loss (the global one, the same on every rank) against the recent ones: a spike "
+        "is more than --spiky-loss-factor x the largest of the last --spike-window losses, or more than "
+        "--spike-zscore-threshold standard deviations above their mean (once the window is full); "
+        "--spike-action says what happens")
+    spiky_loss_factor: float = opt(10.0, "with --check-for-spiky-loss: a loss above this many times the largest recent "
+                                         "one is a spike (Megatron-LM's rule)")
+    spike_zscore_threshold: float = opt(6.0, "with --check-for-spiky-loss: a loss this many standard deviations above "
+                                             "the mean of the recent ones is a spike; 0: no z-score rule")
+    spike_window: int = opt(128, "with --check-for-spiky-loss: how many recent applied (finite, not skipped) losses "
+                                 "the rules compare with")
+    spike_action: str = opt(
+        "log", "with --check-for-spiky-loss, what a spike does: log (one line; the step is applied), skip (its "
+        "update is not applied, as an inf/NaN step's), rollback (not applied; the run reloads its newest "
+        "checkpoint, skips the --spike-rollback-window iterations that end at the spike, and trains on)",
+        choices=("log", "skip", "rollback"))
+    spike_rollback_window: int = opt(
+        10, "with --spike-action rollback: the iterations skipped after a rollback, the spike's and those just "
+        "before it (those before the checkpoint cannot be)")
+    max_rollbacks: int = opt(3, "with --spike-action rollback: a spike after this many rollbacks of the run stops "
+                                "it (exit code 1)")
+    iterations_to_skip: Optional[list] = opt(
+        None, "these iterations read their global batch without training on it (no forward, backward or update; "
+        "the iteration and the consumed samples advance), as Megatron-LM's", metavar="ITERATION")
     eval_interval: int = opt(1000, "evaluate every this many iterations")
     eval_iters: int = opt(100, "validation batches per evaluation")
     eval_tasks: Optional[list] = opt(
@@ -218,7 +257,11 @@ class TrainingConfig:
                                      "and saves")
     inject_fault: Optional[list] = opt(
         None, "TESTING ONLY, one or more: inject a fault after the optimizer step of ITERATION on global RANK "
-        "(default 0), to test what the run does with it; kinds: bitflip (one bit of one weight of that rank flips)",
+        "(default 0), to test what the run does with it; kinds: bitflip (one bit of one weight of that rank flips), "
+        "loss-spike (that rank's loss in that step x1000, and its gradients), nan (its loss NaN, also when the step "
+        "is recomputed), nan-transient (NaN in the first computation only), hang (that rank's main thread blocks for "
+        "good), crash (that rank exits at once with code 1), slow (that rank sleeps 0.5 s in every step from that "
+        "iteration on); hang and crash happen in a job's first attempt only, not again after a torchrun restart",
         metavar="KIND@ITERATION[:RANK]")
 
 
@@ -252,6 +295,13 @@ class LoggingConfig:
     log_interval: int = opt(100, "log every this many iterations")
     tensorboard_dir: Optional[str] = opt(None, "write TensorBoard events here")
     log_file: Optional[str] = opt(None, "append one JSON object per logged iteration and evaluation")
+    # training/straggler.py: each rank's own time in its transformer blocks' forward, not its waits
+    log_straggler: bool = opt(
+        False, "at each log: gather every rank's own compute time (its transformer layers' forward, per layer call; "
+        "waits for other ranks excluded) in one small collective, and name the slowest and fastest ranks with "
+        "their host, device and ratio to the median")
+    straggler_minmax_count: int = opt(1, "with --log-straggler: how many of the slowest and of the fastest ranks "
+                                         "the report names")
 
 
 @dataclass

@@ -146,6 +146,9 @@ def validate_parallel(cfg: Config) -> None:
              + (f" x --context-parallel-size {cp}" if cp > 1 else ""))
     _require(p.distributed_timeout_minutes > 0,
              f"--distributed-timeout-minutes must be positive, got {p.distributed_timeout_minutes}")
+    _positive(p.distributed_timeout_seconds_after_init, "--distributed-timeout-seconds-after-init", allow_none=True)
+    _require(p.flight_recorder_trace_buffer_size >= 0, f"--flight-recorder-trace-buffer-size must not be negative, "
+                                                        f"got {p.flight_recorder_trace_buffer_size}")
     dp = p.data_parallel_size
     _positive(p.data_parallel_replicate_size, "--data-parallel-replicate-size")
     _require(dp % p.data_parallel_replicate_size == 0,
@@ -214,7 +217,19 @@ def validate_training(cfg: Config) -> None:
     _require(t.manual_gc_interval >= 0, f"--manual-gc-interval must not be negative, got {t.manual_gc_interval}")
     _require(t.max_skipped_steps >= 0, f"--max-skipped-steps must not be negative (0: never stop), "
                                         f"got {t.max_skipped_steps}")
+    _require(t.spiky_loss_factor > 1, f"--spiky-loss-factor must be above 1, got {t.spiky_loss_factor}")
+    _require(t.spike_zscore_threshold >= 0, f"--spike-zscore-threshold must not be negative (0: off), "
+                                             f"got {t.spike_zscore_threshold}")
+    _require(t.spike_window >= 2, f"--spike-window must be at least 2, got {t.spike_window}")
+    _positive(t.spike_rollback_window, "--spike-rollback-window")
+    _require(t.max_rollbacks >= 0, f"--max-rollbacks must not be negative, got {t.max_rollbacks}")
+    _require(t.spike_action != "rollback" or cfg.checkpoint.save,
+             "--spike-action rollback needs --save: it rolls back to the newest checkpoint there")
+    for it in t.iterations_to_skip or []:
+        _require(str(it).isdigit() and int(it) >= 1, f"--iterations-to-skip {it}: expected iteration numbers, "
+                                                     "1 or more")
     _positive(cfg.logging.log_interval, "--log-interval")
+    _positive(cfg.logging.straggler_minmax_count, "--straggler-minmax-count")
 
     _require(o.lr > 0, f"--lr must be positive, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, f"--min-lr {o.min_lr} must lie between 0 and --lr {o.lr}")

@@ -36,7 +36,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import socket
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -57,12 +59,19 @@ IGNORE_INDEX = kernels.IGNORE_INDEX
 DOCUMENT_KEYS = ("position_ids", "document_ids")
 
 
+NONFINITE = "inf/NaN loss or gradients"
+
+
 @dataclass
 class StepResult:
     loss: float  # token mean over the global batch
     grad_norm: float  # before clipping, over every shard of every stage
-    skipped: bool  # inf/NaN loss or gradients: no update was applied
+    skipped: bool  # no update was applied (`why`)
     lr: float
+    why: str = ""  # why it was skipped: NONFINITE, the step's judge's reason, or the loop's
+    # the first computation was not finite and the step was computed again (`Engine.step`): the
+    # ranks whose own loss was not finite, with their hosts ("" where every rank's was finite)
+    recomputed: Optional[str] = None
 
 
 def _require_trained_tokens(tokens: float, what: str) -> None:
@@ -121,6 +130,11 @@ class Engine:
         # the last global batch's trained tokens (all DP ranks), on the device: the host reads it
         # with the loss, not on its own
         self._batch_tokens = None
+        self._local_loss = None  # this rank's share of the last loss, before the sum over DP x CP
+        # testing only (`fault_injection.py`): what each computation of the next step multiplies
+        # this rank's micro-batch losses by, and so their gradients; None (no cost) otherwise
+        self.injected_loss_factors: Optional[tuple] = None
+        self._loss_factor = None
 
     # -- loss ---------------------------------------------------------------------------------
     def _autocast(self):
@@ -165,6 +179,7 @@ class Engine:
             loss = self._accumulate(tokens, labels, documents, weight, train)
         else:
             loss = self._pipeline(tokens, labels, documents, weight, train)
+        self._local_loss = loss
         return self._dp_sum(loss)
 
     def evaluate(self, micro_batches: list[dict]) -> float:
@@ -234,21 +249,62 @@ class Engine:
         grad_norm = clip_grad_norm_(params, self.cfg.optim.clip_grad, pp_group=pp_group, device=self.device)
         return loss, grad_norm
 
-    def step(self, micro_batches: list[dict]) -> StepResult:
-        """One optimizer step over this DP rank's micro-batches of one global batch."""
-        loss, grad_norm = self.compute_gradients(micro_batches)
-        # the step's one host synchronisation
-        loss, grad_norm, tokens = torch.stack([loss, grad_norm.to(loss.device, torch.float32),
-                                               self._batch_tokens.to(loss.device, torch.float32)]).tolist()
-        _require_trained_tokens(tokens, "a training step's global batch")
-        skipped = not (math.isfinite(grad_norm) and math.isfinite(loss))
-        self.scaler.update(found_inf=skipped)
+    def step(self, micro_batches: list[dict], judge: Optional[Callable[[float, float], Optional[str]]] = None
+             ) -> StepResult:
+        """One optimizer step over this DP rank's micro-batches of one global batch.
+
+        A non-finite loss or gradient norm is computed once more from the same micro-batches and
+        weights (nothing was applied) before the step counts as skipped: a finite rerun was a
+        transient fault, and its result is applied. An fp16 overflow the dynamic loss scaler answers
+        by lowering the scale is not recomputed (the same scale would overflow again).
+
+        `judge(loss, grad_norm)`, asked about a finite step after the host read and before the
+        update: None applies it, a reason skips it as a non-finite step is skipped (no optimizer or
+        scheduler step). Its inputs are global, so every rank decides alike without a collective."""
+        loss, grad_norm = self._computed(micro_batches, 0)
+        recomputed = None
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)) and not self._scaler_answers(loss):
+            recomputed = self._nonfinite_ranks()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm = self._computed(micro_batches, 1)
+        self.injected_loss_factors = None
+        finite = math.isfinite(grad_norm) and math.isfinite(loss)
+        why = "" if finite else NONFINITE
+        if finite and judge is not None:
+            why = judge(loss, grad_norm) or ""
+        self.scaler.update(found_inf=not finite)
         lr = self.optimizer.param_groups[0]["lr"]
-        if not skipped:
+        if not why:
             self.optimizer.step()
             self.scheduler.step(self.cfg.train.global_batch_size)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped, lr=lr)
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=bool(why), lr=lr, why=why, recomputed=recomputed)
+
+    def _computed(self, micro_batches: list[dict], attempt: int) -> tuple[float, float]:
+        """Gradients of one global batch; its loss and gradient norm, read by the host together
+        (the step's one host synchronisation; a second only when the first was not finite)."""
+        factors = self.injected_loss_factors
+        self._loss_factor = factors[min(attempt, len(factors) - 1)] if factors else None
+        loss, grad_norm = self.compute_gradients(micro_batches)
+        loss, grad_norm, tokens = torch.stack([loss, grad_norm.to(loss.device, torch.float32),
+                                               self._batch_tokens.to(loss.device, torch.float32)]).tolist()
+        _require_trained_tokens(tokens, "a training step's global batch")
+        return loss, grad_norm
+
+    def _scaler_answers(self, loss: float) -> bool:
+        """An fp16 overflow of the gradients (the loss finite) that the dynamic scaler answers by
+        lowering its scale: its normal work, not a fault."""
+        return math.isfinite(loss) and self.scaler.dynamic and self.scaler.loss_scale > self.scaler.min_scale
+
+    def _nonfinite_ranks(self) -> str:
+        """The ranks whose own share of the loss was not finite, with their hosts ("" when none): one
+        small gather over every rank, on this path only."""
+        own = (math.isfinite(self._local_loss.item()), socket.gethostname())
+        flags = [own]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flags = [None] * dist.get_world_size()
+            dist.all_gather_object(flags, own)
+        return ", ".join(f"rank {r} ({host})" for r, (ok, host) in enumerate(flags) if not ok)
 
     def _accumulate(self, tokens, labels, documents, weight: torch.Tensor, train: bool) -> torch.Tensor:
         model = self.modules[0]
@@ -260,13 +316,19 @@ class Engine:
             with torch.set_grad_enabled(train):
                 with self._autocast():
                     loss = model(t, lab, **docs) * weight
+                    if self._loss_factor is not None and train:
+                        loss = loss * self._loss_factor
                 if train:
                     self.scaler.scale(loss).backward()
             total += _local_value(loss.detach()).float()
         return total / self._grad_ranks  # back from the DP-scaled backward loss to this rank's share
 
     def _pipeline(self, tokens, labels, documents, weight: torch.Tensor, train: bool) -> torch.Tensor:
+        factor = self._loss_factor if train else None
+
         def loss_fn(summed_loss, labels):
+            if factor is not None:
+                summed_loss = summed_loss * factor
             return self.scaler.scale(summed_loss * weight)
 
         per_token = {k: torch.cat([d[k] for d in documents]) for k in documents[0]}

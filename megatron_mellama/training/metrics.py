@@ -218,6 +218,21 @@ class MetricsLogger:
         self._json({"iteration": iteration, "consumed_samples": consumed_samples, "downstream": scores,
                     "time": time.time()})
 
+    def log_event(self, record: dict) -> None:
+        """Something that happened to the run (a rollback), as one record of the JSON log."""
+        if self.is_writer:
+            self._json(dict(record, time=time.time()))
+
+    def log_report(self, iteration: int, consumed_samples: int, name: str, record: dict, line: str,
+                   scalars: dict[str, float]) -> None:
+        """A periodic job's report (e.g. the straggler report): its console line, its TensorBoard
+        scalars, and `record` under `name` in the JSON log (finite numbers only)."""
+        if not self.is_writer:
+            return
+        print(line, flush=True)
+        self._scalars(scalars, iteration, consumed_samples)
+        self._json({"iteration": iteration, "consumed_samples": consumed_samples, name: record, "time": time.time()})
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.flush()
