@@ -70,6 +70,12 @@ PRIVATE: dict[str, Private] = {
     "torch.ops._c10d_functional": Private("torch", ("ops._c10d_functional",),
                                           "the functional collectives' ops, which selective recompute keeps"),
     "DeviceMesh._flatten": Private("torch.distributed.device_mesh", ("DeviceMesh._flatten",)),
+    # hangs (`parallel/timeouts.py`): a group's timeout changed after creation, the groups of this
+    # process, and the flight recorder's dump (NCCL's where built with NCCL, else the generic one gloo uses)
+    "_set_pg_timeout": Private("torch.distributed.distributed_c10d", ("_set_pg_timeout",)),
+    "_world.pg_map": Private("torch.distributed.distributed_c10d", ("_world.pg_map",)),
+    "flight_recorder_dump": Private("torch._C._distributed_c10d", ("_dump_nccl_trace", "_dump_fr_trace"),
+                                    "the flight recorder's entries, a pickle"),
     "DeviceMesh._unflatten": Private("torch.distributed.device_mesh", ("DeviceMesh._unflatten",)),
     # the dry run: a fake world, fake tensors, torch's memory tracker
     "fake_pg.FakeStore": Private("torch.testing._internal.distributed.fake_pg", ("FakeStore",)),

@@ -95,7 +95,8 @@ def test_fault_specs():
 
 
 @pytest.mark.parametrize("spec, want", [
-    ("hang@3", "--inject-fault 'hang@3': unknown kind 'hang'; supported: bitflip"),
+    ("freeze@3", "--inject-fault 'freeze@3': unknown kind 'freeze'; supported: bitflip, crash, hang, loss-spike, "
+                 "nan, nan-transient, slow"),
     ("bitflip3", "--inject-fault 'bitflip3': expected KIND@ITERATION[:RANK], e.g. bitflip@3:1"),
     ("bitflip@0", "--inject-fault 'bitflip@0': the iteration must be 1 or more"),
 ])

@@ -44,6 +44,8 @@ TINY = ["--model", "tiny", "--mock-data", "--seq-length", "32", "--max-position-
 # job lifetimes on a shared 2-core machine, where every process start imports torch
 START_TIMEOUT = 150
 END_TIMEOUT = 120
+# SLURM holds a requeued job for the credential lifetime (120 s by default) before it may start again
+REQUEUE_DELAY = "cred_expire=10"
 
 
 def _wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
@@ -78,7 +80,7 @@ class Cluster:
         munged = shutil.which("munged", path=f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin")
         if not munged:
             # Slurm up to 23.02 still ships auth/none; later versions need munge (or auth/slurm)
-            return ["AuthType=auth/none", "CredType=cred/none"]
+            return ["AuthType=auth/none", "CredType=cred/none", f"AuthInfo={REQUEUE_DELAY}"]
         # munged refuses a socket folder that others cannot traverse, as pytest's tmp_path is
         self.munge_dir = Path(tempfile.mkdtemp(prefix="mellama-munge-"))
         self.munge_dir.chmod(0o755)
@@ -90,7 +92,7 @@ class Cluster:
                      f"--log-file={self.munge_dir / 'munged.log'}", f"--pid-file={self.munge_dir / 'munged.pid'}",
                      f"--seed-file={self.munge_dir / 'munged.seed'}"], "munged.out")
         _wait_for(socket_path.exists, 20, "munged's socket")
-        return ["AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={socket_path}"]
+        return ["AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={socket_path},{REQUEUE_DELAY}"]
 
     def start(self) -> None:
         root = self.root
@@ -114,6 +116,8 @@ class Cluster:
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",
+            # look at pending jobs every 2 s (default 60 s, backfill 30 s): a requeued job starts soon
+            "SchedulerParameters=sched_interval=2,bf_interval=2",
             "MpiDefault=none",
             "ReturnToService=2",
             # both nodes claim the machine's cores: oversubscribed, which a tiny model tolerates
@@ -164,10 +168,11 @@ class Cluster:
     def run(self, argv, check=True, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60, check=check, **kw)
 
-    def submit(self, work: Path, name: str, trainer_args: list[str]) -> "Job":
+    def submit(self, work: Path, name: str, trainer_args: list[str], **settings: str) -> "Job":
+        """`settings`: the script's environment settings (MAX_REQUEUES=...)."""
         output = work / f"{name}.out"
         env = dict(self.env, GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(reserved_port()),
-                   EXIT_CODE_DIR=str(work / f"{name}-exit-codes"), OMP_NUM_THREADS="1")
+                   EXIT_CODE_DIR=str(work / f"{name}-exit-codes"), OMP_NUM_THREADS="1", **settings)
         # the header asks for 8 GPUs, 64 cores and more; these nodes have no GPUs and 2 cores
         argv = ["sbatch", "--parsable", "--export=ALL", "--job-name", name, "--nodes", "2",
                 "--gpus-per-node=0", f"--cpus-per-task={CPUS_PER_NODE}", f"--output={output}",
@@ -199,7 +204,7 @@ class Job:
         return 128 + sig if sig else code
 
     def running(self) -> bool:
-        return self.info()["JobState"] in ("PENDING", "CONFIGURING", "RUNNING")
+        return self.info()["JobState"] in ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "COMPLETING")
 
     def text(self) -> str:
         return self.output.read_text(errors="replace") if self.output.exists() else "(no output yet)"
@@ -224,43 +229,86 @@ def _log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
 
 
-def test_usr1_saves_and_the_next_job_resumes(cluster, tmp_path):
-    save, first_log = tmp_path / "ckpt", tmp_path / "first.jsonl"
-    job = cluster.submit(tmp_path, "preempted", [*TINY, "--train-iters", "100000", "--save", str(save),
-                                                 "--log-file", str(first_log)])
+# 8 micro-batches a step: slow enough for a job to be told to stop long before the run's end
+CHAIN = [*TINY[:TINY.index("--global-batch-size")], "--global-batch-size", "32",
+         *TINY[TINY.index("--global-batch-size") + 2:], "--train-iters", "40"]
+ITERS = 40
 
-    def trained_a_few():
+
+def _reference_run(work: Path) -> tuple[subprocess.Popen, Path]:
+    """The uninterrupted run: the same flags on the same 2 processes, under torchrun on this machine."""
+    save, log = work / "ckpt", work / "train.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    argv = ["torchrun", "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{reserved_port()}", "-m", "megatron_mellama.pretrain", *CHAIN,
+            "--save", str(save), "--load", str(save), "--log-file", str(log)]
+    work.mkdir()
+    with open(work / "out.txt", "w") as out:
+        return subprocess.Popen(argv, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True), log
+
+
+def _stop_after(cluster: Cluster, job: Job, log: Path, iteration: int) -> None:
+    """SIGUSR1 to every process of the job's steps, as --signal=USR1@N does at the time limit, once
+    the run has logged `iteration`."""
+    def reached():
         if not job.running():
             raise AssertionError(f"job {job.id} ended before the signal:\n{job.text()}")
-        return len(_log(first_log)) >= 3
+        return any(r["iteration"] >= iteration for r in _log(log))
 
-    _wait_for(trained_a_few, START_TIMEOUT, "three iterations", interval=1)
-    # what --signal=USR1@N does at the time limit: SIGUSR1 to every process of the job's steps
+    _wait_for(reached, START_TIMEOUT, f"iteration {iteration}", interval=0.5)
     cluster.run(["scancel", "--signal=USR1", job.id])
-    code = job.wait()
-    text = job.text()
-    assert code == 0, text
-    assert (save / "latest").exists(), text
-    saved = int((save / "latest").read_text().strip())
-    stops = re.findall(r"received SIGUSR1: saving and exiting at iteration (\d+)", text)
-    assert stops and {int(i) for i in stops} == {saved}, text
-    assert re.search(r"exit code 0 on n1", text) and re.search(r"exit code 0 on n2", text), text
-    by_iteration = {rec["iteration"]: rec for rec in _log(first_log)}
-    assert saved in by_iteration, text
 
-    second_log = tmp_path / "second.jsonl"
-    # the same --train-iters (it sets the learning-rate schedule, which a resume must keep); three
-    # more steps, then --exit-interval stops it
-    job = cluster.submit(tmp_path, "resumed", [*TINY, "--train-iters", "100000", "--exit-interval", str(saved + 3),
-                                               "--load", str(save), "--save", str(save),
-                                               "--log-file", str(second_log)])
-    code = job.wait(START_TIMEOUT)
+
+def _stops(text: str) -> list[int]:
+    return [int(i) for i in re.findall(r"stopping at iteration (\d+): received SIGUSR1: saving and exiting", text)]
+
+
+def test_the_time_limit_signal_requeues_the_job_until_the_chain_bound(cluster, tmp_path):
+    """A chain of MAX_REQUEUES=1: the first job is told to stop, saves and requeues itself; the
+    requeued job resumes, is told to stop again, saves and ends (the bound); the same command line
+    submitted again finishes the run. Every loss equals the uninterrupted run's."""
+    save, log = tmp_path / "ckpt", tmp_path / "train.jsonl"
+    flags = [*CHAIN, "--save", str(save), "--load", str(save), "--log-file", str(log)]
+    job = cluster.submit(tmp_path, "chain", flags, MAX_REQUEUES="1")
+    _stop_after(cluster, job, log, 3)
+    _wait_for(lambda: job.info()["Restarts"] == "1", END_TIMEOUT, f"job {job.id} to requeue itself")
     text = job.text()
-    assert code == 0, text
-    records = _log(second_log)
-    assert [r["iteration"] for r in records] == [saved + 1, saved + 2, saved + 3], text
-    samples = by_iteration[saved]["consumed_samples"]
-    assert [r["consumed_samples"] for r in records] == [samples + 4, samples + 8, samples + 12], text
+    first = _stops(text)
+    assert len(first) == 1 and int((save / "latest").read_text()) == first[0], text
+    assert f"requeueing job {job.id} (requeue 1 of at most 1): stopped at iteration {first[0]} of {ITERS}" in text
+    assert re.search(r"exit code 0 on n1", text) and re.search(r"exit code 0 on n2", text), text
+    # meanwhile (SLURM holds a requeued job before it may start again), the run to compare with
+    reference, reference_log = _reference_run(tmp_path / "reference")
+    try:
+        # the requeued job: the same script and flags, resuming the checkpoint; told to stop again
+        _stop_after(cluster, job, log, first[0] + 3)
+        code = job.wait()
+        text = job.text()
+        assert code == 0, text
+        stops = _stops(text)
+        assert len(stops) == 2 and stops[1] > first[0] and int((save / "latest").read_text()) == stops[1], text
+        assert f"resumed from {save} at iteration {first[0]}" in text
+        assert "not requeued: this job was requeued 1 times, MAX_REQUEUES is 1" in text, text
+        assert job.info()["Restarts"] == "1"
+
+        again = cluster.submit(tmp_path, "again", flags, MAX_REQUEUES="1")
+        code = again.wait(START_TIMEOUT)
+        text = again.text()
+        assert code == 0 and f"resumed from {save} at iteration {stops[1]}" in text, text
+        assert "requeue" not in text and again.info()["Restarts"] == "0", text
+        assert reference.wait(timeout=START_TIMEOUT) == 0, (tmp_path / "reference" / "out.txt").read_text()[-3000:]
+    finally:
+        if reference.poll() is None:
+            os.killpg(reference.pid, signal.SIGKILL)
+            reference.wait()
+    records = _log(log)
+    # each iteration once, from 1 to the end: no step repeated or skipped across the three jobs
+    assert [r["iteration"] for r in records] == list(range(1, ITERS + 1))
+    expected = _log(reference_log)
+    assert [(r["consumed_samples"], r["lm_loss"]) for r in records] == \
+        [(r["consumed_samples"], r["lm_loss"]) for r in expected]
 
 
 def test_configuration_error_is_the_jobs_exit_code(cluster, tmp_path):
@@ -271,3 +319,5 @@ def test_configuration_error_is_the_jobs_exit_code(cluster, tmp_path):
     text = job.text()
     assert code == 2, text
     assert "job exit code 2" in text, text
+    # a failed job is not requeued (the script's header asks SLURM for requeueable jobs)
+    assert "requeue" not in text and job.info()["Restarts"] == "0", text

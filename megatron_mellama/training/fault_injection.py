@@ -3,8 +3,8 @@
 
 Each kind is one entry of `FAULTS`: a function `(engine)` run on the chosen rank right after the
 optimizer step of the chosen iteration, before the periodic jobs (`periodic.py`) see that
-iteration. RANK is a global rank, 0 when not given. Adding a kind (hang, crash, slow, loss-spike,
-nan) is one function and one entry; the parser accepts only the kinds listed there.
+iteration. RANK is a global rank, 0 when not given. Adding a kind is one function and one entry;
+the parser accepts only the kinds listed there.
 
 - `bitflip`: one bit of one weight on one rank flips, as bad memory would do: the high mantissa
   bit of element 0 of this rank's first parameter (its local shard), so the value changes by a
@@ -136,6 +136,8 @@ class FaultInjector:
         for fault in faults:
             if fault.rank == rank:
                 self.faults.setdefault(fault.iteration, []).append(fault)
+        # a slow rank stays slow, also in an attempt resumed after the fault's iteration
+        self.lasting = [fault for fault in faults if fault.rank == rank and fault.kind == "slow"]
 
     def before_step(self, iteration: int, engine) -> None:
         """Before the step of `iteration` (the one about to run): the faults in its loss."""
@@ -144,6 +146,9 @@ class FaultInjector:
                 engine.injected_loss_factors = LOSS_FAULTS[fault.kind]
 
     def after_step(self, iteration: int, engine) -> None:
+        for fault in self.lasting:
+            if fault.iteration < iteration:
+                slow(engine)  # acts once
         for fault in self.faults.get(iteration, ()):
             if fault.kind in FAULTS:
                 FAULTS[fault.kind](engine)

@@ -30,19 +30,24 @@ from ..data.datasets import build_datasets
 from ..data.loader import train_batches
 from ..evaluation.in_training import DownstreamTasks
 from ..parallel.mesh import ParallelDims, init_distributed, local_device
+from ..parallel.timeouts import configure_flight_recorder
+from .bad_steps import BadSteps, RestartableBatches
 from .console import print0
-from .engine import Engine
+from .engine import NONFINITE, Engine
 from .fault_injection import FaultInjector, parse_faults
+from .hang_watchdog import NoWatchdog, hang_watchdog
 from .jobs.downstream import DownstreamScoring
 from .jobs.manual_gc import ManualGC, collecting
 from .jobs.replica_check import ReplicaCheck
 from .jobs.saving import CheckpointSaving
 from .jobs.stopping import Stopping
+from .jobs.straggler_report import StragglerReport
 from .jobs.train_log import TrainLog
 from .jobs.validation import Validation, validation_sets
 from .metrics import MetricsLogger
 from .periodic import PeriodicJob, run_due_jobs
 from .run_control import RunControl
+from .requeue_marker import UnfinishedMarker
 from .run_state import RunState
 from .stop_signals import StopSignals
 
@@ -60,6 +65,8 @@ def train(cfg: Config, signals: StopSignals | None = None) -> dict:
     # a run that would write over checkpoints it does not continue, or read a checkpoint's weights
     # with another tokenizer, stops here, before any work
     faults = parse_faults(cfg.train.inject_fault)
+    # under a SLURM chain: whether these flags resume, read before --pretrained-checkpoint sets --load
+    unfinished = UnfinishedMarker(cfg, train_iterations(cfg))
     start = resolve_start(cfg)
     if start:
         print0(start)
@@ -72,12 +79,17 @@ def train(cfg: Config, signals: StopSignals | None = None) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         if world > 1:
+            # torch reads the flight recorder's settings when the groups are created
+            configure_flight_recorder(cfg.parallel.flight_recorder_trace_buffer_size,
+                                      cfg.parallel.flight_recorder_dump_path)
             device = init_distributed(cfg.parallel.distributed_backend, cfg.parallel.distributed_timeout_minutes)
         else:
             device = local_device()
         control.device = device
         with collecting(cfg):
-            return _train(cfg, world, device, control, faults)
+            history = _train(cfg, world, device, control, faults)
+        unfinished.record(history, control.time_limit)
+        return history
     finally:
         control.restore_handlers()
         if world > 1 and dist.is_initialized():
@@ -131,13 +143,17 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl, f
             run.stopped = "a stop signal arrived during start-up"
             print0(f"stopping before the first iteration: {run.stopped}")
             return run.history()
-        batches = train_batches(cfg, samples, consumed_samples=consumed, dp_rank=coords["dp"], dp_size=dims.dp)
+        # a rollback restarts the batches at its checkpoint's position
+        batches = RestartableBatches(lambda at: train_batches(cfg, samples, consumed_samples=at, dp_rank=coords["dp"],
+                                                              dp_size=dims.dp), consumed)
         try:
             # what a checkpoint keeps besides the data position: an SFT run's chat template, for the export
             kept = dict(chat_template=data.chat_template) if data.chat_template is not None else {}
             jobs = periodic_jobs(cfg, engine, metrics, control, checkpoints, samples, validation_sets(data),
                                  downstream, coords["dp"], dims.dp, kept, dims)
-            _run_steps(run, engine, batches, control, jobs, FaultInjector(faults, rank, world))
+            bad = BadSteps(cfg, state, kept, checkpoints, metrics)
+            with hang_watchdog(cfg, rank, world, device) as watchdog:  # --distributed-timeout-seconds-after-init
+                _run_steps(run, engine, batches, control, jobs, FaultInjector(faults, rank, world), bad, watchdog)
         finally:
             batches.close()
     finally:
@@ -154,7 +170,8 @@ def periodic_jobs(cfg: Config, engine: Engine, metrics: MetricsLogger, control: 
                    DownstreamScoring(cfg, engine, metrics, downstream, dp_rank, dp_size)]
     saving = CheckpointSaving(cfg, engine, checkpoints, control, samples, kept)
     return [
-        TrainLog(cfg, metrics, engine, samples),
+        train_log := TrainLog(cfg, metrics, engine, samples),
+        StragglerReport(cfg, engine, metrics, train_log),  # at the train log's iterations, one all-gather
         Stopping(control),
         # after the stop decision, which the collection's due reads (a stop saves)
         ManualGC(cfg, before=evaluations + [saving]),
@@ -167,29 +184,44 @@ def periodic_jobs(cfg: Config, engine: Engine, metrics: MetricsLogger, control: 
 
 
 def _run_steps(run: RunState, engine: Engine, batches, control: RunControl, jobs: list[PeriodicJob],
-               faults: FaultInjector) -> None:
-    """The iterations of one run, from where it (re)started: a step, then the due jobs."""
+               faults: FaultInjector, bad: BadSteps, watchdog=NoWatchdog()) -> None:
+    """The iterations of one run, from where it (re)started: a step, then the due jobs. After a
+    rollback (`bad_steps.py`) the loop goes on from the checkpoint's iteration."""
     run.restart_window()
     while run.iteration < run.iterations:
-        _step(run, engine, batches, control)
+        watchdog.entered(run.iteration + 1)
+        if _step(run, engine, batches, control, bad, faults):
+            continue
         faults.after_step(run.iteration, engine)
-        run_due_jobs(jobs, run)
+        run_due_jobs(jobs, run, before=watchdog.job)
         if run.stop.stop:
             run.stopped = run.stop.reason
             print0(f"stopping at iteration {run.iteration}: {run.stop.reason}")
             break
 
 
-def _step(run: RunState, engine: Engine, batches, control: RunControl) -> None:
-    result = engine.step(next(batches))
+def _step(run: RunState, engine: Engine, batches, control: RunControl, bad: BadSteps,
+          faults: FaultInjector) -> bool:
+    """One iteration's step; True when it rolled the run back to a checkpoint instead."""
+    iteration = run.iteration + 1
+    micro_batches = next(batches)
+    if bad.skips(iteration):
+        # --iterations-to-skip: the batch is read and not trained on; nothing failed, nothing counts
+        result = bad.skipped(iteration, engine)
+    else:
+        faults.before_step(iteration, engine)
+        result = engine.step(micro_batches, judge=bad.judge)
+        if bad.after_step(run, iteration, result, batches, control):
+            return True
+        run.skipped_total += int(result.skipped)
+        scaler = engine.scaler
+        # an fp16 overflow the dynamic scaler answered by lowering the scale: its normal work
+        absorbed = (result.why == NONFINITE and math.isfinite(result.loss) and scaler.dynamic
+                    and scaler.loss_scale > scaler.min_scale)
+        control.record_step(result.skipped, absorbed)
     run.step = result
-    run.iteration += 1
+    run.iteration = iteration
     run.consumed_samples = batches.consumed_samples
-    run.skipped_total += int(result.skipped)
-    scaler = engine.scaler
-    # an fp16 overflow the dynamic scaler answered by lowering the scale: its normal work
-    absorbed = (result.skipped and math.isfinite(result.loss) and scaler.dynamic
-                and scaler.loss_scale > scaler.min_scale)
-    control.record_step(result.skipped, absorbed)
     run.losses.append(result.loss)
     run.window_steps += 1
+    return False

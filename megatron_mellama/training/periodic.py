@@ -22,7 +22,7 @@ place in the order.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Optional, Protocol
 
 from .run_state import RunState
 
@@ -35,7 +35,11 @@ class PeriodicJob(Protocol):
         """Do the job; reads and updates `state`."""
 
 
-def run_due_jobs(jobs: list[PeriodicJob], state: RunState) -> None:
+def run_due_jobs(jobs: list[PeriodicJob], state: RunState,
+                 before: Optional[Callable[[PeriodicJob], None]] = None) -> None:
+    """`before(job)`: called as each due job starts (the hang watchdog's phase, `hang_watchdog.py`)."""
     for job in jobs:
         if job.due(state):
+            if before is not None:
+                before(job)
             job.run(state)

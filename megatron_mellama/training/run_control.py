@@ -66,6 +66,9 @@ class RunControl:
         self.start = time.monotonic()
         self.consecutive_skipped = 0
         self.counted_steps = 0  # steps of this run that were not absorbed fp16 overflows
+        # the ranks agreed to stop for a time limit: SIGUSR1 on some rank and SIGTERM on none, or
+        # --exit-duration-in-mins; a SLURM chain requeues such a job (`requeue_marker.py`)
+        self.time_limit = False
         # a catcher installed earlier (by `pretrain`, before start-up) keeps what it caught
         self.signals = signals or StopSignals()
         if install_handlers:
@@ -87,7 +90,8 @@ class RunControl:
     # -- exit conditions ------------------------------------------------------------------------
     def _local_flags(self, iteration: int) -> list[int]:
         flags = [0, 0, 0]
-        flags[_SIGNAL] = int(self.received_signal is not None)
+        # the signal's number: the MAX over ranks is SIGTERM (15) wherever any rank got it, else SIGUSR1 (10)
+        flags[_SIGNAL] = int(self.received_signal or 0)
         flags[_INTERVAL] = int(bool(self.exit_interval) and iteration % self.exit_interval == 0)
         if self.exit_duration_in_mins is not None:
             flags[_DURATION] = int((time.monotonic() - self.start) / 60.0 > self.exit_duration_in_mins)
@@ -105,7 +109,9 @@ class RunControl:
         Asked once, when start-up is over: from here on SIGTERM no longer ends the process at once
         but is kept for the next step boundary (`stop_signals.py`)."""
         self.signals.end_start_up()
-        return bool(self._reduce_max([int(self.received_signal is not None)])[0])
+        agreed = self._reduce_max([int(self.received_signal or 0)])[0]
+        self.time_limit = agreed == signal.SIGUSR1
+        return bool(agreed)
 
     def should_stop(self, iteration: int) -> StopDecision:
         """Whether to stop after `iteration`, why, and whether to save; the same answer on every rank.
@@ -115,12 +121,14 @@ class RunControl:
         """
         flags = self._reduce_max(self._local_flags(iteration))
         if flags[_SIGNAL]:
-            name = signal.Signals(self.received_signal).name if self.received_signal else "a signal on another rank"
+            name = signal.Signals(flags[_SIGNAL]).name
+            self.time_limit = flags[_SIGNAL] == signal.SIGUSR1
             return StopDecision(True, f"received {name}: saving and exiting at iteration {iteration}", True, True)
         if flags[_INTERVAL]:
             return StopDecision(True, f"exit interval {self.exit_interval} reached at iteration {iteration}", True,
                                 False)
         if flags[_DURATION]:
+            self.time_limit = True
             return StopDecision(True, f"exit duration of {self.exit_duration_in_mins} minutes reached at "
                                       f"iteration {iteration}", True, False)
         return GO_ON
@@ -162,6 +170,6 @@ class RunControl:
     def too_many_skipped(self) -> str | None:
         k = self.max_skipped_steps
         if k and self.consecutive_skipped >= k:
-            return (f"{self.consecutive_skipped} consecutive iterations were skipped (inf/NaN loss or gradients); "
-                    f"--max-skipped-steps is {k}; no checkpoint was saved")
+            return (f"{self.consecutive_skipped} consecutive iterations were skipped (inf/NaN loss or gradients, or "
+                    f"loss spikes); --max-skipped-steps is {k}; no checkpoint was saved")
         return None

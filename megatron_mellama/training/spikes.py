@@ -38,8 +38,8 @@ class SpikeDetector:
             return (f"loss {loss:.4g} is more than {self.factor:g}x the largest of the last {len(losses)} "
                     f"({largest:.4g})")
         if self.zscore and len(losses) == self.recent.maxlen:
-            mean = math.fsum(losses) / len(losses)
-            std = math.sqrt(math.fsum((x - mean) ** 2 for x in losses) / len(losses))
+            mean = sum(losses) / len(losses)
+            std = math.sqrt(sum([(x - mean) ** 2 for x in losses]) / len(losses))
             # a flat window (std 0) has no scale to measure a jump in: the factor rule alone holds
             if std > 0 and (loss - mean) / std > self.zscore:
                 return (f"loss {loss:.4g} is {(loss - mean) / std:.1f} standard deviations above the mean of the last "

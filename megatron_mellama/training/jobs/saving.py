@@ -45,8 +45,8 @@ class CheckpointSaving:
         Every rank decides the same: the skipped-step count is global and the weight check reduces."""
         iteration, stop = state.iteration, state.stop
         if self.control.last_step_skipped():
-            skipped = (f"iteration {iteration} was skipped (inf/NaN loss or gradients): its weights are the ones "
-                       f"that gave it, and are not saved")
+            skipped = (f"iteration {iteration} was skipped (inf/NaN loss or gradients, or a loss spike): its weights "
+                       f"are the ones that gave it, and are not saved")
             if stop.save:
                 raise TrainingStopped(f"{stop.reason}, but {skipped}; {newest_checkpoint(self.cfg)}")
             print0(f"{skipped} yet; the checkpoint waits for the next iteration that is not skipped")
