@@ -23,6 +23,8 @@ setup(
         "nltk",
         "tensorboard",
         "packaging",
+        # the images of mellama-plot-run and mellama-compare-runs (Agg, no display needed)
+        "matplotlib",
     ],
     extras_require={
         # Triton runs the kernel tests on the CPU through its interpreter (CUDA builds of torch
@@ -31,8 +33,12 @@ setup(
                  # the suite's workers (python -m pytest -n 2 --dist loadfile)
                  "pytest-xdist>=3",
                  # the reference the evaluation's scoring is held to (tests/test_evaluation_vs_lm_eval.py)
-                 "lm-eval[hf]>=0.4.13"],
+                 "lm-eval[hf]>=0.4.13",
+                 # W&B's offline run files (tests/test_wandb.py)
+                 "wandb"],
         "te": ["transformer_engine[pytorch]"],
+        # --wandb-project
+        "wandb": ["wandb"],
     },
     entry_points={
         "console_scripts": [
@@ -48,6 +54,8 @@ setup(
             "mellama-plan-layout=megatron_mellama.tools.plan_layout:main",
             "mellama-verify-checkpoint=megatron_mellama.tools.verify_checkpoint:main",
             "mellama-evaluate=megatron_mellama.tools.evaluate:main",
+            "mellama-compare-runs=megatron_mellama.tools.compare_runs:main",
+            "mellama-plot-run=megatron_mellama.tools.plot_run:main",
         ],
     },
 )
