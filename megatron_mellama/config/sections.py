@@ -302,6 +302,33 @@ class LoggingConfig:
         "their host, device and ratio to the median")
     straggler_minmax_count: int = opt(1, "with --log-straggler: how many of the slowest and of the fastest ranks "
                                          "the report names")
+    # training/wandb_writer.py: the TensorBoard scalars, under the same tags, also to Weights & Biases
+    wandb_project: Optional[str] = opt(
+        None, "log the TensorBoard scalars to this Weights & Biases project as well (needs the wandb extra: "
+        "pip install -e \".[wandb]\"); the run id is kept in checkpoints, so a resumed run continues the same W&B "
+        "run; WANDB_MODE=offline writes the run under --wandb-save-dir only")
+    wandb_exp_name: Optional[str] = opt(None, "with --wandb-project: the W&B run's display name")
+    wandb_save_dir: Optional[str] = opt(
+        None, "with --wandb-project: where W&B writes its local run files (default: <save>/wandb, else ./wandb)")
+    wandb_entity: Optional[str] = opt(None, "with --wandb-project: the W&B user or team the project belongs to")
+    # training/profiling.py
+    profile: bool = opt(
+        False, "trace iterations --profile-step-start to --profile-step-end with torch.profiler (shapes and memory "
+        "recorded) on the --profile-ranks ranks: a Chrome trace JSON per rank that TensorBoard's profiler plugin "
+        "also reads")
+    profile_step_start: int = opt(10, "with --profile: the first iteration traced")
+    profile_step_end: int = opt(12, "with --profile: the last iteration traced")
+    profile_ranks: Optional[list] = opt(
+        None, "with --profile or --record-memory-history: the global ranks traced (default: 0)", metavar="RANK")
+    profile_dir: Optional[str] = opt(
+        None, "with --profile: where the traces go (default: --tensorboard-dir, else <save>/profile, else ./profile)")
+    record_memory_history: bool = opt(
+        False, "CUDA only (skipped with one line on the CPU): record every allocation with its stack on the "
+        "--profile-ranks ranks and dump a snapshot to --memory-snapshot-path at the end of training and on an "
+        "out-of-memory error (open it at pytorch.org/memory_viz)")
+    memory_snapshot_path: str = opt(
+        "snapshot.pickle", "with --record-memory-history: the snapshot file (rank N of a job of several ranks "
+        "writes NAME.rankN.pickle)")
 
 
 @dataclass

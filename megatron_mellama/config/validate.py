@@ -6,6 +6,7 @@ Validation only reads: every value that follows from others is set before, by `r
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 
 import torch
@@ -16,6 +17,7 @@ from .sections import Config
 # the first torch whose zero-bubble schedule computes weight gradients through custom autograd
 # functions (2.11 and 2.12 fail in `stage_backward_weight` on their `_input_metadata`)
 ZERO_BUBBLE_TORCH = "2.13"
+WANDB_MISSING = '--wandb-project needs the wandb package: pip install -e ".[wandb]"'
 
 
 def torch_at_least(release: str) -> bool:
@@ -320,6 +322,23 @@ def parse_split(split: str) -> list:
     return values + [0.0] * (3 - len(values))
 
 
+def validate_watching(cfg: Config) -> None:
+    """W&B and the profiler (`training/wandb_writer.py`, `training/profiling.py`)."""
+    g = cfg.logging
+    if g.wandb_project:
+        # checked here, on every rank, before any work: not as an ImportError on rank 0 after start-up
+        _require(importlib.util.find_spec("wandb") is not None, WANDB_MISSING)
+    else:
+        for flag, value in (("--wandb-exp-name", g.wandb_exp_name), ("--wandb-save-dir", g.wandb_save_dir),
+                            ("--wandb-entity", g.wandb_entity)):
+            _require(value is None, f"{flag} needs --wandb-project")
+    _require(g.profile_step_start >= 1, f"--profile-step-start must be 1 or more, got {g.profile_step_start}")
+    _require(g.profile_step_end >= g.profile_step_start,
+             f"--profile-step-end {g.profile_step_end} comes before --profile-step-start {g.profile_step_start}")
+    for rank in g.profile_ranks or []:
+        _require(str(rank).isdigit(), f"--profile-ranks {rank}: expected global rank numbers, 0 or more")
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError for the first value `cfg` (resolved by `resolve`) cannot run with."""
     validate_finite(cfg)
@@ -328,3 +347,4 @@ def validate(cfg: Config) -> None:
     validate_parallel(cfg)
     validate_training(cfg)
     validate_data(cfg)
+    validate_watching(cfg)

@@ -46,6 +46,7 @@ from .jobs.train_log import TrainLog
 from .jobs.validation import Validation, validation_sets
 from .metrics import MetricsLogger
 from .periodic import PeriodicJob, run_due_jobs
+from .profiling import NoProfiling, profiling
 from .run_control import RunControl
 from .requeue_marker import UnfinishedMarker
 from .run_state import RunState
@@ -128,7 +129,7 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl, f
 
     run = RunState.starting_at(iteration, consumed, iterations=train_iterations(cfg),
                                skipped_total=state.get("skipped_total", 0), kernels=kernels.selected())
-    metrics = MetricsLogger(cfg, rank, world, device)
+    metrics = MetricsLogger(cfg, rank, world, device, wandb_run_id=state.get("wandb_run_id"))
     try:
         if run.iteration >= run.iterations:
             # as Megatron-LM, exit 0 (a requeued job that had finished is no failure), but say so
@@ -149,11 +150,14 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl, f
         try:
             # what a checkpoint keeps besides the data position: an SFT run's chat template, for the export
             kept = dict(chat_template=data.chat_template) if data.chat_template is not None else {}
+            kept.update(metrics.checkpoint_extra())  # the W&B run id, which a resumed run continues
             jobs = periodic_jobs(cfg, engine, metrics, control, checkpoints, samples, validation_sets(data),
                                  downstream, coords["dp"], dims.dp, kept, dims)
             bad = BadSteps(cfg, state, kept, checkpoints, metrics)
-            with hang_watchdog(cfg, rank, world, device) as watchdog:  # --distributed-timeout-seconds-after-init
-                _run_steps(run, engine, batches, control, jobs, FaultInjector(faults, rank, world), bad, watchdog)
+            with hang_watchdog(cfg, rank, world, device) as watchdog, \
+                    profiling(cfg, rank, world, device) as profiler:  # --distributed-timeout-seconds-after-init
+                _run_steps(run, engine, batches, control, jobs, FaultInjector(faults, rank, world), bad, watchdog,
+                           profiler)
         finally:
             batches.close()
     finally:
@@ -184,12 +188,13 @@ def periodic_jobs(cfg: Config, engine: Engine, metrics: MetricsLogger, control: 
 
 
 def _run_steps(run: RunState, engine: Engine, batches, control: RunControl, jobs: list[PeriodicJob],
-               faults: FaultInjector, bad: BadSteps, watchdog=NoWatchdog()) -> None:
+               faults: FaultInjector, bad: BadSteps, watchdog=NoWatchdog(), profiler=NoProfiling()) -> None:
     """The iterations of one run, from where it (re)started: a step, then the due jobs. After a
     rollback (`bad_steps.py`) the loop goes on from the checkpoint's iteration."""
     run.restart_window()
     while run.iteration < run.iterations:
         watchdog.entered(run.iteration + 1)
+        profiler.step(run.iteration + 1)
         if _step(run, engine, batches, control, bad, faults):
             continue
         faults.after_step(run.iteration, engine)

@@ -1,4 +1,5 @@
-"""Training metrics: a Megatron-style console line, TensorBoard scalars and a JSONL file.
+"""Training metrics: a Megatron-style console line, TensorBoard scalars (W&B's too with
+--wandb-project, `wandb_writer.py`) and a JSONL file.
 
 Only global rank 0 writes anything. TensorBoard tags are Megatron-LM's (`lm loss`, `learning-rate`,
 `grad-norm`, `throughput`, `lm loss validation`, ... and their `... vs samples` twins stepped by
@@ -18,6 +19,7 @@ import time
 import torch
 
 from ..models import model_spec
+from .wandb_writer import WandbWriter
 
 GIB = 2 ** 30
 
@@ -75,7 +77,8 @@ def _finite_or_none(value):
 
 
 class MetricsLogger:
-    def __init__(self, cfg, rank: int, world_size: int, device):
+    def __init__(self, cfg, rank: int, world_size: int, device, wandb_run_id: str | None = None):
+        """`wandb_run_id`: the W&B run a resumed run continues (its checkpoint's)."""
         self.cfg, self.rank, self.world_size = cfg, rank, max(world_size, 1)
         self.device = torch.device(device)
         self.flops_per_token = model_spec().training_flops_per_token(cfg.model, cfg.seq_length)
@@ -84,6 +87,7 @@ class MetricsLogger:
         self.total_iters = t.train_iters if t.train_iters is not None else t.train_samples // t.global_batch_size
         self._writer = None
         self._log_file = None
+        self.wandb = WandbWriter(cfg, wandb_run_id) if self.is_writer and cfg.logging.wandb_project else None
 
     @property
     def is_writer(self) -> bool:
@@ -100,6 +104,8 @@ class MetricsLogger:
 
     def _scalars(self, values: dict[str, float], iteration: int, consumed_samples: int,
                  vs_samples: tuple[str, ...] = ()) -> None:
+        if self.wandb is not None:
+            self.wandb.log(values, iteration, consumed_samples, vs_samples)
         writer = self._tensorboard()
         if writer is None:
             return
@@ -233,7 +239,13 @@ class MetricsLogger:
         self._scalars(scalars, iteration, consumed_samples)
         self._json({"iteration": iteration, "consumed_samples": consumed_samples, name: record, "time": time.time()})
 
+    def checkpoint_extra(self) -> dict:
+        """What a checkpoint keeps for the writers: the W&B run id (rank 0 writes the train state)."""
+        return self.wandb.checkpoint_extra() if self.wandb is not None else {}
+
     def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.close()
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
