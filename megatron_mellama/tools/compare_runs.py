@@ -145,8 +145,8 @@ def _row(d: MetricDiff) -> tuple[str, ...]:
     if not d.iterations:
         return (d.metric, "0", "-", "-", "-", "-", "no common iteration")
     result = ("DIFFERS" if d.first_outside else "ok") if d.checked else "unchecked"
-    return (d.metric, str(d.iterations), f"{d.max_abs:.3e}", str(d.max_abs_at), f"{d.max_rel:.3e}",
-            str(d.max_rel_at), result)
+    return (d.metric, str(d.iterations), f"{d.max_abs:.3e}", str(d.max_abs_at) if d.max_abs else "-",
+            f"{d.max_rel:.3e}", str(d.max_rel_at) if d.max_rel else "-", result)
 
 
 def verdict(diffs: list[MetricDiff], rtol: float, atol: float) -> str:
@@ -192,7 +192,7 @@ def _compare(args) -> int:
     print(table(diffs))
     print(verdict(diffs, args.rtol, args.atol))
     if not args.no_plot:
-        title = f"solid: A = {run_label(a)}\ndashed: B = {run_label(b)}"
+        title = f"solid, filled markers: A = {run_label(a)}\ndashed, hollow markers: B = {run_label(b)}"
         print(f"image: {draw_runs([a, b], output or default_output(args.a), title)}")
     return 1 if any(d.failed for d in diffs) else 0
 

@@ -24,8 +24,9 @@ from megatron_mellama.tools.run_logs import Run, RunLogError, read_run
 
 PROG = "mellama-plot-run"
 PARTIAL = ".partial"
-# one line style per run, so two runs' curves of one metric share a colour
+# one line style and marker per run, so two runs' curves of one metric share a colour
 RUN_STYLES = ("-", "--", ":", "-.")
+RUN_MARKERS = ("o", "s", "^", "D")
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,10 @@ def _draw_panel(ax, panel: Panel, metrics: list[str], runs: list[Run], span: tup
             steps = sorted(values)
             # evaluations are a few points far apart: markers show where they were taken
             sparse = len(steps) < 3 or len(steps) < 0.5 * len(run.iterations)
+            marker = dict(marker=RUN_MARKERS[run_index % len(RUN_MARKERS)], markersize=4,
+                          markerfacecolor=colours[metric] if run_index == 0 else "none") if sparse else {}
             ax.plot(steps, [values[s] for s in steps], RUN_STYLES[run_index % len(RUN_STYLES)],
-                    color=colours[metric], marker="o" if sparse else None, markersize=3.5,
-                    label=None if metric in labelled else metric, **style)
+                    color=colours[metric], label=None if metric in labelled else metric, **marker, **style)
             labelled.add(metric)
     ax.set_title(panel.title, fontsize=10)
     ax.set_xlabel("iteration")
