@@ -58,7 +58,8 @@ def test_memory_history_is_skipped_on_the_cpu_with_one_line(tmp_path, capsys):
 
 
 def test_only_the_chosen_ranks_trace(tmp_path):
-    cfg = parse_config(RUN + ["--profile", "--profile-ranks", "1", "3", "--profile-dir", str(tmp_path)])
+    cfg = parse_config(RUN + ["--profile", "--profile-ranks", "1", "3", "--profile-dir", str(tmp_path),
+                              "--global-batch-size", "8"], world_size=4)
     assert [StepProfiler(cfg, rank, torch.device("cpu")).enabled for rank in range(4)] == [False, True, False, True]
     assert not StepProfiler(parse_config(RUN), 0, torch.device("cpu")).enabled
 
@@ -76,6 +77,7 @@ def test_where_the_traces_and_snapshots_go(tmp_path):
     (["--profile-step-start", "0"], "--profile-step-start must be 1 or more"),
     (["--profile-step-start", "5", "--profile-step-end", "4"], "--profile-step-end 4 comes before"),
     (["--profile-ranks", "x"], "--profile-ranks x"),
+    (["--profile-ranks", "0", "1"], "--profile-ranks 1: expected global rank numbers, 0 to 0 in this job of 1"),
     (["--wandb-exp-name", "a"], "--wandb-exp-name needs --wandb-project"),
 ])
 def test_bad_profile_and_wandb_flags_are_refused(flags, message):

@@ -335,8 +335,10 @@ def validate_watching(cfg: Config) -> None:
     _require(g.profile_step_start >= 1, f"--profile-step-start must be 1 or more, got {g.profile_step_start}")
     _require(g.profile_step_end >= g.profile_step_start,
              f"--profile-step-end {g.profile_step_end} comes before --profile-step-start {g.profile_step_start}")
+    world = cfg.parallel.world_size
     for rank in g.profile_ranks or []:
-        _require(str(rank).isdigit(), f"--profile-ranks {rank}: expected global rank numbers, 0 or more")
+        _require(str(rank).isdigit() and int(rank) < world,
+                 f"--profile-ranks {rank}: expected global rank numbers, 0 to {world - 1} in this job of {world}")
 
 
 def validate(cfg: Config) -> None:
