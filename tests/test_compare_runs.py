@@ -11,11 +11,11 @@ import pytest
 
 from megatron_mellama.pretrain import main as pretrain
 from megatron_mellama.tools.compare_runs import difference, main as compare_runs
-from megatron_mellama.tools.plot_run import main as plot_run
+from megatron_mellama.tools.plot_run import main as plot_run, running_mean
 from megatron_mellama.tools.run_logs import read_run
 
 WORDS = ["patient", "heart", "river", "city", "music", "school", "market", "garden"]
-ITERS = 8
+ITERS = 4
 
 
 def _task(path) -> str:
@@ -27,9 +27,9 @@ def _task(path) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, sentencepiece_model):
-    """Three domains, validation per domain and a downstream task at iterations 4 and 8:
-    `whole` (8 iterations, JSON log and TensorBoard), `resumed` (stopped at 4 with a checkpoint,
-    then resumed to 8, one JSON log), `other_seed` (the first 4 iterations with another seed)."""
+    """Three domains, validation per domain and a downstream task at iterations 2 and 4:
+    `whole` (4 iterations, JSON log and TensorBoard), `resumed` (stopped at 2 with a checkpoint,
+    then resumed to 4, one JSON log), `other_seed` (the first 2 iterations with another seed)."""
     from indexed_corpus import write_domains
 
     root = tmp_path_factory.mktemp("runs")
@@ -38,8 +38,8 @@ def runs(tmp_path_factory, sentencepiece_model):
     blend = [t for weight, name in zip((15, 1, 4), ("bio", "clin", "gen")) for t in (str(weight), corpus[name])]
     run = ["--model", "tiny", "--num-layers", "2", "--data-path", *blend, "--tokenizer-model", sentencepiece_model,
            "--split", "90,10,0", "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4",
-           "--lr", "3e-3", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2", "--eval-iters", "1",
-           "--eval-interval", "4", "--log-interval", "1", "--num-workers", "0", "--train-iters", str(ITERS),
+           "--lr", "3e-3", "--lr-decay-style", "cosine", "--lr-warmup-iters", "1", "--eval-iters", "1",
+           "--eval-interval", "2", "--log-interval", "1", "--num-workers", "0", "--train-iters", str(ITERS),
            "--eval-tasks", f"general={_task(root / 'task.jsonl')}"]
     paths = {name: root / name for name in ("whole", "resumed", "other_seed")}
     for path in paths.values():
@@ -48,10 +48,10 @@ def runs(tmp_path_factory, sentencepiece_model):
     assert pretrain(run + ["--log-file", str(paths["whole"] / "log.jsonl"),
                            "--tensorboard-dir", str(paths["whole"] / "tb")]) == 0
     assert pretrain(run + ["--log-file", str(paths["resumed"] / "log.jsonl"), "--save", save,
-                           "--exit-interval", "4"]) == 0
+                           "--exit-interval", "2"]) == 0
     assert pretrain(run + ["--log-file", str(paths["resumed"] / "log.jsonl"), "--save", save, "--load", save]) == 0
     assert pretrain(run + ["--log-file", str(paths["other_seed"] / "log.jsonl"), "--seed", "4321",
-                           "--exit-interval", "4"]) == 0
+                           "--exit-interval", "2"]) == 0
     return paths
 
 
@@ -65,7 +65,7 @@ def test_a_resumed_run_compares_equal_to_the_uninterrupted_one(runs, capsys):
     whole, resumed = runs["whole"] / "log.jsonl", runs["resumed"] / "log.jsonl"
     assert compare_runs([str(whole), str(resumed)]) == 0
     out = capsys.readouterr().out
-    assert "common iterations: 8 (1-8" in out and "PASS" in out
+    assert "common iterations: 4 (1-4" in out and "PASS" in out
     for metric in ("lm loss", "lm loss validation/bio", "lm loss validation/gen", "downstream/general/acc",
                    "learning-rate", "grad-norm", "consumed samples/bio"):
         assert any(line.startswith(metric + " ") and line.endswith(" ok") for line in out.splitlines()), metric
@@ -84,7 +84,7 @@ def test_a_run_with_another_seed_fails_and_names_the_metric(runs, capsys, tmp_pa
     verdict = out.strip().splitlines()[-2]
     assert verdict.startswith("FAIL") and "lm loss (from iteration 1:" in verdict, out
     assert any(line.startswith("lm loss ") and line.endswith("DIFFERS") for line in out.splitlines())
-    assert "common iterations: 4 (1-4" in out
+    assert "common iterations: 2 (1-2" in out
     _png_shape(output)
     # the same losses within a loose tolerance: a tolerance is what CI sets for runs that may differ
     assert compare_runs([whole, other, "--metrics", "lm loss", "--rtol", "0.05", "--no-plot"]) == 0
@@ -100,7 +100,7 @@ def test_the_tensorboard_folder_reads_back_as_the_json_log(runs, capsys):
     for metric, values in from_json.metrics.items():
         # TensorBoard keeps float32
         assert from_tensorboard.metrics[metric] == pytest.approx(values, rel=1e-6, abs=1e-30), metric
-    assert from_json.metrics["lm loss validation/bio"].keys() == {4, 8}
+    assert from_json.metrics["lm loss validation/bio"].keys() == {2, 4}
     assert compare_runs([str(runs["whole"] / "tb"), str(runs["resumed"] / "log.jsonl"), "--no-plot"]) == 0
     assert "PASS" in capsys.readouterr().out
 
@@ -130,6 +130,18 @@ def test_a_history_that_went_back_keeps_the_later_records(tmp_path):
     assert list(run.metrics["lm loss"].items())[:3] == [(1, 5.0), (2, 4.0), (3, 3.5)]
     assert math.isnan(run.metrics["lm loss"][4]) and run.iterations == [1, 2, 3, 4]
     assert "mfu" not in run.metrics and "memory" not in run.metrics  # not measured, not NaN
+
+
+def test_a_long_run_is_drawn_with_its_running_mean(tmp_path, capsys):
+    log = tmp_path / "long.jsonl"
+    log.write_text("\n".join(_record(i, None if i == 7 else 2.0 + (i % 2)) for i in range(1, 1001)) + "\n")
+    assert plot_run([str(log)]) == 0
+    _png_shape(tmp_path / "long.png")
+    window, means = running_mean([2.0 + (i % 2) if i != 7 else math.nan for i in range(1, 1001)])
+    assert window == 5 and len(means) == 996
+    assert means[0] == pytest.approx(2.6) and means[-1] == pytest.approx(2.4)
+    assert means[2] == pytest.approx(2.5)  # iterations 3-7: the skipped step's NaN left out of the mean
+    assert running_mean([1.0] * 500) is None
 
 
 def test_differences_of_nan_and_zero():

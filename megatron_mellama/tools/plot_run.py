@@ -27,6 +27,9 @@ PARTIAL = ".partial"
 # one line style and marker per run, so two runs' curves of one metric share a colour
 RUN_STYLES = ("-", "--", ":", "-.")
 RUN_MARKERS = ("o", "s", "^", "D")
+MAX_MARKERS = 60  # more evaluations than this read better as a line
+SMOOTH_ABOVE = 500  # points in a curve drawn as they are; longer ones get a running mean
+SMOOTH_POINTS = 200  # about how many windows the running mean spans
 
 
 @dataclass(frozen=True)
@@ -34,14 +37,16 @@ class Panel:
     title: str
     patterns: tuple[str, ...]  # fnmatch patterns over the metric names
     ylabel: str = ""
+    noisy: bool = False  # a long curve is also drawn as its running mean
 
 
 PANELS = (
-    Panel("loss (training, validation per domain)", ("lm loss", "lm loss validation", "lm loss validation/*"), "loss"),
+    Panel("loss (training, validation per domain)", ("lm loss", "lm loss validation", "lm loss validation/*"), "loss",
+          noisy=True),
     Panel("learning rate", ("learning-rate",)),
-    Panel("grad norm", ("grad-norm",)),
+    Panel("grad norm", ("grad-norm",), noisy=True),
     Panel("downstream accuracy", ("downstream/*",), "accuracy"),
-    Panel("throughput", ("tokens-per-sec",), "tokens/s"),
+    Panel("throughput", ("tokens-per-sec",), "tokens/s", noisy=True),
     Panel("memory", ("memory",), "GiB (peak)"),
 )
 
@@ -90,16 +95,19 @@ def draw_runs(runs: list[Run], output: str, title: str) -> str:
     fig = Figure(figsize=(7 * columns, 3.6 * rows + 0.8), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, columns, squeeze=False).flatten()
-    iterations = [i for run in runs for i in run.iterations]
+    iterations = [run.iterations for run in runs]
+    span = (min(i[0] for i in iterations), max(i[-1] for i in iterations))
     for ax, (panel, metrics) in zip(axes, panels):
-        _draw_panel(ax, panel, metrics, runs, (min(iterations), max(iterations)))
+        _draw_panel(ax, panel, metrics, runs, [len(i) for i in iterations], span)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=11)
     return save_png(fig, output)
 
 
-def _draw_panel(ax, panel: Panel, metrics: list[str], runs: list[Run], span: tuple[int, int]) -> None:
+def _draw_panel(ax, panel: Panel, metrics: list[str], runs: list[Run], logged: list[int],
+                span: tuple[int, int]) -> None:
+    """`logged`: how many iterations each run logged; `span`: the first and last of all runs."""
     from matplotlib.ticker import MaxNLocator
 
     colours = {m: f"C{i % 10}" for i, m in enumerate(metrics)}
@@ -112,12 +120,20 @@ def _draw_panel(ax, panel: Panel, metrics: list[str], runs: list[Run], span: tup
             if not values:
                 continue
             steps = sorted(values)
+            points = [values[s] for s in steps]
+            label = None if metric in labelled else metric
+            line = RUN_STYLES[run_index % len(RUN_STYLES)]
+            smooth = running_mean(points) if panel.noisy else None
+            if smooth is not None:
+                # a long run's per-iteration curve is noise at this scale: its running mean over it
+                ax.plot(steps, points, line, color=colours[metric], linewidth=0.5, alpha=0.2)
+                steps, points = steps[len(steps) - len(smooth[1]):], smooth[1]
+                label = label and f"{label} (mean of {smooth[0]})"
             # evaluations are a few points far apart: markers show where they were taken
-            sparse = len(steps) < 3 or len(steps) < 0.5 * len(run.iterations)
+            sparse = len(steps) <= MAX_MARKERS and (len(steps) < 3 or len(steps) < 0.5 * logged[run_index])
             marker = dict(marker=RUN_MARKERS[run_index % len(RUN_MARKERS)], markersize=4,
                           markerfacecolor=colours[metric] if run_index == 0 else "none") if sparse else {}
-            ax.plot(steps, [values[s] for s in steps], RUN_STYLES[run_index % len(RUN_STYLES)],
-                    color=colours[metric], label=None if metric in labelled else metric, **marker, **style)
+            ax.plot(steps, points, line, color=colours[metric], label=label, **marker, **style)
             labelled.add(metric)
     ax.set_title(panel.title, fontsize=10)
     ax.set_xlabel("iteration")
@@ -129,6 +145,23 @@ def _draw_panel(ax, panel: Panel, metrics: list[str], runs: list[Run], span: tup
     ax.grid(True, alpha=0.3)
     if len(labelled) > 1:
         ax.legend(fontsize=7, loc="best")
+
+
+def running_mean(points: list[float]) -> tuple[int, list[float]] | None:
+    """(window, the trailing mean over it at each point from the window's end), NaN points left out;
+    None for a curve short enough to draw as it is."""
+    if len(points) <= SMOOTH_ABOVE:
+        return None
+    import numpy
+
+    window = len(points) // SMOOTH_POINTS
+    values = numpy.asarray(points, dtype=numpy.float64)
+    finite = numpy.isfinite(values)
+    kernel = numpy.ones(window)
+    sums = numpy.convolve(numpy.where(finite, values, 0.0), kernel, "valid")
+    counts = numpy.convolve(finite.astype(numpy.float64), kernel, "valid")
+    with numpy.errstate(invalid="ignore", divide="ignore"):
+        return window, (sums / counts).tolist()
 
 
 def save_png(fig, output: str) -> str:

@@ -47,6 +47,7 @@ class Run:
     path: str
     form: str  # "json" or "tensorboard"
     metrics: dict[str, dict[int, float]] = field(default_factory=dict)
+    _last: dict[str, int] = field(default_factory=dict, repr=False)  # each metric's latest iteration
 
     @property
     def iterations(self) -> list[int]:
@@ -54,10 +55,11 @@ class Run:
 
     def put(self, metric: str, iteration: int, value) -> None:
         values = self.metrics.setdefault(metric, {})
-        if values and iteration <= max(values):
+        if iteration <= self._last.get(metric, iteration - 1):
             for later in [i for i in values if i >= iteration]:
                 del values[later]
         values[iteration] = math.nan if value is None else float(value)
+        self._last[metric] = iteration
 
 
 def read_run(path: str) -> Run:
