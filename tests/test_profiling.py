@@ -83,3 +83,19 @@ def test_where_the_traces_and_snapshots_go(tmp_path):
 def test_bad_profile_and_wandb_flags_are_refused(flags, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(RUN + flags)
+
+
+def test_a_resumed_run_marks_its_own_iteration_numbers(tmp_path):
+    """A launch resumed at iteration 6 that traces 6-8: ProfilerStep#7 and #8 (the 7th and 8th
+    iterations), not torch's count of the launch's steps."""
+    cfg = parse_config(RUN + ["--profile", "--profile-step-start", "6", "--profile-step-end", "8",
+                              "--profile-dir", str(tmp_path)])
+    profiler = StepProfiler(cfg, 0, torch.device("cpu"))
+    for iteration in range(7, 11):
+        profiler.step(iteration)
+        torch.ones(4, 4) @ torch.ones(4, 4)
+    (trace,) = glob.glob(str(tmp_path / "rank0.*.pt.trace.json"))
+    with open(trace) as fh:
+        names = {event.get("name") for event in json.load(fh)["traceEvents"]}
+    assert sorted(n for n in names if n and n.startswith("ProfilerStep#")) == ["ProfilerStep#7", "ProfilerStep#8"]
+    assert "aten::mm" in names

@@ -43,15 +43,19 @@ def snapshot_path(path: str, rank: int, world: int) -> str:
     return f"{stem}.rank{rank}{ext or '.pickle'}"
 
 
+def traced_ranks(cfg) -> list[int]:
+    return [int(r) for r in cfg.logging.profile_ranks or [0]]
+
+
 class StepProfiler:
     def __init__(self, cfg, rank: int, device: torch.device):
         g = cfg.logging
-        traced = rank in [int(r) for r in g.profile_ranks or [0]]
         self.start, self.end = g.profile_step_start, g.profile_step_end
-        self.enabled = g.profile and traced
+        self.enabled = g.profile and rank in traced_ranks(cfg)
         self.directory, self.rank, self.device = profile_dir(cfg), rank, torch.device(device)
         self._profiler = None
         self._marker = None
+        self._traced: list[int] = []
         self._done = False
 
     def step(self, iteration: int) -> None:
@@ -67,6 +71,7 @@ class StepProfiler:
                 return
             self._marker = torch.profiler.record_function(f"ProfilerStep#{iteration}")
             self._marker.__enter__()
+            self._traced.append(iteration)
 
     def _begin(self) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -90,8 +95,8 @@ class StepProfiler:
             self._profiler.stop()  # calls the trace handler, which writes the file
             self._profiler = None
             self._done = True
-            print(f"rank {self.rank}: profile of iterations {self.start}-{self.end} written to {self.directory}",
-                  flush=True)
+            print(f"rank {self.rank}: profile of iterations {self._traced[0]}-{self._traced[-1]} written to "
+                  f"{self.directory}", flush=True)
 
 
 class NoProfiling:
@@ -105,7 +110,7 @@ class MemoryHistory:
     def __init__(self, cfg, rank: int, world: int, device: torch.device):
         g = cfg.logging
         self.path = snapshot_path(g.memory_snapshot_path, rank, world)
-        wanted = g.record_memory_history and rank in [int(r) for r in g.profile_ranks or [0]]
+        wanted = g.record_memory_history and rank in traced_ranks(cfg)
         self.enabled = wanted and torch.device(device).type == "cuda"
         if wanted and not self.enabled:
             print(f"rank {rank}: --record-memory-history records CUDA allocations only: skipped on "
