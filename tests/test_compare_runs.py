@@ -88,7 +88,7 @@ def test_a_run_with_another_seed_fails_and_names_the_metric(runs, capsys, tmp_pa
     _png_shape(output)
     # the same losses within a loose tolerance: a tolerance is what CI sets for runs that may differ
     assert compare_runs([whole, other, "--metrics", "lm loss", "--rtol", "0.05", "--no-plot"]) == 0
-    assert "PASS: 1 checked metrics within --rtol 0.05" in capsys.readouterr().out
+    assert "PASS: 1 checked metric within --rtol 0.05" in capsys.readouterr().out
 
 
 def test_the_tensorboard_folder_reads_back_as_the_json_log(runs, capsys):

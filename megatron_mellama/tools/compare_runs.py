@@ -154,7 +154,7 @@ def verdict(diffs: list[MetricDiff], rtol: float, atol: float) -> str:
     tolerance = f"--rtol {rtol:g} --atol {atol:g}"
     if not failed:
         checked = sum(d.checked and d.iterations > 0 for d in diffs)
-        return f"PASS: {checked} checked metrics within {tolerance}"
+        return f"PASS: {_count(checked, 'checked metric')} within {tolerance}"
     reasons = []
     for d in failed:
         if d.only_in:
@@ -162,7 +162,11 @@ def verdict(diffs: list[MetricDiff], rtol: float, atol: float) -> str:
         else:
             iteration, x, y = d.first_outside
             reasons.append(f"{d.metric} (from iteration {iteration}: {x:.6g} vs {y:.6g})")
-    return f"FAIL: {len(failed)} metrics differ beyond {tolerance}: " + "; ".join(reasons)
+    return f"FAIL: {_count(len(failed), 'metric')} beyond {tolerance}: " + "; ".join(reasons)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def common_iterations_line(a: Run, b: Run) -> str:
