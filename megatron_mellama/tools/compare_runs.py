@@ -162,7 +162,8 @@ def verdict(diffs: list[MetricDiff], rtol: float, atol: float) -> str:
         else:
             iteration, x, y = d.first_outside
             reasons.append(f"{d.metric} (from iteration {iteration}: {x:.6g} vs {y:.6g})")
-    return f"FAIL: {_count(len(failed), 'metric')} beyond {tolerance}: " + "; ".join(reasons)
+    verb = "differs" if len(failed) == 1 else "differ"
+    return f"FAIL: {_count(len(failed), 'metric')} {verb} beyond {tolerance}: " + "; ".join(reasons)
 
 
 def _count(n: int, noun: str) -> str:
