@@ -77,6 +77,10 @@ PRIVATE: dict[str, Private] = {
     "flight_recorder_dump": Private("torch._C._distributed_c10d", ("_dump_nccl_trace", "_dump_fr_trace"),
                                     "the flight recorder's entries, a pickle"),
     "DeviceMesh._unflatten": Private("torch.distributed.device_mesh", ("DeviceMesh._unflatten",)),
+    # --record-memory-history (`training/profiling.py`): the allocator's history and its snapshot,
+    # documented ("Understanding CUDA Memory Usage") but underscored since torch 2.1
+    "cuda.memory._record_memory_history": Private("torch.cuda.memory", ("_record_memory_history",)),
+    "cuda.memory._dump_snapshot": Private("torch.cuda.memory", ("_dump_snapshot",)),
     # the dry run: a fake world, fake tensors, torch's memory tracker
     "fake_pg.FakeStore": Private("torch.testing._internal.distributed.fake_pg", ("FakeStore",)),
     "FakeTensorMode": Private("torch._subclasses.fake_tensor", ("FakeTensorMode",)),
@@ -275,6 +279,14 @@ def foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def tensor_version(t: torch.Tensor) -> int:
     """How many in-place writes `t` has had (autograd's counter)."""
     return t._version
+
+
+def record_memory_history(**kwargs) -> None:
+    resolve("cuda.memory._record_memory_history")(**kwargs)
+
+
+def dump_memory_snapshot(path: str) -> None:
+    resolve("cuda.memory._dump_snapshot")(path)
 
 
 def fake_tensor_mode():

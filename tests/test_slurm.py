@@ -262,7 +262,7 @@ def _stop_after(cluster: Cluster, job: Job, log: Path, iteration: int) -> None:
 
 
 def _stops(text: str) -> list[int]:
-    return [int(i) for i in re.findall(r"stopping at iteration (\d+): received SIGUSR1: saving and exiting", text)]
+    return [int(i) for i in re.findall(r"stopping at iteration (\d+): received SIGUSR1(?: on another rank)?: saving and exiting", text)]
 
 
 def test_the_time_limit_signal_requeues_the_job_until_the_chain_bound(cluster, tmp_path):

@@ -299,8 +299,8 @@ def test_a_periodic_save_waits_for_the_next_good_iteration(tmp_path, capsys, mon
 
     real = engine_module.Engine.step
 
-    def nan_at_three(self, micro_batches):
-        result = real(self, micro_batches)
+    def nan_at_three(self, micro_batches, **kw):
+        result = real(self, micro_batches, **kw)
         nan_at_three.calls += 1
         return dataclasses.replace(result, skipped=True, loss=float("nan")) if nan_at_three.calls == 3 else result
 
@@ -321,8 +321,8 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path, capsys, monkeypat
 
     real = engine_module.Engine.step
 
-    def nan_update(self, micro_batches):
-        result = real(self, micro_batches)  # a finite loss, then an update that leaves a NaN weight
+    def nan_update(self, micro_batches, **kw):
+        result = real(self, micro_batches, **kw)  # a finite loss, then an update that leaves a NaN weight
         with torch.no_grad():
             next(self.modules[0].parameters()).view(-1)[0] = float("nan")
         return result

@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from ..torch_private import dump_memory_snapshot, record_memory_history
+
 MEMORY_HISTORY_ENTRIES = 100_000
 
 
@@ -119,7 +121,7 @@ class MemoryHistory:
     def __enter__(self):
         if self.enabled:
             # torch's documented memory-snapshot API (torch.cuda.memory, "Understanding CUDA Memory Usage")
-            torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
+            record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
         return self
 
     def __exit__(self, kind, error, trace) -> None:
@@ -129,8 +131,8 @@ class MemoryHistory:
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        torch.cuda.memory._dump_snapshot(self.path)
-        torch.cuda.memory._record_memory_history(enabled=None)
+        dump_memory_snapshot(self.path)
+        record_memory_history(enabled=None)
         print(f"memory snapshot at {why} written to {self.path}", flush=True)
 
 

@@ -122,6 +122,8 @@ class RunControl:
         flags = self._reduce_max(self._local_flags(iteration))
         if flags[_SIGNAL]:
             name = signal.Signals(flags[_SIGNAL]).name
+            if not self.received_signal:
+                name = f"{name} on another rank"
             self.time_limit = flags[_SIGNAL] == signal.SIGUSR1
             return StopDecision(True, f"received {name}: saving and exiting at iteration {iteration}", True, True)
         if flags[_INTERVAL]:
