@@ -85,3 +85,6 @@ print(f"metrics (JSON lines): {out}/metrics.jsonl")
 print(f"checkpoints:         {out}/checkpoints (latest: {open(f'{out}/checkpoints/latest').read().strip()})")
 print(f"exported model:      {out}/hf_final (transformers.AutoModelForCausalLM.from_pretrained)")
 PY
+# the run's curves in one picture (loss, per-domain validation, learning rate, grad norm, accuracy, tokens/s)
+curves=$(python tools/plot_run.py "$OUT/metrics.jsonl" --output "$OUT/metrics.png")
+echo "curves:              $curves (look at it)"

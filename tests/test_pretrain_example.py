@@ -88,6 +88,9 @@ def test_quickstart_runs_the_whole_pipeline(quickstart):
     assert re.search(r"^downstream accuracy at iteration 20: general acc [0-9.]+ acc_norm", out, re.M)
     assert (root / "hf_final" / "config.json").is_file()
     assert (root / "checkpoints" / "latest").read_text().strip() == "20"
+    # the run's curves, drawn at the end
+    assert f"curves:              {root / 'metrics.png'}" in out
+    assert (root / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
