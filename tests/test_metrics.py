@@ -19,7 +19,7 @@ TRAIN_KEYS = {"iteration", "consumed_samples", "lm_loss", "lr", "grad_norm", "sk
 
 def _cfg(tmp_path, tensorboard=True, log_file=True):
     argv = ["--model", "tiny", "--vocab-size", "128", "--seq-length", str(SEQ),
-            "--global-batch-size", str(GLOBAL_BATCH), "--train-iters", "1000"]
+            "--global-batch-size", str(GLOBAL_BATCH), "--train-iters", "1000", "--log-throughput"]
     if tensorboard:
         argv += ["--tensorboard-dir", str(tmp_path / "tb")]
     if log_file:

@@ -55,7 +55,7 @@ def test_metrics_reach_tensorboard_and_the_log_file(tmp_path):
     events = EventAccumulator(str(tb))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"lm loss", "learning-rate", "grad-norm", "throughput", "lm loss validation"} <= tags
+    assert {"lm loss", "learning-rate", "grad-norm", "tokens-per-sec", "lm loss validation"} <= tags
     assert [e.step for e in events.Scalars("lm loss")] == [1, 2, 3]
     records = [json.loads(line) for line in log.read_text().splitlines()]
     train_records = [r for r in records if "lm_loss" in r]

@@ -302,6 +302,16 @@ class LoggingConfig:
         "their host, device and ratio to the median")
     straggler_minmax_count: int = opt(1, "with --log-straggler: how many of the slowest and of the fastest ranks "
                                          "the report names")
+    # training/grad_clip.py computes both with the gradient norm's reductions
+    log_params_norm: bool = opt(
+        False, "at each log: the L2 norm of all parameters, over every shard and pipeline stage (TensorBoard "
+        "params-norm; one small collective per log)")
+    log_num_zeros_in_grad: bool = opt(
+        False, "at each log: the number of gradient elements equal to zero after clipping, over every shard and "
+        "stage (TensorBoard num-zeros; counted every step, read with the step's loss)")
+    log_throughput: bool = opt(
+        False, "add TFLOP/s per device and MFU to the train log, TensorBoard (throughput, mfu) and the JSON log; "
+        "tokens/s is always logged")
     # training/wandb_writer.py: the TensorBoard scalars, under the same tags, also to Weights & Biases
     wandb_project: Optional[str] = opt(
         None, "log the TensorBoard scalars to this Weights & Biases project as well (needs the wandb extra: "

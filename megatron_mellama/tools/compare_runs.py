@@ -38,7 +38,8 @@ from megatron_mellama.tools.run_logs import Run, RunLogError, read_run
 PROG = "mellama-compare-runs"
 DEFAULT_IMAGE = "compare_runs.png"
 CHECKED_BY_DEFAULT = ("lm loss", "lm loss validation", "lm loss validation/*", "lm loss validation ppl*",
-                      "learning-rate", "grad-norm", "downstream/*", "consumed samples/*")
+                      "learning-rate", "grad-norm", "params-norm", "num-zeros", "downstream/*",
+                      "consumed samples/*")
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A run is its `--log-file` (JSON lines, one record per line, see training/metrics.py) or its
 `--tensorboard-dir` (a folder of event files). Both read back under the TensorBoard tags, which are
 Megatron-LM's: `lm loss`, `learning-rate`, `grad-norm`, `throughput`, `tokens-per-sec`, `mfu`,
-`memory`, `iteration-time`, `lm loss validation` and `lm loss validation/<domain>` (and their
+`memory`, `iteration-time`, `params-norm`, `num-zeros`, `lm loss validation` and `lm loss validation/<domain>` (and their
 `ppl`), `downstream/<task>/acc` and `acc_norm`, `consumed samples/<domain>`. The `... vs samples`
 twins are stepped by samples, not iterations, and are left out.
 
@@ -29,7 +29,8 @@ from ..training.jobs.straggler_report import report_scalars
 # a training record's keys and their TensorBoard tags
 TRAIN_TAGS = {"lm_loss": "lm loss", "lr": "learning-rate", "grad_norm": "grad-norm",
               "iteration_time_s": "iteration-time", "tflops_per_device": "throughput",
-              "tokens_per_sec": "tokens-per-sec", "mfu": "mfu", "memory_gib": "memory"}
+              "tokens_per_sec": "tokens-per-sec", "mfu": "mfu", "memory_gib": "memory",
+              "params_norm": "params-norm", "num_zeros": "num-zeros"}
 # null in these means "not measured here" (MFU off a known GPU, memory off POSIX): TensorBoard has
 # no point there; null in the others is a non-finite value, a NaN point in TensorBoard
 NOT_MEASURED_WHEN_NULL = {"mfu", "memory_gib"}

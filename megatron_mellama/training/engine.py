@@ -51,6 +51,7 @@ from ..parallel.context import split_micro_batch
 from ..parallel.data import set_gradient_sync
 from ..parallel.mesh import Meshes, ParallelDims
 from ..parallel.pipeline import build_schedule, run_pipeline_step
+from .grad_clip import count_zero_grads, get_params_norm
 from .optim import LossScaler, build_lr_scheduler, build_optimizer, clip_grad_norm_
 
 IGNORE_INDEX = kernels.IGNORE_INDEX
@@ -72,6 +73,8 @@ class StepResult:
     # the first computation was not finite and the step was computed again (`Engine.step`): the
     # ranks whose own loss was not finite, with their hosts ("" where every rank's was finite)
     recomputed: Optional[str] = None
+    # with --log-num-zeros-in-grad: gradient elements equal to zero after clipping, over all ranks
+    num_zeros: Optional[float] = None
 
 
 def _require_trained_tokens(tokens: float, what: str) -> None:
@@ -135,6 +138,7 @@ class Engine:
         # this rank's micro-batch losses by, and so their gradients; None (no cost) otherwise
         self.injected_loss_factors: Optional[tuple] = None
         self._loss_factor = None
+        self._num_zeros = self._read_zeros = None  # --log-num-zeros-in-grad: on the device, then read
 
     # -- loss ---------------------------------------------------------------------------------
     def _autocast(self):
@@ -245,9 +249,19 @@ class Engine:
         params = [q for m in self.modules for q in m.parameters()]
         # overflow shows in the gradient norm read below: no flag of its own to read
         self.scaler.unscale_(params, find_inf=False)
-        pp_group = self.meshes.pp.get_group() if self.dims.pp > 1 else None
-        grad_norm = clip_grad_norm_(params, self.cfg.optim.clip_grad, pp_group=pp_group, device=self.device)
+        grad_norm = clip_grad_norm_(params, self.cfg.optim.clip_grad, pp_group=self._pp_group, device=self.device)
+        if self.cfg.logging.log_num_zeros_in_grad:
+            self._num_zeros = count_zero_grads(params, self._pp_group, self.device)
         return loss, grad_norm
+
+    @property
+    def _pp_group(self):
+        return self.meshes.pp.get_group() if self.dims.pp > 1 else None
+
+    def params_norm(self) -> torch.Tensor:
+        """The L2 norm of every parameter of the model (all shards, all stages), a device scalar;
+        every rank calls it."""
+        return get_params_norm([q for m in self.modules for q in m.parameters()], self._pp_group, self.device)
 
     def step(self, micro_batches: list[dict], judge: Optional[Callable[[float, float], Optional[str]]] = None
              ) -> StepResult:
@@ -278,7 +292,8 @@ class Engine:
             self.optimizer.step()
             self.scheduler.step(self.cfg.train.global_batch_size)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss, grad_norm=grad_norm, skipped=bool(why), lr=lr, why=why, recomputed=recomputed)
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=bool(why), lr=lr, why=why, recomputed=recomputed,
+                          num_zeros=self._read_zeros)
 
     def _computed(self, micro_batches: list[dict], attempt: int) -> tuple[float, float]:
         """Gradients of one global batch; its loss and gradient norm, read by the host together
@@ -286,8 +301,10 @@ class Engine:
         factors = self.injected_loss_factors
         self._loss_factor = factors[min(attempt, len(factors) - 1)] if factors else None
         loss, grad_norm = self.compute_gradients(micro_batches)
-        loss, grad_norm, tokens = torch.stack([loss, grad_norm.to(loss.device, torch.float32),
-                                               self._batch_tokens.to(loss.device, torch.float32)]).tolist()
+        read = [loss, grad_norm, self._batch_tokens] + ([self._num_zeros] if self._num_zeros is not None else [])
+        # fp64: a zero count beyond 2^24 stays exact; the fp32 loss and norm convert exactly
+        loss, grad_norm, tokens, *zeros = torch.stack([t.to(loss.device, torch.float64) for t in read]).tolist()
+        self._read_zeros = zeros[0] if zeros else None
         _require_trained_tokens(tokens, "a training step's global batch")
         return loss, grad_norm
 

@@ -3,7 +3,8 @@
 A gradient may be a plain tensor (replicated: DDP, or one process), or a DTensor sharded over
 tensor- and/or data-parallel mesh dimensions (TP, FSDP2). Pipeline stages hold disjoint
 parameters. The norm is the L2 norm of the full, unsharded gradient of the whole model, so every
-layout computes the same number as one process.
+layout computes the same number as one process. The same reductions give the train log the norm of
+the parameters and the number of zero gradients (`--log-params-norm`, `--log-num-zeros-in-grad`).
 """
 
 from __future__ import annotations
@@ -41,13 +42,23 @@ def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.
     return total
 
 
-def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Sum of squares of this pipeline stage's full gradients, identical on all its ranks."""
+def _count_zeros(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The number of elements of `tensors` equal to zero, an fp64 scalar (exact to 2^53) on `device`."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for t in tensors:
+        total = total + (t == 0).sum().to(device, torch.float64)
+    return total
+
+
+def _summed_over_shards(tensors: list[torch.Tensor], device: torch.device, local_sum=_sum_of_squares
+                        ) -> torch.Tensor:
+    """`local_sum` (a sum over elements) of this pipeline stage's full tensors, identical on all its
+    ranks: by default the sum of squares of its full gradients."""
     plain: list[torch.Tensor] = []
-    # Local shards of sharded gradients, keyed by (mesh, sharded mesh dims): each key's sum needs one
+    # Local shards of sharded tensors, keyed by (mesh, sharded mesh dims): each key's sum needs one
     # all-reduce per sharded dim. Replicated dims are not reduced, so replicas count once.
     sharded: dict[tuple, list[torch.Tensor]] = {}
-    for g in grads:
+    for g in tensors:
         if isinstance(g, DTensor):
             g = _materialize_partial(g)
             # not `is_shard()`: FSDP2 over a tensor-parallel dim uses _StridedShard, which says False
@@ -55,9 +66,9 @@ def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tens
             (sharded.setdefault((g.device_mesh, dims), []) if dims else plain).append(g.to_local())
         else:
             plain.append(g)
-    total = _sum_of_squares(plain, device)
+    total = local_sum(plain, device)
     for (mesh, dims), shards in sharded.items():
-        local = _sum_of_squares(shards, device)
+        local = local_sum(shards, device)
         for d in dims:
             dist.all_reduce(local, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
         total = total + local
@@ -83,10 +94,30 @@ def get_grad_norm(parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
     result on the host.
     """
     grads = _local_grads(parameters)
-    squared = _squared_norm(grads, _device(grads, device))
+    return _over_stages(_summed_over_shards(grads, _device(grads, device)), pp_group).sqrt()
+
+
+def get_params_norm(parameters: Iterable[torch.Tensor], pp_group: Optional[dist.ProcessGroup] = None,
+                    device: Optional[torch.device] = None) -> torch.Tensor:
+    """The global L2 norm (fp32 scalar tensor) of the parameters themselves (Megatron-LM's
+    --log-params-norm), over every shard and stage: `get_grad_norm`'s collectives, on the weights."""
+    params = [p.detach() for p in parameters]
+    return _over_stages(_summed_over_shards(params, _device(params, device)), pp_group).sqrt()
+
+
+def count_zero_grads(parameters: Iterable[torch.Tensor], pp_group: Optional[dist.ProcessGroup] = None,
+                     device: Optional[torch.device] = None) -> torch.Tensor:
+    """The number of gradient elements equal to zero (Megatron-LM's --log-num-zeros-in-grad) over
+    every shard and stage, replicas counted once: an fp64 scalar tensor, not read by the host."""
+    grads = _local_grads(list(parameters))
+    return _over_stages(_summed_over_shards(grads, _device(grads, device), _count_zeros), pp_group)
+
+
+def _over_stages(total: torch.Tensor, pp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    # pipeline stages hold disjoint parameters: their sums add up
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=pp_group)
-    return squared.sqrt()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pp_group)
+    return total
 
 
 def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float,

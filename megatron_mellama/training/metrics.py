@@ -5,8 +5,9 @@ Only global rank 0 writes anything. TensorBoard tags are Megatron-LM's (`lm loss
 `grad-norm`, `throughput`, `lm loss validation`, ... and their `... vs samples` twins stepped by
 consumed samples), so existing dashboards and comparison scripts keep working.
 
-Throughput follows Megatron: `throughput` is model TFLOP/s per device (FLOPs from the shape, see
-`model/flops.py`), MFU divides it by the device's dense bf16 peak. MFU is logged in percent.
+Throughput follows Megatron, logged with --log-throughput (tokens/s always): `throughput` is model
+TFLOP/s per device (FLOPs from the shape, see `model/flops.py`), MFU divides it by the device's
+dense bf16 peak. MFU is logged in percent.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from ..models import model_spec
 from .wandb_writer import WandbWriter
 
 GIB = 2 ** 30
+# the train log's optional metrics (--log-throughput, --log-params-norm, --log-num-zeros-in-grad):
+# JSON key -> Megatron-LM's TensorBoard tag
+HEALTH_TAGS = {"tflops_per_device": "throughput", "mfu": "mfu", "params_norm": "params-norm",
+               "num_zeros": "num-zeros"}
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched as substrings of the CUDA device
 # name in this order, so the more specific names come first.
@@ -129,9 +134,10 @@ class MetricsLogger:
     # -- training -------------------------------------------------------------------------------
     def log_train(self, iteration: int, consumed_samples: int, result, elapsed_seconds_since_last_log: float,
                   steps_since_last_log: int, skipped_total: int, loss_scale: float | None = None,
-                  per_domain: dict | None = None) -> dict:
+                  per_domain: dict | None = None, params_norm: float | None = None) -> dict:
         """Log one training iteration; returns the computed metrics (on every rank). `per_domain`:
-        consumed samples of each domain (shown when the run blends more than one)."""
+        consumed samples of each domain (shown when the run blends more than one). TFLOP/s and MFU
+        only with --log-throughput (as Megatron-LM); tokens/s always."""
         steps = max(steps_since_last_log, 1)
         elapsed = max(elapsed_seconds_since_last_log, 1e-9)
         batch = self.cfg.train.global_batch_size
@@ -141,9 +147,15 @@ class MetricsLogger:
         memory = memory_gib(self.device)
         metrics = dict(iteration=iteration, consumed_samples=consumed_samples, lm_loss=float(result.loss),
                        lr=float(result.lr), grad_norm=float(result.grad_norm), skipped=bool(result.skipped),
-                       skipped_total=skipped_total, tokens_per_sec=tokens_per_sec, tflops_per_device=tflops,
-                       mfu=mfu, memory_gib=next(iter(memory.values()), None), iteration_time_s=elapsed / steps,
+                       skipped_total=skipped_total, tokens_per_sec=tokens_per_sec,
+                       memory_gib=next(iter(memory.values()), None), iteration_time_s=elapsed / steps,
                        time=time.time())
+        if self.cfg.logging.log_throughput:
+            metrics.update(tflops_per_device=tflops, mfu=mfu)
+        if params_norm is not None:
+            metrics["params_norm"] = params_norm
+        if getattr(result, "num_zeros", None) is not None:
+            metrics["num_zeros"] = result.num_zeros
         if per_domain and len(per_domain) > 1:
             metrics["consumed_samples_per_domain"] = dict(per_domain)
         if not self.is_writer:
@@ -152,12 +164,12 @@ class MetricsLogger:
         print(self._train_line(metrics, batch, memory, loss_scale), flush=True)
         scalars = {"lm loss": metrics["lm_loss"], "learning-rate": metrics["lr"],
                    "grad-norm": metrics["grad_norm"], "batch-size": batch,
-                   "iteration-time": metrics["iteration_time_s"], "throughput": tflops,
-                   "tokens-per-sec": tokens_per_sec}
+                   "iteration-time": metrics["iteration_time_s"], "tokens-per-sec": tokens_per_sec}
         if loss_scale is not None:
             scalars["loss-scale"] = loss_scale
-        if mfu is not None:
-            scalars["mfu"] = mfu
+        for key, tag in HEALTH_TAGS.items():
+            if metrics.get(key) is not None:
+                scalars[tag] = metrics[key]
         if metrics["memory_gib"] is not None:
             scalars["memory"] = metrics["memory_gib"]
         for name, count in metrics.get("consumed_samples_per_domain", {}).items():
@@ -180,11 +192,16 @@ class MetricsLogger:
             parts.append(f"loss scale: {loss_scale:.1f}")
         parts += [f"grad norm: {m['grad_norm']:.3f}",
                   f"number of skipped iterations: {m['skipped_total']:>3}",
-                  f"tokens/s: {m['tokens_per_sec']:,.0f}",
-                  f"TFLOP/s per device: {m['tflops_per_device']:.2f}",
-                  "MFU: n/a" if m["mfu"] is None else f"MFU: {m['mfu']:.1f}%",
-                  "memory (GiB): " + (", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in memory.items())
-                                      or "n/a")]
+                  f"tokens/s: {m['tokens_per_sec']:,.0f}"]
+        if "tflops_per_device" in m:
+            parts += [f"TFLOP/s per device: {m['tflops_per_device']:.2f}",
+                      "MFU: n/a" if m["mfu"] is None else f"MFU: {m['mfu']:.1f}%"]
+        if "params_norm" in m:
+            parts.append(f"params norm: {m['params_norm']:.3f}")
+        if "num_zeros" in m:
+            parts.append(f"num zeros: {m['num_zeros']:.0f}")
+        parts.append("memory (GiB): " + (", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in memory.items())
+                                         or "n/a"))
         return " | ".join(parts) + " |"
 
     # -- evaluation -----------------------------------------------------------------------------

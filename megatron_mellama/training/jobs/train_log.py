@@ -17,8 +17,12 @@ class TrainLog:
 
     def run(self, state: RunState) -> None:
         consumed = state.consumed_samples
-        self.metrics.log_train(state.iteration, consumed, state.step, time.perf_counter() - state.window_start,
+        elapsed = time.perf_counter() - state.window_start
+        # a collective over every rank (the train log is due on all alike), read once per log
+        params_norm = float(self.engine.params_norm()) if self.cfg.logging.log_params_norm else None
+        self.metrics.log_train(state.iteration, consumed, state.step, elapsed,
                                state.window_steps, state.skipped_total,
                                loss_scale=self.engine.scaler.loss_scale if self.cfg.train.fp16 else None,
-                               per_domain=self.samples.named(self.samples.consumed_per_domain(consumed)))
+                               per_domain=self.samples.named(self.samples.consumed_per_domain(consumed)),
+                               params_norm=params_norm)
         state.restart_window()
