@@ -312,6 +312,11 @@ class LoggingConfig:
     log_throughput: bool = opt(
         False, "add TFLOP/s per device and MFU to the train log, TensorBoard (throughput, mfu) and the JSON log; "
         "tokens/s is always logged")
+    # training/domain_loss.py
+    log_loss_per_domain: bool = opt(
+        False, "at each log: the training loss of each domain of the --data-path blend over the log window "
+        "(token mean of the domain's samples in the applied steps' batches; TensorBoard lm loss/<domain>), summed "
+        "on the device and reduced in one all-reduce per log")
     # training/wandb_writer.py: the TensorBoard scalars, under the same tags, also to Weights & Biases
     wandb_project: Optional[str] = opt(
         None, "log the TensorBoard scalars to this Weights & Biases project as well (needs the wandb extra: "

@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from .mixture import DomainTagged
+
 KEYS = ("tokens", "labels", "loss_mask")
 # with --reset-position-ids (megatron-core computes them per sample; otherwise they are 0..s-1)
 POSITION_KEYS = KEYS + ("position_ids",)
@@ -76,10 +78,11 @@ def document_ids_of(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(position_ids == 0, dim=-1) - 1
 
 
-def collate_for(cfg) -> functools.partial:
-    """The collate function of `cfg`'s data flags: without them the batch is exactly `collate`'s."""
+def collate_for(cfg, domain: bool = False) -> functools.partial:
+    """The collate function of `cfg`'s data flags: without them the batch is exactly `collate`'s.
+    `domain`: each row's domain index too (`mixture.DomainTagged` samples)."""
     d = cfg.data
-    keys = POSITION_KEYS if d.reset_position_ids else KEYS
+    keys = (POSITION_KEYS if d.reset_position_ids else KEYS) + (("domain",) if domain else ())
     return functools.partial(collate, keys=keys, document_ids=d.reset_attention_mask)
 
 
@@ -162,11 +165,14 @@ class EvalBatches:
 
 
 def train_batches(cfg, dataset, *, consumed_samples: int, dp_rank: int, dp_size: int) -> TrainBatches:
-    """`TrainBatches` with the micro/global batch size and workers of `cfg` (a Config)."""
+    """`TrainBatches` with the micro/global batch size and workers of `cfg` (a Config); with
+    --log-loss-per-domain each micro-batch has `domain` (each row's domain index) too."""
     t = cfg.train
-    return TrainBatches(dataset, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
-                        dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples,
-                        num_workers=cfg.data.num_workers, collate_fn=collate_for(cfg))
+    by_domain = cfg.logging.log_loss_per_domain
+    return TrainBatches(DomainTagged(dataset) if by_domain else dataset, micro_batch_size=t.micro_batch_size,
+                        global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                        consumed_samples=consumed_samples, num_workers=cfg.data.num_workers,
+                        collate_fn=collate_for(cfg, domain=by_domain))
 
 
 def eval_batches(cfg, dataset, *, dp_rank: int, dp_size: int) -> EvalBatches:

@@ -201,6 +201,22 @@ class TrainingSamples(torch.utils.data.Dataset):
         return out
 
 
+class DomainTagged(torch.utils.data.Dataset):
+    """`samples` with each sample's `domain`: the index of its domain in `samples.keys`, for the
+    training loss per domain (`--log-loss-per-domain`, `training/domain_loss.py`)."""
+
+    def __init__(self, samples: TrainingSamples):
+        self.samples = samples
+        self.index = {key: i for i, key in enumerate(samples.keys)}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        key, k = self.samples.locate(i)
+        return dict(self.samples.streams[key][k], domain=self.index[key])
+
+
 def training_samples(cfg: Config, one_epochs: list, weights: dict, names: dict) -> Optional[TrainingSamples]:
     """A fresh run's training samples: one blend segment from sample 0, every domain at its start.
     `one_epochs`: each domain's one-epoch train split, in the order of `weights` (domain key ->

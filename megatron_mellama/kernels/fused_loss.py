@@ -36,16 +36,18 @@ CHUNK_ELEMENTS = 1 << 24
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          ignore_index: int = IGNORE_INDEX, chunk_tokens: int | None = None,
-                         per_row: bool = False) -> torch.Tensor:
+                         per_row: bool = False, row_sums: list | None = None) -> torch.Tensor:
     """Summed cross-entropy of the tokens whose label is not `ignore_index`; an fp32 scalar.
 
     `per_row=True` (without gradients: scoring, not training) sums each row of `labels` (its
-    leading dim) apart instead: an fp32 tensor [labels.shape[0]], the same on every TP rank."""
+    leading dim) apart instead: an fp32 tensor [labels.shape[0]], the same on every TP rank.
+    `row_sums`, a list: the scalar is returned as usual (with its gradient) and each row's sum is
+    appended to the list as well, without gradient (the training loss per domain)."""
     group, vocab_start, seq_group = None, 0, None
     row_ids, num_rows = None, None
-    if per_row:
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            raise RuntimeError("linear_cross_entropy(per_row=True) has no backward: call it under torch.no_grad()")
+    if per_row and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        raise RuntimeError("linear_cross_entropy(per_row=True) has no backward: call it under torch.no_grad()")
+    if per_row or row_sums is not None:
         shape, num_rows = labels.shape, labels.shape[0]
         row_ids = torch.arange(shape[0], device=labels.device).view(-1, *[1] * (len(shape) - 1)).expand(shape)
     if isinstance(weight, DTensor):
@@ -71,7 +73,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_tokens, compute_dtype,
-                                     group, vocab_start, with_grad, seq_group, row_ids, num_rows)
+                                     group, vocab_start, with_grad, seq_group, row_ids, num_rows, row_sums)
 
 
 def _sequence_shard(hidden: DTensor, group) -> tuple[torch.Tensor, int, int] | None:
@@ -121,7 +123,7 @@ def _vocab_shard(weight: DTensor) -> tuple[torch.Tensor, dist.ProcessGroup, int]
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_tokens, compute_dtype, group, vocab_start,
-                with_grad, seq_group=None, row_ids=None, num_rows=None):
+                with_grad, seq_group=None, row_ids=None, num_rows=None, row_sums=None):
         local_hidden = hidden
         if seq_group is not None:
             # every rank's sequence slice, rank after rank (the labels were put in this order)
@@ -135,8 +137,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         local_labels = labels - vocab_start
         valid = (labels != ignore_index).float()
-        # one sum, or one per row of the labels (row_ids: each token's row)
-        total = torch.zeros(() if row_ids is None else (num_rows,), dtype=torch.float32, device=hidden.device)
+        # one sum, or one per row of the labels (row_ids: each token's row); with `row_sums` both
+        per_row = row_ids is not None and row_sums is None
+        total = torch.zeros((num_rows,) if per_row else (), dtype=torch.float32, device=hidden.device)
+        rows_total = None if row_sums is None else torch.zeros((num_rows,), dtype=torch.float32, device=hidden.device)
         # fp32: backward multiplies by the incoming gradient, which carries fp16's loss scale
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if with_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
@@ -150,10 +154,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = h @ w.t()
                 lse, target = _logsumexp_and_target(ops, logits, local_labels[rows], group)
                 token_loss = (lse - target) * valid[rows]
-                if row_ids is None:
-                    total += token_loss.sum()
-                else:
+                if per_row:
                     total += _sum_per_row(token_loss.float(), row_ids[rows], num_rows)
+                else:
+                    total += token_loss.sum()
+                if rows_total is not None:
+                    rows_total += _sum_per_row(token_loss.float(), row_ids[rows], num_rows)
                 if with_grad:
                     # the gradient of the summed loss, now, while the chunk's logits exist: backward
                     # then only scales it (no second pass over the output layer)
@@ -172,6 +178,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         elif with_grad and group is not None:
             # each rank's vocabulary rows contribute a part of every token's gradient
             dist.all_reduce(grad_hidden, group=group)
+        if row_sums is not None:
+            row_sums.append(rows_total)
         ctx.grads = (grad_hidden, grad_weight, hidden.dtype, weight.dtype)
         ctx.scaled = False
         return total
@@ -189,7 +197,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight.mul_(grad_loss)
             ctx.scaled = True
         return (grad_hidden.to(hidden_dtype), grad_weight.to(weight_dtype), None, None, None, None, None, None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _sum_per_row(values: torch.Tensor, row_ids: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -109,6 +109,9 @@ class Llama(nn.Module):
         # document ids (batch, seq) -> what every layer's attention takes for packed documents, made
         # once per forward; context parallelism puts the mask of its rank's queries here
         self.document_mask = kernels.document_mask
+        # a list to append each training call's per-row summed losses to (the training loss per
+        # domain, `training/domain_loss.py`), None when nobody asks
+        self.row_losses: list | None = None
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
@@ -129,5 +132,6 @@ class Llama(nn.Module):
         if self.lm_head is None:
             return h
         if labels is not None:
-            return kernels.linear_cross_entropy(h, self.lm_head.weight, labels, per_row=per_row)
+            return kernels.linear_cross_entropy(h, self.lm_head.weight, labels, per_row=per_row,
+                                                row_sums=None if per_row else self.row_losses)
         return self.lm_head(h)

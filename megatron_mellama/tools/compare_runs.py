@@ -37,8 +37,8 @@ from megatron_mellama.tools.run_logs import Run, RunLogError, read_run
 
 PROG = "mellama-compare-runs"
 DEFAULT_IMAGE = "compare_runs.png"
-CHECKED_BY_DEFAULT = ("lm loss", "lm loss validation", "lm loss validation/*", "lm loss validation ppl*",
-                      "learning-rate", "grad-norm", "params-norm", "num-zeros", "downstream/*",
+CHECKED_BY_DEFAULT = ("lm loss", "lm loss/*", "lm loss validation", "lm loss validation/*",
+                      "lm loss validation ppl*", "learning-rate", "grad-norm", "params-norm", "num-zeros", "downstream/*",
                       "consumed samples/*")
 
 

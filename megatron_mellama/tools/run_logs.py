@@ -3,8 +3,9 @@
 A run is its `--log-file` (JSON lines, one record per line, see training/metrics.py) or its
 `--tensorboard-dir` (a folder of event files). Both read back under the TensorBoard tags, which are
 Megatron-LM's: `lm loss`, `learning-rate`, `grad-norm`, `throughput`, `tokens-per-sec`, `mfu`,
-`memory`, `iteration-time`, `params-norm`, `num-zeros`, `lm loss validation` and `lm loss validation/<domain>` (and their
-`ppl`), `downstream/<task>/acc` and `acc_norm`, `consumed samples/<domain>`. The `... vs samples`
+`memory`, `iteration-time`, `params-norm`, `num-zeros`, `lm loss validation` and
+`lm loss validation/<domain>` (and their `ppl`), `downstream/<task>/acc` and `acc_norm`,
+`consumed samples/<domain>`, `lm loss/<domain>` (the training loss per domain). The `... vs samples`
 twins are stepped by samples, not iterations, and are left out.
 
 The two forms differ only where the writer made them differ: TensorBoard holds float32 values and
@@ -125,6 +126,8 @@ def _read_training(run: Run, iteration: int, record: dict) -> None:
             run.put(tag, iteration, record[key])
     for name, count in record.get("consumed_samples_per_domain", {}).items():
         run.put(f"consumed samples/{name}", iteration, count)
+    for name, loss in record.get("loss_per_domain", {}).items():
+        run.put(f"lm loss/{name}", iteration, loss)
 
 
 # -- the TensorBoard folder -------------------------------------------------------------------------

@@ -139,6 +139,9 @@ class Engine:
         self.injected_loss_factors: Optional[tuple] = None
         self._loss_factor = None
         self._num_zeros = self._read_zeros = None  # --log-num-zeros-in-grad: on the device, then read
+        # --log-loss-per-domain: a `domain_loss.DomainLosses` the loop sets (it knows the domains);
+        # the micro-batches then carry each row's `domain`
+        self.domain_losses = None
 
     # -- loss ---------------------------------------------------------------------------------
     def _autocast(self):
@@ -179,10 +182,15 @@ class Engine:
         global_tokens = self._dp_sum(torch.stack([(lab != IGNORE_INDEX).sum() for lab in labels]).sum())
         weight = self._loss_weight(global_tokens)
         self._batch_tokens = global_tokens
+        by_domain = self.domain_losses if train else None
+        if by_domain is not None:
+            by_domain.begin()
         if self.schedule is None:
             loss = self._accumulate(tokens, labels, documents, weight, train)
         else:
             loss = self._pipeline(tokens, labels, documents, weight, train)
+        if by_domain is not None:
+            by_domain.add(labels, [mb["domain"] for mb in micro_batches])
         self._local_loss = loss
         return self._dp_sum(loss)
 
@@ -287,6 +295,8 @@ class Engine:
         if finite and judge is not None:
             why = judge(loss, grad_norm) or ""
         self.scaler.update(found_inf=not finite)
+        if self.domain_losses is not None:
+            self.domain_losses.end_step(applied=not why)
         lr = self.optimizer.param_groups[0]["lr"]
         if not why:
             self.optimizer.step()

@@ -33,6 +33,7 @@ from ..parallel.mesh import ParallelDims, init_distributed, local_device
 from ..parallel.timeouts import configure_flight_recorder
 from .bad_steps import BadSteps, RestartableBatches
 from .console import print0
+from .domain_loss import DomainLosses
 from .engine import NONFINITE, Engine
 from .fault_injection import FaultInjector, parse_faults
 from .hang_watchdog import NoWatchdog, hang_watchdog
@@ -127,6 +128,8 @@ def _train(cfg: Config, world: int, device: torch.device, control: RunControl, f
         for line in changes:
             print0(line)
 
+    if cfg.logging.log_loss_per_domain:
+        engine.domain_losses = DomainLosses.for_run(engine, samples, coords["tp"])
     run = RunState.starting_at(iteration, consumed, iterations=train_iterations(cfg),
                                skipped_total=state.get("skipped_total", 0), kernels=kernels.selected())
     metrics = MetricsLogger(cfg, rank, world, device, wandb_run_id=state.get("wandb_run_id"))

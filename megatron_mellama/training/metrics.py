@@ -127,17 +127,21 @@ class MetricsLogger:
             return
         if self._log_file is None:
             self._log_file = open(path, "a", encoding="utf-8")
-        record = {k: _finite_or_none(v) for k, v in record.items()}
+        # one level down too: the training loss per domain is a dict
+        record = {k: {n: _finite_or_none(x) for n, x in v.items()} if isinstance(v, dict) else _finite_or_none(v)
+                  for k, v in record.items()}
         self._log_file.write(json.dumps(record, allow_nan=False) + "\n")
         self._log_file.flush()
 
     # -- training -------------------------------------------------------------------------------
     def log_train(self, iteration: int, consumed_samples: int, result, elapsed_seconds_since_last_log: float,
                   steps_since_last_log: int, skipped_total: int, loss_scale: float | None = None,
-                  per_domain: dict | None = None, params_norm: float | None = None) -> dict:
+                  per_domain: dict | None = None, params_norm: float | None = None,
+                  loss_per_domain: dict | None = None) -> dict:
         """Log one training iteration; returns the computed metrics (on every rank). `per_domain`:
         consumed samples of each domain (shown when the run blends more than one). TFLOP/s and MFU
-        only with --log-throughput (as Megatron-LM); tokens/s always."""
+        only with --log-throughput (as Megatron-LM); tokens/s always. `loss_per_domain`: each
+        domain's training loss over the log window (--log-loss-per-domain)."""
         steps = max(steps_since_last_log, 1)
         elapsed = max(elapsed_seconds_since_last_log, 1e-9)
         batch = self.cfg.train.global_batch_size
@@ -158,6 +162,8 @@ class MetricsLogger:
             metrics["num_zeros"] = result.num_zeros
         if per_domain and len(per_domain) > 1:
             metrics["consumed_samples_per_domain"] = dict(per_domain)
+        if loss_per_domain is not None:
+            metrics["loss_per_domain"] = dict(loss_per_domain)
         if not self.is_writer:
             return metrics
 
@@ -174,6 +180,8 @@ class MetricsLogger:
             scalars["memory"] = metrics["memory_gib"]
         for name, count in metrics.get("consumed_samples_per_domain", {}).items():
             scalars[f"consumed samples/{name}"] = count
+        for name, loss in metrics.get("loss_per_domain", {}).items():
+            scalars[f"lm loss/{name}"] = loss
         self._scalars(scalars, iteration, consumed_samples, vs_samples=("lm loss", "learning-rate"))
         self._json(metrics)
         return metrics
@@ -188,6 +196,8 @@ class MetricsLogger:
                  f"learning rate: {m['lr']:.6E}",
                  f"global batch size: {batch:>5}",
                  f"lm loss: {m['lm_loss']:.6E}"]
+        # the TensorBoard tags' names, as the validation line's
+        parts += [f"lm loss/{name}: {loss:.6E}" for name, loss in m.get("loss_per_domain", {}).items()]
         if loss_scale is not None:
             parts.append(f"loss scale: {loss_scale:.1f}")
         parts += [f"grad norm: {m['grad_norm']:.3f}",

@@ -20,9 +20,11 @@ class TrainLog:
         elapsed = time.perf_counter() - state.window_start
         # a collective over every rank (the train log is due on all alike), read once per log
         params_norm = float(self.engine.params_norm()) if self.cfg.logging.log_params_norm else None
+        by_domain = self.engine.domain_losses
+        loss_per_domain = by_domain.reduce() if by_domain is not None else None  # one all-reduce
         self.metrics.log_train(state.iteration, consumed, state.step, elapsed,
                                state.window_steps, state.skipped_total,
                                loss_scale=self.engine.scaler.loss_scale if self.cfg.train.fp16 else None,
                                per_domain=self.samples.named(self.samples.consumed_per_domain(consumed)),
-                               params_norm=params_norm)
+                               params_norm=params_norm, loss_per_domain=loss_per_domain)
         state.restart_window()
