@@ -317,6 +317,15 @@ class LoggingConfig:
         False, "at each log: the training loss of each domain of the --data-path blend over the log window "
         "(token mean of the domain's samples in the applied steps' batches; TensorBoard lm loss/<domain>), summed "
         "on the device and reduced in one all-reduce per log")
+    # training/timers.py
+    timing_log_level: int = opt(
+        0, "timers printed at each log: 0 none; 1 data-wait, forward-backward, optimizer, save-checkpoint, "
+        "evaluation (ms per iteration over the log window); 2 also grads-clip (unscaling, the gradient norm's "
+        "all-reduces, clipping). Host clock, CUDA events on a GPU: no host synchronisation per step",
+        choices=(0, 1, 2))
+    timing_log_option: str = opt(
+        "minmax", "with --timing-log-level 1 or 2: each timer over the ranks, in one collective per log: max, "
+        "minmax (min and max) or all (every rank's)", choices=("max", "minmax", "all"))
     # training/wandb_writer.py: the TensorBoard scalars, under the same tags, also to Weights & Biases
     wandb_project: Optional[str] = opt(
         None, "log the TensorBoard scalars to this Weights & Biases project as well (needs the wandb extra: "

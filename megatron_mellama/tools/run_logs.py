@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import MellamaError
+from ..training import timers
 from ..training.jobs.straggler_report import report_scalars
 
 # a training record's keys and their TensorBoard tags
@@ -36,7 +37,7 @@ TRAIN_TAGS = {"lm_loss": "lm loss", "lr": "learning-rate", "grad_norm": "grad-no
 # no point there; null in the others is a non-finite value, a NaN point in TensorBoard
 NOT_MEASURED_WHEN_NULL = {"mfu", "memory_gib"}
 # a periodic job's report record (`{name: record}` in the JSON log) and its TensorBoard scalars
-REPORT_SCALARS = {"straggler": report_scalars}
+REPORT_SCALARS = {"straggler": report_scalars, "timers": timers.report_scalars}
 BY_SAMPLES = " vs samples"
 
 

@@ -53,6 +53,7 @@ from ..parallel.mesh import Meshes, ParallelDims
 from ..parallel.pipeline import build_schedule, run_pipeline_step
 from .grad_clip import count_zero_grads, get_params_norm
 from .optim import LossScaler, build_lr_scheduler, build_optimizer, clip_grad_norm_
+from .timers import Timers
 
 IGNORE_INDEX = kernels.IGNORE_INDEX
 # micro-batch keys of packed documents (--reset-position-ids, --reset-attention-mask), handed to
@@ -142,6 +143,7 @@ class Engine:
         # --log-loss-per-domain: a `domain_loss.DomainLosses` the loop sets (it knows the domains);
         # the micro-batches then carry each row's `domain`
         self.domain_losses = None
+        self.timers = Timers.from_config(cfg, self.device)  # --timing-log-level: nothing at 0
 
     # -- loss ---------------------------------------------------------------------------------
     def _autocast(self):
@@ -253,13 +255,16 @@ class Engine:
     def compute_gradients(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over one global batch, gradients unscaled and clipped; the loss and
         the gradient norm before clipping, as device tensors (nothing read by the host)."""
-        loss = self._global_batch_loss(micro_batches, train=True)
+        with self.timers("forward-backward"):
+            loss = self._global_batch_loss(micro_batches, train=True)
         params = [q for m in self.modules for q in m.parameters()]
-        # overflow shows in the gradient norm read below: no flag of its own to read
-        self.scaler.unscale_(params, find_inf=False)
-        grad_norm = clip_grad_norm_(params, self.cfg.optim.clip_grad, pp_group=self._pp_group, device=self.device)
-        if self.cfg.logging.log_num_zeros_in_grad:
-            self._num_zeros = count_zero_grads(params, self._pp_group, self.device)
+        with self.timers("grads-clip"):
+            # overflow shows in the gradient norm read below: no flag of its own to read
+            self.scaler.unscale_(params, find_inf=False)
+            grad_norm = clip_grad_norm_(params, self.cfg.optim.clip_grad, pp_group=self._pp_group,
+                                        device=self.device)
+            if self.cfg.logging.log_num_zeros_in_grad:
+                self._num_zeros = count_zero_grads(params, self._pp_group, self.device)
         return loss, grad_norm
 
     @property
@@ -298,10 +303,11 @@ class Engine:
         if self.domain_losses is not None:
             self.domain_losses.end_step(applied=not why)
         lr = self.optimizer.param_groups[0]["lr"]
-        if not why:
-            self.optimizer.step()
-            self.scheduler.step(self.cfg.train.global_batch_size)
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.timers("optimizer"):
+            if not why:
+                self.optimizer.step()
+                self.scheduler.step(self.cfg.train.global_batch_size)
+            self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=grad_norm, skipped=bool(why), lr=lr, why=why, recomputed=recomputed,
                           num_zeros=self._read_zeros)
 

@@ -212,7 +212,8 @@ def _step(run: RunState, engine: Engine, batches, control: RunControl, bad: BadS
           faults: FaultInjector) -> bool:
     """One iteration's step; True when it rolled the run back to a checkpoint instead."""
     iteration = run.iteration + 1
-    micro_batches = next(batches)
+    with engine.timers("data-wait"):
+        micro_batches = next(batches)
     if bad.skips(iteration):
         # --iterations-to-skip: the batch is read and not trained on; nothing failed, nothing counts
         result = bad.skipped(iteration, engine)

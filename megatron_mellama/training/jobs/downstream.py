@@ -24,7 +24,8 @@ class DownstreamScoring:
     def run(self, state: RunState) -> None:
         iteration = state.iteration
         try:
-            scores = self.tasks.score(self.engine, self.dp_rank, self.dp_size)
+            with self.engine.timers("evaluation"):
+                scores = self.tasks.score(self.engine, self.dp_rank, self.dp_size)
         except DownstreamNotFinite as exc:
             # as a NaN validation loss: every rank raises together, before any save
             raise TrainingStopped(f"downstream evaluation at iteration {iteration}: {exc}: the model "

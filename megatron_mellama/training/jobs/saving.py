@@ -34,8 +34,9 @@ class CheckpointSaving:
         state.save_owed = self._unsaveable(state)
         if not state.save_owed:
             consumed = state.consumed_samples
-            self.checkpoints.save(state.iteration, consumed, dict(self.kept, skipped_total=state.skipped_total,
-                                                                  data_order=self.samples.state(consumed)))
+            with self.engine.timers("save-checkpoint"):
+                self.checkpoints.save(state.iteration, consumed, dict(self.kept, skipped_total=state.skipped_total,
+                                                                      data_order=self.samples.state(consumed)))
             state.last_saved = state.iteration
 
     def _unsaveable(self, state: RunState) -> bool:

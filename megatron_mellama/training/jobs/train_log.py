@@ -27,4 +27,7 @@ class TrainLog:
                                loss_scale=self.engine.scaler.loss_scale if self.cfg.train.fp16 else None,
                                per_domain=self.samples.named(self.samples.consumed_per_domain(consumed)),
                                params_norm=params_norm, loss_per_domain=loss_per_domain)
+        timing = self.engine.timers.report(state.window_steps)  # one small collective, at level 1 or 2
+        if timing is not None:
+            self.metrics.log_report(state.iteration, consumed, "timers", *timing)
         state.restart_window()

@@ -45,7 +45,8 @@ class Validation:
 
     def run(self, state: RunState) -> None:
         iteration = state.iteration
-        losses = evaluate(self.cfg, self.engine, self.sets, self.dp_rank, self.dp_size)
+        with self.engine.timers("evaluation"):
+            losses = evaluate(self.cfg, self.engine, self.sets, self.dp_rank, self.dp_size)
         state.validation.append(dict(iteration=iteration, **losses))
         self.metrics.log_eval(iteration, state.consumed_samples, losses)
         # the evaluation's time is not the next train log's
