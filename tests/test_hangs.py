@@ -25,6 +25,7 @@ from megatron_mellama.training.fault_injection import Fault, parse_faults
 from megatron_mellama.training.hang_watchdog import HangWatchdog, job_name, not_arrived
 from megatron_mellama.training.jobs.saving import CheckpointSaving
 from megatron_mellama.training.jobs.stopping import Stopping
+from trainer_processes import finish, trainer_pid
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "torchrun_single_node.sh"
@@ -178,31 +179,6 @@ def _records(path: Path) -> list[dict]:
     return [r for r in records if "lm_loss" in r]
 
 
-def _finish(proc: subprocess.Popen, out: Path, timeout: float = 240) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        pytest.fail(f"the job did not end:\n{out.read_text()[-3000:]}")
-
-
-def _trainer(torchrun: int, rank: int, attempt: int) -> int | None:
-    """The pid of global rank `rank` of torchrun's attempt `attempt` (the launch script execs torchrun)."""
-    want = {f"RANK={rank}".encode(), f"TORCHELASTIC_RESTART_COUNT={attempt}".encode()}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = set(Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"))
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == torchrun and want <= environ:
-            return int(entry)
-    return None
-
-
 def _watchdog_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("hang watchdog, rank ")]
 
@@ -218,7 +194,7 @@ def test_a_hung_rank_is_named_and_the_job_ends_within_the_timeout(tmp_path):
         assert proc.poll() is None and time.time() < deadline, out.read_text()[-3000:]
         time.sleep(0.05)
     hung = time.monotonic()
-    code = _finish(proc, out)
+    code = finish(proc, out, 240)
     took = time.monotonic() - hung
     text = out.read_text()
     assert code != 0 and took < S + 5, (code, took, text[-3000:])
@@ -261,11 +237,11 @@ def test_a_crashed_and_a_frozen_rank_are_restarted_and_the_run_resumes_exactly(t
                 break
             assert proc.poll() is None and time.time() < deadline, (faulty / "out.txt").read_text()[-3000:]
             time.sleep(0.05)
-        victim = _trainer(proc.pid, rank=1, attempt=1)
+        victim = trainer_pid(proc.pid, rank=1, attempt=1)
         assert victim is not None
         os.kill(victim, signal.SIGSTOP)
-        assert _finish(proc, faulty / "out.txt") == 0, (faulty / "out.txt").read_text()[-3000:]
-        assert _finish(reference, whole / "out.txt") == 0, (whole / "out.txt").read_text()[-3000:]
+        assert finish(proc, faulty / "out.txt", 240) == 0, (faulty / "out.txt").read_text()[-3000:]
+        assert finish(reference, whole / "out.txt", 240) == 0, (whole / "out.txt").read_text()[-3000:]
     finally:
         for p in (proc, reference):
             if p.poll() is None:

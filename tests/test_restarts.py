@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 from port_helpers import reserved_port
+from trainer_processes import finish, trainer_pid
 
 from megatron_mellama.parallel.mesh import init_distributed, torchrun_attempt_store
 
@@ -149,20 +150,6 @@ def test_only_the_trainers_own_signals_end_its_start_up():
 
 # --- a killed trainer: torchrun restarts the job, which resumes exactly ------------------------
 
-def _trainer_of_rank(torchrun: int, rank: int) -> int | None:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == torchrun and f"RANK={rank}".encode() in environ:
-            return int(entry)
-    return None
-
-
 def _records(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -179,15 +166,6 @@ def _torchrun(save: Path, log: Path, out: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def _finish(proc: subprocess.Popen, out: Path, timeout: float = 180) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        pytest.fail(f"the job did not end:\n{out.read_text()[-3000:]}")
-
-
 @pytest.mark.slow
 @needs_proc
 def test_a_trainer_killed_mid_run_is_restarted_and_resumes_exactly(tmp_path):
@@ -199,13 +177,13 @@ def test_a_trainer_killed_mid_run_is_restarted_and_resumes_exactly(tmp_path):
     while not [r for r in _records(killed / "log.jsonl") if r["iteration"] >= kill_after]:
         assert proc.poll() is None and time.time() < deadline, (killed / "out.txt").read_text()[-3000:]
         time.sleep(0.05)
-    victim = _trainer_of_rank(proc.pid, 1)
+    victim = trainer_pid(proc.pid, 1)
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
-    assert _finish(proc, killed / "out.txt") == 0, (killed / "out.txt").read_text()[-3000:]
+    assert finish(proc, killed / "out.txt", 180) == 0, (killed / "out.txt").read_text()[-3000:]
 
     reference = _torchrun(whole / "ckpt", whole / "log.jsonl", whole / "out.txt")
-    assert _finish(reference, whole / "out.txt") == 0, (whole / "out.txt").read_text()[-3000:]
+    assert finish(reference, whole / "out.txt", 180) == 0, (whole / "out.txt").read_text()[-3000:]
 
     text = (killed / "out.txt").read_text()
     resumed = [int(i) for i in re.findall(r"resumed from \S+ at iteration (\d+)", text)]

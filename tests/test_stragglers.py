@@ -17,6 +17,7 @@ from torch import nn
 
 from megatron_mellama.training.jobs.straggler_report import rank_report, report_line, report_scalars
 from megatron_mellama.training.straggler import LayerForwardTimer
+from trainer_processes import trainer_pid
 
 REPO = Path(__file__).resolve().parents[1]
 needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc to find the trainers")
@@ -84,20 +85,6 @@ ARGS = ["--model", "tiny", "--num-layers", "2", "--mock-data", "--vocab-size", "
         "--straggler-minmax-count", str(RANKS)]
 
 
-def _trainer_of_rank(torchrun: int, rank: int) -> int | None:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == torchrun and f"RANK={rank}".encode() in environ:
-            return int(entry)
-    return None
-
-
 def _reports(log: Path) -> list[dict]:
     if not log.exists():
         return []
@@ -139,7 +126,7 @@ def test_a_rank_stopped_and_continued_from_outside_is_named_the_slowest(tmp_path
         deadline = time.time() + 150
         while not [r for r in _reports(log) if r["iteration"] >= SLOW_FROM]:
             assert proc.poll() is None and time.time() < deadline, out.read_text()[-3000:]
-            victim = victim or _trainer_of_rank(proc.pid, 1)
+            victim = victim or trainer_pid(proc.pid, 1)
             time.sleep(0.01)
         assert victim is not None
         slowing = threading.Thread(target=_duty_cycle, args=(victim, log, done), daemon=True)
