@@ -39,6 +39,9 @@ setup(
         "te": ["transformer_engine[pytorch]"],
         # --wandb-project
         "wandb": ["wandb"],
+        # --tokenizer-backend gigatoken: pinned, as its SentencePiece converter is a private module;
+        # orjson parses the JSONL lines
+        "fast": ["gigatoken==0.10.0", "orjson>=3.9"],
     },
     entry_points={
         "console_scripts": [

@@ -158,3 +158,34 @@ def _bounded_lines(f, limit: int):
                 raw = f.readline(limit + 1)
             continue
         yield raw
+
+
+def leading_strings(paths: list[str], max_bytes: int, max_line_bytes: int | None = None) -> list[str]:
+    """Every string value (at any depth) of the records in about the first `max_bytes` of the input;
+    bad lines are skipped."""
+    import json
+
+    strings: list[str] = []
+    total = 0
+
+    def collect(value) -> None:
+        if isinstance(value, str):
+            strings.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                collect(v)
+        elif isinstance(value, list):
+            for v in value:
+                collect(v)
+
+    for path in paths:
+        with _naming_the_input(path), open_input(path) as f:
+            for raw in _bounded_lines(f, max_line_bytes or MAX_LINE_BYTES):
+                total += len(raw)
+                try:
+                    collect(json.loads(raw))
+                except (ValueError, RecursionError):
+                    pass
+                if total >= max_bytes:
+                    return strings
+    return strings

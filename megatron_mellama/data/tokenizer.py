@@ -7,6 +7,8 @@ here match the ones Megatron's `preprocess_data.py` writes for the same tokenize
 import os
 from abc import ABC, abstractmethod
 
+import numpy as np
+
 from ..errors import MellamaError
 
 TOKENIZER_TYPES = ("Llama2Tokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer")
@@ -18,6 +20,7 @@ class TokenizerError(MellamaError, ValueError):
 
 class Tokenizer(ABC):
     name: str
+    encoder = None  # what turns plain text into ids; SentencePiece tokenizers can swap in a faster one
 
     @property
     @abstractmethod
@@ -28,6 +31,10 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def detokenize(self, ids) -> str: ...
+
+    def tokenize_array(self, text: str) -> np.ndarray:
+        """`tokenize` as an integer array (the preprocessing tools' form)."""
+        return np.asarray(self.tokenize(text), dtype=np.int64)
 
     @abstractmethod
     def tokenize_plain(self, text: str) -> list[int]:
@@ -56,6 +63,18 @@ def _int_or_missing(token_id) -> int:
     return -1 if token_id is None else int(token_id)
 
 
+class SentencePieceEncoder:
+    """SentencePiece's own encode: the reference every other encoder is held to."""
+
+    name = "sentencepiece"
+
+    def __init__(self, sp):
+        self.encode = sp.encode
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+
 class Llama2Tokenizer(Tokenizer):
     name = "Llama2Tokenizer"
 
@@ -75,6 +94,13 @@ class Llama2Tokenizer(Tokenizer):
             raise TokenizerError(f"tokenizer model {model_path!r} could not be read as a SentencePiece model "
                                  f"({expected})") from None
         self._vocab_size = self._sp.vocab_size()
+        self.model_path = model_path
+        self.use_encoder(SentencePieceEncoder(self._sp))
+
+    def use_encoder(self, encoder) -> None:
+        """Encode plain text with `encoder` (`encode` -> list, `encode_array` -> array), which must give
+        SentencePiece's ids: `fast_tokenizer` checks the one it offers."""
+        self.encoder = encoder
 
     @property
     def vocab_size(self) -> int:
@@ -84,22 +110,31 @@ class Llama2Tokenizer(Tokenizer):
         # BOS first by default: Megatron's choice for text completion (not chat).
         if not isinstance(text, str):
             raise TypeError(f"tokenize expects a str, got {type(text).__name__}")
-        ids = self._sp.encode(text)
+        ids = self.encoder.encode(text)
         if bos:
             ids = [self.bos] + ids
         if eos:
             ids = ids + [self.eos]
         return ids
 
+    def tokenize_array(self, text: str) -> np.ndarray:
+        if not isinstance(text, str):
+            raise TypeError(f"tokenize expects a str, got {type(text).__name__}")
+        return np.concatenate((self._bos_array, self.encoder.encode_array(text)))
+
     def detokenize(self, ids) -> str:
         return self._sp.decode_ids([int(i) for i in ids])
 
     def tokenize_plain(self, text: str) -> list[int]:
-        return self._sp.encode(text)  # SentencePiece never reads control symbols from the text
+        return self.encoder.encode(text)  # SentencePiece never reads control symbols from the text
 
     @property
     def bos(self) -> int:
         return self._sp.bos_id()
+
+    @property
+    def _bos_array(self) -> np.ndarray:
+        return np.array([self._sp.bos_id()], dtype=np.int64)
 
     @property
     def eos(self) -> int:
@@ -170,6 +205,8 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_path: str, vocab_extra_ids: int = 0):
         # Reuses Llama2Tokenizer's checks so a bad path fails with the same one-line message.
         self._sp = Llama2Tokenizer(model_path)._sp
+        self.model_path = os.fspath(model_path)
+        self.use_encoder(SentencePieceEncoder(self._sp))
         self._vocab = {self._sp.id_to_piece(i): i for i in range(self._sp.vocab_size())}
         self._inv_vocab = {i: t for t, i in self._vocab.items()}
         self._special_tokens = {}
@@ -202,10 +239,27 @@ class SentencePieceTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return len(self._vocab)
 
+    use_encoder = Llama2Tokenizer.use_encoder
+
     def tokenize(self, text: str) -> list[int]:
+        ids = []
+        for part in self._parts(text):
+            if isinstance(part, str):
+                ids.extend(self.encoder.encode(part))
+            else:
+                ids.append(part)
+        return ids
+
+    def tokenize_array(self, text: str) -> np.ndarray:
+        parts = [self.encoder.encode_array(p) if isinstance(p, str) else np.array([p], dtype=np.int64)
+                 for p in self._parts(text)]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _parts(self, text: str) -> list:
+        """`text` cut at Megatron's special-token strings: the texts between them, and their ids."""
         if not isinstance(text, str):
             raise TypeError(f"tokenize expects a str, got {type(text).__name__}")
-        ids, start = [], 0
+        parts, start = [], 0
         while True:
             # The earliest special token wins; ties go to the first added, as in Megatron.
             best, best_at = None, -1
@@ -215,14 +269,13 @@ class SentencePieceTokenizer(Tokenizer):
                     best, best_at = token, at
             if best is None:
                 break
-            ids.extend(self._sp.encode(text[start:best_at]))
-            ids.append(self._special_tokens[best])
+            parts += [text[start:best_at], self._special_tokens[best]]
             start = best_at + len(best)
-        ids.extend(self._sp.encode(text[start:] if start else text))
-        return ids
+        parts.append(text[start:] if start else text)
+        return parts
 
     def tokenize_plain(self, text: str) -> list[int]:
-        return self._sp.encode(text)  # Megatron's special tokens (<EOD>, <s>, ...) stay text here
+        return self.encoder.encode(text)  # Megatron's special tokens (<EOD>, <s>, ...) stay text here
 
     def detokenize(self, ids) -> str:
         ids = [int(i) for i in ids]

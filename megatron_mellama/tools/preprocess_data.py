@@ -30,8 +30,9 @@ from megatron_mellama.data.jsonl_reader import read_blocks, sample_texts
 from megatron_mellama.data.record_encoder import RecordEncoder
 from megatron_mellama.data.tokenizer import build_tokenizer
 from megatron_mellama.tools import preprocess_flags as flags
+from megatron_mellama.tools import tokenizer_backend
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
-from megatron_mellama.tools.preprocess_run import Rejects, run_until_signalled, under_output_lock
+from megatron_mellama.tools.preprocess_run import PreprocessError, Rejects, run_until_signalled, under_output_lock
 
 PROG = "mellama-preprocess-data"
 BLOCKS_IN_FLIGHT_PER_WORKER = 4  # bounds memory: the reader never runs ahead of the workers by more
@@ -75,11 +76,14 @@ def _init_worker(*init_args):
     _init_encoder(*init_args)
 
 
-def _init_encoder(tokenizer_type, tokenizer_model, json_keys, append_eod, splitter_spec, dtype, tokenizer=None):
+def _init_encoder(tokenizer_type, tokenizer_model, backend_spec, json_keys, append_eod, splitter_spec, dtype,
+                  tokenizer=None):
     global _ENCODER
     from megatron_mellama.data.sentence_split import SentenceSplitter, identity_split
 
-    tokenizer = tokenizer or build_tokenizer(tokenizer_type, tokenizer_model)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
+        tokenizer_backend.install(tokenizer, backend_spec)
     split = SentenceSplitter(splitter_spec) if splitter_spec is not None else identity_split
     _ENCODER = RecordEncoder(tokenizer, json_keys, append_eod, split, dtype)
 
@@ -152,9 +156,12 @@ def _run_locked(args) -> int:
     dtype = optimal_dtype(args.tokenizer.vocab_size)
     level = "sentence" if args.split_sentences else "document"
     rejected_path = f"{args.output_prefix}_rejected.jsonl"
-    init_args = (args.tokenizer_type, args.tokenizer_model, args.json_keys, args.append_eod, splitter_spec, dtype)
+    init_args = (args.tokenizer_type, args.tokenizer_model, args.backend_spec, args.json_keys, args.append_eod,
+                 splitter_spec, dtype)
+    print(args.backend_line, flush=True)
     progress = _Progress(args.log_interval)
     rejects = Rejects()
+    encoded = checked = 0
     writers = {}
     rejected = rejected_tmp = None
     committed = False
@@ -168,6 +175,12 @@ def _run_locked(args) -> int:
         with contextlib.closing(_encoded_blocks(args, init_args)) as results:
             for result in results:
                 path = args.inputs[result.file_index]
+                if result.mismatch:
+                    line, difference = result.mismatch
+                    raise PreprocessError(f"{path}:{line}: {difference}; the run stops (use --tokenizer-backend "
+                                          "sentencepiece); no output written, existing outputs untouched")
+                encoded += result.encoded
+                checked += result.checked
                 for line, reason in result.rejects:
                     if args.strict:
                         print(f"{PROG}: error: {path}:{line}: {reason} (--strict: no output written)",
@@ -200,6 +213,9 @@ def _run_locked(args) -> int:
         print(f"{key}: {progress.documents} documents, {writer.sequence_count} sequences, {writer.token_count} "
               f"tokens -> {args.output_prefix}_{key}_{level}.{{bin,idx}}")
     print(f"done: {progress.bytes / 1e6:.1f} MB in {time.time() - progress.start:.1f} s, {progress.rates()}")
+    if encoded:
+        print(f"exactness: {checked} of {encoded} texts the fast tokenizer encoded were re-encoded with SentencePiece; "
+              "all equal")
     if rejects.count:
         print(f"skipped {rejects.count} unusable records; file and line of each in {rejected_path}")
     return 0

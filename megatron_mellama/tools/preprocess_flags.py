@@ -11,6 +11,7 @@ import os
 
 from megatron_mellama.data.jsonl_reader import MAX_LINE_BYTES, expand_inputs
 from megatron_mellama.data.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer
+from megatron_mellama.tools import tokenizer_backend
 from megatron_mellama.tools.cli import UsageError
 
 MAX_LINE_BYTES_HELP = (f"a JSONL line longer than this is skipped and listed as a rejected record, never "
@@ -31,11 +32,12 @@ def add_max_line_bytes(group, help_text: str = MAX_LINE_BYTES_HELP) -> None:
 
 
 def add_tokenizer(group, *, model_required: bool) -> None:
-    """--tokenizer-type and --tokenizer-model. Where the model is not required by the parser,
-    `check_common_args` requires it, naming the tokenizer type."""
+    """--tokenizer-type, --tokenizer-model, --tokenizer-backend and --tokenizer-check-fraction. Where the
+    model is not required by the parser, `check_common_args` requires it, naming the tokenizer type."""
     group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     group.add_argument("--tokenizer-model", required=model_required,
                        help="SentencePiece .model file, or a Hugging Face tokenizer directory")
+    tokenizer_backend.add_flags(group)
 
 
 def add_output(group) -> None:
@@ -52,7 +54,8 @@ def add_runtime(group, *, counted: str, max_reject_fraction_help: str = MAX_REJE
 
 def check_common_args(args):
     """The checks both tools make of their shared flags before any work (inputs, bad-record limits,
-    output directory, tokenizer); sets `args.inputs` and `args.tokenizer`."""
+    output directory, tokenizer and its backend); sets `args.inputs`, `args.tokenizer` and what
+    `tokenizer_backend.choose` sets."""
     args.inputs = expand_inputs(args.input)
     if not args.inputs:
         raise UsageError(f"--input {args.input!r}: no such file, and no file matches it as a glob")
@@ -76,4 +79,5 @@ def check_common_args(args):
         args.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
     except TokenizerError as err:
         raise UsageError(f"--tokenizer-model: {err}") from None
+    tokenizer_backend.choose(args)
     return args

@@ -62,12 +62,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_mellama.data.chat_template import template_path
+from megatron_mellama.data.fast_tokenizer import TokenizerMismatch
 from megatron_mellama.data.indexed_writer import IndexedWriter, optimal_dtype, temp_path
 from megatron_mellama.data.jsonl_reader import read_blocks
 from megatron_mellama.data.tokenizer import HuggingFaceTokenizer
 from megatron_mellama.tools import preprocess_flags as flags
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
-from megatron_mellama.tools.preprocess_run import Rejects, run_until_signalled, under_output_lock
+from megatron_mellama.tools.preprocess_run import PreprocessError, Rejects, run_until_signalled, under_output_lock
 from megatron_mellama.tools.preprocess_sft_records import Reject, conversation, parse_line
 from megatron_mellama.tools.preprocess_sft_template import load_template
 
@@ -252,6 +253,7 @@ def _output_paths(prefix: str, name: str) -> tuple[str, str]:
 
 def _run_locked(args) -> int:
     convert = Converter(args)
+    print(args.backend_line, flush=True)
     totals, rejects = Totals(), Rejects()
     rejected_path = f"{args.output_prefix}_rejected.jsonl"
     start = time.time()
@@ -276,6 +278,9 @@ def _run_locked(args) -> int:
                     ids, loss_mask, truncated = convert(raw)
                 except Reject as err:
                     reason = str(err)
+                except TokenizerMismatch as err:
+                    raise PreprocessError(f"{path}:{line}: {err}; the run stops (use --tokenizer-backend "
+                                          "sentencepiece); no output written, existing outputs untouched") from None
             if reason is not None:
                 if args.strict:
                     print(f"{PROG}: error: {path}:{line}: {reason} (--strict: no output written)", file=sys.stderr)

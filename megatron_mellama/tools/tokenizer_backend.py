@@ -1,0 +1,105 @@
+"""`--tokenizer-backend`: which encoder the preprocessing tools tokenize with, chosen and checked
+before any work.
+
+`sentencepiece` is the reference. `gigatoken` (the `.[fast]` extra) is taken only for a
+SentencePiece tokenizer whose normalization it reproduces, and only after it gives SentencePiece's
+ids on `fast_tokenizer.hostile_strings()` and on the first MB of the input; during the run a share
+of the texts (--tokenizer-check-fraction) is re-encoded with SentencePiece. `auto` takes gigatoken
+where all of that holds and says in one line why not otherwise; `gigatoken` asked for by name and
+not usable is an error.
+"""
+
+from __future__ import annotations
+
+import os
+
+from megatron_mellama.data.fast_tokenizer import (CHECK_FRACTION, GIGATOKEN_VERSION, START_CHECK_BYTES,
+                                                  CheckedEncoder, GigatokenEncoder, gigatoken_json, start_check,
+                                                  unsupported_reason)
+from megatron_mellama.data.jsonl_reader import leading_strings
+from megatron_mellama.data.tokenizer import HuggingFaceTokenizer
+from megatron_mellama.tools.cli import UsageError
+
+BACKENDS = ("auto", "sentencepiece", "gigatoken")
+INSTALL = 'pip install -e ".[fast]"'
+
+
+def add_flags(group) -> None:
+    group.add_argument("--tokenizer-backend", choices=BACKENDS, default="auto",
+                       help="what encodes text with a SentencePiece tokenizer: 'sentencepiece' (the reference), "
+                            f"'gigatoken' (several times faster, the `{INSTALL}` extra; its ids are checked "
+                            "against SentencePiece's before and during the run, and the run fails on any "
+                            "difference), or 'auto' (default): gigatoken when installed and usable for this "
+                            "model, otherwise sentencepiece, saying why")
+    group.add_argument("--tokenizer-check-fraction", type=float, default=CHECK_FRACTION, metavar="F",
+                       help="share of the texts the fast tokenizer encodes that are re-encoded with SentencePiece "
+                            f"and compared during the run (default {CHECK_FRACTION}; 0 keeps only the check at "
+                            "start)")
+
+
+def _gigatoken_problem() -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        installed = version("gigatoken")
+    except PackageNotFoundError:
+        return f"gigatoken is not installed ({INSTALL})"
+    if installed != GIGATOKEN_VERSION:
+        return f"gigatoken {installed} is installed; only {GIGATOKEN_VERSION} is checked against SentencePiece " \
+               f"({INSTALL})"
+    return None
+
+
+def choose(args) -> None:
+    """Sets `args.backend_spec` (what a worker needs to rebuild the fast encoder, or None) and
+    `args.backend_line` (what the run prints), and puts a checked fast encoder into `args.tokenizer`."""
+    if not 0 <= args.tokenizer_check_fraction <= 1:
+        raise UsageError(f"--tokenizer-check-fraction {args.tokenizer_check_fraction} must be between 0 and 1")
+    args.backend_spec = None
+    requested = args.tokenizer_backend
+    if requested == "sentencepiece":
+        args.backend_line = "tokenizer backend: sentencepiece (--tokenizer-backend sentencepiece)"
+        return
+    why_not = _why_not_gigatoken(args)
+    if why_not is None:
+        return
+    if requested == "gigatoken":
+        raise UsageError(f"--tokenizer-backend gigatoken: {why_not}")
+    args.backend_line = f"tokenizer backend: sentencepiece ({why_not})"
+
+
+def _why_not_gigatoken(args) -> str | None:
+    tokenizer = args.tokenizer
+    if isinstance(tokenizer, HuggingFaceTokenizer):
+        return f"--tokenizer-type {args.tokenizer_type} has no gigatoken path"
+    problem = _gigatoken_problem()
+    if problem:
+        return problem
+    with open(tokenizer.model_path, "rb") as f:
+        model_proto = f.read()
+    problem = unsupported_reason(model_proto)
+    if problem:
+        return f"gigatoken does not reproduce this model's encoding exactly: {problem}"
+    spec = gigatoken_json(model_proto)
+    fast = GigatokenEncoder(spec)
+    texts = leading_strings(args.inputs, START_CHECK_BYTES, args.max_line_bytes)
+    difference = start_check(fast, tokenizer.encoder, texts)
+    if difference:
+        return f"checked before the run, {difference}"
+    tokenizer.use_encoder(CheckedEncoder(fast, tokenizer.encoder, args.tokenizer_check_fraction))
+    args.backend_spec = (spec, args.tokenizer_check_fraction)
+    share = f"{args.tokenizer_check_fraction:.0%}" if args.tokenizer_check_fraction >= 0.01 \
+        else f"{args.tokenizer_check_fraction:.2%}"
+    args.backend_line = (f"tokenizer backend: gigatoken {GIGATOKEN_VERSION} (SentencePiece's ids on the hostile "
+                         f"strings and the input's first {sum(map(len, texts)) / 1e6:.1f} MB of text; {share} of "
+                         "the texts rechecked during the run)")
+    return None
+
+
+def install(tokenizer, backend_spec, seed: int | None = None) -> None:
+    """In a worker process: the fast encoder `choose` settled on, rebuilt and checked as in the parent."""
+    if backend_spec is None:
+        return
+    spec, fraction = backend_spec
+    tokenizer.use_encoder(CheckedEncoder(GigatokenEncoder(spec), tokenizer.encoder, fraction,
+                                         seed=os.getpid() if seed is None else seed))
