@@ -128,6 +128,8 @@ BAD_LINES = {
     "not a string": json.dumps({"text": ["a", "list"]}).encode(),
     "invalid UTF-8": b'{"text": "bad \xff\xfe bytes"}',
     "empty document": json.dumps({"text": " \n\t "}).encode(),
+    # a JSON escape decoding to half a UTF-16 pair: json accepts it, no tokenizer can encode it
+    "lone surrogate": b'{"text": "bad \\ud800 half"}',
 }
 
 

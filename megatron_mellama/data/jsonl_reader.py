@@ -162,7 +162,7 @@ def _bounded_lines(f, limit: int):
 
 def leading_strings(paths: list[str], max_bytes: int, max_line_bytes: int | None = None) -> list[str]:
     """Every string value (at any depth) of the records in about the first `max_bytes` of the input;
-    bad lines are skipped."""
+    bad lines, and strings no tokenizer can encode (a lone surrogate), are skipped."""
     import json
 
     strings: list[str] = []
@@ -170,6 +170,10 @@ def leading_strings(paths: list[str], max_bytes: int, max_line_bytes: int | None
 
     def collect(value) -> None:
         if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return
             strings.append(value)
         elif isinstance(value, dict):
             for v in value.values():

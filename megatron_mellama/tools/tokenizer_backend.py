@@ -16,7 +16,7 @@ import os
 from megatron_mellama.data.fast_tokenizer import (CHECK_FRACTION, GIGATOKEN_VERSION, START_CHECK_BYTES,
                                                   CheckedEncoder, GigatokenEncoder, gigatoken_json, start_check,
                                                   unsupported_reason)
-from megatron_mellama.data.jsonl_reader import leading_strings
+from megatron_mellama.data.jsonl_reader import InputError, leading_strings
 from megatron_mellama.data.tokenizer import HuggingFaceTokenizer
 from megatron_mellama.tools.cli import UsageError
 
@@ -82,7 +82,10 @@ def _why_not_gigatoken(args) -> str | None:
         return f"gigatoken does not reproduce this model's encoding exactly: {problem}"
     spec = gigatoken_json(model_proto)
     fast = GigatokenEncoder(spec)
-    texts = leading_strings(args.inputs, START_CHECK_BYTES, args.max_line_bytes)
+    try:
+        texts = leading_strings(args.inputs, START_CHECK_BYTES, args.max_line_bytes)
+    except InputError:  # the run itself fails on it, naming the file
+        texts = []
     difference = start_check(fast, tokenizer.encoder, texts)
     if difference:
         return f"checked before the run, {difference}"
