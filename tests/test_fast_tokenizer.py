@@ -184,6 +184,16 @@ def test_auto_takes_gigatoken_only_when_it_can(tmp_path, capsys, monkeypatch, se
     assert "--tokenizer-backend gigatoken: gigatoken is not installed" in err and len(err.strip().splitlines()) == 1
 
 
+def test_huggingface_tokenizer_keeps_its_own(tmp_path, capsys, hf_tokenizer_dir):
+    corpus = hostile_corpus(tmp_path / "in.jsonl", n=10)
+    argv = ["--input", str(corpus), "--output-prefix", str(tmp_path / "hf"), "--tokenizer-type",
+            "HuggingFaceTokenizer", "--tokenizer-model", hf_tokenizer_dir]
+    assert preprocess_data.main(argv) == 0
+    assert "tokenizer backend: Hugging Face (--tokenizer-type HuggingFaceTokenizer)" in capsys.readouterr().out
+    assert preprocess_data.main([*argv, "--tokenizer-backend", "gigatoken"]) == 2
+    assert "--tokenizer-backend gigatoken: --tokenizer-type HuggingFaceTokenizer" in capsys.readouterr().err
+
+
 def test_unsupported_normalizer_falls_back_or_refuses(tmp_path, capsys):
     from sentencepiece import sentencepiece_model_pb2 as pb
 

@@ -57,6 +57,12 @@ def choose(args) -> None:
         raise UsageError(f"--tokenizer-check-fraction {args.tokenizer_check_fraction} must be between 0 and 1")
     args.backend_spec = None
     requested = args.tokenizer_backend
+    if isinstance(args.tokenizer, HuggingFaceTokenizer):
+        if requested != "auto":
+            raise UsageError(f"--tokenizer-backend {requested}: --tokenizer-type {args.tokenizer_type} encodes with "
+                             "Hugging Face tokenizers; the backends are for SentencePiece tokenizers")
+        args.backend_line = f"tokenizer backend: Hugging Face (--tokenizer-type {args.tokenizer_type})"
+        return
     if requested == "sentencepiece":
         args.backend_line = "tokenizer backend: sentencepiece (--tokenizer-backend sentencepiece)"
         return
@@ -70,8 +76,6 @@ def choose(args) -> None:
 
 def _why_not_gigatoken(args) -> str | None:
     tokenizer = args.tokenizer
-    if isinstance(tokenizer, HuggingFaceTokenizer):
-        return f"--tokenizer-type {args.tokenizer_type} has no gigatoken path"
     problem = _gigatoken_problem()
     if problem:
         return problem
