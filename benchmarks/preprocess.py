@@ -1,11 +1,26 @@
-"""Throughput and memory of tools/preprocess_data.py against the tokenizer alone.
+"""tools/preprocess_data.py's SentencePiece and gigatoken backends against Megatron-LM's own tools.
 
-    python benchmarks/preprocess.py                     # 50 MB corpus, 1 and 2 workers
-    python benchmarks/preprocess.py --sizes-mb 50 500   # also 500 MB: memory must stay flat
+    python benchmarks/preprocess.py                        # 50 MB corpus, 1 and 2 workers, memory run
+    python benchmarks/preprocess.py --megatron-lm DIR      # Megatron-LM from a checkout
+    python benchmarks/preprocess.py --train-tokenizer      # an 8,000-piece model trained on the corpus
 
-For each size and worker count, runs the tool end to end as a subprocess (start-up included) and
-samples the resident memory of it and its workers. The comparison is the limit: the same
-tokenizer's `tokenize` over the same texts already in memory, on the same number of processes.
+On one corpus (make_corpus: English-like, a literal "<s>" or "</s>" in 1% of the documents) and for
+each worker count, runs end to end as subprocesses (start-up included), sampling the resident memory
+of each and its children every 50 ms:
+  (1) this tool, --tokenizer-backend sentencepiece
+  (2) this tool, --tokenizer-backend gigatoken (the default --tokenizer-check-fraction 0.01)
+  (3) this tool, gigatoken with --tokenizer-check-fraction 0: (2 - 3) / 2 is the check's share
+  (4) Megatron-LM's tools/preprocess_data.py, --tokenizer-type Llama2Tokenizer, same flags
+  (5) Megatron-LM's tools/preprocess_data_fast.py (gigatoken through megatron.core.tokenizers); it
+      cannot take a SentencePiece model (see benchmarks/megatron_preprocess.py), so it runs with
+      --tokenizer-type HuggingFaceTokenizer --use-gigatoken over a tokenizer.json built from the same
+      model, its thread pool held to the worker count (RAYON_NUM_THREADS)
+and prints wall time and peak RSS with ratios against (4) and (1). The ids: (1), (2) and (3) must be
+byte-identical (asserted); (4) and (5) are compared with (1) document by document (this tool writes
+BOS first in each document, Megatron-LM's tools do not: that BOS is set aside). Then the memory run:
+gigatoken at 1 worker on --memory-mb of never-repeating words (make_distinct_words_corpus), with the
+RSS at 25/50/75/100% of the run. The tokenizer is LLaMA-2's (tests/data/llama2_tokenizer).
+Megatron-LM comes from --megatron-lm or is extracted from the git mirror --megatron-mirror.
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from megatron_mellama.data.tokenizer import Llama2Tokenizer  # noqa: E402
 
+LLAMA2_MODEL = REPO / "tests" / "data" / "llama2_tokenizer" / "tokenizer.model"
 LIMIT_SAMPLE_BYTES = 50_000_000  # the limit is a rate; measuring it on more text changes nothing
 
 
@@ -53,19 +69,61 @@ def _sentences(rng, n=60000) -> list[str]:
     return out
 
 
+SPECIAL_TEXT_EVERY = 100  # one document in this many carries a literal "<s>" or "</s>"
+
+
 def make_corpus(path: Path, size_mb: int, seed: int = 0) -> None:
-    """English-like JSONL: documents of 2-40 sentences drawn from a Zipf-distributed vocabulary."""
+    """English-like JSONL: documents of 2-40 sentences drawn from a Zipf-distributed vocabulary.
+
+    Every SPECIAL_TEXT_EVERY-th document (the 50th, 150th, ...) has the text "<s>" or "</s>" (in turn)
+    between two of its sentences: SentencePiece encodes it as the characters it is, a tokenizer that
+    reads special tokens from text (Megatron-LM's preprocess_data_fast.py) as BOS/EOS."""
     rng = np.random.default_rng(seed)
     sentences = _sentences(rng)
     target = size_mb * 1_000_000
-    written = 0
+    written = docs = 0
     with open(path, "w", encoding="utf-8") as f:
         while written < target:
             lines = []
             for n in rng.integers(2, 40, size=100):
                 picks = rng.integers(0, len(sentences), size=n)
-                text = " ".join(sentences[i] for i in picks)
+                parts = [sentences[i] for i in picks]
+                if docs % SPECIAL_TEXT_EVERY == SPECIAL_TEXT_EVERY // 2:
+                    parts.insert(len(parts) // 2, "</s>" if docs // SPECIAL_TEXT_EVERY % 2 else "<s>")
+                docs += 1
+                text = " ".join(parts)
                 lines.append(json.dumps({"text": text, "meta": {"source": "bench"}}) + "\n")
+            chunk = "".join(lines)
+            f.write(chunk)
+            written += len(chunk)
+
+
+def make_distinct_words_corpus(path: Path, size_mb: int, seed: int = 0) -> None:
+    """JSONL whose words never repeat: 7 lowercase letters each, the base-26 digits of an affine
+    bijection of a counter (so distinct, and random-looking), 50-2000 words a document. 50 MB is
+    about 6 million distinct words: a per-word cache grows with every one of them."""
+    rng = np.random.default_rng(seed)
+    space = 26 ** 7
+    mult, shift = 2_654_435_761, int(rng.integers(space))  # a prime below 26**7: coprime to it, a bijection
+    target = size_mb * 1_000_000
+    written = counter = 0
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
+    with open(path, "w", encoding="utf-8") as f:
+        while written < target:
+            n = 200_000
+            ids = (np.arange(counter, counter + n, dtype=np.int64) * mult + shift) % space
+            counter += n
+            digits = np.empty((n, 8), dtype=np.uint8)
+            for k in range(7):
+                digits[:, k] = letters[ids % 26]
+                ids //= 26
+            digits[:, 7] = ord(" ")
+            words = digits.tobytes().decode("ascii")
+            lines, pos = [], 0
+            while pos < n:
+                take = int(rng.integers(50, 2000))
+                lines.append(json.dumps({"text": words[pos * 8:(pos + take) * 8 - 1]}) + "\n")
+                pos += take
             chunk = "".join(lines)
             f.write(chunk)
             written += len(chunk)
@@ -90,8 +148,10 @@ def train_tokenizer(corpus: Path, out_dir: Path, vocab_size: int) -> str:
     return f"{prefix}.model"
 
 
-def _tree_rss(root: int) -> tuple[int, int]:
-    """(sum, max) resident bytes over `root` and its descendants, from /proc."""
+def _tree_rss(root: int, pss: bool = False) -> tuple[int, int, int]:
+    """(sum, max) resident bytes over `root` and its descendants, from /proc, and with `pss` their summed
+    proportional set size (a page shared by n processes counted 1/n in each: forked workers share
+    their parent's pages, which the RSS sum counts once per process)."""
     children = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -102,7 +162,7 @@ def _tree_rss(root: int) -> tuple[int, int]:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children.setdefault(ppid, []).append(int(pid))
-    total = largest = 0
+    total = largest = proportional = 0
     todo = [root]
     page = os.sysconf("SC_PAGE_SIZE")
     while todo:
@@ -110,25 +170,34 @@ def _tree_rss(root: int) -> tuple[int, int]:
         todo.extend(children.get(pid, []))
         try:
             rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+            if pss:
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Pss:"):
+                        proportional += int(line.split()[1]) * 1024
+                        break
         except OSError:
             continue
         total += rss
         largest = max(largest, rss)
-    return total, largest
+    return total, largest, proportional
 
 
-def run_tool(corpus: Path, model: str, workers: int, out_prefix: Path) -> dict:
-    cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(corpus), "--output-prefix",
-           str(out_prefix), "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", model,
-           "--workers", str(workers), "--append-eod", "--log-interval", str(10**12)]
-    peak = {"sum": 0, "max": 0}
+def run_measured(cmd: list[str], bin_path: Path, env: dict | None = None, timeline: bool = False) -> dict:
+    """Runs `cmd` to the end: wall time (start-up included) and the peak RSS (and PSS) of it and its
+    children, sampled every 50 ms; with `timeline`, every sample as (seconds, summed RSS)."""
+    peak = {"sum": 0, "max": 0, "pss": 0}
+    samples = []
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=None if env is None else {**os.environ, **env})
 
     def sample():
         while proc.poll() is None:
-            total, largest = _tree_rss(proc.pid)
+            total, largest, pss = _tree_rss(proc.pid, pss=True)
             peak["sum"], peak["max"] = max(peak["sum"], total), max(peak["max"], largest)
+            peak["pss"] = max(peak["pss"], pss)
+            if timeline and total:
+                samples.append((time.perf_counter() - start, total))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -137,10 +206,79 @@ def run_tool(corpus: Path, model: str, workers: int, out_prefix: Path) -> dict:
     seconds = time.perf_counter() - start
     sampler.join()
     if proc.returncode != 0:
-        raise SystemExit(f"preprocess_data failed ({proc.returncode}): {err.strip()[-2000:]}")
-    idx = Path(f"{out_prefix}_text_document.bin")
-    tokens = idx.stat().st_size // 2
-    return {"seconds": seconds, "tokens": tokens, "rss_sum": peak["sum"], "rss_max": peak["max"]}
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}): {err.strip()[-2000:]}")
+    tokens = bin_path.stat().st_size // 2
+    return {"seconds": seconds, "tokens": tokens, "rss_sum": peak["sum"], "rss_max": peak["max"],
+            "pss": peak["pss"], "samples": samples, "stdout": out, "stderr": err}
+
+
+def tool_cmd(corpus: Path, model: str, workers: int, out_prefix: Path, backend: str | None = None,
+             check_fraction: float | None = None) -> list[str]:
+    cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(corpus), "--output-prefix",
+           str(out_prefix), "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", model,
+           "--workers", str(workers), "--append-eod", "--log-interval", str(10**12)]
+    if backend is not None:
+        cmd += ["--tokenizer-backend", backend]
+    if check_fraction is not None:
+        cmd += ["--tokenizer-check-fraction", str(check_fraction)]
+    return cmd
+
+
+def run_tool(corpus: Path, model: str, workers: int, out_prefix: Path, **flags) -> dict:
+    return run_measured(tool_cmd(corpus, model, workers, out_prefix, **flags), Path(f"{out_prefix}_text_document.bin"))
+
+
+def tool_has_backends() -> bool:
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--help"],
+                         capture_output=True, text=True)
+    return "--tokenizer-backend" in out.stdout and "--tokenizer-check-fraction" in out.stdout
+
+
+IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+              8: np.uint16}
+
+
+def read_documents(prefix: Path) -> list[np.ndarray]:
+    """The token arrays of a Megatron indexed dataset (MMIDIDX .idx + .bin), one per sequence."""
+    idx = Path(f"{prefix}.idx").read_bytes()
+    if idx[:9] != b"MMIDIDX\x00\x00":
+        raise ValueError(f"{prefix}.idx: not a Megatron index")
+    dtype = np.dtype(IDX_DTYPES[idx[17]])
+    count = int(np.frombuffer(idx, dtype=np.int64, count=1, offset=18)[0])
+    sizes = np.frombuffer(idx, dtype=np.int32, count=count, offset=34)
+    pointers = np.frombuffer(idx, dtype=np.int64, count=count, offset=34 + 4 * count)
+    tokens = np.fromfile(f"{prefix}.bin", dtype=dtype)
+    starts = pointers // dtype.itemsize
+    return [tokens[a:a + n] for a, n in zip(starts, sizes)]
+
+
+def differing_documents(ours: Path, theirs: Path, bos: int) -> tuple[int, list[int], bool]:
+    """(documents compared, those whose tokens differ, whether a leading BOS was set aside).
+    This tool writes BOS first in every document; Megatron-LM's tools write none: when every one of
+    ours starts with BOS and theirs do not, the comparison is of ours without it."""
+    a, b = read_documents(ours), read_documents(theirs)
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} documents against {len(b)}")
+    strip = all(len(x) and x[0] == bos for x in a) and not all(len(y) and y[0] == bos for y in b)
+    differ = [i for i, (x, y) in enumerate(zip(a, b))
+              if not np.array_equal(x[1:] if strip else x, y.astype(x.dtype))]
+    return len(a), differ, strip
+
+
+def special_text_documents(corpus: Path) -> list[int]:
+    """The documents whose text has a literal "<s>" or "</s>"."""
+    with open(corpus, encoding="utf-8") as f:
+        return [i for i, line in enumerate(f) if "<s>" in (text := json.loads(line)["text"]) or "</s>" in text]
+
+
+def same_files(*paths: Path) -> bool:
+    first = paths[0].read_bytes()
+    return all(p.read_bytes() == first for p in paths[1:])
+
+
+def remove_outputs(prefix: Path) -> None:
+    for path in prefix.parent.glob(prefix.name + "_*"):
+        path.unlink()
 
 
 def _limit_worker(corpus, model, first, stop, barrier, results) -> None:
@@ -182,46 +320,235 @@ def tokenizer_limit(corpus: Path, model: str, workers: int) -> dict:
     return {"tokens_per_s": tokens / seconds, "mb_per_s": size / 1e6 / seconds}
 
 
+RUNS = {
+    1: "this tool, --tokenizer-backend sentencepiece",
+    2: "this tool, --tokenizer-backend gigatoken (check fraction 0.01)",
+    3: "this tool, gigatoken, --tokenizer-check-fraction 0",
+    4: "Megatron-LM tools/preprocess_data.py (Llama2Tokenizer)",
+    5: "Megatron-LM tools/preprocess_data_fast.py (gigatoken)",
+}
+MEGATRON_LAUNCHER = REPO / "benchmarks" / "megatron_preprocess.py"
+
+
+def megatron_checkout(args, workdir: Path) -> tuple[Path | None, str]:
+    """(checkout, how it was found), or (None, why not)."""
+    if args.megatron_lm:
+        return Path(args.megatron_lm).resolve(), f"--megatron-lm {args.megatron_lm}"
+    target = workdir / "megatron-lm"
+    if (target / "tools" / "preprocess_data.py").exists():
+        return target, f"{target} (extracted before)"
+    mirror = Path(args.megatron_mirror)
+    if not mirror.exists():
+        return None, f"no --megatron-lm and no mirror at {mirror}"
+    target.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.Popen(["git", "-C", str(mirror), "archive", "HEAD"], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "x", "-C", str(target)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        return None, f"git archive of {mirror} failed"
+    head = subprocess.run(["git", "-C", str(mirror), "log", "-1", "--format=%h %cs"], capture_output=True,
+                          text=True).stdout.strip()
+    return target, f"{mirror} at {head}, extracted to {target}"
+
+
+def megatron_cmd(checkout: Path, tool: str, *argv: str) -> list[str]:
+    return [sys.executable, str(MEGATRON_LAUNCHER), "run", str(checkout), tool, *argv]
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.0f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes-mb", type=int, nargs="+", default=[50])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--tokenizer-model", default=str(LLAMA2_MODEL),
+                    help="SentencePiece model (default: LLaMA-2's, tests/data/llama2_tokenizer/tokenizer.model)")
+    ap.add_argument("--train-tokenizer", action="store_true",
+                    help="train a LLaMA-style BPE model of --vocab-size pieces on the corpus instead")
     ap.add_argument("--vocab-size", type=int, default=8000)
-    ap.add_argument("--tokenizer-model", help="an existing SentencePiece model instead of training one")
     ap.add_argument("--workdir", help="where corpora and outputs go (default: a temporary directory)")
+    ap.add_argument("--megatron-lm", metavar="DIR", help="a Megatron-LM checkout for runs (4) and (5) "
+                    "(default: extract --megatron-mirror into the work directory)")
+    ap.add_argument("--megatron-mirror", default="/work/.mirror/NVIDIA+Megatron-LM/repo",
+                    help="a Megatron-LM git directory to extract HEAD from when --megatron-lm is not given")
+    ap.add_argument("--no-megatron", action="store_true", help="skip runs (4) and (5)")
+    ap.add_argument("--limit", action="store_true",
+                    help="also the tokenizer alone on texts in memory (SentencePiece), before and after run (1)")
+    ap.add_argument("--memory-mb", type=int, default=50,
+                    help="size of the --distinct-words corpus of the memory run (0: no memory run)")
+    ap.add_argument("--distinct-words", action="store_true",
+                    help="only the memory run, on the distinct-words corpus (no runs 1-5)")
     args = ap.parse_args()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_preprocess_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"{os.cpu_count()} CPUs; work directory {workdir}")
+    print(f"{os.cpu_count()} CPUs; work directory {workdir}", flush=True)
     model = args.tokenizer_model
-    for size in args.sizes_mb:
+    backends = tool_has_backends()
+    if not backends:
+        print("runs (2), (3) and the memory run skipped: this checkout's tools/preprocess_data.py has no "
+              "--tokenizer-backend/--tokenizer-check-fraction yet; run (1) is the tool without the flag")
+    skip = "--no-megatron" if args.no_megatron else "--distinct-words" if args.distinct_words else None
+    checkout, how = (None, skip) if skip else megatron_checkout(args, workdir)
+    print(f"Megatron-LM: {how}" if checkout else f"runs (4) and (5) skipped: {how}", flush=True)
+    sizes = [] if args.distinct_words else args.sizes_mb
+    failures = []
+    for size in sizes:
         corpus = workdir / f"corpus_{size}mb.jsonl"
         if not corpus.exists():
             t = time.perf_counter()
             make_corpus(corpus, size)
             print(f"generated {corpus.name} ({corpus.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.0f} s")
-        if model is None:
+        if args.train_tokenizer and model == str(LLAMA2_MODEL):
             t = time.perf_counter()
             model = train_tokenizer(corpus, workdir, args.vocab_size)
             print(f"trained a LLaMA-style BPE SentencePiece model, vocab {args.vocab_size}, "
                   f"in {time.perf_counter() - t:.0f} s")
+        import sentencepiece as spm
+
+        bos = spm.SentencePieceProcessor(model_file=model).bos_id()
         mb = corpus.stat().st_size / 1e6
+        hf_dir, fast_note = None, ""
+        if checkout:
+            # (5) with the tokenizer type of (4) first, to show why it cannot run that way
+            out = workdir / "fast_llama2"
+            try:
+                run_measured(megatron_cmd(checkout, "tools/preprocess_data_fast.py", "--input", str(corpus),
+                                          "--output-prefix", str(out), "--tokenizer-type", "Llama2Tokenizer",
+                                          "--tokenizer-model", model, "--append-eod", "--use-gigatoken"),
+                             Path(f"{out}_text_document.bin"))
+                fast_note = "preprocess_data_fast.py ran with --tokenizer-type Llama2Tokenizer"
+            except (RuntimeError, OSError) as e:
+                last = [line for line in str(e).splitlines() if line.strip()][-1]
+                fast_note = (f"preprocess_data_fast.py --tokenizer-type Llama2Tokenizer --use-gigatoken fails: {last}; "
+                             "run (5) is --tokenizer-type HuggingFaceTokenizer --use-gigatoken over a tokenizer.json "
+                             "built from the same model (benchmarks/megatron_preprocess.py hf-tokenizer)")
+            remove_outputs(out)
+            print(fast_note, flush=True)
+            hf_dir = workdir / "hf_tokenizer"
+            made = subprocess.run([sys.executable, str(MEGATRON_LAUNCHER), "hf-tokenizer", model, str(hf_dir)],
+                                  capture_output=True, text=True)
+            if made.returncode != 0:
+                failures.append(f"(5): no HuggingFace tokenizer from {model}: {made.stderr.strip()[-500:]}")
+                hf_dir = None
+        table, notes_all, special = [], [], None
         for workers in args.workers:
-            # The limit is measured before and after the run and the faster taken: a shared or
-            # virtual machine's speed drifts, and the drift must not flatter the ratio.
-            before = tokenizer_limit(corpus, model, workers)
-            res = run_tool(corpus, model, workers, workdir / f"out_{size}_{workers}")
-            limit = max(before, tokenizer_limit(corpus, model, workers), key=lambda r: r["tokens_per_s"])
-            tps = res["tokens"] / res["seconds"]
-            print(f"{size} MB, {workers} worker(s): preprocess_data {mb / res['seconds']:.2f} MB/s, "
-                  f"{tps / 1e6:.3f}M tokens/s ({res['tokens'] / 1e6:.1f}M tokens in {res['seconds']:.1f} s, start-up "
-                  f"included); peak RSS {res['rss_sum'] / 2**20:.0f} MiB summed over processes "
-                  f"(largest one {res['rss_max'] / 2**20:.0f} MiB) | limit, tokenizer alone on {workers} process(es): "
-                  f"{limit['tokens_per_s'] / 1e6:.3f}M tokens/s ({limit['mb_per_s']:.2f} MB/s) | "
-                  f"ratio {tps / limit['tokens_per_s']:.2f}", flush=True)
-            for name in ("text_document.bin", "text_document.idx", "rejected.jsonl"):
-                os.remove(workdir / f"out_{size}_{workers}_{name}")
+            results, notes = {}, []
+            prefix = {k: workdir / f"out{k}_{size}_{workers}" for k in RUNS}
+            commands = {1: (tool_cmd(corpus, model, workers, prefix[1], backend="sentencepiece" if backends else None),
+                            None)}
+            if backends:
+                commands[2] = (tool_cmd(corpus, model, workers, prefix[2], backend="gigatoken"), None)
+                commands[3] = (tool_cmd(corpus, model, workers, prefix[3], backend="gigatoken", check_fraction=0), None)
+            if checkout:
+                commands[4] = (megatron_cmd(checkout, "tools/preprocess_data.py", "--input", str(corpus),
+                                            "--output-prefix", str(prefix[4]), "--tokenizer-type", "Llama2Tokenizer",
+                                            "--tokenizer-model", model, "--workers", str(workers), "--append-eod",
+                                            "--log-interval", str(10**12)), None)
+                if hf_dir:
+                    # no --workers: gigatoken's rayon pool, held to `workers` threads
+                    commands[5] = (megatron_cmd(checkout, "tools/preprocess_data_fast.py", "--input", str(corpus),
+                                                "--output-prefix", str(prefix[5]), "--tokenizer-type",
+                                                "HuggingFaceTokenizer", "--tokenizer-model", str(hf_dir),
+                                                "--append-eod", "--use-gigatoken"),
+                                   {"RAYON_NUM_THREADS": str(workers)})
+            limit = tokenizer_limit(corpus, model, workers) if args.limit else None
+            for k, (cmd, env) in commands.items():
+                try:
+                    results[k] = run_measured(cmd, Path(f"{prefix[k]}_text_document.bin"), env=env)
+                except RuntimeError as e:
+                    failures.append(f"{workers} worker(s), ({k}) {RUNS[k]}: {e}")
+                print(f"  {workers} worker(s), ({k}) {RUNS[k]}: "
+                      + (f"{results[k]['seconds']:.1f} s, peak RSS {_mib(results[k]['rss_sum'])} MiB"
+                         if k in results else "FAILED"), flush=True)
+            if args.limit:
+                limit = max(limit, tokenizer_limit(corpus, model, workers), key=lambda r: r["tokens_per_s"])
+            # the ids
+            if 1 in results and 2 in results:
+                for ext in ("bin", "idx"):
+                    a, b = Path(f"{prefix[1]}_text_document.{ext}"), Path(f"{prefix[2]}_text_document.{ext}")
+                    assert same_files(a, b), f"(1) and (2) differ: {a} {b}"
+                if 3 in results:
+                    for ext in ("bin", "idx"):
+                        assert same_files(*(Path(f"{prefix[k]}_text_document.{ext}") for k in (1, 3))), "(1), (3)"
+                notes.append("(1) vs (2) and (3): .bin and .idx byte-identical")
+            for k in (4, 5):
+                if 1 in results and k in results:
+                    docs, differ, stripped = differing_documents(Path(f"{prefix[1]}_text_document"),
+                                                                 Path(f"{prefix[k]}_text_document"), bos)
+                    if special is None:
+                        special = special_text_documents(corpus)
+                    if not differ:
+                        which = f"the {len(special)} with a literal <s> or </s> too"
+                    elif differ == special:
+                        which = f"exactly the {len(special)} with a literal <s> or </s>"
+                    else:
+                        which = f"{len(set(differ) & set(special))} of the {len(special)} with a literal <s> or </s>"
+                    notes.append(f"({k}) vs (1): {len(differ)} of {docs} documents differ ({which})"
+                                 + ("; this tool's leading BOS set aside: Megatron-LM's tool writes none"
+                                    if stripped else ""))
+            if 2 in results and 3 in results:
+                share = (results[2]["seconds"] - results[3]["seconds"]) / results[2]["seconds"]
+                notes.append(f"the SentencePiece check's share of (2)'s time: (2 - 3) / 2 = {share:.1%}")
+                said = [line for line in results[2]["stdout"].splitlines() + results[2]["stderr"].splitlines()
+                        if line.startswith("exactness:")]
+                if said:
+                    notes.append(f"(2) {said[-1]}")
+            if limit:
+                notes.append(f"SentencePiece alone on texts in memory, {workers} process(es): "
+                             f"{limit['tokens_per_s'] / 1e6:.3f}M tokens/s ({limit['mb_per_s']:.2f} MB/s)")
+            for k in RUNS:
+                if k in results:
+                    r = results[k]
+
+                    def ratio(base, key):
+                        return f"{r[key] / results[base][key]:.2f}x" if base in results else "-"
+
+                    table.append(f"| {size} MB | {workers} | ({k}) {RUNS[k]} | {r['seconds']:.1f} | "
+                                 f"{mb / r['seconds']:.2f} | {r['tokens'] / 1e6:.1f}M | {_mib(r['rss_sum'])} | "
+                                 f"{_mib(r['rss_max'])} | {_mib(r['pss'])} | {ratio(4, 'seconds')} | "
+                                 f"{ratio(1, 'seconds')} | {ratio(4, 'rss_sum')} | {ratio(1, 'rss_sum')} |")
+            notes_all.extend(f"{workers} worker(s): {note}" for note in notes)
+            for k in RUNS:
+                remove_outputs(prefix[k])
+        print()
+        print("| corpus | workers | run | wall s | MB/s | tokens | peak RSS MiB, all processes "
+              "| largest process MiB | peak PSS MiB, all processes | time vs (4) | time vs (1) | RSS vs (4) "
+              "| RSS vs (1) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(table))
+        print()
+        print("\n".join(f"- {note}" for note in notes_all))
+        if fast_note:
+            print(f"\n(5): {fast_note}")
+        print(flush=True)
+
+    if args.memory_mb and backends:
+        corpus = workdir / f"distinct_words_{args.memory_mb}mb.jsonl"
+        if not corpus.exists():
+            t = time.perf_counter()
+            make_distinct_words_corpus(corpus, args.memory_mb)
+            print(f"generated {corpus.name} ({corpus.stat().st_size / 1e6:.0f} MB of never-repeating words) "
+                  f"in {time.perf_counter() - t:.0f} s")
+        prefix = workdir / "out_distinct"
+        r = run_measured(tool_cmd(corpus, model, 1, prefix, backend="gigatoken"), Path(f"{prefix}_text_document.bin"),
+                         timeline=True)
+        at, quarters = [], []
+        for q in (0.25, 0.5, 0.75, 1.0):
+            before = [rss for t, rss in r["samples"] if t <= q * r["seconds"]]
+            within = [rss for t, rss in r["samples"] if q - 0.25 < t / r["seconds"] <= q]
+            at.append(f"{q:.0%} {_mib(before[-1]) if before else '-'}")
+            quarters.append(_mib(max(within)) if within else "-")
+        print(f"memory run, --distinct-words {corpus.stat().st_size / 1e6:.0f} MB, gigatoken, 1 worker: "
+              f"{r['seconds']:.1f} s, {r['tokens'] / 1e6:.1f}M tokens; peak RSS {_mib(r['rss_sum'])} MiB; "
+              f"RSS at {', '.join(at)} MiB of the run; the largest in each quarter {', '.join(quarters)} MiB "
+              f"({len(r['samples'])} samples, 50 ms apart)", flush=True)
+        remove_outputs(prefix)
+    for line in failures:
+        print(f"FAILED {line}")
+    if failures:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
