@@ -95,11 +95,13 @@ def _why_not_gigatoken(args) -> str | None:
         return f"checked before the run, {difference}"
     tokenizer.use_encoder(CheckedEncoder(fast, tokenizer.encoder, args.tokenizer_check_fraction))
     args.backend_spec = (spec, args.tokenizer_check_fraction)
-    share = f"{args.tokenizer_check_fraction:.0%}" if args.tokenizer_check_fraction >= 0.01 \
-        else f"{args.tokenizer_check_fraction:.2%}"
+    fraction = args.tokenizer_check_fraction
+    during = f"{fraction:.2%}".replace(".00%", "%") + " of the texts rechecked during the run" if fraction \
+        else "no recheck during the run: --tokenizer-check-fraction 0"
+    chars = sum(map(len, texts))
+    size = f"{chars / 1e6:.1f} MB" if chars >= 100_000 else f"{chars / 1e3:.1f} kB"
     args.backend_line = (f"tokenizer backend: gigatoken {GIGATOKEN_VERSION} (SentencePiece's ids on the hostile "
-                         f"strings and the input's first {sum(map(len, texts)) / 1e6:.1f} MB of text; {share} of "
-                         "the texts rechecked during the run)")
+                         f"strings and the input's first {size} of text; {during})")
     return None
 
 
