@@ -95,6 +95,7 @@ class Llama2Tokenizer(Tokenizer):
                                  f"({expected})") from None
         self._vocab_size = self._sp.vocab_size()
         self.model_path = model_path
+        self._bos_array = np.array([self._sp.bos_id()], dtype=np.int64)
         self.use_encoder(SentencePieceEncoder(self._sp))
 
     def use_encoder(self, encoder) -> None:
@@ -131,10 +132,6 @@ class Llama2Tokenizer(Tokenizer):
     @property
     def bos(self) -> int:
         return self._sp.bos_id()
-
-    @property
-    def _bos_array(self) -> np.ndarray:
-        return np.array([self._sp.bos_id()], dtype=np.int64)
 
     @property
     def eos(self) -> int:

@@ -99,7 +99,7 @@ def _why_not_gigatoken(args) -> str | None:
     during = f"{fraction:.2%}".replace(".00%", "%") + " of the texts rechecked during the run" if fraction \
         else "no recheck during the run: --tokenizer-check-fraction 0"
     chars = sum(map(len, texts))
-    size = f"{chars / 1e6:.1f} MB" if chars >= 100_000 else f"{chars / 1e3:.1f} kB"
+    size = f"{chars / 1e6:.1f} MB" if chars >= 100_000 else f"{chars:,} characters"
     args.backend_line = (f"tokenizer backend: gigatoken {GIGATOKEN_VERSION} (SentencePiece's ids on the hostile "
                          f"strings and the input's first {size} of text; {during})")
     return None
