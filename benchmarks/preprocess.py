@@ -1,7 +1,7 @@
 """tools/preprocess_data.py's SentencePiece and gigatoken backends against Megatron-LM's own tools.
 
-    python benchmarks/preprocess.py                        # 50 MB corpus, 1 and 2 workers, memory run
-    python benchmarks/preprocess.py --megatron-lm DIR      # Megatron-LM from a checkout
+    python benchmarks/preprocess.py --megatron-lm DIR      # 50 MB corpus, 1 and 2 workers, memory run
+    python benchmarks/preprocess.py                        # the same without Megatron-LM's tools
     python benchmarks/preprocess.py --train-tokenizer      # an 8,000-piece model trained on the corpus
 
 On one corpus (make_corpus: English-like, a literal "<s>" or "</s>" in 1% of the documents) and for
@@ -20,7 +20,7 @@ byte-identical (asserted); (4) and (5) are compared with (1) document by documen
 BOS first in each document, Megatron-LM's tools do not: that BOS is set aside). Then the memory run:
 gigatoken at 1 worker on --memory-mb of never-repeating words (make_distinct_words_corpus), with the
 RSS at 25/50/75/100% of the run. The tokenizer is LLaMA-2's (tests/data/llama2_tokenizer).
-Megatron-LM comes from --megatron-lm or is extracted from the git mirror --megatron-mirror.
+Megatron-LM comes from --megatron-lm (a checkout) or is extracted from --megatron-git (a git directory).
 """
 
 from __future__ import annotations
@@ -40,112 +40,13 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from megatron_mellama.data.tokenizer import Llama2Tokenizer  # noqa: E402
+from preprocess_corpus import make_corpus, make_distinct_words_corpus, train_tokenizer  # noqa: E402
 
 LLAMA2_MODEL = REPO / "tests" / "data" / "llama2_tokenizer" / "tokenizer.model"
 LIMIT_SAMPLE_BYTES = 50_000_000  # the limit is a rate; measuring it on more text changes nothing
-
-
-def _word_pool(rng, n=6000) -> list[str]:
-    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
-    freq = np.array([12.7, 9.1, 8.2, 7.5, 7.0, 6.7, 6.3, 6.1, 6.0, 4.3, 4.0, 2.8, 2.8, 2.4, 2.4, 2.2, 2.0, 2.0,
-                     1.9, 1.5, 1.0, 0.8, 0.2, 0.2, 0.1, 0.1])
-    freq /= freq.sum()
-    words = {"".join(rng.choice(letters, size=rng.integers(2, 11), p=freq)) for _ in range(n)}
-    return sorted(words) + "the of and to in is was for with on by as at from that this".split()
-
-
-def _sentences(rng, n=60000) -> list[str]:
-    words = _word_pool(rng)
-    zipf = 1.0 / np.arange(1, len(words) + 1)
-    zipf /= zipf.sum()
-    out = []
-    for _ in range(n):
-        picked = [words[i] for i in rng.choice(len(words), size=rng.integers(5, 25), p=zipf)]
-        if rng.random() < 0.3:
-            picked.insert(int(rng.integers(len(picked))), str(rng.integers(1, 2025)))
-        out.append(" ".join(picked).capitalize() + str(rng.choice([".", ".", ".", "?", "!"])))
-    return out
-
-
-SPECIAL_TEXT_EVERY = 100  # one document in this many carries a literal "<s>" or "</s>"
-
-
-def make_corpus(path: Path, size_mb: int, seed: int = 0) -> None:
-    """English-like JSONL: documents of 2-40 sentences drawn from a Zipf-distributed vocabulary.
-
-    Every SPECIAL_TEXT_EVERY-th document (the 50th, 150th, ...) has the text "<s>" or "</s>" (in turn)
-    between two of its sentences: SentencePiece encodes it as the characters it is, a tokenizer that
-    reads special tokens from text (Megatron-LM's preprocess_data_fast.py) as BOS/EOS."""
-    rng = np.random.default_rng(seed)
-    sentences = _sentences(rng)
-    target = size_mb * 1_000_000
-    written = docs = 0
-    with open(path, "w", encoding="utf-8") as f:
-        while written < target:
-            lines = []
-            for n in rng.integers(2, 40, size=100):
-                picks = rng.integers(0, len(sentences), size=n)
-                parts = [sentences[i] for i in picks]
-                if docs % SPECIAL_TEXT_EVERY == SPECIAL_TEXT_EVERY // 2:
-                    parts.insert(len(parts) // 2, "</s>" if docs // SPECIAL_TEXT_EVERY % 2 else "<s>")
-                docs += 1
-                text = " ".join(parts)
-                lines.append(json.dumps({"text": text, "meta": {"source": "bench"}}) + "\n")
-            chunk = "".join(lines)
-            f.write(chunk)
-            written += len(chunk)
-
-
-def make_distinct_words_corpus(path: Path, size_mb: int, seed: int = 0) -> None:
-    """JSONL whose words never repeat: 7 lowercase letters each, the base-26 digits of an affine
-    bijection of a counter (so distinct, and random-looking), 50-2000 words a document. 50 MB is
-    about 6 million distinct words: a per-word cache grows with every one of them."""
-    rng = np.random.default_rng(seed)
-    space = 26 ** 7
-    mult, shift = 2_654_435_761, int(rng.integers(space))  # a prime below 26**7: coprime to it, a bijection
-    target = size_mb * 1_000_000
-    written = counter = 0
-    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
-    with open(path, "w", encoding="utf-8") as f:
-        while written < target:
-            n = 200_000
-            ids = (np.arange(counter, counter + n, dtype=np.int64) * mult + shift) % space
-            counter += n
-            digits = np.empty((n, 8), dtype=np.uint8)
-            for k in range(7):
-                digits[:, k] = letters[ids % 26]
-                ids //= 26
-            digits[:, 7] = ord(" ")
-            words = digits.tobytes().decode("ascii")
-            lines, pos = [], 0
-            while pos < n:
-                take = int(rng.integers(50, 2000))
-                lines.append(json.dumps({"text": words[pos * 8:(pos + take) * 8 - 1]}) + "\n")
-                pos += take
-            chunk = "".join(lines)
-            f.write(chunk)
-            written += len(chunk)
-
-
-def train_tokenizer(corpus: Path, out_dir: Path, vocab_size: int) -> str:
-    import sentencepiece as spm
-
-    sample = out_dir / "sp_sample.txt"
-    with open(corpus, encoding="utf-8") as src, open(sample, "w", encoding="utf-8") as dst:
-        for i, line in enumerate(src):
-            if i >= 3000:
-                break
-            # one sentence per line: SentencePiece skips lines over 4192 bytes
-            dst.write(json.loads(line)["text"].replace(". ", ".\n") + "\n")
-    prefix = out_dir / "tokenizer"
-    spm.SentencePieceTrainer.train(
-        input=str(sample), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, split_digits=True,
-        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        input_sentence_size=200000, shuffle_input_sentence=True, num_threads=os.cpu_count(), minloglevel=2)
-    return f"{prefix}.model"
 
 
 def _tree_rss(root: int, pss: bool = False) -> tuple[int, int, int]:
@@ -228,28 +129,12 @@ def run_tool(corpus: Path, model: str, workers: int, out_prefix: Path, **flags) 
     return run_measured(tool_cmd(corpus, model, workers, out_prefix, **flags), Path(f"{out_prefix}_text_document.bin"))
 
 
-def tool_has_backends() -> bool:
-    out = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--help"],
-                         capture_output=True, text=True)
-    return "--tokenizer-backend" in out.stdout and "--tokenizer-check-fraction" in out.stdout
-
-
-IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-              8: np.uint16}
-
-
 def read_documents(prefix: Path) -> list[np.ndarray]:
-    """The token arrays of a Megatron indexed dataset (MMIDIDX .idx + .bin), one per sequence."""
-    idx = Path(f"{prefix}.idx").read_bytes()
-    if idx[:9] != b"MMIDIDX\x00\x00":
-        raise ValueError(f"{prefix}.idx: not a Megatron index")
-    dtype = np.dtype(IDX_DTYPES[idx[17]])
-    count = int(np.frombuffer(idx, dtype=np.int64, count=1, offset=18)[0])
-    sizes = np.frombuffer(idx, dtype=np.int32, count=count, offset=34)
-    pointers = np.frombuffer(idx, dtype=np.int64, count=count, offset=34 + 4 * count)
-    tokens = np.fromfile(f"{prefix}.bin", dtype=dtype)
-    starts = pointers // dtype.itemsize
-    return [tokens[a:a + n] for a, n in zip(starts, sizes)]
+    """The token arrays of an indexed dataset, one per sequence, read with megatron-core's reader."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix))
+    return [np.array(dataset[i]) for i in range(len(dataset))]  # copies: the views die with the dataset's mmap
 
 
 def differing_documents(ours: Path, theirs: Path, bos: int) -> tuple[int, list[int], bool]:
@@ -337,9 +222,11 @@ def megatron_checkout(args, workdir: Path) -> tuple[Path | None, str]:
     target = workdir / "megatron-lm"
     if (target / "tools" / "preprocess_data.py").exists():
         return target, f"{target} (extracted before)"
-    mirror = Path(args.megatron_mirror)
+    if not args.megatron_git:
+        return None, "neither --megatron-lm nor --megatron-git given"
+    mirror = Path(args.megatron_git)
     if not mirror.exists():
-        return None, f"no --megatron-lm and no mirror at {mirror}"
+        return None, f"--megatron-git {mirror} does not exist"
     target.mkdir(parents=True, exist_ok=True)
     archive = subprocess.Popen(["git", "-C", str(mirror), "archive", "HEAD"], stdout=subprocess.PIPE)
     subprocess.run(["tar", "x", "-C", str(target)], stdin=archive.stdout, check=True)
@@ -368,10 +255,10 @@ def main() -> None:
                     help="train a LLaMA-style BPE model of --vocab-size pieces on the corpus instead")
     ap.add_argument("--vocab-size", type=int, default=8000)
     ap.add_argument("--workdir", help="where corpora and outputs go (default: a temporary directory)")
-    ap.add_argument("--megatron-lm", metavar="DIR", help="a Megatron-LM checkout for runs (4) and (5) "
-                    "(default: extract --megatron-mirror into the work directory)")
-    ap.add_argument("--megatron-mirror", default="/work/.mirror/NVIDIA+Megatron-LM/repo",
-                    help="a Megatron-LM git directory to extract HEAD from when --megatron-lm is not given")
+    ap.add_argument("--megatron-lm", metavar="DIR", help="a Megatron-LM checkout for runs (4) and (5)")
+    ap.add_argument("--megatron-git", metavar="DIR",
+                    help="or a Megatron-LM git directory (a bare clone or mirror): its HEAD is extracted into the "
+                         "work directory; with neither, runs (4) and (5) are skipped")
     ap.add_argument("--no-megatron", action="store_true", help="skip runs (4) and (5)")
     ap.add_argument("--limit", action="store_true",
                     help="also the tokenizer alone on texts in memory (SentencePiece), before and after run (1)")
@@ -385,10 +272,6 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"{os.cpu_count()} CPUs; work directory {workdir}", flush=True)
     model = args.tokenizer_model
-    backends = tool_has_backends()
-    if not backends:
-        print("runs (2), (3) and the memory run skipped: this checkout's tools/preprocess_data.py has no "
-              "--tokenizer-backend/--tokenizer-check-fraction yet; run (1) is the tool without the flag")
     skip = "--no-megatron" if args.no_megatron else "--distinct-words" if args.distinct_words else None
     checkout, how = (None, skip) if skip else megatron_checkout(args, workdir)
     print(f"Megatron-LM: {how}" if checkout else f"runs (4) and (5) skipped: {how}", flush=True)
@@ -436,11 +319,9 @@ def main() -> None:
         for workers in args.workers:
             results, notes = {}, []
             prefix = {k: workdir / f"out{k}_{size}_{workers}" for k in RUNS}
-            commands = {1: (tool_cmd(corpus, model, workers, prefix[1], backend="sentencepiece" if backends else None),
-                            None)}
-            if backends:
-                commands[2] = (tool_cmd(corpus, model, workers, prefix[2], backend="gigatoken"), None)
-                commands[3] = (tool_cmd(corpus, model, workers, prefix[3], backend="gigatoken", check_fraction=0), None)
+            commands = {1: (tool_cmd(corpus, model, workers, prefix[1], backend="sentencepiece"), None),
+                        2: (tool_cmd(corpus, model, workers, prefix[2], backend="gigatoken"), None),
+                        3: (tool_cmd(corpus, model, workers, prefix[3], backend="gigatoken", check_fraction=0), None)}
             if checkout:
                 commands[4] = (megatron_cmd(checkout, "tools/preprocess_data.py", "--input", str(corpus),
                                             "--output-prefix", str(prefix[4]), "--tokenizer-type", "Llama2Tokenizer",
@@ -524,7 +405,7 @@ def main() -> None:
             print(f"\n(5): {fast_note}")
         print(flush=True)
 
-    if args.memory_mb and backends:
+    if args.memory_mb:
         corpus = workdir / f"distinct_words_{args.memory_mb}mb.jsonl"
         if not corpus.exists():
             t = time.perf_counter()
