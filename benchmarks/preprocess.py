@@ -376,6 +376,10 @@ def main() -> None:
                         if line.startswith("exactness:")]
                 if said:
                     notes.append(f"(2) {said[-1]}")
+                    seconds = float(said[-1].split(" in ")[1].split(" s of worker time")[0])
+                    notes.append(f"the check measured inside (2): {seconds:.2f} s of SentencePiece re-encoding, "
+                                 f"{seconds / (workers * results[2]['seconds']):.1%} of {workers} worker(s) x "
+                                 "(2)'s wall time")
             if limit:
                 notes.append(f"SentencePiece alone on texts in memory, {workers} process(es): "
                              f"{limit['tokens_per_s'] / 1e6:.3f}M tokens/s ({limit['mb_per_s']:.2f} MB/s)")

@@ -49,3 +49,16 @@ def test_context_parallel_benchmark_prints_cp1_cp2_and_their_ratios():
     for row in rows:
         ratios = row[2] == "2/1"
         assert all(f.endswith("x") or f == "-" for f in row[3:]) if ratios else row[5::2] == ["MiB", "MiB"], row
+
+
+def test_preprocess_benchmark_runs_both_backends_and_the_memory_run(tmp_path):
+    pytest.importorskip("gigatoken")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "preprocess.py"), "--sizes-mb", "1",
+                          "--workers", "1", "--memory-mb", "1", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| 1 MB | 1 |")]
+    assert [row.split("|")[3].split(")")[0].strip() for row in rows] == ["(1", "(2", "(3"]
+    assert "(1) vs (2) and (3): .bin and .idx byte-identical" in out.stdout
+    assert "runs (4) and (5) skipped: neither --megatron-lm nor --megatron-git given" in out.stdout
+    assert "memory run, --distinct-words" in out.stdout

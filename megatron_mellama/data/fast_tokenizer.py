@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 import unicodedata
 
 import numpy as np
@@ -131,13 +132,16 @@ class CheckedEncoder:
         self.name = fast.name
         self._random = random.Random(seed).random
         self.checked = self.calls = 0
+        self.seconds = 0.0  # spent re-encoding: the check's cost, reported by the run
 
     def encode_array(self, text: str) -> np.ndarray:
         ids = self.fast.encode_array(text)
         self.calls += 1
         if self.fraction and self._random() < self.fraction:
             self.checked += 1
+            start = time.perf_counter()
             expected = self.reference(text)
+            self.seconds += time.perf_counter() - start
             if len(expected) != len(ids) or not np.array_equal(ids, expected):
                 raise TokenizerMismatch(describe_difference(text, expected, ids))
         return ids
@@ -145,10 +149,11 @@ class CheckedEncoder:
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
 
-    def take_counts(self) -> tuple[int, int]:
-        """(calls, checked) since the last take."""
-        counts = self.calls, self.checked
+    def take_counts(self) -> tuple[int, int, float]:
+        """(calls, checked, seconds spent checking) since the last take."""
+        counts = self.calls, self.checked, self.seconds
         self.calls = self.checked = 0
+        self.seconds = 0.0
         return counts
 
 

@@ -34,8 +34,9 @@ class BlockResult:
     bytes: int = 0
     tokens: int = 0
     mismatch: tuple[int, str] | None = None  # (line number, difference) found by the sampled exactness check
-    encoded: int = 0  # texts the fast tokenizer encoded, and how many of them were re-encoded to check
+    encoded: int = 0  # texts the fast tokenizer encoded, how many were re-encoded to check, in how long
     checked: int = 0
+    check_seconds: float = 0.0
 
 
 class RecordRejected(Exception):
@@ -156,5 +157,5 @@ class RecordEncoder:
             flat = np.concatenate(tokens).astype(self.dtype, copy=False) if tokens else np.zeros(0, self.dtype)
             result.outputs[key] = KeyOutput(flat, np.array(lengths, dtype=np.int32), np.array(counts, dtype=np.int32))
         if hasattr(self.encoder, "take_counts"):
-            result.encoded, result.checked = self.encoder.take_counts()
+            result.encoded, result.checked, result.check_seconds = self.encoder.take_counts()
         return result

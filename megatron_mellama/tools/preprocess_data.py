@@ -162,6 +162,7 @@ def _run_locked(args) -> int:
     progress = _Progress(args.log_interval)
     rejects = Rejects()
     encoded = checked = 0
+    check_seconds = 0.0
     writers = {}
     rejected = rejected_tmp = None
     committed = False
@@ -181,6 +182,7 @@ def _run_locked(args) -> int:
                                           "sentencepiece); no output written, existing outputs untouched")
                 encoded += result.encoded
                 checked += result.checked
+                check_seconds += result.check_seconds
                 for line, reason in result.rejects:
                     if args.strict:
                         print(f"{PROG}: error: {path}:{line}: {reason} (--strict: no output written)",
@@ -214,8 +216,8 @@ def _run_locked(args) -> int:
               f"tokens -> {args.output_prefix}_{key}_{level}.{{bin,idx}}")
     print(f"done: {progress.bytes / 1e6:.1f} MB in {time.time() - progress.start:.1f} s, {progress.rates()}")
     if encoded:
-        print(f"exactness: {checked} of {encoded} texts the fast tokenizer encoded were re-encoded with SentencePiece; "
-              "all equal")
+        print(f"exactness: {checked} of {encoded} texts the fast tokenizer encoded were re-encoded with SentencePiece, "
+              f"in {check_seconds:.2f} s of worker time; all equal")
     if rejects.count:
         print(f"skipped {rejects.count} unusable records; file and line of each in {rejected_path}")
     return 0
