@@ -285,5 +285,6 @@ def test_preprocess_sft_bytes_equal_sentencepiece_path(tmp_path, capsys):
                                   "--tokenizer-backend", backend, "--tokenizer-check-fraction", "1"])
         assert rc == 0
         outputs.append([output_bytes(f"{prefix}_{name}_document") for name in ("text", "loss_mask")])
-    assert "tokenizer backend: gigatoken" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tokenizer backend: gigatoken" in out and "exactness: " in out and "s; all equal" in out
     assert outputs[0] == outputs[1]

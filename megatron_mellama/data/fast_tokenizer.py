@@ -5,10 +5,10 @@ model as a tokenizer.json. Two changes make its ids SentencePiece's own:
 - the control pieces (`<s>`, `</s>`) leave its added tokens: SentencePiece never reads them from text,
   gigatoken would (Megatron-LM's `preprocess_data_fast.py` turns a literal "<s>" in a document into BOS);
 - its word cache, which in 0.10.0 grows with every distinct word, is dropped (the tokenizer rebuilt)
-  whenever the process has grown by CACHE_LIMIT_BYTES since the last build.
+  whenever the process has grown by CACHE_LIMIT_BYTES since the first build.
 
-Nothing is assumed: `start_check` compares the ids of HOSTILE_STRINGS and of the input's first MB with
-SentencePiece's before any work, and `CheckedEncoder` re-encodes a random share of the documents
+Nothing is assumed: `start_check` compares the ids of `hostile_strings()` and of the input's first MB
+with SentencePiece's before any work, and `CheckedEncoder` re-encodes a random share of the texts
 with SentencePiece during the run; a difference raises TokenizerMismatch.
 """
 
@@ -50,7 +50,7 @@ def unsupported_reason(model_proto: bytes) -> str | None:
     if n.precompiled_charsmap or n.name not in ("identity", ""):
         return f"normalizer {n.name or 'custom'!r} (gigatoken reproduces 'identity', LLaMA-2's, exactly)"
     if n.remove_extra_whitespaces:
-        return "remove_extra_whitespaces is on (gigatoken strips tabs and newlines too)"
+        return "remove_extra_whitespaces is on (gigatoken strips leading tabs, newlines and ideographic spaces too)"
     if not n.escape_whitespaces or t.treat_whitespace_as_suffix:
         return "whitespace handling other than LLaMA-2's"
     if any(p.type == pb.ModelProto.SentencePiece.USER_DEFINED for p in model.pieces):
@@ -75,6 +75,17 @@ def _rss_bytes() -> int:
         return 0  # no /proc: the limit below is then counted in text instead
 
 
+def _return_free_memory() -> None:
+    """glibc keeps a freed cache's pages (its heap is fragmented by the arrays allocated among the
+    cache's words); malloc_trim hands them back, so the size after a rebuild is the size before the cache."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline below moves up instead
+        pass
+
+
 class GigatokenEncoder:
     name = "gigatoken"
 
@@ -87,6 +98,8 @@ class GigatokenEncoder:
         import gigatoken
 
         self._backend = None  # the old cache goes before the new tokenizer is built
+        if self.rebuilds:
+            _return_free_memory()
         self._backend = gigatoken.Tokenizer.from_json(self.spec_json)
         self._chars = 0
         rss = _rss_bytes()

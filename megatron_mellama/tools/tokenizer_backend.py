@@ -52,7 +52,8 @@ def _gigatoken_problem() -> str | None:
 
 def choose(args) -> None:
     """Sets `args.backend_spec` (what a worker needs to rebuild the fast encoder, or None) and
-    `args.backend_line` (what the run prints), and puts a checked fast encoder into `args.tokenizer`."""
+    `args.backend_line` (what the run prints); a fast encoder that passed its checks goes into
+    `args.tokenizer`, wrapped to be rechecked during the run."""
     if not 0 <= args.tokenizer_check_fraction <= 1:
         raise UsageError(f"--tokenizer-check-fraction {args.tokenizer_check_fraction} must be between 0 and 1")
     args.backend_spec = None
@@ -66,43 +67,51 @@ def choose(args) -> None:
     if requested == "sentencepiece":
         args.backend_line = "tokenizer backend: sentencepiece (--tokenizer-backend sentencepiece)"
         return
-    why_not = _why_not_gigatoken(args)
-    if why_not is None:
+    try:
+        fast, spec, checked_chars = _checked_gigatoken(args)
+    except _Unusable as why_not:
+        if requested == "gigatoken":
+            raise UsageError(f"--tokenizer-backend gigatoken: {why_not}") from None
+        args.backend_line = f"tokenizer backend: sentencepiece ({why_not})"
         return
-    if requested == "gigatoken":
-        raise UsageError(f"--tokenizer-backend gigatoken: {why_not}")
-    args.backend_line = f"tokenizer backend: sentencepiece ({why_not})"
+    fraction = args.tokenizer_check_fraction
+    args.tokenizer.use_encoder(CheckedEncoder(fast, args.tokenizer.encoder, fraction))
+    args.backend_spec = (spec, fraction)
+    during = f"{fraction:.2%}".replace(".00%", "%") + " of the texts rechecked during the run" if fraction \
+        else "no recheck during the run: --tokenizer-check-fraction 0"
+    size = f"{checked_chars / 1e6:.1f} MB" if checked_chars >= 100_000 else f"{checked_chars:,} characters"
+    args.backend_line = (f"tokenizer backend: gigatoken {GIGATOKEN_VERSION} (SentencePiece's ids on the hostile "
+                         f"strings and the input's first {size} of text; {during})")
 
 
-def _why_not_gigatoken(args) -> str | None:
-    tokenizer = args.tokenizer
+class _Unusable(Exception):
+    """Why gigatoken cannot encode for this run."""
+
+
+def _checked_gigatoken(args):
+    """(gigatoken encoder, its tokenizer.json, characters of the input checked) once it has given
+    SentencePiece's ids on the hostile strings and the input's first MB; _Unusable otherwise."""
     problem = _gigatoken_problem()
     if problem:
-        return problem
-    with open(tokenizer.model_path, "rb") as f:
+        raise _Unusable(problem)
+    with open(args.tokenizer.model_path, "rb") as f:
         model_proto = f.read()
     problem = unsupported_reason(model_proto)
     if problem:
-        return f"gigatoken does not reproduce this model's encoding exactly: {problem}"
-    spec = gigatoken_json(model_proto)
-    fast = GigatokenEncoder(spec)
+        raise _Unusable(f"gigatoken does not reproduce this model's encoding exactly: {problem}")
+    try:
+        spec = gigatoken_json(model_proto)
+        fast = GigatokenEncoder(spec)
+    except (ImportError, ValueError) as err:  # a broken install, or a model its converter refuses
+        raise _Unusable(f"gigatoken could not be built for this model: {' '.join(str(err).split())}") from None
     try:
         texts = leading_strings(args.inputs, START_CHECK_BYTES, args.max_line_bytes)
     except InputError:  # the run itself fails on it, naming the file
         texts = []
-    difference = start_check(fast, tokenizer.encoder, texts)
+    difference = start_check(fast, args.tokenizer.encoder, texts)
     if difference:
-        return f"checked before the run, {difference}"
-    tokenizer.use_encoder(CheckedEncoder(fast, tokenizer.encoder, args.tokenizer_check_fraction))
-    args.backend_spec = (spec, args.tokenizer_check_fraction)
-    fraction = args.tokenizer_check_fraction
-    during = f"{fraction:.2%}".replace(".00%", "%") + " of the texts rechecked during the run" if fraction \
-        else "no recheck during the run: --tokenizer-check-fraction 0"
-    chars = sum(map(len, texts))
-    size = f"{chars / 1e6:.1f} MB" if chars >= 100_000 else f"{chars:,} characters"
-    args.backend_line = (f"tokenizer backend: gigatoken {GIGATOKEN_VERSION} (SentencePiece's ids on the hostile "
-                         f"strings and the input's first {size} of text; {during})")
-    return None
+        raise _Unusable(f"checked before the run, {difference}")
+    return fast, spec, sum(map(len, texts))
 
 
 def install(tokenizer, backend_spec, seed: int | None = None) -> None:
