@@ -309,11 +309,11 @@ def _run_locked(args) -> int:
     finally:
         if not committed:
             _remove_temporaries(rejected, (rejected_tmp, template_tmp), (text, mask))
-    print(summary(args, totals, rejects))
     if hasattr(args.tokenizer.encoder, "take_counts"):
         encoded, checked, seconds = args.tokenizer.encoder.take_counts()
         print(f"exactness: {checked} of {encoded} texts the fast tokenizer encoded were re-encoded with "
               f"SentencePiece, in {seconds:.2f} s; all equal")
+    print(summary(args, totals, rejects))
     return 0
 
 
