@@ -7,6 +7,7 @@ import json
 import os
 import struct
 import sys
+import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -68,6 +69,22 @@ def offline_run(save_dir: str, run_id: str | None = None) -> dict:
     return run
 
 
+def offline_run_written(save_dir: str, last_step: int, run_id: str | None = None, timeout: float = 60.0) -> dict:
+    """`offline_run` once W&B's service process has written the run record and the step `last_step`:
+    `finish()` can return before that file is complete on a loaded machine (seen in a CI-like run)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            run = offline_run(save_dir, run_id)
+        except Exception:  # a record cut short by the writer: read again
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if (run["id"] and last_step in run["history"]) or time.monotonic() > deadline:
+                return run
+        time.sleep(0.5)
+
+
 def tensorboard_scalars(directory: str) -> dict:
     """{tag: {step: value}} of the TensorBoard event files in `directory`."""
     events = EventAccumulator(directory, size_guidance={"scalars": 0})
@@ -89,12 +106,13 @@ def runs(tmp_path_factory):
         for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
             env.setenv(name, paths["wandb-home"])
         assert main(flags + ["--exit-interval", "4"]) == 0
-        first = offline_run(paths["wandb"])
+        first = offline_run_written(paths["wandb"], 4)
         with open(os.path.join(paths["save"], "iter_0000004", "train_state.json")) as fh:
             kept = json.load(fh)["extra"].get("wandb_run_id")
         assert main(flags) == 0
     log = [json.loads(line) for line in open(paths["log.jsonl"])]
-    return dict(paths=paths, first=first, kept=kept, resumed=offline_run(paths["wandb"], first["id"]), log=log)
+    return dict(paths=paths, first=first, kept=kept, resumed=offline_run_written(paths["wandb"], 6, first["id"]),
+                log=log)
 
 
 def test_the_offline_run_holds_the_tensorboard_scalars_under_the_same_tags(runs):
