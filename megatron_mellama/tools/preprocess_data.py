@@ -11,7 +11,9 @@ included) removes every temporary file and exits 1 with one line, and so does a 
 its records or more than --max-reject-fraction of them (what the rejects looked like is in the line).
 A run holds `data/bio.lock` (fcntl.flock) from start to commit, so a second run for the same prefix
 fails at once instead of leaving a .bin of one run beside the .idx of the other. A JSONL line longer than
---max-line-bytes is rejected unread, so memory stays bounded for any input.
+--max-line-bytes is rejected unread, so memory stays bounded for any input. With the `.[fast]` extra a
+SentencePiece tokenizer encodes through gigatoken (`--tokenizer-backend`, several times faster, the
+same bytes out), its ids checked against SentencePiece's before and during the run.
 """
 
 from __future__ import annotations
