@@ -22,6 +22,11 @@ class Tokenizer(ABC):
     name: str
     encoder = None  # what turns plain text into ids; SentencePiece tokenizers can swap in a faster one
 
+    def use_encoder(self, encoder) -> None:
+        """Encode plain text with `encoder` (`encode` -> list, `encode_array` -> array), which must give
+        SentencePiece's ids: `fast_tokenizer` checks the one it offers."""
+        self.encoder = encoder
+
     @property
     @abstractmethod
     def vocab_size(self) -> int: ...
@@ -97,11 +102,6 @@ class Llama2Tokenizer(Tokenizer):
         self.model_path = model_path
         self._bos_array = np.array([self._sp.bos_id()], dtype=np.int64)
         self.use_encoder(SentencePieceEncoder(self._sp))
-
-    def use_encoder(self, encoder) -> None:
-        """Encode plain text with `encoder` (`encode` -> list, `encode_array` -> array), which must give
-        SentencePiece's ids: `fast_tokenizer` checks the one it offers."""
-        self.encoder = encoder
 
     @property
     def vocab_size(self) -> int:
@@ -235,8 +235,6 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return len(self._vocab)
-
-    use_encoder = Llama2Tokenizer.use_encoder
 
     def tokenize(self, text: str) -> list[int]:
         ids = []
