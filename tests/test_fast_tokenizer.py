@@ -266,7 +266,7 @@ def test_difference_during_the_run_fails_before_commit(tmp_path, capsys, monkeyp
     old = {tmp_path / f"gigatoken_text_document.{ext}": f"old {ext}".encode() for ext in ("bin", "idx")}
     for path, content in old.items():
         path.write_bytes(content)
-    monkeypatch.setattr(tokenizer_backend, "START_CHECK_BYTES", 100)  # the start sees the first line only
+    monkeypatch.setattr(tokenizer_backend, "START_CHECK_CHARS", 100)  # the start sees the first line only
     _poisoned(monkeypatch, "zebra")
     rc, _ = run_data(tmp_path, corpus, "gigatoken", "--workers", workers, "--tokenizer-check-fraction", "1")
     assert rc == 1

@@ -7,8 +7,8 @@ model as a tokenizer.json. Two changes make its ids SentencePiece's own:
 - its word cache, which in 0.10.0 grows with every distinct word, is dropped (the tokenizer rebuilt)
   whenever the process has grown by CACHE_LIMIT_BYTES since the first build.
 
-Nothing is assumed: `start_check` compares the ids of `hostile_strings()` and of the input's first MB
-with SentencePiece's before any work, and `CheckedEncoder` re-encodes a random share of the texts
+Nothing is assumed: `start_check` compares the ids of `hostile_strings()` and of the input's first million
+characters of text with SentencePiece's before any work, and `CheckedEncoder` re-encodes a random share of the texts
 with SentencePiece during the run; a difference raises TokenizerMismatch.
 """
 
@@ -27,7 +27,7 @@ from ..errors import MellamaError
 GIGATOKEN_VERSION = "0.10.0"
 CACHE_LIMIT_BYTES = 128 << 20
 RSS_CHECK_CHARS = 1 << 20  # the process size is read once per this much text (about 10 us), not per document
-START_CHECK_BYTES = 1 << 20
+START_CHECK_CHARS = 1_000_000  # of the input's text, from its start
 CHECK_FRACTION = 0.01
 
 
@@ -129,7 +129,10 @@ class GigatokenEncoder:
         return self.encode_array(text).tolist()
 
 
-def describe_difference(text: str, expected, got) -> str:
+def difference(text: str, expected, got) -> str | None:
+    """None when `got` (an array) holds SentencePiece's `expected` ids, else where and how they differ."""
+    if len(expected) == len(got) and np.array_equal(got, expected):
+        return None
     expected, got = list(expected), [int(i) for i in got]
     at = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
     excerpt = text if len(text) <= 60 else text[:60] + "..."
@@ -155,8 +158,9 @@ class CheckedEncoder:
             start = time.perf_counter()
             expected = self.reference(text)
             self.seconds += time.perf_counter() - start
-            if len(expected) != len(ids) or not np.array_equal(ids, expected):
-                raise TokenizerMismatch(describe_difference(text, expected, ids))
+            found = difference(text, expected, ids)
+            if found:
+                raise TokenizerMismatch(found)
         return ids
 
     def encode(self, text: str) -> list[int]:
@@ -201,10 +205,9 @@ def hostile_strings() -> list[str]:
 
 
 def start_check(fast, sp, texts) -> str | None:
-    """The first difference between `fast` and SentencePiece on HOSTILE_STRINGS and `texts`, or None."""
+    """The first difference between `fast` and SentencePiece on `hostile_strings()` and `texts`, or None."""
     for text in [*hostile_strings(), *texts]:
-        expected = sp.encode(text)
-        got = fast.encode_array(text)
-        if len(expected) != len(got) or not np.array_equal(got, expected):
-            return describe_difference(text, expected, got)
+        found = difference(text, sp.encode(text), fast.encode_array(text))
+        if found:
+            return found
     return None

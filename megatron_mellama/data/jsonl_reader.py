@@ -123,9 +123,10 @@ def _file_blocks(file_index: int, path: str, block_bytes: int | None, max_line_b
         yield Block(file_index, line, b"".join(carry))
 
 
-def sample_texts(paths: list[str], keys: list[str], max_chars: int,
+def sample_texts(paths: list[str], keys: list[str] | None, max_chars: int,
                  max_line_bytes: int | None = None) -> Iterator[str]:
-    """Texts under `keys` from the start of the input, up to about `max_chars`; bad lines are skipped."""
+    """Texts under `keys` (None: every string of the record, at any depth) from the start of the
+    input, up to about `max_chars`; bad lines and blank texts are skipped."""
     import json
 
     total = 0
@@ -134,17 +135,33 @@ def sample_texts(paths: list[str], keys: list[str], max_chars: int,
             for raw in _bounded_lines(f, max_line_bytes or MAX_LINE_BYTES):
                 try:
                     record = json.loads(raw)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
-                if not isinstance(record, dict):
+                if keys is None:
+                    texts = json_strings(record)
+                elif isinstance(record, dict):
+                    texts = (record.get(key) for key in keys)
+                else:
                     continue
-                for key in keys:
-                    text = record.get(key)
+                for text in texts:
                     if isinstance(text, str) and text.strip():
                         yield text
                         total += len(text)
                 if total >= max_chars:
                     return
+
+
+def json_strings(value) -> Iterator[str]:
+    """Every string in a parsed JSON value, object keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from json_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from json_strings(item)
 
 
 def _bounded_lines(f, limit: int):
@@ -159,37 +176,3 @@ def _bounded_lines(f, limit: int):
             continue
         yield raw
 
-
-def leading_strings(paths: list[str], max_bytes: int, max_line_bytes: int | None = None) -> list[str]:
-    """Every string value (at any depth) of the records in about the first `max_bytes` of the input;
-    bad lines, and strings no tokenizer can encode (a lone surrogate), are skipped."""
-    import json
-
-    strings: list[str] = []
-    total = 0
-
-    def collect(value) -> None:
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return
-            strings.append(value)
-        elif isinstance(value, dict):
-            for v in value.values():
-                collect(v)
-        elif isinstance(value, list):
-            for v in value:
-                collect(v)
-
-    for path in paths:
-        with _naming_the_input(path), open_input(path) as f:
-            for raw in _bounded_lines(f, max_line_bytes or MAX_LINE_BYTES):
-                total += len(raw)
-                try:
-                    collect(json.loads(raw))
-                except (ValueError, RecursionError):
-                    pass
-                if total >= max_bytes:
-                    return strings
-    return strings

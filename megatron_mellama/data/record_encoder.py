@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .fast_tokenizer import TokenizerMismatch
-from .jsonl_reader import Block
+from .jsonl_reader import Block, json_strings
 
 
 @dataclass
@@ -79,19 +79,9 @@ def json_object(raw: bytes) -> dict:
         raise RecordRejected("malformed JSON: nested too deeply") from None
     if not isinstance(record, dict):
         raise RecordRejected(f"not a JSON object but {type(record).__name__}")
-    if _SURROGATE_ESCAPE.search(raw) and _holds_lone_surrogate(record):
+    if _SURROGATE_ESCAPE.search(raw) and any(_SURROGATE.search(text) for text in json_strings(record)):
         raise RecordRejected("text is not valid Unicode (lone surrogate)")
     return record
-
-
-def _holds_lone_surrogate(value) -> bool:
-    if isinstance(value, str):
-        return _SURROGATE.search(value) is not None
-    if isinstance(value, dict):
-        return any(_holds_lone_surrogate(k) or _holds_lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_holds_lone_surrogate(v) for v in value)
-    return False
 
 
 class RecordEncoder:

@@ -34,7 +34,7 @@ from megatron_mellama.data.tokenizer import build_tokenizer
 from megatron_mellama.tools import preprocess_flags as flags
 from megatron_mellama.tools import tokenizer_backend
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
-from megatron_mellama.tools.preprocess_run import PreprocessError, Rejects, run_until_signalled, under_output_lock
+from megatron_mellama.tools.preprocess_run import Rejects, run_until_signalled, under_output_lock
 
 PROG = "mellama-preprocess-data"
 BLOCKS_IN_FLIGHT_PER_WORKER = 4  # bounds memory: the reader never runs ahead of the workers by more
@@ -179,9 +179,7 @@ def _run_locked(args) -> int:
             for result in results:
                 path = args.inputs[result.file_index]
                 if result.mismatch:
-                    line, difference = result.mismatch
-                    raise PreprocessError(f"{path}:{line}: {difference}; the run stops (use --tokenizer-backend "
-                                          "sentencepiece); no output written, existing outputs untouched")
+                    raise tokenizer_backend.mismatch_error(path, *result.mismatch)
                 encoded += result.encoded
                 checked += result.checked
                 check_seconds += result.check_seconds
@@ -218,8 +216,7 @@ def _run_locked(args) -> int:
               f"tokens -> {args.output_prefix}_{key}_{level}.{{bin,idx}}")
     print(f"done: {progress.bytes / 1e6:.1f} MB in {time.time() - progress.start:.1f} s, {progress.rates()}")
     if encoded:
-        print(f"exactness: {checked} of {encoded} texts the fast tokenizer encoded were re-encoded with SentencePiece, "
-              f"in {check_seconds:.2f} s of worker time; all equal")
+        print(tokenizer_backend.exactness_line(encoded, checked, check_seconds, " of worker time"))
     if rejects.count:
         print(f"skipped {rejects.count} unusable records; file and line of each in {rejected_path}")
     return 0

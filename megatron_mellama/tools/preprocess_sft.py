@@ -67,8 +67,9 @@ from megatron_mellama.data.indexed_writer import IndexedWriter, optimal_dtype, t
 from megatron_mellama.data.jsonl_reader import read_blocks
 from megatron_mellama.data.tokenizer import HuggingFaceTokenizer
 from megatron_mellama.tools import preprocess_flags as flags
+from megatron_mellama.tools import tokenizer_backend
 from megatron_mellama.tools.cli import OneLineParser, UsageError, run_tool
-from megatron_mellama.tools.preprocess_run import PreprocessError, Rejects, run_until_signalled, under_output_lock
+from megatron_mellama.tools.preprocess_run import Rejects, run_until_signalled, under_output_lock
 from megatron_mellama.tools.preprocess_sft_records import Reject, conversation, parse_line
 from megatron_mellama.tools.preprocess_sft_template import load_template
 
@@ -279,8 +280,7 @@ def _run_locked(args) -> int:
                 except Reject as err:
                     reason = str(err)
                 except TokenizerMismatch as err:
-                    raise PreprocessError(f"{path}:{line}: {err}; the run stops (use --tokenizer-backend "
-                                          "sentencepiece); no output written, existing outputs untouched") from None
+                    raise tokenizer_backend.mismatch_error(path, line, str(err)) from None
             if reason is not None:
                 if args.strict:
                     print(f"{PROG}: error: {path}:{line}: {reason} (--strict: no output written)", file=sys.stderr)
@@ -310,9 +310,7 @@ def _run_locked(args) -> int:
         if not committed:
             _remove_temporaries(rejected, (rejected_tmp, template_tmp), (text, mask))
     if hasattr(args.tokenizer.encoder, "take_counts"):
-        encoded, checked, seconds = args.tokenizer.encoder.take_counts()
-        print(f"exactness: {checked} of {encoded} texts the fast tokenizer encoded were re-encoded with "
-              f"SentencePiece, in {seconds:.2f} s; all equal")
+        print(tokenizer_backend.exactness_line(*args.tokenizer.encoder.take_counts()))
     print(summary(args, totals, rejects))
     return 0
 

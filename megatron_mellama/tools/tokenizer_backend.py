@@ -3,7 +3,7 @@ before any work.
 
 `sentencepiece` is the reference. `gigatoken` (the `.[fast]` extra) is taken only for a
 SentencePiece tokenizer whose normalization it reproduces, and only after it gives SentencePiece's
-ids on `fast_tokenizer.hostile_strings()` and on the first MB of the input; during the run a share
+ids on `fast_tokenizer.hostile_strings()` and on the input's first million characters of text; during the run a share
 of the texts (--tokenizer-check-fraction) is re-encoded with SentencePiece. `auto` takes gigatoken
 where all of that holds and says in one line why not otherwise; `gigatoken` asked for by name and
 not usable is an error.
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 
-from megatron_mellama.data.fast_tokenizer import (CHECK_FRACTION, GIGATOKEN_VERSION, START_CHECK_BYTES,
+from megatron_mellama.data.fast_tokenizer import (CHECK_FRACTION, GIGATOKEN_VERSION, START_CHECK_CHARS,
                                                   CheckedEncoder, GigatokenEncoder, gigatoken_json, start_check,
                                                   unsupported_reason)
-from megatron_mellama.data.jsonl_reader import InputError, leading_strings
+from megatron_mellama.data.jsonl_reader import InputError, sample_texts
 from megatron_mellama.data.tokenizer import HuggingFaceTokenizer
 from megatron_mellama.tools.cli import UsageError
+from megatron_mellama.tools.preprocess_run import PreprocessError
 
 BACKENDS = ("auto", "sentencepiece", "gigatoken")
 INSTALL = 'pip install -e ".[fast]"'
@@ -79,7 +80,7 @@ def choose(args) -> None:
     args.backend_spec = (spec, fraction)
     during = f"{fraction:.2%}".replace(".00%", "%") + " of the texts rechecked during the run" if fraction \
         else "no recheck during the run: --tokenizer-check-fraction 0"
-    size = f"{checked_chars / 1e6:.1f} MB" if checked_chars >= 100_000 else f"{checked_chars:,} characters"
+    size = f"{checked_chars / 1e6:.1f}M characters" if checked_chars >= 100_000 else f"{checked_chars:,} characters"
     args.backend_line = (f"tokenizer backend: gigatoken {GIGATOKEN_VERSION} (SentencePiece's ids on the hostile "
                          f"strings and the input's first {size} of text; {during})")
 
@@ -90,7 +91,7 @@ class _Unusable(Exception):
 
 def _checked_gigatoken(args):
     """(gigatoken encoder, its tokenizer.json, characters of the input checked) once it has given
-    SentencePiece's ids on the hostile strings and the input's first MB; _Unusable otherwise."""
+    SentencePiece's ids on the hostile strings and the input's first million characters; _Unusable otherwise."""
     problem = _gigatoken_problem()
     if problem:
         raise _Unusable(problem)
@@ -105,13 +106,33 @@ def _checked_gigatoken(args):
     except (ImportError, ValueError) as err:  # a broken install, or a model its converter refuses
         raise _Unusable(f"gigatoken could not be built for this model: {' '.join(str(err).split())}") from None
     try:
-        texts = leading_strings(args.inputs, START_CHECK_BYTES, args.max_line_bytes)
+        texts = [t for t in sample_texts(args.inputs, None, START_CHECK_CHARS, args.max_line_bytes) if _encodable(t)]
     except InputError:  # the run itself fails on it, naming the file
         texts = []
     difference = start_check(fast, args.tokenizer.encoder, texts)
     if difference:
         raise _Unusable(f"checked before the run, {difference}")
     return fast, spec, sum(map(len, texts))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: the run rejects such a record
+        return False
+    return True
+
+
+def mismatch_error(path: str, line: int, difference: str) -> PreprocessError:
+    """The run's end when the sampled check finds gigatoken's ids differ: before anything is committed."""
+    return PreprocessError(f"{path}:{line}: {difference}; the run stops (use --tokenizer-backend sentencepiece); "
+                           "no output written, existing outputs untouched")
+
+
+def exactness_line(encoded: int, checked: int, seconds: float, whose: str = "") -> str:
+    """What a run that used the fast tokenizer says of its sampled check at the end."""
+    return (f"exactness: {checked} of {encoded} texts the fast tokenizer encoded were re-encoded with SentencePiece, "
+            f"in {seconds:.2f} s{whose}; all equal")
 
 
 def install(tokenizer, backend_spec, seed: int | None = None) -> None:
